@@ -1,0 +1,805 @@
+"""pgw: the prove-graph worker.
+
+The prove-graph backend drives AI command-line agents (codex, claude,
+deepseek) that run on its users' own machines.  pgw is the program on such a
+machine: it pairs the machine with the backend, keeps one WebSocket open to
+it, runs each requested CLI in a scratch directory and streams its output
+back.  It holds no state of its own beyond ``config.json`` and knows nothing
+of what the stages mean.  It is wire-compatible with the reference worker,
+``pgworker`` 0.1.2: same protocol (``shared/PROTOCOL.md``), same
+``~/.pgworker/config.json``, so a paired machine just switches.
+
+Theory of operation
+-------------------
+Everything that crosses the wire is one of the frozen attrs records below,
+and passes through exactly two doors: ``encode(record) -> str`` and
+``decode(text) -> record``.  ``decode`` is strict (no coercion, literals
+checked, every failure one ``ProtocolError`` saying what and where) but
+ignores unknown extra keys, so a newer server does not break an older worker.
+
+Settings resolve flag > environment (``PGW_SERVER``, ``PGW_TOKEN``,
+``PGW_NAME``) > config file > default.  The config lives in ``PGW_HOME``
+(default ``~/.pgworker``), mode 0600 in a 0700 directory, written atomically.
+
+The module reads top to bottom: constants, errors, protocol records, pure
+logic without I/O (URLs, settings, config parsing), then the I/O (config
+files, pairing, CLI probing) and the command line, ``main`` last.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import functools
+import json
+import os
+import platform
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import tempfile
+import typing
+import urllib.error
+import urllib.parse
+import urllib.request
+from pathlib import Path
+from typing import Any, ClassVar, Literal, Optional, Union
+
+import attrs
+import cattrs
+import trio
+from cattrs.errors import ClassValidationError, IterableValidationError
+
+__version__ = "0.1.0"
+
+##############################################################################
+# Constants
+##############################################################################
+
+# PROTOCOL.md: the server only accepts workers speaking version >= 2.
+PROTOCOL_VERSION = 2
+
+# pgworker 0.1.2's default for `pair --server`; kept so its docs carry over.
+DEFAULT_SERVER = "http://127.0.0.1:8000"
+
+# PROTOCOL.md: machine_name falls back to this when the host has no name.
+DEFAULT_MACHINE_NAME = "local-worker"
+
+# PROTOCOL.md, "Files on the user's machine".
+DEFAULT_HOME_DIRNAME = ".pgworker"
+CONFIG_FILENAME = "config.json"
+
+PAIR_PATH = "/api/local-worker/pair-confirm"
+CONNECT_PATH = "/api/local-worker/connect"
+
+# pgworker's pairing timeout (httpx.AsyncClient(timeout=30)).
+PAIR_TIMEOUT_S = 30.0
+
+# Issue 2: each CLI's `--version` gets 10 s before it counts as hung.
+VERSION_PROBE_TIMEOUT_S = 10.0
+
+# The binary looked up on PATH for each CLI, and its key in capabilities.
+CLI_CAPABILITY_KEYS = {"claude": "claude_code", "codex": "codex", "deepseek": "deepseek_tui"}
+
+# Keys of config.json that pgworker itself writes; everything else in the
+# file is a per-host setting of pgw's.
+PAIRING_KEYS = ("server", "worker_id", "token")
+
+# Environment variables that override the config file.
+ENV_SERVER, ENV_TOKEN, ENV_NAME, ENV_HOME = "PGW_SERVER", "PGW_TOKEN", "PGW_NAME", "PGW_HOME"
+
+# How much of a server's error body is worth showing a user on one line.
+SERVER_MESSAGE_MAX_CHARS = 200
+
+##############################################################################
+# Errors
+##############################################################################
+
+
+class PgwError(Exception):
+    """Root of every error pgw reports to a user: one line, fact and fix."""
+
+    exit_code = 1
+
+
+class UsageError(PgwError):
+    """The command line is wrong: a bad flag or a missing argument."""
+
+    exit_code = 2
+
+
+class ConfigError(PgwError):
+    """The config file or a setting is unusable: fix it or pair again."""
+
+
+class NotPairedError(PgwError):
+    """No token anywhere: the user has to pair first."""
+
+
+class PairingError(PgwError):
+    """The pairing request failed; the old config is untouched."""
+
+
+class ProtocolError(PgwError):
+    """A message off the wire does not follow PROTOCOL.md."""
+
+
+##############################################################################
+# Protocol records
+##############################################################################
+# One frozen attrs class per message, grouped by direction.  The class
+# attribute TYPE is the wire's `type` tag; it is not a field.
+
+CliName = Literal["codex", "claude", "deepseek"]
+StdinMode = Literal["stdin", "argv_last"]
+CancelSignal = Literal["SIGTERM", "SIGKILL"]
+
+
+# Server -> worker ------------------------------------------------------------
+
+
+@attrs.frozen
+class StageRequest:
+    TYPE: ClassVar[str] = "stage.request"
+    stage_run_id: str
+    job_id: str
+    cli: CliName
+    cli_args: list[str]
+    stdin: str
+    stdin_mode: StdinMode = "stdin"
+    files: dict[str, str] = attrs.field(factory=dict)
+    timeout_s: int = 7200
+    env: dict[str, str] = attrs.field(factory=dict)
+
+
+@attrs.frozen
+class StageCancel:
+    TYPE: ClassVar[str] = "stage.cancel"
+    stage_run_id: str
+    signal: CancelSignal = "SIGTERM"
+
+
+@attrs.frozen
+class Pong:
+    TYPE: ClassVar[str] = "pong"
+
+
+# Worker -> server ------------------------------------------------------------
+
+
+@attrs.frozen
+class Hello:
+    TYPE: ClassVar[str] = "hello"
+    machine_name: str
+    capabilities: dict[str, Any]
+
+
+@attrs.frozen
+class Ping:
+    TYPE: ClassVar[str] = "ping"
+    ts: float
+
+
+@attrs.frozen
+class StageAck:
+    TYPE: ClassVar[str] = "stage.ack"
+    stage_run_id: str
+    pid: int
+
+
+@attrs.frozen
+class StageStdout:
+    TYPE: ClassVar[str] = "stage.stdout"
+    stage_run_id: str
+    seq: int
+    data: str
+
+
+@attrs.frozen
+class StageStderr:
+    TYPE: ClassVar[str] = "stage.stderr"
+    stage_run_id: str
+    seq: int
+    data: str
+
+
+@attrs.frozen
+class StageExit:
+    TYPE: ClassVar[str] = "stage.exit"
+    stage_run_id: str
+    returncode: int
+    duration_ms: int
+    error: Optional[str] = None
+
+
+Record = Union[
+    StageRequest, StageCancel, Pong, Hello, Ping, StageAck, StageStdout, StageStderr, StageExit
+]
+RECORD_TYPES: dict[str, type] = {cls.TYPE: cls for cls in typing.get_args(Record)}
+
+
+def _strict_converter() -> cattrs.Converter:
+    """A converter that checks instead of coercing.
+
+    cattrs' default hooks coerce (`"ls"` becomes `['l', 's']`, `1` becomes
+    `"1"`) and let any value through a Literal with a vague message: every
+    scalar, container and literal used by the records gets a strict hook.
+    """
+    converter = cattrs.Converter(detailed_validation=True)
+
+    def structure_str(value: Any, _: type) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"expected a string, got {_json_kind(value)}")
+        return value
+
+    def structure_int(value: Any, _: type) -> int:
+        if type(value) is not int:
+            raise TypeError(f"expected an integer, got {_json_kind(value)}")
+        return value
+
+    def structure_float(value: Any, _: type) -> float:
+        if type(value) not in (int, float):
+            raise TypeError(f"expected a number, got {_json_kind(value)}")
+        return float(value)
+
+    def structure_any(value: Any, _: type) -> Any:
+        return value
+
+    def structure_literal(value: Any, literal: type) -> Any:
+        allowed = typing.get_args(literal)
+        if not isinstance(value, str) or value not in allowed:
+            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+        return value
+
+    converter.register_structure_hook(str, structure_str)
+    converter.register_structure_hook(int, structure_int)
+    converter.register_structure_hook(float, structure_float)
+    converter.register_structure_hook(Any, structure_any)
+    converter.register_structure_hook_func(
+        lambda t: typing.get_origin(t) is Literal, structure_literal
+    )
+    for container, kind in ((list[str], list), (dict[str, str], dict), (dict[str, Any], dict)):
+        _require_container(converter, container, kind)
+    return converter
+
+
+def _require_container(converter: cattrs.Converter, container: Any, kind: type) -> None:
+    """Wrap cattrs' hook for `container` so only a real JSON array/object passes."""
+    elements = converter.get_structure_hook(container)
+    wanted = "an array" if kind is list else "an object"
+
+    def structure(value: Any, _: type) -> Any:
+        if not isinstance(value, kind):
+            raise TypeError(f"expected {wanted}, got {_json_kind(value)}")
+        return elements(value, container)
+
+    converter.register_structure_hook_func(lambda t: t == container, structure)
+
+
+def _json_kind(value: Any) -> str:
+    """Name a decoded JSON value as the server's developers would: `a string 'x'`."""
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return f"a boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"a number {value!r}"
+    if isinstance(value, str):
+        shown = value if len(value) <= 40 else value[:37] + "..."
+        return f"a string {shown!r}"
+    return "an array" if isinstance(value, list) else "an object"
+
+
+_converter = _strict_converter()
+
+
+def _validation_messages(exc: BaseException, path: str = "") -> list[str]:
+    """Flatten a cattrs validation error into `where: what` lines."""
+    if isinstance(exc, (ClassValidationError, IterableValidationError)):
+        with_notes, without = exc.group_exceptions()
+        messages = []
+        for inner, note in with_notes:
+            if isinstance(exc, ClassValidationError):
+                where = f"{path}.{note.name}" if path else note.name
+            else:
+                where = f"{path}[{note.index!r}]"
+            messages.extend(_validation_messages(inner, where))
+        for inner in without:
+            messages.extend(_validation_messages(inner, path))
+        return messages
+    what = "required field missing" if isinstance(exc, KeyError) else str(exc)
+    return [f"{path}: {what}" if path else what]
+
+
+def encode(record: Record) -> str:
+    """The one door out: a record as compact JSON, non-ASCII kept as UTF-8."""
+    message = {"type": record.TYPE, **_converter.unstructure(record)}
+    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def decode(text: Union[str, bytes]) -> Record:
+    """The one door in: a wire message as its record, or ProtocolError."""
+    try:
+        message = json.loads(text, parse_constant=_reject_constant)
+    except json.JSONDecodeError as exc:
+        raise ProtocolError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"not JSON: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError(f"expected a JSON object, got {_json_kind(message)}")
+    if "type" not in message:
+        raise ProtocolError("type: required field missing")
+    tag = message["type"]
+    record_type = RECORD_TYPES.get(tag) if isinstance(tag, str) else None
+    if record_type is None:
+        raise ProtocolError(f"type: {tag!r} is not one of {', '.join(RECORD_TYPES)}")
+    try:
+        return _converter.structure(message, record_type)
+    except (ClassValidationError, IterableValidationError) as exc:
+        details = "; ".join(_validation_messages(exc))
+        raise ProtocolError(f"{tag}: {details}") from None
+
+
+##############################################################################
+# Pure logic: URLs, settings, config contents
+##############################################################################
+
+
+def normalise_server_url(url: str) -> str:
+    """The server URL as stored: http(s) only, host required, no trailing `/`."""
+    cleaned = url.strip().rstrip("/")
+    parsed = urllib.parse.urlsplit(cleaned)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(
+            f"bad server URL {url!r}: expected http://HOST[:PORT] or https://HOST[:PORT]"
+        )
+    try:
+        parsed.port
+    except ValueError:
+        raise ConfigError(f"bad server URL {url!r}: the port is not a number from 0 to 65535") from None
+    if parsed.query or parsed.fragment:
+        raise ConfigError(f"bad server URL {url!r}: drop the part after `?` or `#`")
+    return cleaned
+
+
+def websocket_url(server: str, token: str) -> str:
+    """PROTOCOL.md: http->ws, https->wss, the connect path, the quoted token."""
+    parsed = urllib.parse.urlsplit(server)
+    scheme = "wss" if parsed.scheme == "https" else "ws"
+    query = "token=" + urllib.parse.quote(token, safe="")
+    return urllib.parse.urlunsplit((scheme, parsed.netloc, CONNECT_PATH, query, ""))
+
+
+@attrs.frozen
+class Settings:
+    server: str
+    token: Optional[str]
+    worker_id: Optional[str]
+    name: str
+
+
+def resolve_settings(
+    flags: dict[str, Optional[str]],
+    environ: typing.Mapping[str, str],
+    config: dict[str, Any],
+    hostname: str,
+) -> Settings:
+    """flag > environment > config file > default, for server, token and name."""
+
+    def pick(key: str, env_name: str) -> Optional[str]:
+        for candidate in (flags.get(key), environ.get(env_name), config.get(key)):
+            if candidate:
+                return candidate
+        return None
+
+    server = normalise_server_url(pick("server", ENV_SERVER) or DEFAULT_SERVER)
+    name = pick("name", ENV_NAME) or hostname or DEFAULT_MACHINE_NAME
+    return Settings(
+        server=server,
+        token=pick("token", ENV_TOKEN),
+        worker_id=config.get("worker_id"),
+        name=name,
+    )
+
+
+def parse_config(text: str, path: Path) -> dict[str, Any]:
+    """Check a config file's contents: an object whose pairing keys are strings."""
+    fix = "fix it or pair again with `pgw pair CODE --server URL`"
+    try:
+        config = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {fix}") from None
+    if not isinstance(config, dict):
+        raise ConfigError(f"{path} must hold a JSON object: {fix}")
+    for key in PAIRING_KEYS + ("name",):
+        if key in config and not isinstance(config[key], str):
+            raise ConfigError(f"{path}: {key!r} must be a string: {fix}")
+    return config
+
+
+def server_message(body: bytes) -> str:
+    """The human part of a server's error answer, on one short line."""
+    text = body.decode("utf-8", "replace").strip()
+    try:
+        parsed = json.loads(text)
+    except ValueError:
+        parsed = None
+    if isinstance(parsed, dict):
+        for key in ("detail", "message", "error"):
+            if isinstance(parsed.get(key), str):
+                text = parsed[key]
+                break
+    text = " ".join(text.split())
+    if len(text) > SERVER_MESSAGE_MAX_CHARS:
+        text = text[: SERVER_MESSAGE_MAX_CHARS - 3] + "..."
+    return text
+
+
+##############################################################################
+# Config files
+##############################################################################
+
+
+def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
+    """PGW_HOME, else ~/.pgworker (PROTOCOL.md)."""
+    if environ.get(ENV_HOME):
+        return Path(environ[ENV_HOME]).expanduser()
+    try:
+        return Path.home() / DEFAULT_HOME_DIRNAME
+    except RuntimeError:
+        raise ConfigError(f"cannot tell the home directory: set HOME or {ENV_HOME}") from None
+
+
+def read_config(path: Path) -> dict[str, Any]:
+    """The config file's contents, {} when there is none."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return {}
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"cannot read {path}: {reason}; fix it or delete it and pair again") from None
+    return parse_config(text, path)
+
+
+def write_config(path: Path, config: dict[str, Any]) -> None:
+    """Replace the config atomically: a 0600 temp file beside it, then rename."""
+    directory = path.parent
+    try:
+        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        os.chmod(directory, 0o700)
+        fd, temp_name = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {directory}: {exc.strerror}") from None
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as temp:
+            json.dump(config, temp, ensure_ascii=False, indent=2)
+            temp.write("\n")
+            temp.flush()
+            os.fsync(temp.fileno())
+        os.chmod(temp_name, 0o600)
+        os.replace(temp_name, path)
+    except OSError as exc:
+        Path(temp_name).unlink(missing_ok=True)
+        raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+##############################################################################
+# Capabilities and CLI probing
+##############################################################################
+
+
+def probe_capabilities(search_path: Optional[str] = None) -> dict[str, Any]:
+    """PROTOCOL.md's capabilities: which CLIs are on PATH, and this host."""
+    capabilities: dict[str, Any] = {}
+    for binary, key in CLI_CAPABILITY_KEYS.items():
+        found = shutil.which(binary, path=search_path)
+        capabilities[key] = {"available": found is not None, "path": found}
+    capabilities["protocol_version"] = PROTOCOL_VERSION
+    capabilities["platform"] = platform.system().lower()
+    capabilities["python"] = platform.python_version()
+    return capabilities
+
+
+def probe_cli_version(path: str, timeout_s: Optional[float] = None) -> tuple[Optional[str], Optional[str]]:
+    """(first line of `PATH --version`, None) or (None, why not).
+
+    The CLI runs in its own session so that on timeout its whole group dies:
+    a grandchild holding the pipe must not hang `doctor`.
+    """
+    timeout_s = VERSION_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
+    try:
+        process = subprocess.Popen(
+            [path, "--version"],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            start_new_session=True,
+        )
+    except OSError as exc:
+        return None, f"cannot run: {exc.strerror}"
+    try:
+        out, err = process.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(process.pid)
+        process.communicate()
+        return None, f"`--version` gave no answer within {timeout_s:g} s"
+    finally:
+        _kill_group(process.pid)
+    text = (out or err).decode("utf-8", "replace").strip()
+    if process.returncode != 0 or not text:
+        return None, f"`--version` failed with exit status {process.returncode}"
+    return text.splitlines()[0], None
+
+
+def _kill_group(pgid: int) -> None:
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def probe_cli_versions(capabilities: dict[str, Any]) -> dict[str, tuple[Optional[str], Optional[str]]]:
+    """Probe every available CLI at once, so three hung CLIs cost 10 s, not 30."""
+    paths = {
+        binary: capabilities[key]["path"]
+        for binary, key in CLI_CAPABILITY_KEYS.items()
+        if capabilities[key]["available"]
+    }
+    with concurrent.futures.ThreadPoolExecutor(max_workers=len(paths) or 1) as pool:
+        futures = {binary: pool.submit(probe_cli_version, path) for binary, path in paths.items()}
+        return {binary: future.result() for binary, future in futures.items()}
+
+
+##############################################################################
+# Pairing
+##############################################################################
+
+
+def request_pairing(server: str, body: dict[str, Any], timeout_s: float = PAIR_TIMEOUT_S) -> dict[str, str]:
+    """POST pair-confirm; the server's {worker_id, token}, or PairingError."""
+    request = urllib.request.Request(
+        server + PAIR_PATH,
+        data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
+        headers={"Content-Type": "application/json", "User-Agent": f"pgw/{__version__}"},
+        method="POST",
+    )
+    try:
+        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+            answer = response.read()
+    except urllib.error.HTTPError as exc:
+        message = server_message(exc.read()) or exc.reason
+        raise PairingError(f"pairing failed: {server} answered {exc.code}: {message}") from None
+    except urllib.error.URLError as exc:
+        raise PairingError(f"pairing failed: {connection_failure(server, exc.reason)}") from None
+    except (socket.timeout, TimeoutError):
+        raise PairingError(f"pairing failed: {server} gave no answer within {timeout_s:g} s") from None
+    except OSError as exc:
+        raise PairingError(f"pairing failed: {connection_failure(server, exc)}") from None
+    try:
+        pairing = json.loads(answer)
+    except ValueError:
+        raise PairingError(
+            f"pairing failed: {server}'s answer is not JSON: is this the prove-graph server?"
+        ) from None
+    if not (
+        isinstance(pairing, dict)
+        and isinstance(pairing.get("worker_id"), str)
+        and isinstance(pairing.get("token"), str)
+        and pairing["worker_id"]
+        and pairing["token"]
+    ):
+        raise PairingError(f"pairing failed: {server}'s answer lacks a worker_id or a token")
+    return {"worker_id": pairing["worker_id"], "token": pairing["token"]}
+
+
+def connection_failure(server: str, reason: Any) -> str:
+    """A network failure in plain words, naming the likely cause."""
+    host = urllib.parse.urlsplit(server).netloc
+    if isinstance(reason, ConnectionRefusedError):
+        return f"{host} refused the connection: is the server running, and is the port right?"
+    if isinstance(reason, socket.gaierror):
+        return f"cannot resolve {host!r}: check the server name and the network"
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        return f"{host}'s TLS certificate is not trusted: {reason.verify_message}"
+    if isinstance(reason, ssl.SSLError):
+        return f"TLS with {host} failed: {reason.reason or reason}"
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return f"{host} did not answer in time"
+    if isinstance(reason, OSError) and reason.strerror:
+        return f"cannot reach {host}: {reason.strerror}"
+    return f"cannot reach {host}: {reason}"
+
+
+##############################################################################
+# Command line
+##############################################################################
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line and a UsageError (exit 2)."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        raise UsageError(f"{message}; see `{self.prog} --help`")
+
+
+def _machine_name() -> str:
+    return platform.node()
+
+
+def _load(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Settings]:
+    """The config path, its contents and the resolved settings for a command."""
+    path = pgw_home() / CONFIG_FILENAME
+    config = read_config(path)
+    flags = {key: getattr(args, key, None) for key in ("server", "token", "name")}
+    return path, config, resolve_settings(flags, os.environ, config, _machine_name())
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, ensure_ascii=False, indent=2))
+
+
+def _cmd_pair(args: argparse.Namespace) -> int:
+    path, config, settings = _load(args)
+    body = {
+        "pair_code": args.code,
+        "machine_name": settings.name,
+        "capabilities": probe_capabilities(),
+    }
+    pairing = trio.run(
+        functools.partial(trio.to_thread.run_sync, request_pairing, settings.server, body, abandon_on_cancel=True)
+    )
+    write_config(path, {**config, "server": settings.server, **pairing})
+    print(f"paired worker {pairing['worker_id']} with {settings.server}; config saved to {path}")
+    return 0
+
+
+def _cmd_capabilities(args: argparse.Namespace) -> int:
+    _print_json(probe_capabilities())
+    return 0
+
+
+def _cmd_doctor(args: argparse.Namespace) -> int:
+    path = pgw_home() / CONFIG_FILENAME
+    config_problem = None
+    try:
+        config = read_config(path)
+        settings: Optional[Settings] = resolve_settings({}, os.environ, config, _machine_name())
+    except ConfigError as exc:
+        config, settings, config_problem = {}, None, str(exc)
+    capabilities = probe_capabilities()
+    versions = probe_cli_versions(capabilities)
+    for binary, key in CLI_CAPABILITY_KEYS.items():
+        version, problem = versions.get(binary, (None, None))
+        capabilities[key]["version"] = version
+        if problem:
+            capabilities[key]["problem"] = problem
+    report = {
+        "config_path": str(path),
+        "config_error": config_problem,
+        "paired": bool(settings and settings.token),
+        "server": settings.server if settings else None,
+        "worker_id": settings.worker_id if settings else None,
+        "capabilities": capabilities,
+    }
+    if args.json:
+        _print_json(report)
+    else:
+        print(_doctor_text(report))
+    return 1 if config_problem else 0
+
+
+def _doctor_text(report: dict[str, Any]) -> str:
+    if report["config_error"]:
+        paired = f"unknown: {report['config_error']}"
+    elif report["paired"]:
+        paired = f"yes, worker {report['worker_id'] or '(id not stored)'}"
+    else:
+        paired = "no: run `pgw pair CODE --server URL`"
+    lines = [
+        f"config    {report['config_path']}",
+        f"paired    {paired}",
+        f"server    {report['server'] or '-'}",
+    ]
+    for binary, key in CLI_CAPABILITY_KEYS.items():
+        cli = report["capabilities"][key]
+        if not cli["available"]:
+            lines.append(f"{binary:<9} not found on PATH")
+        else:
+            about = cli["version"] or f"version unknown: {cli.get('problem')}"
+            lines.append(f"{binary:<9} {cli['path']} ({about})")
+    return "\n".join(lines)
+
+
+def _cmd_revoke(args: argparse.Namespace) -> int:
+    path = pgw_home() / CONFIG_FILENAME
+    config = read_config(path)
+    if not config.get("token"):
+        print(f"not paired: no token in {path}; nothing removed")
+        return 0
+    who = f"worker {config.get('worker_id', '?')} on {config.get('server', '?')}"
+    settings = {key: value for key, value in config.items() if key not in PAIRING_KEYS}
+    if settings:
+        write_config(path, settings)
+        print(f"removed the token of {who} from {path} (host settings kept)")
+    else:
+        path.unlink()
+        print(f"removed {path} ({who})")
+    return 0
+
+
+def _cmd_version() -> str:
+    from importlib import metadata
+
+    parts = []
+    for dist in ("trio", "trio-websocket", "attrs", "cattrs"):
+        try:
+            parts.append(f"{dist} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{dist} (version unknown)")
+    return (
+        f"pgw {__version__} (protocol {PROTOCOL_VERSION})\n"
+        f"{', '.join(parts)}\n"
+        f"Python {platform.python_version()} ({sys.executable})"
+    )
+
+
+class _VersionAction(argparse.Action):
+    """`--version`, worked out only when asked (reading metadata costs time)."""
+
+    def __init__(self, option_strings: list[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *_: Any) -> typing.NoReturn:
+        print(_cmd_version())
+        parser.exit()
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = _Parser(
+        prog="pgw",
+        description="The prove-graph worker: runs the backend's CLI stages on this machine.",
+    )
+    parser.add_argument("--version", action=_VersionAction, help="print the versions of pgw, its libraries and Python")
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    pair = commands.add_parser("pair", help="pair this machine with the server")
+    pair.add_argument("code", help="the pairing code shown by the server")
+    pair.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
+    pair.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
+    pair.set_defaults(func=_cmd_pair)
+
+    capabilities = commands.add_parser("capabilities", help="print what this machine offers, as JSON")
+    capabilities.set_defaults(func=_cmd_capabilities)
+
+    doctor = commands.add_parser("doctor", help="show the config and the CLIs found")
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    doctor.set_defaults(func=_cmd_doctor)
+
+    revoke = commands.add_parser("revoke", help="delete the stored token")
+    revoke.set_defaults(func=_cmd_revoke)
+    return parser
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
+    try:
+        args = build_parser().parse_args(argv)
+        return args.func(args)
+    except PgwError as exc:
+        print(f"pgw: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("pgw: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,99 @@
+"""Shared fixtures: a scripted pairing server, an isolated pgw home, stub CLIs."""
+
+from __future__ import annotations
+
+import http.server
+import json
+import os
+import stat
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+
+class PairServer:
+    """A real HTTP server on 127.0.0.1:0 answering pair-confirm as scripted.
+
+    `requests` holds the decoded JSON bodies received (path in `paths`);
+    `reply(status, body)` queues the next answer; with nothing queued it
+    answers 200 `{"worker_id": "w-1", "token": "tok-secret"}`.
+    """
+
+    DEFAULT = (200, json.dumps({"worker_id": "w-1", "token": "tok-secret"}).encode())
+
+    def __init__(self) -> None:
+        self.requests: list[object] = []
+        self.paths: list[str] = []
+        self._replies: list[tuple[int, bytes]] = []
+        server = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                length = int(self.headers.get("Content-Length", 0))
+                raw = self.rfile.read(length)
+                server.paths.append(self.path)
+                try:
+                    server.requests.append(json.loads(raw))
+                except ValueError:
+                    server.requests.append(raw)
+                status, body = server._replies.pop(0) if server._replies else server.DEFAULT
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+
+            def log_message(self, *args: object) -> None:
+                pass
+
+        self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
+        self._thread.start()
+
+    def reply(self, status: int, body: bytes) -> None:
+        self._replies.append((status, body))
+
+    def close(self) -> None:
+        self._httpd.shutdown()
+        self._httpd.server_close()
+
+
+@pytest.fixture
+def pair_server():
+    server = PairServer()
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def pgw_home(tmp_path, monkeypatch):
+    """An empty pgw home, with no pgw settings leaking in from the environment."""
+    home = tmp_path / "pgw-home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    for name in ("PGW_SERVER", "PGW_TOKEN", "PGW_NAME"):
+        monkeypatch.delenv(name, raising=False)
+    return home
+
+
+def write_stub_cli(directory: Path, name: str, script: str) -> Path:
+    """An executable Python script called `name` in `directory`."""
+    directory.mkdir(parents=True, exist_ok=True)
+    path = directory / name
+    path.write_text(f"#!{sys.executable}\n{script}\n")
+    path.chmod(path.stat().st_mode | stat.S_IXUSR | stat.S_IXGRP | stat.S_IXOTH)
+    return path
+
+
+@pytest.fixture
+def stub_bin(tmp_path, monkeypatch):
+    """A PATH holding only a fresh directory for stub CLIs (plus /usr/bin:/bin)."""
+    directory = tmp_path / "bin"
+    directory.mkdir()
+    monkeypatch.setenv("PATH", os.pathsep.join([str(directory), "/usr/bin", "/bin"]))
+    return directory

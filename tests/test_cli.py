@@ -1,0 +1,297 @@
+"""The command line, in-process: pair, capabilities, doctor, revoke, --version."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import stat
+import time
+
+import pytest
+
+import pgw
+from conftest import write_stub_cli
+
+
+def run(capsys, *argv):
+    """pgw's exit status, stdout and stderr for one command line."""
+    status = pgw.main(list(argv))
+    out, err = capsys.readouterr()
+    return status, out, err
+
+
+def assert_one_line_error(err, *fragments):
+    assert err.count("\n") == 1 and err.startswith("pgw: "), err
+    assert "Traceback" not in err
+    for fragment in fragments:
+        assert fragment in err
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+# pair -----------------------------------------------------------------------
+
+
+def test_pair_writes_private_config_with_pgworker_fields(capsys, pgw_home, pair_server, monkeypatch):
+    monkeypatch.setattr(pgw, "_machine_name", lambda: "lab-box")
+    status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url + "/")
+    assert (status, err) == (0, "")
+    assert "w-1" in out and "tok-secret" not in out
+    config_path = pgw_home / "config.json"
+    assert json.loads(config_path.read_text()) == {
+        "server": pair_server.url,
+        "worker_id": "w-1",
+        "token": "tok-secret",
+    }
+    assert stat.S_IMODE(config_path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(pgw_home.stat().st_mode) == 0o700
+    assert pair_server.paths == ["/api/local-worker/pair-confirm"]
+    [body] = pair_server.requests
+    assert body["pair_code"] == "CODE-42"
+    assert body["machine_name"] == "lab-box"
+    assert body["capabilities"]["protocol_version"] == 2
+
+
+def test_pair_name_flag_beats_environment(capsys, pgw_home, pair_server, monkeypatch):
+    monkeypatch.setenv("PGW_NAME", "from-env")
+    assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "from-flag")[0] == 0
+    monkeypatch.delenv("PGW_NAME")
+    monkeypatch.setattr(pgw, "_machine_name", lambda: "")
+    assert run(capsys, "pair", "C", "--server", pair_server.url)[0] == 0
+    assert [r["machine_name"] for r in pair_server.requests] == ["from-flag", "local-worker"]
+
+
+def test_pair_server_from_environment_when_no_flag(capsys, pgw_home, pair_server, monkeypatch):
+    monkeypatch.setenv("PGW_SERVER", pair_server.url)
+    assert run(capsys, "pair", "C")[0] == 0
+    assert json.loads((pgw_home / "config.json").read_text())["server"] == pair_server.url
+
+
+def test_pair_keeps_host_settings_of_the_old_config(capsys, pgw_home, pair_server):
+    pgw_home.mkdir()
+    (pgw_home / "config.json").write_text(json.dumps({"token": "old", "max_stages": 3}))
+    assert run(capsys, "pair", "C", "--server", pair_server.url)[0] == 0
+    config = json.loads((pgw_home / "config.json").read_text())
+    assert config["max_stages"] == 3 and config["token"] == "tok-secret"
+
+
+OLD_CONFIG = {"server": "http://old.example", "worker_id": "w-old", "token": "tok-old"}
+
+
+@pytest.mark.parametrize(
+    "status_code, body, fragments",
+    [
+        (400, b'{"detail": "pair code expired"}', ["400", "pair code expired"]),
+        (500, b"Internal Server Error", ["500", "Internal Server Error"]),
+        (200, b"<html>proxy login</html>", ["not JSON"]),
+        (200, b'{"worker_id": "w-2"}', ["lacks a worker_id or a token"]),
+    ],
+)
+def test_pair_failure_keeps_old_config(capsys, pgw_home, pair_server, status_code, body, fragments):
+    pgw_home.mkdir()
+    (pgw_home / "config.json").write_text(json.dumps(OLD_CONFIG))
+    pair_server.reply(status_code, body)
+    status, out, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert status == 1 and out == ""
+    assert_one_line_error(err, "pairing failed", *fragments)
+    assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
+
+
+def test_pair_refused_port_is_one_line(capsys, pgw_home):
+    status, _, err = run(capsys, "pair", "C", "--server", f"http://127.0.0.1:{free_port()}")
+    assert status == 1
+    assert_one_line_error(err, "refused the connection")
+    assert not (pgw_home / "config.json").exists()
+
+
+def test_pair_unknown_host_is_one_line(capsys, pgw_home):
+    status, _, err = run(capsys, "pair", "C", "--server", "http://no-such-host.invalid")
+    assert status == 1
+    assert_one_line_error(err, "pairing failed")
+
+
+@pytest.mark.parametrize("url", ["ftp://example.com", "http://", "example.com:8000", "http://h:99999", "http://h/?x=1"])
+def test_pair_bad_server_url(capsys, pgw_home, url):
+    status, _, err = run(capsys, "pair", "C", "--server", url)
+    assert status == 1
+    assert_one_line_error(err, "bad server URL")
+
+
+@pytest.mark.parametrize("argv", [[], ["pair"], ["pair", "C", "--bogus"], ["launch"], ["doctor", "extra"]])
+def test_usage_errors_exit_2_in_one_line(capsys, pgw_home, argv):
+    status, _, err = run(capsys, *argv)
+    assert status == 2
+    assert_one_line_error(err, "--help")
+
+
+# config ---------------------------------------------------------------------
+
+
+def test_config_write_is_atomic_when_rename_fails(pgw_home, monkeypatch):
+    path = pgw_home / "config.json"
+    pgw.write_config(path, OLD_CONFIG)
+
+    def failing_replace(src, dst):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(pgw.ConfigError, match="No space left"):
+        pgw.write_config(path, {"token": "new"})
+    assert json.loads(path.read_text()) == OLD_CONFIG
+    assert os.listdir(pgw_home) == ["config.json"]
+
+
+def test_config_written_private_even_under_permissive_umask(pgw_home):
+    old_umask = os.umask(0)
+    try:
+        pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    finally:
+        os.umask(old_umask)
+    assert stat.S_IMODE((pgw_home / "config.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE(pgw_home.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize(
+    "content, fragment",
+    [("{not json", "is not valid JSON (line 1)"), ("[1]", "must hold a JSON object"), ('{"token": 5}', "'token' must be a string")],
+)
+def test_corrupt_config_is_one_line_error(capsys, pgw_home, pair_server, content, fragment):
+    pgw_home.mkdir()
+    (pgw_home / "config.json").write_text(content)
+    status, _, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert status == 1
+    assert_one_line_error(err, str(pgw_home / "config.json"), fragment)
+    assert pair_server.requests == []
+
+
+def test_unreadable_config_is_one_line_error(capsys, pgw_home):
+    (pgw_home / "config.json").mkdir(parents=True)
+    status, _, err = run(capsys, "revoke")
+    assert status == 1
+    assert_one_line_error(err, "cannot read")
+
+
+def test_settings_precedence_flag_env_config_default():
+    config = {"server": "http://config", "token": "t-config", "name": "n-config", "worker_id": "w"}
+    environ = {"PGW_SERVER": "http://env", "PGW_TOKEN": "t-env", "PGW_NAME": "n-env"}
+    flags = {"server": "http://flag/", "token": "t-flag", "name": "n-flag"}
+    assert pgw.resolve_settings(flags, environ, config, "host") == pgw.Settings("http://flag", "t-flag", "w", "n-flag")
+    assert pgw.resolve_settings({}, environ, config, "host") == pgw.Settings("http://env", "t-env", "w", "n-env")
+    assert pgw.resolve_settings({}, {}, config, "host") == pgw.Settings("http://config", "t-config", "w", "n-config")
+    assert pgw.resolve_settings({}, {}, {}, "host") == pgw.Settings(pgw.DEFAULT_SERVER, None, None, "host")
+    assert pgw.resolve_settings({}, {}, {}, "").name == "local-worker"
+
+
+def test_home_defaults_to_dot_pgworker(monkeypatch, tmp_path):
+    monkeypatch.delenv("PGW_HOME", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert pgw.pgw_home() == tmp_path / ".pgworker"
+
+
+def test_websocket_url_quotes_token():
+    assert pgw.websocket_url("https://pg.example/base", "a b/+") == (
+        "wss://pg.example/api/local-worker/connect?token=a%20b%2F%2B"
+    )
+    assert pgw.websocket_url("http://127.0.0.1:8000", "t").startswith("ws://127.0.0.1:8000/")
+
+
+# capabilities and doctor ----------------------------------------------------
+
+
+def test_capabilities_reports_stub_clis_on_path(capsys, stub_bin):
+    claude = write_stub_cli(stub_bin, "claude", "print('claude 1.0')")
+    status, out, _ = run(capsys, "capabilities")
+    caps = json.loads(out)
+    assert status == 0
+    assert caps["claude_code"] == {"available": True, "path": str(claude)}
+    assert caps["codex"] == {"available": False, "path": None}
+    assert caps["deepseek_tui"] == {"available": False, "path": None}
+    assert caps["protocol_version"] == 2
+    assert caps["platform"] == os.uname().sysname.lower()
+
+
+HANGING_CLI = """
+import os, subprocess, sys, time
+subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # holds stdout
+time.sleep(60)
+"""
+
+
+def test_doctor_lists_config_and_cli_versions(capsys, pgw_home, stub_bin, monkeypatch):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    write_stub_cli(stub_bin, "claude", "print('1.0.96 (Claude Code)')")
+    write_stub_cli(stub_bin, "codex", "import sys; sys.stderr.write('codex-cli 0.46.0\\n')")
+    write_stub_cli(stub_bin, "deepseek", HANGING_CLI)
+    monkeypatch.setattr(pgw, "VERSION_PROBE_TIMEOUT_S", 0.5)
+    started = time.monotonic()
+    status, out, _ = run(capsys, "doctor")
+    assert time.monotonic() - started < 5
+    assert status == 0
+    assert str(pgw_home / "config.json") in out
+    assert "yes, worker w-old" in out and "http://old.example" in out
+    assert "1.0.96 (Claude Code)" in out and "codex-cli 0.46.0" in out
+    assert "gave no answer within 0.5 s" in out
+    assert "tok-old" not in out
+
+
+def test_doctor_json_has_pgworker_shape(capsys, pgw_home, stub_bin):
+    write_stub_cli(stub_bin, "claude", "print('claude 2.0'); print('second line')")
+    write_stub_cli(stub_bin, "codex", "import sys; sys.exit(3)")
+    status, out, _ = run(capsys, "doctor", "--json")
+    report = json.loads(out)
+    assert status == 0
+    assert report["paired"] is False and report["worker_id"] is None
+    assert report["config_path"] == str(pgw_home / "config.json")
+    assert report["capabilities"]["claude_code"]["version"] == "claude 2.0"
+    assert report["capabilities"]["codex"]["version"] is None
+    assert "exit status 3" in report["capabilities"]["codex"]["problem"]
+    assert report["capabilities"]["deepseek_tui"] == {"available": False, "path": None, "version": None}
+
+
+def test_doctor_reports_corrupt_config_and_fails(capsys, pgw_home, stub_bin):
+    pgw_home.mkdir()
+    (pgw_home / "config.json").write_text("{")
+    status, out, err = run(capsys, "doctor")
+    assert status == 1 and err == ""
+    assert "is not valid JSON" in out
+
+
+# revoke ---------------------------------------------------------------------
+
+
+def test_revoke_deletes_pgworker_config(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    status, out, _ = run(capsys, "revoke")
+    assert status == 0
+    assert not (pgw_home / "config.json").exists()
+    assert "w-old" in out and "tok-old" not in out
+
+
+def test_revoke_keeps_host_settings(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "max_stages": 2})
+    assert run(capsys, "revoke")[0] == 0
+    assert json.loads((pgw_home / "config.json").read_text()) == {"max_stages": 2}
+
+
+def test_revoke_when_not_paired(capsys, pgw_home):
+    status, out, _ = run(capsys, "revoke")
+    assert status == 0 and "not paired" in out
+
+
+# --version ------------------------------------------------------------------
+
+
+def test_version_names_pgw_libraries_and_python(capsys):
+    with pytest.raises(SystemExit) as exited:
+        pgw.main(["--version"])
+    out = capsys.readouterr().out
+    assert exited.value.code == 0
+    assert out.startswith(f"pgw {pgw.__version__}")
+    for dist in ("trio", "trio-websocket", "attrs", "cattrs"):
+        assert f"{dist} " in out and f"{dist} (version unknown)" not in out
+    assert f"Python {'.'.join(map(str, os.sys.version_info[:3]))}" in out

@@ -1,0 +1,183 @@
+"""The wire records: round trips, and decode's strictness rule by rule."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pgw
+
+text = st.text()
+ints = st.integers(min_value=-(2**53), max_value=2**53)
+str_maps = st.dictionaries(st.text(), st.text(), max_size=5)
+json_values = st.recursive(
+    st.none() | st.booleans() | ints | st.floats(allow_nan=False, allow_infinity=False) | st.text(),
+    lambda children: st.lists(children, max_size=3) | st.dictionaries(st.text(), children, max_size=3),
+    max_leaves=10,
+)
+
+RECORDS = {
+    pgw.StageRequest: st.builds(
+        pgw.StageRequest,
+        stage_run_id=text,
+        job_id=text,
+        cli=st.sampled_from(["codex", "claude", "deepseek"]),
+        cli_args=st.lists(text, max_size=5),
+        stdin=text,
+        stdin_mode=st.sampled_from(["stdin", "argv_last"]),
+        files=str_maps,
+        timeout_s=ints,
+        env=str_maps,
+    ),
+    pgw.StageCancel: st.builds(pgw.StageCancel, stage_run_id=text, signal=st.sampled_from(["SIGTERM", "SIGKILL"])),
+    pgw.Pong: st.just(pgw.Pong()),
+    pgw.Hello: st.builds(pgw.Hello, machine_name=text, capabilities=st.dictionaries(st.text(), json_values, max_size=5)),
+    pgw.Ping: st.builds(pgw.Ping, ts=st.floats(allow_nan=False, allow_infinity=False)),
+    pgw.StageAck: st.builds(pgw.StageAck, stage_run_id=text, pid=ints),
+    pgw.StageStdout: st.builds(pgw.StageStdout, stage_run_id=text, seq=ints, data=text),
+    pgw.StageStderr: st.builds(pgw.StageStderr, stage_run_id=text, seq=ints, data=text),
+    pgw.StageExit: st.builds(pgw.StageExit, stage_run_id=text, returncode=ints, duration_ms=ints, error=st.none() | text),
+}
+
+
+def test_every_record_has_a_strategy():
+    assert set(RECORDS) == set(pgw.RECORD_TYPES.values())
+
+
+@pytest.mark.parametrize("record_type", RECORDS, ids=lambda t: t.TYPE)
+def test_decode_inverts_encode(record_type):
+    @given(RECORDS[record_type])
+    def round_trip(record):
+        wire = pgw.encode(record)
+        assert json.loads(wire)["type"] == record_type.TYPE
+        assert pgw.decode(wire) == record
+
+    round_trip()
+
+
+def minimal_request(**changes):
+    message = {
+        "type": "stage.request",
+        "stage_run_id": "run-1",
+        "job_id": "job-1",
+        "cli": "claude",
+        "cli_args": ["-p"],
+        "stdin": "hello",
+    }
+    message.update(changes)
+    return json.dumps(message)
+
+
+def decode_error(wire) -> str:
+    with pytest.raises(pgw.ProtocolError) as caught:
+        pgw.decode(wire)
+    return str(caught.value)
+
+
+def test_request_defaults_are_those_of_the_protocol():
+    request = pgw.decode(minimal_request())
+    assert request.stdin_mode == "stdin"
+    assert request.files == {}
+    assert request.timeout_s == 7200
+    assert request.env == {}
+    assert pgw.decode('{"type":"stage.cancel","stage_run_id":"r"}').signal == "SIGTERM"
+    assert pgw.decode('{"type":"stage.exit","stage_run_id":"r","returncode":0,"duration_ms":1}').error is None
+
+
+def test_string_is_not_coerced_into_a_list():
+    assert decode_error(minimal_request(cli_args="ls")) == (
+        "stage.request: cli_args: expected an array, got a string 'ls'"
+    )
+
+
+def test_number_is_not_coerced_into_a_string():
+    assert "stdin: expected a string, got a number 1" in decode_error(minimal_request(stdin=1))
+    assert "cli_args[1]: expected a string, got a number 2" in decode_error(minimal_request(cli_args=["a", 2]))
+
+
+@pytest.mark.parametrize("value", ["60", 1.5, True, None])
+def test_timeout_must_be_an_integer(value):
+    assert "timeout_s: expected an integer" in decode_error(minimal_request(timeout_s=value))
+
+
+def test_boolean_is_not_a_number():
+    assert "ts: expected a number, got a boolean true" in decode_error('{"type":"ping","ts":true}')
+
+
+def test_ping_accepts_an_integer_timestamp():
+    assert pgw.decode('{"type":"ping","ts":17}') == pgw.Ping(ts=17.0)
+
+
+@pytest.mark.parametrize(
+    "field, value, message",
+    [
+        ("cli", "rm", "cli: 'rm' is not one of codex, claude, deepseek"),
+        ("stdin_mode", "pipe", "stdin_mode: 'pipe' is not one of stdin, argv_last"),
+        ("cli", 3, "cli: 3 is not one of codex, claude, deepseek"),
+    ],
+)
+def test_literals_are_checked(field, value, message):
+    assert decode_error(minimal_request(**{field: value})) == f"stage.request: {message}"
+
+
+def test_cancel_signal_is_checked():
+    assert decode_error('{"type":"stage.cancel","stage_run_id":"r","signal":"SIGHUP"}') == (
+        "stage.cancel: signal: 'SIGHUP' is not one of SIGTERM, SIGKILL"
+    )
+
+
+def test_missing_required_fields_are_named():
+    message = decode_error('{"type":"stage.request","stage_run_id":"r"}')
+    for field in ("job_id", "cli", "cli_args", "stdin"):
+        assert f"{field}: required field missing" in message
+    assert "stage_run_id" not in message
+
+
+def test_maps_must_be_objects_of_strings():
+    assert "files: expected an object, got an array" in decode_error(minimal_request(files=["a"]))
+    assert "env['HOME']: expected a string, got null" in decode_error(minimal_request(env={"HOME": None}))
+
+
+@pytest.mark.parametrize(
+    "wire, message",
+    [
+        ('{"type":"stage.launch"}', "type: 'stage.launch' is not one of "),
+        ('{"stage_run_id":"r"}', "type: required field missing"),
+        ('{"type":7}', "type: 7 is not one of "),
+        ("[1, 2]", "expected a JSON object, got an array"),
+        ('"pong"', "expected a JSON object, got a string 'pong'"),
+        ("{nope", "not JSON: "),
+        ('{"type":"ping","ts":NaN}', "not JSON: NaN is not a JSON number"),
+        (b"\xff\xfe{", "not JSON"),
+    ],
+)
+def test_malformed_messages_are_protocol_errors(wire, message):
+    assert message in decode_error(wire)
+
+
+def test_unknown_extra_keys_are_ignored():
+    request = pgw.decode(minimal_request(priority="high", files={"a.txt": "aGk="}))
+    assert request.files == {"a.txt": "aGk="}
+    assert pgw.decode('{"type":"pong","at":1}') == pgw.Pong()
+
+
+@given(st.dictionaries(st.text(max_size=12), json_values, max_size=8))
+def test_decode_raises_only_protocol_errors(message):
+    for tag in list(pgw.RECORD_TYPES) + ["other"]:
+        try:
+            pgw.decode(json.dumps({**message, "type": tag}))
+        except pgw.ProtocolError:
+            pass
+
+
+def test_encode_is_compact_and_keeps_non_ascii():
+    wire = pgw.encode(pgw.StageStdout(stage_run_id="r", seq=1, data="证明 ✓"))
+    assert wire == '{"type":"stage.stdout","stage_run_id":"r","seq":1,"data":"证明 ✓"}'
+
+
+def test_encode_exit_writes_null_error():
+    wire = pgw.encode(pgw.StageExit(stage_run_id="r", returncode=-1, duration_ms=0))
+    assert json.loads(wire) == {"type": "stage.exit", "stage_run_id": "r", "returncode": -1, "duration_ms": 0, "error": None}
