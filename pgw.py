@@ -29,11 +29,18 @@ files, pairing, CLI probing) and the command line, ``main`` last.
 from __future__ import annotations
 
 import argparse
+import base64
+import binascii
+import codecs
+import collections
 import concurrent.futures
 import functools
 import json
+import logging
+import logging.handlers
 import os
 import platform
+import random
 import shutil
 import signal
 import socket
@@ -41,16 +48,18 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import time
 import typing
 import urllib.error
 import urllib.parse
 import urllib.request
-from pathlib import Path
+from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Any, ClassVar, Literal, Optional, Union
 
 import attrs
 import cattrs
 import trio
+import trio_websocket
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 __version__ = "0.1.0"
@@ -94,6 +103,67 @@ ENV_SERVER, ENV_TOKEN, ENV_NAME, ENV_HOME = "PGW_SERVER", "PGW_TOKEN", "PGW_NAME
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
 
+# PROTOCOL.md: the server keeps a worker online for 45 s after each
+# application ping; one every 30 s leaves a 15 s margin.
+HEARTBEAT_INTERVAL_S = 30.0
+
+# Issue 3: a silent path must be noticed and replaced within 45 s.  A
+# WebSocket ping goes out whenever nothing arrived for this long ...
+WS_PING_INTERVAL_S = 10.0
+# ... and a connection on which not one byte arrived for this long is dead.
+# Bytes, not pongs, are the evidence: a 30 MB request arriving at 1 MB/s
+# delays the server's pong behind it but is plainly alive.
+SILENCE_LIMIT_S = 30.0
+
+# Opening TCP+TLS and the WebSocket handshake.  Kept short: an untrusted
+# certificate or a black-holed port must not stall the reconnect loop.
+CONNECT_TIMEOUT_S = 15.0
+# Closing the WebSocket politely at shutdown before dropping the TCP stream.
+CLOSE_TIMEOUT_S = 3.0
+
+# Issue 3: reconnect within 1 s of a loss, then double with jitter up to
+# 60 s; a connection that stayed up 60 s resets the schedule.
+RECONNECT_FIRST_S = 1.0
+RECONNECT_CAP_S = 60.0
+RECONNECT_RESET_AFTER_S = 60.0
+
+# PROTOCOL.md: requests carry up to 50 MiB of files as base64 (~67 MiB).
+MESSAGE_MAX_BYTES = 128 * 1024 * 1024
+FILES_MAX_BYTES = 50 * 1024 * 1024
+
+# PROTOCOL.md: one output frame carries at most 256 KiB of data.
+FRAME_MAX_BYTES = 256 * 1024
+# Pipe reads: a frame's worth, so a fast child costs one frame per read.
+PIPE_READ_BYTES = FRAME_MAX_BYTES
+# Frames waiting for the WebSocket.  When they are all queued the pumps stop
+# reading, so a slow server slows the child: memory stays ~ this * 256 KiB.
+OUTBOX_MAX_FRAMES = 16
+
+# Issue 3: SIGTERM, then SIGKILL this much later (cancel, timeout, loss) ...
+CANCEL_GRACE_S = 10.0
+# ... and at shutdown, where a user or systemd is waiting.
+SHUTDOWN_GRACE_S = 5.0
+# After the child exits, what is left in its pipes gets this long; then the
+# group is killed, so a grandchild holding a pipe cannot hold the stage.
+PIPE_DRAIN_GRACE_S = 2.0
+# After SIGKILL a process is gone at once unless the kernel is stuck on it.
+KILL_WAIT_S = 5.0
+
+# Issue 5 / the GitHub runner's technique: every child carries this tag, so
+# escapees in a new session can be found and killed at stage end (Linux).
+STAGE_TAG_ENV = "PGW_STAGE_ID"
+
+# A stage_run_id names a directory: keep it to one sane path component.
+STAGE_ID_MAX_CHARS = 200
+
+# PROTOCOL.md: codex rollouts older than this are not read.
+CODEX_ROLLOUT_MAX_AGE_S = 3600.0
+CODEX_TRACE_HEADER = "=== CODEX TRACE (rollout extract) ==="
+
+# PROTOCOL.md: run.log is rotated at 1 MB with 5 backups.
+LOG_MAX_BYTES = 1_000_000
+LOG_BACKUPS = 5
+
 ##############################################################################
 # Errors
 ##############################################################################
@@ -124,7 +194,23 @@ class PairingError(PgwError):
 
 
 class ProtocolError(PgwError):
-    """A message off the wire does not follow PROTOCOL.md."""
+    """A message off the wire does not follow PROTOCOL.md.
+
+    `message` is the decoded JSON object when there was one, so the reader
+    can still answer a bad stage.request by its stage_run_id.
+    """
+
+    def __init__(self, text: str, message: Optional[dict[str, Any]] = None) -> None:
+        super().__init__(text)
+        self.message = message
+
+
+class StageRejected(PgwError):
+    """A stage.request that cannot be run; the text becomes its exit's error."""
+
+
+class ConnectionLost(PgwError):
+    """The WebSocket is gone or unusable; the worker reconnects."""
 
 
 ##############################################################################
@@ -257,7 +343,7 @@ def _strict_converter() -> cattrs.Converter:
     converter.register_structure_hook(str, structure_str)
     converter.register_structure_hook(int, structure_int)
     converter.register_structure_hook(float, structure_float)
-    converter.register_structure_hook(Any, structure_any)
+    converter.register_structure_hook_func(lambda t: t is Any, structure_any)
     converter.register_structure_hook_func(
         lambda t: typing.get_origin(t) is Literal, structure_literal
     )
@@ -335,16 +421,16 @@ def decode(text: Union[str, bytes]) -> Record:
     if not isinstance(message, dict):
         raise ProtocolError(f"expected a JSON object, got {_json_kind(message)}")
     if "type" not in message:
-        raise ProtocolError("type: required field missing")
+        raise ProtocolError("type: required field missing", message)
     tag = message["type"]
     record_type = RECORD_TYPES.get(tag) if isinstance(tag, str) else None
     if record_type is None:
-        raise ProtocolError(f"type: {tag!r} is not one of {', '.join(RECORD_TYPES)}")
+        raise ProtocolError(f"type: {tag!r} is not one of {', '.join(RECORD_TYPES)}", message)
     try:
         return _converter.structure(message, record_type)
     except (ClassValidationError, IterableValidationError) as exc:
         details = "; ".join(_validation_messages(exc))
-        raise ProtocolError(f"{tag}: {details}") from None
+        raise ProtocolError(f"{tag}: {details}", message) from None
 
 
 ##############################################################################
@@ -440,6 +526,156 @@ def server_message(body: bytes) -> str:
     if len(text) > SERVER_MESSAGE_MAX_CHARS:
         text = text[: SERVER_MESSAGE_MAX_CHARS - 3] + "..."
     return text
+
+
+##############################################################################
+# Pure logic: reconnect schedule, frames, stage requests
+##############################################################################
+
+
+class Backoff:
+    """Reconnect delays: the first within 1 s, then doubling to 60 s, jittered.
+
+    Each delay is drawn from [ceiling/2, ceiling] so that workers cut off by
+    one server restart do not all come back in the same second.
+    """
+
+    def __init__(
+        self,
+        first_s: float = RECONNECT_FIRST_S,
+        cap_s: float = RECONNECT_CAP_S,
+        random_fraction: typing.Callable[[], float] = random.random,
+    ) -> None:
+        self.first_s, self.cap_s, self._random = first_s, cap_s, random_fraction
+        self.failures = 0
+
+    def next_delay_s(self) -> float:
+        ceiling = min(self.cap_s, self.first_s * 2 ** min(self.failures, 30))
+        self.failures += 1
+        return ceiling * (0.5 + 0.5 * self._random())
+
+    def reset(self) -> None:
+        self.failures = 0
+
+
+def split_text(text: str, limit: int = FRAME_MAX_BYTES) -> list[str]:
+    """`text` cut into pieces of at most `limit` UTF-8 bytes, never inside a character."""
+    if len(text) * 4 <= limit:  # a character is at most 4 bytes
+        return [text]
+    encoded = text.encode("utf-8")
+    if len(encoded) <= limit:
+        return [text]
+    pieces, start = [], 0
+    while start < len(encoded):
+        end = min(start + limit, len(encoded))
+        while end < len(encoded) and encoded[end] & 0xC0 == 0x80:  # continuation byte
+            end -= 1
+        pieces.append(encoded[start:end].decode("utf-8"))
+        start = end
+    return pieces
+
+
+def check_stage_id(stage_run_id: str) -> None:
+    """A stage_run_id must be usable as one directory name under scratch/."""
+    if (
+        not stage_run_id
+        or stage_run_id in (".", "..")
+        or len(stage_run_id) > STAGE_ID_MAX_CHARS
+        or any(bad in stage_run_id for bad in ("/", "\\", "\0"))
+    ):
+        raise StageRejected(f"bad request: stage_run_id {stage_run_id[:60]!r} cannot name a scratch directory")
+
+
+def check_file_path(name: str) -> tuple[str, ...]:
+    """The parts of a relative file path, or StageRejected if it could escape."""
+    unsafe = f"unsafe file path {name[:100]!r}"
+    if not name or "\0" in name:
+        raise StageRejected(f"{unsafe}: empty or contains NUL")
+    posix, windows = PurePosixPath(name), PureWindowsPath(name)
+    if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
+        raise StageRejected(f"{unsafe}: absolute paths are not allowed")
+    parts = tuple(part for part in name.replace("\\", "/").split("/") if part not in ("", "."))
+    if ".." in parts:
+        raise StageRejected(f"{unsafe}: `..` is not allowed")
+    if not parts:
+        raise StageRejected(f"{unsafe}: names no file")
+    return parts
+
+
+def check_stage_files(files: dict[str, str]) -> list[tuple[tuple[str, ...], bytes]]:
+    """Decode a request's files: safe relative paths, base64, 50 MiB at most."""
+    paths = {name: check_file_path(name) for name in files}
+    # base64 is 4 characters per 3 bytes, less at most 2 of padding: a
+    # request that is too large whatever its padding is refused undecoded.
+    _check_files_size(sum(len(value) * 3 // 4 - 2 for value in files.values()))
+    checked, total = [], 0
+    for name, value in files.items():
+        try:
+            content = base64.b64decode(value, validate=True)
+        except (binascii.Error, ValueError):
+            raise StageRejected(f"bad request: file {name[:100]!r} is not valid base64") from None
+        total += len(content)
+        checked.append((paths[name], content))
+    _check_files_size(total)
+    return checked
+
+
+def _check_files_size(decoded_bytes: int) -> None:
+    if decoded_bytes > FILES_MAX_BYTES:
+        raise StageRejected(
+            f"files too large: {decoded_bytes / 2**20:.1f} MiB decoded, the limit is {FILES_MAX_BYTES // 2**20} MiB"
+        )
+
+
+def stage_environment(
+    worker_environ: typing.Mapping[str, str], request_env: dict[str, str], stage_run_id: str
+) -> dict[str, str]:
+    """pgw's environment less its own PGW_* settings, plus the request's env and the stage tag."""
+    environ = {key: value for key, value in worker_environ.items() if not key.startswith("PGW_")}
+    environ.update(request_env)
+    environ[STAGE_TAG_ENV] = stage_run_id
+    return environ
+
+
+def codex_trace(records: typing.Iterable[Any], source: str) -> str:
+    """The rollout extract of PROTOCOL.md from a codex session's JSONL records.
+
+    Earlier assistant messages and reasoning summaries, under a header; the
+    last assistant message is left out since codex already printed it.
+    Empty when there is nothing codex did not print.
+    """
+    messages, summaries = [], []
+    for record in records:
+        if not isinstance(record, dict) or record.get("type") != "response_item":
+            continue
+        payload = record.get("payload")
+        if not isinstance(payload, dict):
+            continue
+        if payload.get("type") == "message" and payload.get("role") == "assistant":
+            parts = [
+                part.get("text") or part.get("output_text") or ""
+                for part in payload.get("content") or []
+                if isinstance(part, dict)
+            ]
+            joined = "".join(p for p in parts if isinstance(p, str)).strip()
+            if joined:
+                messages.append(joined)
+        elif payload.get("type") == "reasoning":
+            for summary in payload.get("summary") or []:
+                text = summary.get("text") if isinstance(summary, dict) else None
+                if isinstance(text, str) and text.strip():
+                    summaries.append(text)
+    partial = messages[:-1]
+    if not partial and not summaries:
+        return ""
+    lines = ["", CODEX_TRACE_HEADER]
+    for title, items in (("partial assistant message", partial), ("reasoning summary", summaries)):
+        if items:
+            lines.append("")
+        for number, item in enumerate(items, 1):
+            lines += [f"--- {title} [{number}/{len(items)}] ---", item, ""]
+    lines += [f"--- rollout source: {source} ---", ""]
+    return "\n".join(lines)
 
 
 ##############################################################################
