@@ -855,6 +855,748 @@ def connection_failure(server: str, reason: Any) -> str:
 
 
 ##############################################################################
+# The daemon: outbox, stages, connection, reconnect loop
+##############################################################################
+# run                      reconnect loop with backoff (Worker.run)
+# └─ one connection        TCP/TLS + WebSocket + nursery (Worker._connection)
+#    ├─ sender             the only writer: Outbox -> WebSocket
+#    ├─ heartbeat          app ping every 30 s, ahead of queued frames
+#    ├─ watchdog           WebSocket ping when quiet; dead after 30 s of silence
+#    ├─ reader             the only reader: decode -> start or cancel stages
+#    └─ stages             one cancel scope per stage_run_id (Stage.scope)
+#       └─ stage           process in its own session; wall-clock deadline
+#          ├─ feed stdin   the prompt, then close
+#          ├─ pump stdout  incremental UTF-8 decode -> frames
+#          └─ pump stderr
+#
+# A stage is stopped one way only: its scope is cancelled (stage.cancel,
+# timeout, connection loss, shutdown), and the shielded cleanup kills its
+# process group: SIGTERM, a grace, SIGKILL, then any escapee carrying its tag.
+
+log = logging.getLogger("pgw")
+
+
+class Outbox:
+    """The one queue in front of the WebSocket, drained by the sender task.
+
+    Frames wait in a bounded FIFO: a producer finding it full parks, so a
+    slow server slows the pumps and memory stays bounded.  Urgent messages
+    (heartbeats) jump the queue.  A frame's text is made by `make_text` at
+    the moment it is queued, so the `seq` it carries follows queue order.
+    """
+
+    def __init__(self, max_frames: int = OUTBOX_MAX_FRAMES) -> None:
+        self._max_frames = max_frames
+        self._urgent: collections.deque[str] = collections.deque()
+        self._frames: collections.deque[str] = collections.deque()
+        self._has_items = trio.lowlevel.ParkingLot()
+        self._has_space = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
+        self._sending = False
+
+    def put_urgent(self, text: str) -> None:
+        self._urgent.append(text)
+        self._has_items.unpark()
+
+    async def put(self, make_text: typing.Callable[[], str]) -> None:
+        while len(self._frames) >= self._max_frames:
+            await self._has_space.park()
+        self._frames.append(make_text())
+        self._has_items.unpark()
+        if len(self._frames) < self._max_frames:
+            self._has_space.unpark()  # pass the turn on: FIFO among producers
+
+    async def get(self) -> str:
+        self._sending = False
+        while not (self._urgent or self._frames):
+            self._drained.unpark_all()
+            await self._has_items.park()
+        self._sending = True
+        if self._urgent:
+            return self._urgent.popleft()
+        text = self._frames.popleft()
+        self._has_space.unpark()
+        return text
+
+    async def wait_drained(self) -> None:
+        """Until everything queued so far has been handed to the WebSocket."""
+        while self._urgent or self._frames or self._sending:
+            await self._drained.park()
+
+
+class ActivityStream(trio.abc.Stream):
+    """A stream that notes when bytes last arrived: the watchdog's evidence of life."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.last_receive = trio.current_time()
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.last_receive = trio.current_time()
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
+@attrs.define
+class WorkerOptions:
+    server: str
+    token: str
+    name: str
+    home: Path
+    max_stages: int = 0
+    environ: dict[str, str] = attrs.field(factory=lambda: dict(os.environ))
+
+
+@attrs.define(eq=False)
+class Stage:
+    """One stage.request on its way: queued, running, or being stopped."""
+
+    request: StageRequest
+    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
+    stop_error: Optional[str] = None  # why it was stopped, for its exit
+    grace_s: float = CANCEL_GRACE_S  # SIGTERM -> SIGKILL when stopped
+    grace_scope: Optional[trio.CancelScope] = None
+    process: Optional[trio.Process] = None
+    seq: int = 0
+    bytes_out: int = 0
+    pumps_running: int = 0
+    pumps_done: trio.Event = attrs.field(factory=trio.Event)
+    pumps_waiting_on_server: int = 0  # parked in Outbox.put: backpressure, not idleness
+
+    @property
+    def id(self) -> str:
+        return self.request.stage_run_id
+
+    def stop(self, error: str, grace_s: float) -> None:
+        """Cancel the stage's scope; a shorter grace than before takes effect at once."""
+        if self.stop_error is None:
+            self.stop_error = error
+        self.grace_s = min(self.grace_s, grace_s)
+        if self.grace_s == 0 and self.grace_scope is not None:
+            self.grace_scope.cancel()
+        self.scope.cancel()
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+
+def kill_process_group(pgid: int, signum: int) -> None:
+    try:
+        os.killpg(pgid, signum)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def kill_tagged_processes(stage_run_id: str, proc_dir: Path = Path("/proc")) -> int:
+    """SIGKILL every process of ours whose environment carries this stage's tag.
+
+    Catches children that escaped the process group with setsid.  Linux only
+    (elsewhere there is no /proc/PID/environ); returns how many were killed.
+    """
+    tag = f"{STAGE_TAG_ENV}={stage_run_id}".encode() + b"\0"
+    killed = 0
+    try:
+        pids = [int(entry.name) for entry in proc_dir.iterdir() if entry.name.isdigit()]
+    except OSError:
+        return 0
+    for pid in pids:
+        if pid == os.getpid():
+            continue
+        try:
+            environ = (proc_dir / str(pid) / "environ").read_bytes()
+        except OSError:
+            continue
+        if environ.startswith(tag) or b"\0" + tag in environ:
+            try:
+                os.kill(pid, signal.SIGKILL)
+                killed += 1
+            except OSError:
+                pass
+    return killed
+
+
+def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]]) -> None:
+    """A fresh scratch dir holding the request's files."""
+    shutil.rmtree(scratch_dir, ignore_errors=True)
+    scratch_dir.mkdir(mode=0o700, parents=True)
+    for parts, content in files:
+        target = scratch_dir.joinpath(*parts)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(content)
+
+
+def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
+    """Find the codex rollout whose session ran in `scratch_dir`, and extract it."""
+    wanted = str(scratch_dir.resolve())
+    candidates = []
+    for path in sessions_dir.glob("*/*/*/rollout-*.jsonl"):
+        try:
+            modified = path.stat().st_mtime
+        except OSError:
+            continue
+        if now - modified <= CODEX_ROLLOUT_MAX_AGE_S:
+            candidates.append((modified, path))
+    for _, path in sorted(candidates, reverse=True):
+        try:
+            with path.open(encoding="utf-8", errors="replace") as rollout:
+                first = json.loads(rollout.readline() or "null")
+                if not (
+                    isinstance(first, dict)
+                    and first.get("type") == "session_meta"
+                    and isinstance(first.get("payload"), dict)
+                    and first["payload"].get("cwd") == wanted
+                ):
+                    continue
+                return codex_trace(_json_lines(rollout), str(path))
+        except (OSError, ValueError):
+            continue
+    return ""
+
+
+def _json_lines(lines: typing.Iterable[str]) -> typing.Iterator[Any]:
+    for line in lines:
+        try:
+            yield json.loads(line)
+        except ValueError:
+            continue
+
+
+def codex_sessions_dir(environ: typing.Mapping[str, str]) -> Path:
+    codex_home = environ.get("CODEX_HOME")
+    return Path(codex_home) / "sessions" if codex_home else Path.home() / ".codex" / "sessions"
+
+
+class Worker:
+    """The daemon: keeps one connection to the backend and runs its stages."""
+
+    def __init__(self, options: WorkerOptions) -> None:
+        self.options = options
+        self.scratch_root = options.home / "scratch"
+        self.stages: dict[str, Stage] = {}
+        self.slots = trio.Semaphore(options.max_stages) if options.max_stages > 0 else None
+        self.shutdown_requested = trio.Event()
+        self.hurried = False
+        self._idle_scope: Optional[trio.CancelScope] = None  # connecting or backing off
+        self._connected = False
+        self._connected_since: Optional[float] = None
+
+    # Shutdown --------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """First SIGTERM/SIGINT: stop reading, stop stages with a 5 s grace, close 1001."""
+        if self.shutdown_requested.is_set():
+            self.hurry_shutdown()
+            return
+        log.info("shutting down: stopping %d stage(s)", len(self.stages))
+        self.shutdown_requested.set()
+        if self._idle_scope is not None and not self._connected:
+            self._idle_scope.cancel()
+
+    def hurry_shutdown(self) -> None:
+        """Second signal: no more grace, every process group is killed now."""
+        log.info("second signal: killing every stage now")
+        self.hurried = True
+        for stage in list(self.stages.values()):
+            stage.stop("worker shutting down", 0)
+
+    # Reconnect loop --------------------------------------------------------
+
+    async def run(self) -> None:
+        await trio.to_thread.run_sync(self._empty_scratch)
+        backoff = Backoff()
+        last_failure = None
+        while not self.shutdown_requested.is_set():
+            try:
+                with trio.CancelScope() as self._idle_scope:
+                    await self._connection()
+                failure = None
+            except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
+                failure = describe_connection_failure(exc, self.options.server)
+            if self.shutdown_requested.is_set():
+                break
+            if self._connected_since is not None and trio.current_time() - self._connected_since >= RECONNECT_RESET_AFTER_S:
+                backoff.reset()
+            delay = backoff.next_delay_s()
+            if self._connected_since is not None:
+                log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
+            elif failure != last_failure:
+                log.warning("cannot connect: %s; retrying in %.1f s", failure, delay)
+            else:
+                log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
+            last_failure = failure if self._connected_since is None else None
+            with trio.CancelScope() as self._idle_scope:
+                if self.shutdown_requested.is_set():
+                    break
+                await trio.sleep(delay)
+        log.info("stopped")
+
+    def _empty_scratch(self) -> None:
+        shutil.rmtree(self.scratch_root, ignore_errors=True)
+        self.scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    # One connection --------------------------------------------------------
+
+    async def _connection(self) -> None:
+        self._connected_since = None
+        server = urllib.parse.urlsplit(self.options.server)
+        async with trio.open_nursery() as nursery:
+            stream = await open_stream(self.options.server)
+            resource = urllib.parse.urlsplit(websocket_url(self.options.server, self.options.token))
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery,
+                    stream,
+                    server.netloc,
+                    f"{resource.path}?{resource.query}",
+                    max_message_size=MESSAGE_MAX_BYTES,
+                    message_queue_size=1,
+                    receive_buffer_size=None,
+                )
+            self._connected = True
+            self._connected_since = trio.current_time()
+            log.info("connected to %s as %r", self.options.server + CONNECT_PATH, self.options.name)
+            try:
+                await self._serve(ws, stream)
+            finally:
+                self._connected = False
+                nursery.cancel_scope.cancel()
+
+    async def _serve(self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream) -> None:
+        outbox = Outbox()
+        outbox.put_urgent(encode(Hello(machine_name=self.options.name, capabilities=self.capabilities())))
+        async with trio.open_nursery() as connection:
+            connection.start_soon(self._sender, ws, outbox)
+            connection.start_soon(self._heartbeat, outbox)
+            connection.start_soon(self._watchdog, ws, stream, connection)
+            async with trio.open_nursery() as stages:
+                reader = trio.CancelScope()
+                stages.start_soon(self._read_until_shutdown, ws, outbox, stages, reader)
+            # Only a shutdown gets here with the connection alive: every stage
+            # has ended and queued its exit.
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await outbox.wait_drained()
+            with trio.move_on_after(CLOSE_TIMEOUT_S):
+                await ws.aclose(1001, "worker shutting down")
+            connection.cancel_scope.cancel()
+
+    def capabilities(self) -> dict[str, Any]:
+        return probe_capabilities(self.options.environ.get("PATH"))
+
+    async def _sender(self, ws: trio_websocket.WebSocketConnection, outbox: Outbox) -> None:
+        while True:
+            text = await outbox.get()
+            try:
+                await ws.send_message(text)
+            except trio_websocket.ConnectionClosed as exc:
+                raise ConnectionLost(close_description(exc.reason)) from None
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("sent %s", text[:120])
+
+    async def _heartbeat(self, outbox: Outbox) -> None:
+        while True:
+            outbox.put_urgent(encode(Ping(ts=time.time())))
+            await trio.sleep(HEARTBEAT_INTERVAL_S)
+
+    async def _watchdog(
+        self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream, nursery: trio.Nursery
+    ) -> None:
+        while True:
+            await trio.sleep(WS_PING_INTERVAL_S / 2)
+            quiet_s = trio.current_time() - stream.last_receive
+            if quiet_s >= SILENCE_LIMIT_S:
+                raise ConnectionLost(f"nothing arrived from the server for {quiet_s:.0f} s")
+            if quiet_s >= WS_PING_INTERVAL_S:
+                nursery.start_soon(self._ws_ping, ws)
+
+    @staticmethod
+    async def _ws_ping(ws: trio_websocket.WebSocketConnection) -> None:
+        with trio.move_on_after(SILENCE_LIMIT_S):
+            try:
+                await ws.ping()
+            except (trio_websocket.ConnectionClosed, ValueError):
+                pass
+
+    async def _read_until_shutdown(
+        self,
+        ws: trio_websocket.WebSocketConnection,
+        outbox: Outbox,
+        stages: trio.Nursery,
+        reader: trio.CancelScope,
+    ) -> None:
+        async with trio.open_nursery() as nursery:
+            async def stop_reading_on_shutdown() -> None:
+                await self.shutdown_requested.wait()
+                reader.cancel()
+                grace = 0 if self.hurried else SHUTDOWN_GRACE_S
+                for stage in list(self.stages.values()):
+                    stage.stop("worker shutting down", grace)
+
+            nursery.start_soon(stop_reading_on_shutdown)
+            with reader:
+                await self._reader(ws, outbox, stages)
+            nursery.cancel_scope.cancel()
+
+    async def _reader(self, ws: trio_websocket.WebSocketConnection, outbox: Outbox, stages: trio.Nursery) -> None:
+        while True:
+            try:
+                text = await ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                raise ConnectionLost(close_description(exc.reason)) from None
+            try:
+                message = decode(text)
+            except ProtocolError as exc:
+                self._skip_bad_message(exc, outbox, stages)
+                continue
+            if isinstance(message, StageRequest):
+                self._start_stage(message, outbox, stages)
+            elif isinstance(message, StageCancel):
+                self._cancel_stage(message)
+            elif isinstance(message, Pong):
+                log.debug("pong")
+            else:
+                log.warning("skipped a %s message: the server is not expected to send it", message.TYPE)
+
+    def _skip_bad_message(self, exc: ProtocolError, outbox: Outbox, stages: trio.Nursery) -> None:
+        log.warning("skipped a bad message: %s", exc)
+        raw = exc.message or {}
+        stage_run_id = raw.get("stage_run_id")
+        if raw.get("type") != "stage.request" or not isinstance(stage_run_id, str):
+            return
+        if stage_run_id in self.stages:
+            log.warning("stage %s: a bad duplicate request was ignored", stage_run_id)
+            return
+        exit_record = StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}")
+        stages.start_soon(outbox.put, lambda: encode(exit_record))
+
+    def _start_stage(self, request: StageRequest, outbox: Outbox, stages: trio.Nursery) -> None:
+        if request.stage_run_id in self.stages:
+            log.warning("stage %s: already running; the repeated request was ignored", request.stage_run_id)
+            return
+        stage = Stage(request)
+        self.stages[stage.id] = stage
+        stages.start_soon(self._run_stage, stage, outbox)
+
+    def _cancel_stage(self, cancel: StageCancel) -> None:
+        stage = self.stages.get(cancel.stage_run_id)
+        if stage is None:
+            log.info("stage %s: cancel for no running stage ignored", cancel.stage_run_id)
+            return
+        log.info("stage %s: cancelled by the server with %s", stage.id, cancel.signal)
+        stage.stop(f"cancelled by the server ({cancel.signal})", 0 if cancel.signal == "SIGKILL" else CANCEL_GRACE_S)
+
+    # One stage ---------------------------------------------------------------
+
+    async def _run_stage(self, stage: Stage, outbox: Outbox) -> None:
+        request = stage.request
+        started = time.monotonic()
+        error: Optional[str] = None
+        scratch_dir: Optional[Path] = None
+        outcome = "killed: the connection was lost"
+        try:
+            check_stage_id(stage.id)
+            scratch_dir = self.scratch_root / stage.id
+            with stage.scope:
+                if self.slots is not None:
+                    await self.slots.acquire()  # cancelled here: never started
+                try:
+                    started = time.monotonic()
+                    stage.scope.deadline = trio.current_time() + max(request.timeout_s, 0)
+                    await self._execute(stage, scratch_dir, outbox)
+                finally:
+                    if self.slots is not None:
+                        self.slots.release()
+            if stage.scope.cancelled_caught:
+                error = stage.stop_error or f"timed out after {request.timeout_s} s"
+                if stage.process is None and stage.stop_error is not None:
+                    error += ", before it started"
+            if request.cli == "codex" and stage.process is not None:
+                trace = await trio.to_thread.run_sync(
+                    read_codex_trace, scratch_dir, codex_sessions_dir(self.options.environ), time.time()
+                )
+                for piece in split_text(trace) if trace else []:
+                    await outbox.put(lambda piece=piece: encode(StageStdout(stage.id, stage.next_seq(), piece)))
+            outcome = "ok"
+        except StageRejected as exc:
+            error = str(exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must not leave the server waiting
+            log.exception("stage %s: internal error", stage.id)
+            error = f"internal error in pgw: {type(exc).__name__}"
+        finally:
+            with trio.CancelScope(shield=True):
+                if scratch_dir is not None:
+                    await trio.to_thread.run_sync(shutil.rmtree, scratch_dir, True)
+            del self.stages[stage.id]
+            process = stage.process
+            returncode = process.returncode if process is not None and process.returncode is not None else -1
+            duration_ms = int((time.monotonic() - started) * 1000)
+            if error is not None:
+                outcome = f"error={error!r}"
+            log.info(
+                "stage %s: ended cli=%s returncode=%d duration=%.1fs bytes_out=%d %s",
+                stage.id, request.cli, returncode, duration_ms / 1000, stage.bytes_out, outcome,
+            )
+        exit_record = StageExit(stage.id, returncode, duration_ms, error)
+        await outbox.put(lambda: encode(exit_record))
+
+    async def _execute(self, stage: Stage, scratch_dir: Path, outbox: Outbox) -> None:
+        """Run the stage's CLI to its end; its status is left in stage.process."""
+        request = stage.request
+        files = check_stage_files(request.files)
+        search_path = self.options.environ.get("PATH", os.defpath)
+        binary = shutil.which(request.cli, path=search_path)
+        if binary is None:
+            raise StageRejected(f"CLI not found: {request.cli!r} is not on PATH ({search_path})")
+        try:
+            await trio.to_thread.run_sync(write_scratch, scratch_dir, files)
+        except OSError as exc:
+            raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
+        argv = [binary, *request.cli_args]
+        if request.stdin_mode == "argv_last":
+            argv.append(request.stdin)
+        try:
+            process = await trio.lowlevel.open_process(
+                argv,
+                cwd=scratch_dir,
+                env=stage_environment(self.options.environ, request.env, stage.id),
+                stdin=subprocess.PIPE if request.stdin_mode == "stdin" else subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+            )
+        except OSError as exc:
+            raise StageRejected(f"cannot start {request.cli}: {exc.strerror or exc}") from None
+        stage.process = process
+        log.info("stage %s: started cli=%s pid=%d", stage.id, request.cli, process.pid)
+        try:
+            await outbox.put(lambda: encode(StageAck(stage.id, process.pid)))
+            async with trio.open_nursery() as pumps:
+                if process.stdin is not None:
+                    pumps.start_soon(feed_stdin, process.stdin, request.stdin.encode("utf-8"))
+                stage.pumps_running = 2
+                for pipe, record_type in ((process.stdout, StageStdout), (process.stderr, StageStderr)):
+                    pumps.start_soon(self._pump, stage, pipe, record_type, outbox)
+                await process.wait()
+                await self._drain(stage, process)
+                pumps.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                await self._kill_tree(stage, process)
+
+    async def _drain(self, stage: Stage, process: trio.Process) -> None:
+        """After the child's exit: what is left in the pipes gets 2 s, then the
+        group dies (a grandchild holding a pipe cannot hold the stage open), and
+        what the dead left in the pipes is read while it keeps coming."""
+        with trio.move_on_after(PIPE_DRAIN_GRACE_S):
+            await stage.pumps_done.wait()
+        if stage.pumps_done.is_set():
+            return
+        kill_process_group(process.pid, signal.SIGKILL)
+        if sys.platform == "linux":
+            await trio.to_thread.run_sync(kill_tagged_processes, stage.id)
+        while not stage.pumps_done.is_set():
+            before = stage.bytes_out
+            with trio.move_on_after(PIPE_DRAIN_GRACE_S):
+                await stage.pumps_done.wait()
+            if stage.bytes_out == before and not stage.pumps_waiting_on_server:
+                log.warning("stage %s: a process outside its group holds its pipes; stopped reading", stage.id)
+                return
+
+    async def _kill_tree(self, stage: Stage, process: trio.Process) -> None:
+        """SIGTERM the group, wait the grace, SIGKILL it; then any tagged escapee."""
+        if process.returncode is None and stage.grace_s > 0:
+            kill_process_group(process.pid, signal.SIGTERM)
+            with trio.move_on_after(stage.grace_s) as stage.grace_scope:
+                await process.wait()
+        kill_process_group(process.pid, signal.SIGKILL)
+        with trio.move_on_after(KILL_WAIT_S):
+            await process.wait()
+        if sys.platform == "linux":
+            await trio.to_thread.run_sync(kill_tagged_processes, stage.id)
+        for pipe in (process.stdin, process.stdout, process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+
+    async def _pump(
+        self,
+        stage: Stage,
+        pipe: trio.abc.ReceiveStream,
+        record_type: type,
+        outbox: Outbox,
+    ) -> None:
+        """Child output -> frames: decoded incrementally, so no character is split."""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            while True:
+                chunk = await pipe.receive_some(PIPE_READ_BYTES)
+                stage.bytes_out += len(chunk)
+                text = decoder.decode(chunk, final=not chunk)
+                for piece in split_text(text) if text else []:
+                    stage.pumps_waiting_on_server += 1
+                    try:
+                        await outbox.put(lambda piece=piece: encode(record_type(stage.id, stage.next_seq(), piece)))
+                    finally:
+                        stage.pumps_waiting_on_server -= 1
+                if not chunk:
+                    return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        finally:
+            stage.pumps_running -= 1
+            if stage.pumps_running == 0:
+                stage.pumps_done.set()
+
+
+async def feed_stdin(pipe: trio.abc.SendStream, prompt: bytes) -> None:
+    """Write the prompt and close; a child that exits early or never reads is normal."""
+    try:
+        await pipe.send_all(prompt)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await pipe.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+
+
+async def open_stream(server: str) -> ActivityStream:
+    """TCP (and TLS for https) to the server, within CONNECT_TIMEOUT_S."""
+    parsed = urllib.parse.urlsplit(server)
+    secure = parsed.scheme == "https"
+    port = parsed.port or (443 if secure else 80)
+    with trio.fail_after(CONNECT_TIMEOUT_S):
+        stream: trio.abc.Stream = await trio.open_tcp_stream(parsed.hostname, port)
+        if secure:
+            stream = trio.SSLStream(
+                stream, ssl.create_default_context(), server_hostname=parsed.hostname, https_compatible=True
+            )
+            await stream.do_handshake()
+    return ActivityStream(stream)
+
+
+def close_description(reason: Any) -> str:
+    if reason is None:
+        return "the connection closed"
+    text = f"the server closed the connection ({reason.code}"
+    return text + (f": {reason.reason})" if reason.reason else ")")
+
+
+def _exception_chain(exc: BaseException) -> typing.Iterator[BaseException]:
+    """`exc`, the leaves of any exception group in it, and their causes."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending.extend(getattr(current, "exceptions", ()))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+
+
+def describe_connection_failure(exc: BaseException, server: str) -> str:
+    """Why a connection failed or ended, in plain words; never the token."""
+    host = urllib.parse.urlsplit(server).netloc
+    chain = list(_exception_chain(exc))
+    for current in chain:
+        if isinstance(current, trio_websocket.ConnectionRejected):
+            if current.status_code in (401, 403):
+                return (
+                    f"the server rejected the token (HTTP {current.status_code}): "
+                    "run `pgw pair CODE --server URL` again"
+                )
+            return f"the server refused the WebSocket (HTTP {current.status_code})"
+        if isinstance(current, ConnectionLost):
+            return str(current)
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"{host}'s TLS certificate is not trusted: {current.verify_message}"
+    for current in chain:
+        if isinstance(current, (ConnectionRefusedError, socket.gaierror, ssl.SSLError)):
+            return connection_failure(server, current)
+        if isinstance(current, trio.TooSlowError):
+            return f"{host} did not complete the connection within {CONNECT_TIMEOUT_S:g} s"
+    for current in chain:
+        if isinstance(current, OSError):
+            return connection_failure(server, current)
+    return f"{type(exc).__name__}: {exc}"
+
+
+##############################################################################
+# Logging
+##############################################################################
+
+
+class RedactToken(logging.Filter):
+    """Belt and braces: the token never reaches a log line, whatever logged it."""
+
+    def __init__(self, token: str) -> None:
+        super().__init__()
+        self.secrets = [token, urllib.parse.quote(token, safe="")] if token else []
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if record.exc_info and not record.exc_text:
+            record.exc_text = logging.Formatter().formatException(record.exc_info)
+        for secret in self.secrets:
+            message = message.replace(secret, "<token>")
+            if record.exc_text:
+                record.exc_text = record.exc_text.replace(secret, "<token>")
+        record.msg, record.args = message, ()
+        return True
+
+
+def setup_logging(home: Path, token: str, verbose: bool) -> Path:
+    """run.log rotated at 1 MB (5 kept); stderr too when it is a terminal or -v."""
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = home / "run.log"
+    formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    handlers: list[logging.Handler] = [
+        logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
+    ]
+    if verbose or sys.stderr.isatty():
+        handlers.append(logging.StreamHandler(sys.stderr))
+    redact = RedactToken(token)
+    for handler in handlers:
+        handler.setFormatter(formatter)
+        handler.addFilter(redact)
+    log.handlers[:] = handlers
+    log.setLevel(logging.DEBUG if verbose else logging.INFO)
+    log.propagate = False
+    return path
+
+
+async def run_until_signalled(worker: Worker) -> None:
+    """Run the worker; SIGTERM/SIGINT stop it (twice: at once), SIGHUP is ignored."""
+    wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    with trio.open_signal_receiver(*wanted) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def watch_signals() -> None:
+                async for signum in signals:
+                    if signum == getattr(signal, "SIGHUP", None):
+                        log.info("SIGHUP ignored: pgw stops on SIGTERM or SIGINT")
+                    else:
+                        log.info("received %s", signal.Signals(signum).name)
+                        worker.request_shutdown()
+
+            nursery.start_soon(watch_signals)
+            await worker.run()
+            nursery.cancel_scope.cancel()
+
+
+##############################################################################
 # Command line
 ##############################################################################
 
@@ -895,6 +1637,30 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     write_config(path, {**config, "server": settings.server, **pairing})
     print(f"paired worker {pairing['worker_id']} with {settings.server}; config saved to {path}")
     return 0
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    home = pgw_home()
+    _, _, settings = _load(args)
+    if not settings.token:
+        raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
+    log_path = setup_logging(home, settings.token, args.verbose)
+    log.info(
+        "pgw %s started: server=%s name=%r max_stages=%s log=%s",
+        __version__, settings.server, settings.name, args.max_stages or "unlimited", log_path,
+    )
+    options = WorkerOptions(
+        server=settings.server, token=settings.token, name=settings.name, home=home, max_stages=args.max_stages
+    )
+    trio.run(run_until_signalled, Worker(options))
+    return 0
+
+
+def _count(text: str) -> int:
+    """argparse type for a whole number >= 0."""
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _cmd_capabilities(args: argparse.Namespace) -> int:
@@ -1011,6 +1777,17 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
     pair.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
     pair.set_defaults(func=_cmd_pair)
+
+    run = commands.add_parser("run", help="connect to the server and run its stages until stopped")
+    run.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
+    run.add_argument("--token", help=f"worker token (default: ${ENV_TOKEN}, the config)")
+    run.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
+    run.add_argument(
+        "--max-stages", type=_count, default=0, metavar="N",
+        help="run at most N stages at once; later ones wait in arrival order (default: 0, no limit)",
+    )
+    run.add_argument("-v", "--verbose", action="store_true", help="log frame-level detail, and to stderr too")
+    run.set_defaults(func=_cmd_run)
 
     capabilities = commands.add_parser("capabilities", help="print what this machine offers, as JSON")
     capabilities.set_defaults(func=_cmd_capabilities)
