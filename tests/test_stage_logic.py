@@ -1,0 +1,226 @@
+"""The daemon's pure parts: backoff, frame splitting, request checks, codex trace, outbox."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import time
+
+import pytest
+import trio
+import trio.testing
+from hypothesis import given
+from hypothesis import strategies as st
+
+import pgw
+
+# Backoff ---------------------------------------------------------------------
+
+
+def test_backoff_first_retry_within_one_second_then_doubles_to_cap():
+    highest = pgw.Backoff(random_fraction=lambda: 1.0)
+    lowest = pgw.Backoff(random_fraction=lambda: 0.0)
+    assert [highest.next_delay_s() for _ in range(8)] == [1, 2, 4, 8, 16, 32, 60, 60]
+    assert [lowest.next_delay_s() for _ in range(3)] == [0.5, 1, 2]
+
+
+def test_backoff_reset_starts_over():
+    backoff = pgw.Backoff(random_fraction=lambda: 1.0)
+    for _ in range(20):
+        backoff.next_delay_s()
+    backoff.reset()
+    assert backoff.next_delay_s() == 1
+
+
+def test_backoff_never_overflows_after_days_of_failures():
+    backoff = pgw.Backoff()
+    delays = [backoff.next_delay_s() for _ in range(100_000)]
+    assert max(delays) <= 60 and min(delays[10:]) >= 30
+
+
+# Frames ----------------------------------------------------------------------
+
+
+@given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300), st.integers(min_value=4, max_value=64))
+def test_split_text_keeps_characters_whole_and_pieces_small(text, limit):
+    pieces = pgw.split_text(text, limit)
+    assert "".join(pieces) == text
+    assert all(len(piece.encode()) <= limit for piece in pieces)
+    assert all(pieces) or pieces == [""]
+
+
+def test_split_text_a_full_frame_of_multibyte_characters():
+    text = "证" * (pgw.FRAME_MAX_BYTES // 3 + 10)  # 3 bytes each: just over one frame
+    pieces = pgw.split_text(text)
+    assert len(pieces) == 2 and "".join(pieces) == text
+    assert len(pieces[0].encode()) <= pgw.FRAME_MAX_BYTES
+
+
+# Request checks --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name, why",
+    [
+        ("/etc/passwd", "absolute"),
+        ("\\\\server\\share\\x", "absolute"),
+        ("C:\\x", "absolute"),
+        ("../x", "`..`"),
+        ("a/../../x", "`..`"),
+        ("a\\..\\..\\x", "`..`"),
+        ("", "empty"),
+        ("a\0b", "NUL"),
+        ("./", "names no file"),
+    ],
+)
+def test_unsafe_file_paths_are_rejected(name, why):
+    with pytest.raises(pgw.StageRejected, match="unsafe file path") as caught:
+        pgw.check_file_path(name)
+    assert why in str(caught.value)
+
+
+def test_safe_file_paths_keep_subfolders():
+    assert pgw.check_file_path("src/main.py") == ("src", "main.py")
+    assert pgw.check_file_path("./a//b") == ("a", "b")
+
+
+def encode_b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def test_files_are_decoded():
+    assert pgw.check_stage_files({"a/b.txt": encode_b64(b"hi")}) == [(("a", "b.txt"), b"hi")]
+
+
+def test_invalid_base64_makes_the_request_bad():
+    with pytest.raises(pgw.StageRejected, match="'x.bin' is not valid base64"):
+        pgw.check_stage_files({"x.bin": "not base64!"})
+
+
+def test_files_over_50_mib_in_total_are_refused():
+    half = encode_b64(b"\0" * (25 * 2**20))
+    assert len(pgw.check_stage_files({"a": half, "b": half})) == 2
+    with pytest.raises(pgw.StageRejected, match="files too large"):
+        pgw.check_stage_files({"a": half, "b": half, "c": encode_b64(b"x")})
+
+
+@pytest.mark.parametrize("stage_run_id", ["", ".", "..", "a/b", "a\\b", "x\0", "y" * 201])
+def test_stage_ids_that_cannot_name_a_directory(stage_run_id):
+    with pytest.raises(pgw.StageRejected, match="cannot name a scratch directory"):
+        pgw.check_stage_id(stage_run_id)
+
+
+def test_stage_environment_drops_pgw_settings_and_tags_the_stage():
+    worker = {"PATH": "/bin", "PGW_TOKEN": "secret", "PGW_SERVER": "http://s", "HOME": "/h"}
+    environ = pgw.stage_environment(worker, {"HOME": "/other", "X": "1"}, "run-7")
+    assert environ == {"PATH": "/bin", "HOME": "/other", "X": "1", "PGW_STAGE_ID": "run-7"}
+
+
+# Codex trace -----------------------------------------------------------------
+
+
+def rollout_records(cwd: str) -> list[dict]:
+    def assistant(text):
+        return {"type": "response_item", "payload": {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": text}]}}
+
+    return [
+        {"type": "session_meta", "payload": {"cwd": cwd}},
+        assistant("looking at the graph"),
+        {"type": "response_item", "payload": {"type": "reasoning", "summary": [{"text": "check lemma 3"}]}},
+        {"type": "response_item", "payload": {"type": "message", "role": "user", "content": [{"text": "ignored"}]}},
+        assistant("final answer"),
+    ]
+
+
+def test_codex_trace_leaves_out_the_last_message():
+    trace = pgw.codex_trace(rollout_records("/x")[1:], "rollout.jsonl")
+    assert pgw.CODEX_TRACE_HEADER in trace
+    assert "looking at the graph" in trace and "check lemma 3" in trace
+    assert "final answer" not in trace and "ignored" not in trace
+
+
+def test_codex_trace_empty_when_nothing_new():
+    assert pgw.codex_trace(rollout_records("/x")[-1:], "r") == ""
+
+
+def write_rollout(sessions, name, records, age_s=0.0):
+    day = sessions / "2026" / "11" / "21"
+    day.mkdir(parents=True, exist_ok=True)
+    path = day / name
+    path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
+    stamp = time.time() - age_s
+    os.utime(path, (stamp, stamp))
+    return path
+
+
+def test_read_codex_trace_finds_the_rollout_of_this_scratch_dir(tmp_path):
+    scratch, sessions = tmp_path / "scratch" / "s1", tmp_path / "sessions"
+    scratch.mkdir(parents=True)
+    write_rollout(sessions, "rollout-other.jsonl", rollout_records("/elsewhere"))
+    path = write_rollout(sessions, "rollout-mine.jsonl", rollout_records(str(scratch.resolve())))
+    trace = pgw.read_codex_trace(scratch, sessions, time.time())
+    assert "looking at the graph" in trace and str(path) in trace
+
+
+def test_read_codex_trace_ignores_rollouts_older_than_an_hour(tmp_path):
+    scratch, sessions = tmp_path / "s1", tmp_path / "sessions"
+    scratch.mkdir()
+    write_rollout(sessions, "rollout-old.jsonl", rollout_records(str(scratch.resolve())), age_s=3700)
+    assert pgw.read_codex_trace(scratch, sessions, time.time()) == ""
+
+
+# Outbox ----------------------------------------------------------------------
+
+
+async def test_outbox_is_bounded_fifo_and_heartbeats_jump_the_queue():
+    outbox = pgw.Outbox(max_frames=2)
+    counter = iter(range(1, 100))
+    order = []
+
+    async def producer(name):
+        for _ in range(3):
+            await outbox.put(lambda: f"{name}{next(counter)}")
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(producer, "a")
+        nursery.start_soon(producer, "b")
+        await trio.testing.wait_all_tasks_blocked()
+        assert len(outbox._frames) == 2  # the producers are parked: bounded
+        outbox.put_urgent("ping")
+        for _ in range(7):
+            order.append(await outbox.get())
+    assert order[0] == "ping"
+    numbers = [int(text[1:]) for text in order[1:]]
+    assert numbers == sorted(numbers), "the text made at enqueue follows queue order"
+
+
+async def test_outbox_wait_drained_returns_once_everything_is_taken():
+    outbox = pgw.Outbox()
+    await outbox.put(lambda: "x")
+    drained = False
+
+    async def waiter():
+        nonlocal drained
+        await outbox.wait_drained()
+        drained = True
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(waiter)
+        await trio.testing.wait_all_tasks_blocked()
+        assert not drained
+        assert await outbox.get() == "x"
+        nursery.start_soon(outbox.get)  # the sender coming back for more
+        await trio.testing.wait_all_tasks_blocked()
+        assert drained
+        nursery.cancel_scope.cancel()
+
+
+# Logging ---------------------------------------------------------------------
+
+
+def test_log_filter_hides_the_token_even_url_quoted():
+    record = logging.LogRecord("pgw", logging.INFO, __file__, 1, "url %s and %s", ("ws://h/?token=a/b c", "a%2Fb%20c"), None)
+    pgw.RedactToken("a/b c").filter(record)
+    assert record.getMessage() == "url ws://h/?token=<token> and <token>"
