@@ -497,7 +497,7 @@ def resolve_settings(
 
 def parse_config(text: str, path: Path) -> dict[str, Any]:
     """Check a config file's contents: an object whose pairing keys are strings."""
-    fix = "fix it or pair again with `pgw pair CODE --server URL`"
+    fix = "fix it, or delete it and pair again with `pgw pair CODE --server URL`"
     try:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
@@ -963,7 +963,7 @@ class Stage:
     request: StageRequest
     scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
     stop_error: Optional[str] = None  # why it was stopped, for its exit
-    grace_s: float = CANCEL_GRACE_S  # SIGTERM -> SIGKILL when stopped
+    grace_s: float = attrs.field(factory=lambda: CANCEL_GRACE_S)  # SIGTERM -> SIGKILL when stopped
     grace_scope: Optional[trio.CancelScope] = None
     process: Optional[trio.Process] = None
     seq: int = 0

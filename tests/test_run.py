@@ -1,0 +1,608 @@
+"""`pgw run` against the in-process backend: stages, cancels, loss, shutdown."""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import pytest
+import trio
+
+import pgw
+from backend import Backend, open_backend, open_proxy
+from conftest import ROOT, write_stub_cli
+
+# Helpers ---------------------------------------------------------------------
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids in process group `pgid` that are not zombies (Linux /proc)."""
+    members = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2 :].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            members.append(int(entry.name))
+    return members
+
+
+async def assert_group_gone(pgid: int, within_s: float = 2.0) -> None:
+    with trio.move_on_after(within_s):
+        while live_group_members(pgid):
+            await trio.sleep(0.05)
+    assert live_group_members(pgid) == [], f"process group {pgid} survived"
+
+
+def request(stage_run_id: str, cli: str = "claude", **fields) -> dict:
+    message = {
+        "type": "stage.request",
+        "stage_run_id": stage_run_id,
+        "job_id": "job-1",
+        "cli": cli,
+        "cli_args": [],
+        "stdin": "",
+    }
+    message.update(fields)
+    return message
+
+
+def cancel(stage_run_id: str, signal_name: str = "SIGTERM") -> dict:
+    return {"type": "stage.cancel", "stage_run_id": stage_run_id, "signal": signal_name}
+
+
+@pytest.fixture
+def environ(stub_bin):
+    """The worker's environment: stub CLIs first on PATH, a token that must not leak."""
+    return {"PATH": os.environ["PATH"], "HOME": os.environ.get("HOME", "/"), "PGW_TOKEN": "leak-me-not"}
+
+
+@asynccontextmanager
+async def running_worker(backend: Backend, home: Path, environ: dict, server: str | None = None, **options):
+    worker = pgw.Worker(
+        pgw.WorkerOptions(
+            server=server or backend.url, token=backend.token, name="test-box", home=home, environ=environ, **options
+        )
+    )
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(worker.run)
+        try:
+            yield worker
+        finally:
+            worker.hurry_shutdown()
+            nursery.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def connected(tmp_path, environ, **options):
+    """A backend, a worker connected to it, and the backend's side of that connection."""
+    async with open_backend() as backend:
+        async with running_worker(backend, tmp_path / "home", environ, **options) as worker:
+            connection = await backend.next_connection()
+            assert (await connection.receive("hello"))["machine_name"] == "test-box"
+            yield backend, worker, connection
+
+
+SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
+IGNORES_SIGTERM = (
+    "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
+)
+
+
+async def wait_ready(connection, stage_run_id):
+    ack = await connection.receive("stage.ack", stage_run_id)
+    frame = await connection.receive("stage.stdout", stage_run_id)
+    assert "ready" in frame["data"]
+    return ack["pid"]
+
+
+# Connection ------------------------------------------------------------------
+
+
+async def test_hello_then_heartbeat_on_connect(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "pass")
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            async with running_worker(backend, tmp_path / "home", environ):
+                connection = await backend.next_connection()
+                hello = await connection.receive()
+                ping = await connection.receive()
+    assert hello["type"] == "hello"
+    assert hello["capabilities"]["claude_code"]["available"] is True
+    assert hello["capabilities"]["protocol_version"] == 2
+    assert ping["type"] == "ping" and isinstance(ping["ts"], float)
+    assert abs(ping["ts"] - time.time()) < 10
+    assert backend.handshakes[0] == "/api/local-worker/connect?token=tok-test"
+
+
+async def test_rejected_token_is_logged_with_advice_and_retried(tmp_path, environ, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            backend.reject_next(403)
+            async with running_worker(backend, tmp_path / "home", environ):
+                started = trio.current_time()
+                await backend.next_connection()
+                assert trio.current_time() - started < 1.5, "first retry within 1 s"
+    [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert "rejected the token (HTTP 403)" in line and "pgw pair" in line
+    assert "tok-test" not in caplog.text
+
+
+async def test_refused_port_is_logged_once_in_plain_words(tmp_path, environ, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            port = backend.port
+        server = f"http://127.0.0.1:{port}"
+        worker = pgw.Worker(pgw.WorkerOptions(server=server, token="t", name="n", home=tmp_path / "h", environ=environ))
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(worker.run)
+            await trio.sleep(2.0)  # two or three attempts: 0.5-1 s, then 1-2 s
+            nursery.cancel_scope.cancel()
+    failures = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(failures) == 1 and "refused the connection" in failures[0]
+
+
+@pytest.mark.parametrize("code", [1000, 1011])
+async def test_server_close_is_followed_by_a_reconnect(tmp_path, environ, code):
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (backend, _, connection):
+            await connection.close(code)
+            started = trio.current_time()
+            again = await backend.next_connection()
+            assert (await again.receive("hello"))["type"] == "hello"
+            assert trio.current_time() - started < 1.5
+
+
+async def test_silent_path_is_replaced_within_the_silence_limit(tmp_path, environ, monkeypatch):
+    monkeypatch.setattr(pgw, "SILENCE_LIMIT_S", 3.0)
+    monkeypatch.setattr(pgw, "WS_PING_INTERVAL_S", 1.0)
+    with trio.fail_after(15):
+        async with open_backend() as backend, open_proxy(backend.port) as proxy:
+            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
+                first = await backend.next_connection()
+                await first.receive("hello")
+                proxy.go_silent(new_connections=False)
+                started = trio.current_time()
+                second = await backend.next_connection()
+                await second.receive("hello")
+                assert trio.current_time() - started < 3.0 + 1.0 + 1.5
+
+
+async def test_slow_but_live_link_is_not_dropped(tmp_path, environ, stub_bin, monkeypatch):
+    monkeypatch.setattr(pgw, "SILENCE_LIMIT_S", 2.0)
+    monkeypatch.setattr(pgw, "WS_PING_INTERVAL_S", 0.5)
+    write_stub_cli(stub_bin, "claude", "import os; print(os.path.getsize('big.bin'))")
+    payload = base64.b64encode(os.urandom(900_000)).decode()  # 1.2 MB on the wire
+    with trio.fail_after(20):
+        async with open_backend() as backend, open_proxy(backend.port) as proxy:
+            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                proxy.throttle(300_000)  # 4 s for the request: twice the silence limit
+                await connection.send(request("big", files={"big.bin": payload}))
+                result = await connection.stage_result("big")
+    assert result.stdout == "900000\n" and result.returncode == 0
+    assert len(backend.connections) == 1
+
+
+# Stages ----------------------------------------------------------------------
+
+ECHO_CONTEXT = """
+import json, os, sys
+prompt = sys.stdin.read()
+print(json.dumps({
+    "cwd": os.getcwd(),
+    "prompt": prompt,
+    "argv": sys.argv[1:],
+    "file": open("in/data.txt").read(),
+    "X": os.environ.get("X"),
+    "PGW_TOKEN": os.environ.get("PGW_TOKEN"),
+    "PGW_STAGE_ID": os.environ.get("PGW_STAGE_ID"),
+}))
+print("to stderr", file=sys.stderr)
+"""
+
+
+async def test_stage_runs_in_its_scratch_dir_with_files_env_and_prompt(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", ECHO_CONTEXT)
+    files = {"in/data.txt": base64.b64encode("données".encode()).decode()}
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli_args=["-p", "x y"], stdin="prove it ✓", files=files, env={"X": "1"}))
+            result = await connection.stage_result("s1")
+    seen = json.loads(result.stdout)
+    scratch = tmp_path / "home" / "scratch" / "s1"
+    assert seen == {
+        "cwd": str(scratch),
+        "prompt": "prove it ✓",
+        "argv": ["-p", "x y"],
+        "file": "données",
+        "X": "1",
+        "PGW_TOKEN": None,
+        "PGW_STAGE_ID": "s1",
+    }
+    assert result.stderr == "to stderr\n"
+    assert result.exit == {"type": "stage.exit", "stage_run_id": "s1", "returncode": 0, "duration_ms": result.exit["duration_ms"], "error": None}
+    assert result.seqs == list(range(1, len(result.frames) + 1))
+    assert not scratch.exists()
+
+
+async def test_ack_comes_before_any_output(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "import sys; sys.stderr.write('e'); print('o')")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            await connection.stage_result("s1")
+            kinds = [m["type"] for m in connection.received if m.get("stage_run_id") == "s1"]
+    assert kinds[0] == "stage.ack" and kinds[-1] == "stage.exit"
+    assert sorted(kinds[1:-1]) == ["stage.stderr", "stage.stdout"]
+
+
+async def test_argv_last_appends_the_prompt_and_leaves_stdin_unconnected(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "codex", "import json, sys; print(json.dumps([sys.argv[1:], sys.stdin.read()]))")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli="codex", cli_args=["exec"], stdin="the prompt", stdin_mode="argv_last"))
+            result = await connection.stage_result("s1")
+    assert json.loads(result.stdout) == [["exec", "the prompt"], ""]
+
+
+MULTIBYTE_WRITER = """
+import os, sys
+data = ("aé証😀" * 60000).encode() + b"\\xff\\xfe" + "end".encode()
+step = 7919  # a prime: cuts characters everywhere
+for start in range(0, len(data), step):
+    os.write(1, data[start:start + step])
+"""
+
+
+async def test_output_never_splits_a_character_and_frames_stay_small(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", MULTIBYTE_WRITER)
+    expected = (("aé証😀" * 60000).encode() + b"\xff\xfe" + b"end").decode("utf-8", "replace")
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+    assert result.stdout == expected
+    assert all(len(frame["data"].encode()) <= 256 * 1024 for frame in result.frames)
+
+
+async def test_bad_requests_each_get_one_exit_and_the_connection_keeps_serving(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "print('fine')")
+    too_large = base64.b64encode(b"\0" * (50 * 2**20 + 1)).decode()
+    bad = {
+        "b-cli": (request("b-cli", cli="rm"), "cli: 'rm' is not one of codex, claude, deepseek"),
+        "b-type": (request("b-type", cli_args="ls"), "cli_args: expected an array"),
+        "b-missing": ({"type": "stage.request", "stage_run_id": "b-missing"}, "job_id: required field missing"),
+        "b-abs": (request("b-abs", files={"/tmp/evil": "aGk="}), "unsafe file path '/tmp/evil'"),
+        "b-dotdot": (request("b-dotdot", files={"../../evil": "aGk="}), "`..` is not allowed"),
+        "b-nul": (request("b-nul", files={"a\0b": "aGk="}), "contains NUL"),
+        "b-b64": (request("b-b64", files={"x": "%%%"}), "not valid base64"),
+        "b-big": (request("b-big", files={"x": too_large}), "files too large"),
+        "b-nocli": (request("b-nocli", cli="deepseek"), "CLI not found: 'deepseek'"),
+        "../b-id": (request("../b-id"), "cannot name a scratch directory"),
+    }
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            for raw in ("not json", "[1]", json.dumps({"type": "stage.launch"}), json.dumps({"no": "type"})):
+                await connection.send(raw)
+            for message, _ in bad.values():
+                await connection.send(message)
+            await connection.send(request("good"))
+            good = await connection.stage_result("good")
+            for stage_run_id in bad:
+                await connection.stage_result(stage_run_id)
+            await connection.send(request("good-2"))
+            await connection.stage_result("good-2")
+            received = list(connection.received)
+    assert good.stdout == "fine\n" and good.returncode == 0
+    for stage_run_id, (_, error) in bad.items():
+        exits = [m for m in received if m["type"] == "stage.exit" and m["stage_run_id"] == stage_run_id]
+        assert len(exits) == 1, stage_run_id
+        assert exits[0]["returncode"] == -1 and error in exits[0]["error"], exits[0]
+        assert not any(m["type"] == "stage.ack" and m["stage_run_id"] == stage_run_id for m in received)
+    assert not (tmp_path / "evil").exists() and not (tmp_path / "home" / "b-id").exists()
+
+
+async def test_repeated_request_for_a_running_stage_is_ignored(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "import time; time.sleep(0.5); print('once')")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            await connection.receive("stage.ack", "s1")
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+            await connection.send(request("after"))
+            await connection.stage_result("after")
+            mine = [m["type"] for m in connection.received if m.get("stage_run_id") == "s1"]
+    assert result.stdout == "once\n"
+    assert mine.count("stage.ack") == 1 and mine.count("stage.exit") == 1
+
+
+async def test_cancel_sigterm_kills_the_group_after_the_grace(tmp_path, environ, stub_bin, monkeypatch):
+    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
+    write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            pid = await wait_ready(connection, "s1")
+            started = trio.current_time()
+            await connection.send(cancel("s1"))
+            result = await connection.stage_result("s1")
+            elapsed = trio.current_time() - started
+            await assert_group_gone(pid)
+    assert result.returncode == -9
+    assert result.error == "cancelled by the server (SIGTERM)"
+    assert 0.9 <= elapsed < 3
+
+
+async def test_cancel_sigterm_lets_a_polite_child_exit(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", SLEEPER)
+    with trio.fail_after(5):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            pid = await wait_ready(connection, "s1")
+            await connection.send(cancel("s1"))
+            result = await connection.stage_result("s1")
+            await assert_group_gone(pid)
+    assert result.returncode == -15
+
+
+async def test_cancel_sigkill_kills_at_once(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
+    with trio.fail_after(5):  # well under the 10 s grace
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            pid = await wait_ready(connection, "s1")
+            await connection.send(cancel("s1", "SIGKILL"))
+            result = await connection.stage_result("s1")
+            await assert_group_gone(pid)
+    assert result.returncode == -9 and result.error == "cancelled by the server (SIGKILL)"
+
+
+async def test_cancel_of_an_unknown_stage_does_nothing(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "print('ok')")
+    with trio.fail_after(5):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(cancel("never-was"))
+            await connection.send(request("s1"))
+            await connection.stage_result("s1")
+            await connection.send(cancel("s1", "SIGKILL"))  # finished: a no-op too
+            await connection.send(request("s2"))
+            await connection.stage_result("s2")
+            assert not any(m.get("stage_run_id") == "never-was" for m in connection.received)
+            assert [m["type"] for m in connection.received].count("stage.exit") == 2
+
+
+GRANDCHILD_HOLDS_PIPES = """
+import subprocess, sys
+child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # inherits stdout/stderr
+print(child.pid, flush=True)
+"""
+
+
+async def test_grandchild_holding_the_pipes_does_not_hold_the_stage(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", GRANDCHILD_HOLDS_PIPES)
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            pgid = (await connection.receive("stage.ack", "s1"))["pid"]
+            started = trio.current_time()
+            result = await connection.stage_result("s1")
+            assert trio.current_time() - started < 4
+            await assert_group_gone(pgid)
+    assert result.returncode == 0 and result.error is None
+    assert result.stdout.strip().isdigit()
+
+
+LINGERS_WITHOUT_PIPES = """
+import os, signal, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+os.close(1); os.close(2)
+time.sleep(60)
+"""
+
+
+async def test_timeout_kills_a_child_that_closed_its_pipes_and_lingers(tmp_path, environ, stub_bin, monkeypatch):
+    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 0.5)
+    write_stub_cli(stub_bin, "claude", LINGERS_WITHOUT_PIPES)
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", timeout_s=1))
+            pgid = (await connection.receive("stage.ack", "s1"))["pid"]
+            result = await connection.stage_result("s1")
+            await assert_group_gone(pgid)
+    assert result.error == "timed out after 1 s"
+    assert result.returncode == -9
+    assert 1000 <= result.exit["duration_ms"] < 4000
+
+
+async def test_fifty_concurrent_stages_that_never_read_stdin(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "import os; print(os.environ['PGW_STAGE_ID'])")
+    prompt = "p" * 200_000  # more than a pipe holds: the write must not wedge the stage
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            for number in range(50):
+                await connection.send(request(f"s{number}", stdin=prompt))
+            results = [await connection.stage_result(f"s{number}") for number in range(50)]
+    for number, result in enumerate(results):
+        assert (result.returncode, result.error, result.stdout) == (0, None, f"s{number}\n")
+
+
+async def test_max_stages_queues_in_order_and_a_cancelled_waiter_never_starts(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "import time; time.sleep(0.5); print('done')")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ, max_stages=1) as (_, _, connection):
+            for stage_run_id in ("s1", "s2", "s3"):
+                await connection.send(request(stage_run_id))
+            await connection.receive("stage.ack", "s1")
+            await connection.send(cancel("s2"))
+            waiter = await connection.stage_result("s2")
+            await connection.stage_result("s3")
+            order = [(m["type"], m["stage_run_id"]) for m in connection.received if m["type"] in ("stage.ack", "stage.exit")]
+    assert waiter.ack is None and waiter.returncode == -1
+    assert waiter.error == "cancelled by the server (SIGTERM), before it started"
+    assert order.index(("stage.exit", "s1")) < order.index(("stage.ack", "s3"))
+
+
+async def test_slow_server_slows_the_child_and_nothing_is_lost(tmp_path, environ, stub_bin):
+    write_stub_cli(
+        stub_bin,
+        "claude",
+        "import sys\nfor n in range(300):\n    sys.stdout.write(f'{n:08d}' + 'x' * (100_000 - 9) + '\\n')",
+    )
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ) as (_, worker, connection):
+            connection.pause_reading()
+            await connection.send(request("s1"))
+            await trio.sleep(2.0)
+            read_while_paused = worker.stages["s1"].bytes_out
+            connection.resume_reading()
+            result = await connection.stage_result("s1")
+    assert read_while_paused < 20 * 2**20, "pgw kept reading the child while the server did not read"
+    lines = result.stdout.splitlines()
+    assert [int(line[:8]) for line in lines] == list(range(300))
+    assert result.seqs == list(range(1, len(result.frames) + 1))
+
+
+CODEX_WITH_ROLLOUT = """
+import json, os, pathlib
+day = pathlib.Path(os.environ["CODEX_HOME"], "sessions", "2026", "11", "21")
+day.mkdir(parents=True, exist_ok=True)
+records = [
+    {"type": "session_meta", "payload": {"cwd": str(pathlib.Path.cwd().resolve())}},
+    {"type": "response_item", "payload": {"type": "message", "role": "assistant", "content": [{"text": "step one"}]}},
+    {"type": "response_item", "payload": {"type": "message", "role": "assistant", "content": [{"text": "final"}]}},
+]
+(day / "rollout-x.jsonl").write_text("\\n".join(json.dumps(r) for r in records))
+print("final")
+"""
+
+
+async def test_codex_stage_gets_its_rollout_extract_before_exit(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "codex", CODEX_WITH_ROLLOUT)
+    environ["CODEX_HOME"] = str(tmp_path / "codex")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli="codex"))
+            result = await connection.stage_result("s1")
+    assert result.frames[-1]["type"] == "stage.stdout"
+    trace = result.frames[-1]["data"]
+    assert "=== CODEX TRACE (rollout extract) ===" in trace and "step one" in trace and "final" not in trace
+
+
+async def test_connection_loss_kills_running_stages_and_reconnects(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", SLEEPER)
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (backend, _, connection):
+            await connection.send(request("s1"))
+            pgid = await wait_ready(connection, "s1")
+            await connection.abort()
+            second = await backend.next_connection()
+            await second.receive("hello")
+            await assert_group_gone(pgid, within_s=0.5)
+            assert not (tmp_path / "home" / "scratch" / "s1").exists()
+
+
+async def test_scratch_is_emptied_when_run_starts(tmp_path, environ):
+    leftover = tmp_path / "home" / "scratch" / "old-run"
+    leftover.mkdir(parents=True)
+    (leftover / "f").write_text("x")
+    with trio.fail_after(5):
+        async with connected(tmp_path, environ):
+            assert list((tmp_path / "home" / "scratch").iterdir()) == []
+
+
+# The daemon as a process: signals and logs ------------------------------------
+
+
+@asynccontextmanager
+async def daemon_process(command: list[str], backend: Backend, home: Path, stub_bin: Path, *extra: str):
+    pgw.write_config(home / "config.json", {"server": backend.url, "worker_id": "w-1", "token": backend.token})
+    env = {
+        "PATH": f"{stub_bin}:/usr/bin:/bin",
+        "HOME": str(home.parent),
+        "PGW_HOME": str(home),
+        "PYTHONPATH": os.pathsep.join(sys.path),
+    }
+    process = await trio.lowlevel.open_process([*command, "run", *extra], env=env, stdin=-3)  # DEVNULL
+    try:
+        yield process
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+
+
+async def test_sigterm_mid_stage_sends_exits_closes_1001_and_leaves_nothing(tmp_path, stub_bin):
+    write_stub_cli(stub_bin, "claude", SLEEPER)
+    write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, str(ROOT / "pgw.py")], backend, home, stub_bin) as daemon:
+                connection = await backend.next_connection()
+                await connection.send(request("polite"))
+                await connection.send(request("stubborn", cli="codex"))
+                polite = await wait_ready(connection, "polite")
+                stubborn = await wait_ready(connection, "stubborn")
+                daemon.send_signal(signal.SIGHUP)
+                await trio.sleep(0.3)
+                assert daemon.returncode is None, "SIGHUP must not stop pgw"
+                started = trio.current_time()
+                daemon.send_signal(signal.SIGTERM)
+                results = [await connection.stage_result(s) for s in ("polite", "stubborn")]
+                assert await daemon.wait() == 0
+                elapsed = trio.current_time() - started
+                await connection.closed.wait()
+            await assert_group_gone(polite)
+            await assert_group_gone(stubborn)
+    assert [r.error for r in results] == ["worker shutting down"] * 2
+    assert [r.returncode for r in results] == [-15, -9]
+    assert connection.close_code == 1001
+    assert 4.5 <= elapsed < 10, "SIGTERM, a 5 s grace, SIGKILL"
+    log_text = (home / "run.log").read_text()
+    assert "stage polite: started cli=claude" in log_text and "stage stubborn: ended cli=codex" in log_text
+    assert backend.token not in log_text
+
+
+async def test_second_signal_skips_the_grace(tmp_path, stub_bin):
+    write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
+    with trio.fail_after(20):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, str(ROOT / "pgw.py")], backend, tmp_path / "home", stub_bin) as daemon:
+                connection = await backend.next_connection()
+                await connection.send(request("s1"))
+                pgid = await wait_ready(connection, "s1")
+                started = trio.current_time()
+                daemon.send_signal(signal.SIGTERM)
+                await trio.sleep(0.3)
+                daemon.send_signal(signal.SIGINT)
+                result = await connection.stage_result("s1")
+                assert await daemon.wait() == 0
+                assert trio.current_time() - started < 3
+            await assert_group_gone(pgid)
+    assert result.returncode == -9 and result.error == "worker shutting down"
+
+
+def test_run_when_not_paired_says_how_to_pair(capsys, pgw_home):
+    assert pgw.main(["run"]) == 1
+    err = capsys.readouterr().err
+    assert err == "pgw: not paired yet: run `pgw pair CODE --server URL` (or pass --token)\n"
+
+
+def test_run_rejects_a_negative_max_stages(capsys, pgw_home):
+    assert pgw.main(["run", "--max-stages", "-1"]) == 2
