@@ -971,6 +971,7 @@ class Stage:
     pumps_running: int = 0
     pumps_done: trio.Event = attrs.field(factory=trio.Event)
     pumps_waiting_on_server: int = 0  # parked in Outbox.put: backpressure, not idleness
+    holds_slot: bool = False  # one of the --max-stages slots
 
     @property
     def id(self) -> str:
@@ -1297,6 +1298,15 @@ class Worker:
     # One stage ---------------------------------------------------------------
 
     async def _run_stage(self, stage: Stage, outbox: Outbox) -> None:
+        """Run one stage and send its exit; its slot is freed only after that,
+        so the server never sees more than --max-stages stages between ack and exit."""
+        try:
+            await self._run_stage_to_exit(stage, outbox)
+        finally:
+            if stage.holds_slot and self.slots is not None:
+                self.slots.release()
+
+    async def _run_stage_to_exit(self, stage: Stage, outbox: Outbox) -> None:
         request = stage.request
         started = time.monotonic()
         error: Optional[str] = None
@@ -1308,13 +1318,10 @@ class Worker:
             with stage.scope:
                 if self.slots is not None:
                     await self.slots.acquire()  # cancelled here: never started
-                try:
-                    started = time.monotonic()
-                    stage.scope.deadline = trio.current_time() + max(request.timeout_s, 0)
-                    await self._execute(stage, scratch_dir, outbox)
-                finally:
-                    if self.slots is not None:
-                        self.slots.release()
+                    stage.holds_slot = True
+                started = time.monotonic()
+                stage.scope.deadline = trio.current_time() + max(request.timeout_s, 0)
+                await self._execute(stage, scratch_dir, outbox)
             if stage.scope.cancelled_caught:
                 error = stage.stop_error or f"timed out after {request.timeout_s} s"
                 if stage.process is None and stage.stop_error is not None:

@@ -183,6 +183,59 @@ def test_pair_writes_a_private_config_under_home(python, pyz, home, pair_server)
     assert "tok-secret" not in done.stdout + done.stderr
 
 
+STUB_CLI = """#!{python}
+import os, sys
+print(os.path.basename(sys.argv[0]), sys.stdin.read(), os.getcwd() == os.environ["HOME"])
+"""
+
+
+async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, home, tmp_path):
+    """`pgw.pyz run` as a user starts it: minimal PATH with the stub CLIs, a paired HOME."""
+    import signal
+
+    import trio
+    from backend import open_backend
+
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for cli in ("claude", "codex", "deepseek"):
+        (bin_dir / cli).write_text(STUB_CLI.format(python=python))
+        (bin_dir / cli).chmod(0o755)
+    with trio.fail_after(60):
+        async with open_backend() as backend:
+            config_dir = home / ".pgworker"
+            config_dir.mkdir(mode=0o700)
+            (config_dir / "config.json").write_text(
+                json.dumps({"server": backend.url, "worker_id": "w-1", "token": backend.token})
+            )
+            env = {"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}
+            daemon = await trio.lowlevel.open_process(
+                [python, str(pyz), "run"], env=env, cwd=home, stdin=subprocess.DEVNULL
+            )
+            try:
+                connection = await backend.next_connection()
+                hello = await connection.receive("hello")
+                for cli in ("claude", "codex", "deepseek"):
+                    await connection.send({
+                        "type": "stage.request", "stage_run_id": f"s-{cli}", "job_id": "j",
+                        "cli": cli, "cli_args": [], "stdin": f"to {cli}",
+                    })
+                results = [await connection.stage_result(f"s-{cli}") for cli in ("claude", "codex", "deepseek")]
+                daemon.send_signal(signal.SIGTERM)
+                assert await daemon.wait() == 0
+                await connection.closed.wait()
+            finally:
+                if daemon.returncode is None:
+                    daemon.kill()
+                    await daemon.wait()
+    assert hello["capabilities"]["python"] == python_version(python)
+    assert all(hello["capabilities"][key]["available"] for key in ("claude_code", "codex", "deepseek_tui"))
+    for cli, result in zip(("claude", "codex", "deepseek"), results):
+        assert (result.returncode, result.error, result.stdout) == (0, None, f"{cli} to {cli} False\n")
+    assert connection.close_code == 1001
+    assert backend.token not in (config_dir / "run.log").read_text()
+
+
 ##############################################################################
 # What the pyz holds
 ##############################################################################
