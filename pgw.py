@@ -542,11 +542,13 @@ class Backoff:
 
     def __init__(
         self,
-        first_s: float = RECONNECT_FIRST_S,
-        cap_s: float = RECONNECT_CAP_S,
+        first_s: Optional[float] = None,
+        cap_s: Optional[float] = None,
         random_fraction: typing.Callable[[], float] = random.random,
     ) -> None:
-        self.first_s, self.cap_s, self._random = first_s, cap_s, random_fraction
+        self.first_s = RECONNECT_FIRST_S if first_s is None else first_s
+        self.cap_s = RECONNECT_CAP_S if cap_s is None else cap_s
+        self._random = random_fraction
         self.failures = 0
 
     def next_delay_s(self) -> float:
@@ -1150,8 +1152,17 @@ class Worker:
     async def _connection(self) -> None:
         self._connected_since = None
         server = urllib.parse.urlsplit(self.options.server)
+        stream = await open_stream(self.options.server)
+        try:
+            await self._websocket(stream, server)
+        finally:
+            # trio-websocket leaves the socket open when a handshake is
+            # rejected or the peer resets: a reconnect loop running for
+            # weeks must close every stream it opened itself.
+            await trio.aclose_forcefully(stream)
+
+    async def _websocket(self, stream: ActivityStream, server: urllib.parse.SplitResult) -> None:
         async with trio.open_nursery() as nursery:
-            stream = await open_stream(self.options.server)
             resource = urllib.parse.urlsplit(websocket_url(self.options.server, self.options.token))
             with trio.fail_after(CONNECT_TIMEOUT_S):
                 ws = await trio_websocket.wrap_client_stream(
@@ -1484,11 +1495,15 @@ async def open_stream(server: str) -> ActivityStream:
     port = parsed.port or (443 if secure else 80)
     with trio.fail_after(CONNECT_TIMEOUT_S):
         stream: trio.abc.Stream = await trio.open_tcp_stream(parsed.hostname, port)
-        if secure:
-            stream = trio.SSLStream(
-                stream, ssl.create_default_context(), server_hostname=parsed.hostname, https_compatible=True
-            )
-            await stream.do_handshake()
+        try:
+            if secure:
+                stream = trio.SSLStream(
+                    stream, ssl.create_default_context(), server_hostname=parsed.hostname, https_compatible=True
+                )
+                await stream.do_handshake()
+        except BaseException:
+            await trio.aclose_forcefully(stream)
+            raise
     return ActivityStream(stream)
 
 

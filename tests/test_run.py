@@ -606,3 +606,23 @@ def test_run_when_not_paired_says_how_to_pair(capsys, pgw_home):
 
 def test_run_rejects_a_negative_max_stages(capsys, pgw_home):
     assert pgw.main(["run", "--max-stages", "-1"]) == 2
+
+
+@pytest.mark.filterwarnings("error")  # an unclosed socket's ResourceWarning fails the test
+async def test_failed_attempts_leave_no_open_sockets(tmp_path, environ, monkeypatch):
+    monkeypatch.setattr(pgw, "RECONNECT_FIRST_S", 0.01)
+    monkeypatch.setattr(pgw, "RECONNECT_CAP_S", 0.02)
+    with trio.fail_after(20):
+        async with open_backend() as backend:
+            backend.reject_next(403, count=5)
+            async with running_worker(backend, tmp_path / "home", environ):
+                await backend.next_connection()  # one warm-up: trio's own fds exist now
+            before = len(os.listdir("/proc/self/fd"))
+            backend.reject_next(403, count=30)
+            async with running_worker(backend, tmp_path / "home", environ):
+                second = await backend.next_connection()
+                await second.abort()
+                await backend.next_connection()
+            await trio.sleep(0.1)
+            after = len(os.listdir("/proc/self/fd"))
+    assert after <= before + 2, f"{after - before} file descriptors leaked over 31 failed connections"
