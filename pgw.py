@@ -112,8 +112,10 @@ HEARTBEAT_INTERVAL_S = 30.0
 WS_PING_INTERVAL_S = 10.0
 # ... and a connection on which not one byte arrived for this long is dead.
 # Bytes, not pongs, are the evidence: a 30 MB request arriving at 1 MB/s
-# delays the server's pong behind it but is plainly alive.
+# delays the server's pong behind it but is plainly alive.  30 s, checked
+# every second, plus the 10 s kill grace and a 1 s retry stays under 45 s.
 SILENCE_LIMIT_S = 30.0
+WATCHDOG_TICK_S = 1.0
 
 # Opening TCP+TLS and the WebSocket handshake.  Kept short: an untrusted
 # certificate or a black-holed port must not stall the reconnect loop.
@@ -1212,7 +1214,7 @@ class Worker:
             except trio_websocket.ConnectionClosed as exc:
                 raise ConnectionLost(close_description(exc.reason)) from None
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("sent %s", text[:120])
+                log.debug("sent %s", describe_wire_text(text))
 
     async def _heartbeat(self, outbox: Outbox) -> None:
         while True:
@@ -1222,12 +1224,15 @@ class Worker:
     async def _watchdog(
         self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream, nursery: trio.Nursery
     ) -> None:
+        last_ping = trio.current_time()
         while True:
-            await trio.sleep(WS_PING_INTERVAL_S / 2)
-            quiet_s = trio.current_time() - stream.last_receive
+            await trio.sleep(WATCHDOG_TICK_S)
+            now = trio.current_time()
+            quiet_s = now - stream.last_receive
             if quiet_s >= SILENCE_LIMIT_S:
                 raise ConnectionLost(f"nothing arrived from the server for {quiet_s:.0f} s")
-            if quiet_s >= WS_PING_INTERVAL_S:
+            if quiet_s >= WS_PING_INTERVAL_S and now - last_ping >= WS_PING_INTERVAL_S:
+                last_ping = now
                 nursery.start_soon(self._ws_ping, ws)
 
     @staticmethod
@@ -1269,6 +1274,8 @@ class Worker:
             except ProtocolError as exc:
                 self._skip_bad_message(exc, outbox, stages)
                 continue
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("received %s", describe_wire_text(text))
             if isinstance(message, StageRequest):
                 self._start_stage(message, outbox, stages)
             elif isinstance(message, StageCancel):
@@ -1505,6 +1512,20 @@ async def open_stream(server: str) -> ActivityStream:
             await trio.aclose_forcefully(stream)
             raise
     return ActivityStream(stream)
+
+
+def describe_wire_text(text: Union[str, bytes]) -> str:
+    """A message for the -v log: its type, stage and sizes, never its contents
+    (a request's env and files, and a CLI's output, may hold secrets)."""
+    try:
+        message = json.loads(text)
+    except ValueError:
+        return f"{len(text)} bytes, not JSON"
+    if not isinstance(message, dict):
+        return f"{len(text)} bytes, not an object"
+    parts = [str(message.get("type")), str(message.get("stage_run_id", ""))]
+    parts += [f"{key}={message[key]}" for key in ("seq", "pid", "returncode", "signal", "cli") if key in message]
+    return " ".join(part for part in parts if part) + f" ({len(text)} bytes)"
 
 
 def close_description(reason: Any) -> str:

@@ -626,3 +626,15 @@ async def test_failed_attempts_leave_no_open_sockets(tmp_path, environ, monkeypa
             await trio.sleep(0.1)
             after = len(os.listdir("/proc/self/fd"))
     assert after <= before + 2, f"{after - before} file descriptors leaked over 31 failed connections"
+
+
+async def test_verbose_log_shows_frames_but_no_contents(tmp_path, environ, stub_bin, caplog):
+    caplog.set_level(logging.DEBUG, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "import os; print('out-' + os.environ['API_KEY'])")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", env={"API_KEY": "sk-secret"}, stdin="prompt-secret"))
+            assert (await connection.stage_result("s1")).stdout == "out-sk-secret\n"
+    assert "received stage.request s1 cli=claude" in caplog.text
+    assert "sent stage.stdout s1 seq=1" in caplog.text
+    assert "secret" not in caplog.text and "tok-test" not in caplog.text
