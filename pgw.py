@@ -34,6 +34,7 @@ import binascii
 import codecs
 import collections
 import concurrent.futures
+import datetime
 import functools
 import json
 import logging
@@ -50,6 +51,11 @@ import sys
 import tempfile
 import time
 import typing
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; single-instance checks are skipped
+    fcntl = None  # type: ignore[assignment]
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -161,6 +167,11 @@ STAGE_ID_MAX_CHARS = 200
 # PROTOCOL.md: codex rollouts older than this are not read.
 CODEX_ROLLOUT_MAX_AGE_S = 3600.0
 CODEX_TRACE_HEADER = "=== CODEX TRACE (rollout extract) ==="
+
+# Files of the daemon's in the pgw home, beside config.json and run.log.
+LOCK_FILENAME = "run.lock"  # flock'ed by the one `pgw run` of this home
+STATE_FILENAME = "state.json"  # what `pgw status` shows
+STAGE_GROUPS_DIRNAME = "stages"  # one file per running stage's process group
 
 # PROTOCOL.md: run.log is rotated at 1 MB with 5 backups.
 LOG_MAX_BYTES = 1_000_000
@@ -859,6 +870,123 @@ def connection_failure(server: str, reason: Any) -> str:
 
 
 ##############################################################################
+# Daemon housekeeping: one instance per home, the state file, leftover groups
+##############################################################################
+# `status` reads what the daemon publishes here and never talks to it
+# otherwise; a restarted daemon reads stages/ to kill what a SIGKILLed one
+# left behind.
+
+
+def acquire_instance_lock(home: Path) -> tuple[Optional[int], Optional[int]]:
+    """(fd holding the lock, None), or (None, pid of the pgw that holds it).
+
+    flock is released by the kernel when pgw dies, however it dies, so a
+    stale lock file never blocks a restart.
+    """
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    fd = os.open(home / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    if fcntl is None:
+        return fd, None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = _read_pid(fd)
+        os.close(fd)
+        return None, holder
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd, None
+
+
+def instance_lock_holder(home: Path) -> Optional[int]:
+    """The pid of the `pgw run` holding this home's lock, or None if none runs."""
+    try:
+        fd = os.open(home / LOCK_FILENAME, os.O_RDONLY)
+    except OSError:
+        return None
+    if fcntl is None:
+        os.close(fd)
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+    except OSError:
+        return _read_pid(fd) or -1
+    finally:
+        os.close(fd)
+    return None
+
+
+def _read_pid(fd: int) -> Optional[int]:
+    try:
+        text = os.pread(fd, 32, 0).decode().strip()
+    except OSError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+def write_json_atomically(path: Path, value: Any) -> None:
+    """Replace `path` with `value` as JSON (0600): readers see the old file or the new one."""
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as temp:
+            json.dump(value, temp, ensure_ascii=False, indent=2)
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
+
+
+def read_state(home: Path) -> Optional[dict[str, Any]]:
+    try:
+        state = json.loads((home / STATE_FILENAME).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return state if isinstance(state, dict) else None
+
+
+def record_stage_group(home: Path, pgid: int, stage_run_id: str) -> None:
+    directory = home / STAGE_GROUPS_DIRNAME
+    directory.mkdir(mode=0o700, exist_ok=True)
+    (directory / str(pgid)).write_text(stage_run_id, encoding="utf-8")
+
+
+def forget_stage_group(home: Path, pgid: int) -> None:
+    (home / STAGE_GROUPS_DIRNAME / str(pgid)).unlink(missing_ok=True)
+
+
+def kill_leftover_stage_groups(home: Path) -> int:
+    """Kill what a pgw that died without cleaning up (SIGKILL, power cut) left running.
+
+    On Linux only processes carrying the stage's tag are killed, so a pid
+    reused since by something else is safe; elsewhere the group is killed.
+    """
+    directory = home / STAGE_GROUPS_DIRNAME
+    killed = 0
+    try:
+        records = list(directory.iterdir())
+    except OSError:
+        return 0
+    for record in records:
+        try:
+            stage_run_id = record.read_text(encoding="utf-8")
+        except OSError:
+            stage_run_id = ""
+        if sys.platform == "linux":
+            killed += kill_tagged_processes(stage_run_id) if stage_run_id else 0
+        elif record.name.isdigit():
+            kill_process_group(int(record.name), signal.SIGKILL)
+            killed += 1
+        record.unlink(missing_ok=True)
+    return killed
+
+
+def iso_time(stamp: Optional[float]) -> Optional[str]:
+    if stamp is None:
+        return None
+    return datetime.datetime.fromtimestamp(stamp, datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+##############################################################################
 # The daemon: outbox, stages, connection, reconnect loop
 ##############################################################################
 # run                      reconnect loop with backoff (Worker.run)
@@ -1094,6 +1222,14 @@ class Worker:
         self._idle_scope: Optional[trio.CancelScope] = None  # connecting or backing off
         self._connected = False
         self._connected_since: Optional[float] = None
+        self._state: dict[str, Any] = {
+            "pid": os.getpid(),
+            "started_at": iso_time(time.time()),
+            "server": options.server,
+            "connected": False,
+            "connected_since": None,
+            "last_error": None,
+        }
 
     # Shutdown --------------------------------------------------------------
 
@@ -1116,8 +1252,26 @@ class Worker:
 
     # Reconnect loop --------------------------------------------------------
 
+    def publish_state(self, **changes: Any) -> None:
+        """Replace the state file `pgw status` reads (a few hundred bytes, atomically)."""
+        self._state.update(changes)
+        running = sum(1 for stage in self.stages.values() if stage.process is not None)
+        self._state.update(
+            stages_running=running,
+            stages_queued=len(self.stages) - running,
+            updated_at=iso_time(time.time()),
+        )
+        try:
+            write_json_atomically(self.options.home / STATE_FILENAME, self._state)
+        except OSError as exc:
+            log.debug("cannot write the state file: %s", exc)
+
     async def run(self) -> None:
+        killed = await trio.to_thread.run_sync(kill_leftover_stage_groups, self.options.home)
+        if killed:
+            log.warning("killed %d process(es) left running by a pgw that died", killed)
         await trio.to_thread.run_sync(self._empty_scratch)
+        self.publish_state()
         backoff = Backoff()
         last_failure = None
         while not self.shutdown_requested.is_set():
@@ -1132,6 +1286,7 @@ class Worker:
             if self._connected_since is not None and trio.current_time() - self._connected_since >= RECONNECT_RESET_AFTER_S:
                 backoff.reset()
             delay = backoff.next_delay_s()
+            self.publish_state(connected=False, connected_since=None, last_error=failure or self._state["last_error"])
             if self._connected_since is not None:
                 log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
             elif failure != last_failure:
@@ -1178,6 +1333,7 @@ class Worker:
                 )
             self._connected = True
             self._connected_since = trio.current_time()
+            self.publish_state(connected=True, connected_since=iso_time(time.time()))
             log.info("connected to %s as %r", self.options.server + CONNECT_PATH, self.options.name)
             try:
                 await self._serve(ws, stream)
@@ -1303,6 +1459,7 @@ class Worker:
             return
         stage = Stage(request)
         self.stages[stage.id] = stage
+        self.publish_state()
         stages.start_soon(self._run_stage, stage, outbox)
 
     def _cancel_stage(self, cancel: StageCancel) -> None:
@@ -1361,6 +1518,7 @@ class Worker:
                 if scratch_dir is not None:
                     await trio.to_thread.run_sync(shutil.rmtree, scratch_dir, True)
             del self.stages[stage.id]
+            self.publish_state()
             process = stage.process
             returncode = process.returncode if process is not None and process.returncode is not None else -1
             duration_ms = int((time.monotonic() - started) * 1000)
@@ -1401,6 +1559,8 @@ class Worker:
         except OSError as exc:
             raise StageRejected(f"cannot start {request.cli}: {exc.strerror or exc}") from None
         stage.process = process
+        record_stage_group(self.options.home, process.pid, stage.id)
+        self.publish_state()
         log.info("stage %s: started cli=%s pid=%d", stage.id, request.cli, process.pid)
         try:
             await outbox.put(lambda: encode(StageAck(stage.id, process.pid)))
@@ -1450,6 +1610,7 @@ class Worker:
         for pipe in (process.stdin, process.stdout, process.stderr):
             if pipe is not None:
                 await pipe.aclose()
+        forget_stage_group(self.options.home, process.pid)
 
     async def _pump(
         self,
@@ -1687,6 +1848,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
     _, _, settings = _load(args)
     if not settings.token:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
+    try:
+        lock_fd, holder = acquire_instance_lock(home)
+    except OSError as exc:
+        raise ConfigError(f"cannot lock {home / LOCK_FILENAME}: {exc.strerror}") from None
+    if lock_fd is None:
+        print(f"pgw already running (pid {holder or '?'})")
+        return 0
     log_path = setup_logging(home, settings.token, args.verbose)
     log.info(
         "pgw %s started: server=%s name=%r max_stages=%s log=%s",
@@ -1697,6 +1865,41 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     trio.run(run_until_signalled, Worker(options))
     return 0
+
+
+def _cmd_status(args: argparse.Namespace) -> int:
+    """Exit 0: running and connected; 3: running, not connected; 1: not running."""
+    home = pgw_home()
+    pid = instance_lock_holder(home)
+    state = read_state(home) or {}
+    connected = bool(pid and state.get("pid") == pid and state.get("connected"))
+    report = {
+        "running": pid is not None,
+        "pid": pid,
+        "started_at": state.get("started_at") if pid else None,
+        "connected": connected,
+        "connected_since": state.get("connected_since") if connected else None,
+        "server": state.get("server"),
+        "stages_running": state.get("stages_running", 0) if pid else 0,
+        "stages_queued": state.get("stages_queued", 0) if pid else 0,
+        "last_error": state.get("last_error"),
+        "home": str(home),
+    }
+    if args.json:
+        _print_json(report)
+    elif pid is None:
+        print(f"pgw is not running (home {home})")
+        if report["last_error"]:
+            print(f"last error: {report['last_error']}")
+    else:
+        print(f"running    yes, pid {pid}, since {report['started_at'] or '?'}")
+        if connected:
+            print(f"connected  yes, to {report['server']} since {report['connected_since']}")
+        else:
+            print(f"connected  no (server {report['server'] or '?'})")
+        print(f"stages     {report['stages_running']} running, {report['stages_queued']} queued")
+        print(f"last error {report['last_error'] or '-'}")
+    return 1 if pid is None else 0 if connected else 3
 
 
 def _count(text: str) -> int:
@@ -1831,6 +2034,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     run.add_argument("-v", "--verbose", action="store_true", help="log frame-level detail, and to stderr too")
     run.set_defaults(func=_cmd_run)
+
+    status = commands.add_parser(
+        "status", help="is `pgw run` running and connected? (exit 0 yes, 3 not connected, 1 not running)"
+    )
+    status.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    status.set_defaults(func=_cmd_status)
 
     capabilities = commands.add_parser("capabilities", help="print what this machine offers, as JSON")
     capabilities.set_defaults(func=_cmd_capabilities)
