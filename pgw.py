@@ -45,6 +45,7 @@ import random
 import shutil
 import signal
 import socket
+import stat
 import ssl
 import subprocess
 import sys
@@ -105,6 +106,7 @@ PAIRING_KEYS = ("server", "worker_id", "token")
 
 # Environment variables that override the config file.
 ENV_SERVER, ENV_TOKEN, ENV_NAME, ENV_HOME = "PGW_SERVER", "PGW_TOKEN", "PGW_NAME", "PGW_HOME"
+ENV_CAFILE = "PGW_CAFILE"
 
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
@@ -482,19 +484,23 @@ class Settings:
     token: Optional[str]
     worker_id: Optional[str]
     name: str
+    cafile: Optional[str] = None
+    max_stages: int = 0
+    stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`, under each request's own
 
 
 def resolve_settings(
-    flags: dict[str, Optional[str]],
+    flags: dict[str, Any],
     environ: typing.Mapping[str, str],
     config: dict[str, Any],
     hostname: str,
 ) -> Settings:
-    """flag > environment > config file > default, for server, token and name."""
+    """flag > environment > config file > default, for each setting."""
 
-    def pick(key: str, env_name: str) -> Optional[str]:
-        for candidate in (flags.get(key), environ.get(env_name), config.get(key)):
-            if candidate:
+    def pick(key: str, env_name: Optional[str]) -> Any:
+        from_env = environ.get(env_name) if env_name else None
+        for candidate in (flags.get(key), from_env, config.get(key)):
+            if candidate is not None and candidate != "":
                 return candidate
         return None
 
@@ -505,6 +511,9 @@ def resolve_settings(
         token=pick("token", ENV_TOKEN),
         worker_id=config.get("worker_id"),
         name=name,
+        cafile=pick("cafile", ENV_CAFILE),
+        max_stages=pick("max_stages", None) or 0,
+        stage_env=dict(config.get("env") or {}),
     )
 
 
@@ -517,10 +526,65 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {fix}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object: {fix}")
-    for key in PAIRING_KEYS + ("name",):
+    for key in PAIRING_KEYS + ("name", "cafile"):
         if key in config and not isinstance(config[key], str):
             raise ConfigError(f"{path}: {key!r} must be a string: {fix}")
+    max_stages = config.get("max_stages", 0)
+    if type(max_stages) is not int or max_stages < 0:
+        raise ConfigError(f"{path}: 'max_stages' must be a whole number >= 0: {fix}")
+    env = config.get("env", {})
+    if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
+        raise ConfigError(f"{path}: 'env' must be an object of strings: {fix}")
     return config
+
+
+# `pgw config set KEY VALUE`: the per-host settings and how each is checked.
+HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "env.NAME")
+
+
+def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, Any]:
+    """The config with KEY set to VALUE, checked; UsageError names what is wrong."""
+    updated = dict(config)
+    if key == "server":
+        updated["server"] = normalise_server_url(value)
+    elif key == "name":
+        updated["name"] = value
+    elif key == "cafile":
+        cafile = Path(value).expanduser().resolve()
+        if not cafile.is_file():
+            raise UsageError(f"cafile: {value!r} is not a file")
+        updated["cafile"] = str(cafile)
+    elif key == "max_stages":
+        if not value.isdigit():
+            raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
+        updated["max_stages"] = int(value)
+    elif key.startswith("env.") and len(key) > 4:
+        updated["env"] = {**config.get("env", {}), key[4:]: value}
+    else:
+        raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
+    return updated
+
+
+def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
+    updated = dict(config)
+    if key.startswith("env.") and key[4:] in config.get("env", {}):
+        updated["env"] = {k: v for k, v in config["env"].items() if k != key[4:]}
+    elif key in ("server", "name", "cafile", "max_stages", "env"):
+        updated.pop(key, None)
+    else:
+        raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
+    return updated
+
+
+def make_ssl_context(cafile: Optional[str]) -> ssl.SSLContext:
+    """The TLS context for the server: the CA file if one is set, else the
+    system's trust store (which honours SSL_CERT_FILE and SSL_CERT_DIR)."""
+    try:
+        return ssl.create_default_context(cafile=cafile)
+    except FileNotFoundError:
+        raise ConfigError(f"CA file {cafile} does not exist: fix `cafile` or --cafile") from None
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"CA file {cafile} is not a usable PEM bundle: {exc}") from None
 
 
 def server_message(body: bytes) -> str:
@@ -814,7 +878,9 @@ def probe_cli_versions(capabilities: dict[str, Any]) -> dict[str, tuple[Optional
 ##############################################################################
 
 
-def request_pairing(server: str, body: dict[str, Any], timeout_s: float = PAIR_TIMEOUT_S) -> dict[str, str]:
+def request_pairing(
+    server: str, body: dict[str, Any], timeout_s: float = PAIR_TIMEOUT_S, cafile: Optional[str] = None
+) -> dict[str, str]:
     """POST pair-confirm; the server's {worker_id, token}, or PairingError."""
     request = urllib.request.Request(
         server + PAIR_PATH,
@@ -823,7 +889,8 @@ def request_pairing(server: str, body: dict[str, Any], timeout_s: float = PAIR_T
         method="POST",
     )
     try:
-        with urllib.request.urlopen(request, timeout=timeout_s) as response:
+        context = make_ssl_context(cafile) if server.startswith("https:") else None
+        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
         message = server_message(exc.read()) or exc.reason
@@ -1086,6 +1153,13 @@ class WorkerOptions:
     home: Path
     max_stages: int = 0
     environ: dict[str, str] = attrs.field(factory=lambda: dict(os.environ))
+    stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`: under each request's env
+    cafile: Optional[str] = None
+
+    @property
+    def search_path(self) -> str:
+        """Where the CLIs are looked up: the config's env PATH, else pgw's own."""
+        return self.stage_env.get("PATH") or self.environ.get("PATH") or os.defpath
 
 
 @attrs.define(eq=False)
@@ -1309,7 +1383,7 @@ class Worker:
     async def _connection(self) -> None:
         self._connected_since = None
         server = urllib.parse.urlsplit(self.options.server)
-        stream = await open_stream(self.options.server)
+        stream = await open_stream(self.options.server, self.options.cafile)
         try:
             await self._websocket(stream, server)
         finally:
@@ -1360,7 +1434,7 @@ class Worker:
             connection.cancel_scope.cancel()
 
     def capabilities(self) -> dict[str, Any]:
-        return probe_capabilities(self.options.environ.get("PATH"))
+        return probe_capabilities(self.options.search_path)
 
     async def _sender(self, ws: trio_websocket.WebSocketConnection, outbox: Outbox) -> None:
         while True:
@@ -1535,7 +1609,7 @@ class Worker:
         """Run the stage's CLI to its end; its status is left in stage.process."""
         request = stage.request
         files = check_stage_files(request.files)
-        search_path = self.options.environ.get("PATH", os.defpath)
+        search_path = self.options.search_path
         binary = shutil.which(request.cli, path=search_path)
         if binary is None:
             raise StageRejected(f"CLI not found: {request.cli!r} is not on PATH ({search_path})")
@@ -1550,7 +1624,7 @@ class Worker:
             process = await trio.lowlevel.open_process(
                 argv,
                 cwd=scratch_dir,
-                env=stage_environment(self.options.environ, request.env, stage.id),
+                env=stage_environment({**self.options.environ, **self.options.stage_env}, request.env, stage.id),
                 stdin=subprocess.PIPE if request.stdin_mode == "stdin" else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -1656,7 +1730,7 @@ async def feed_stdin(pipe: trio.abc.SendStream, prompt: bytes) -> None:
                 pass
 
 
-async def open_stream(server: str) -> ActivityStream:
+async def open_stream(server: str, cafile: Optional[str] = None) -> ActivityStream:
     """TCP (and TLS for https) to the server, within CONNECT_TIMEOUT_S."""
     parsed = urllib.parse.urlsplit(server)
     secure = parsed.scheme == "https"
@@ -1666,7 +1740,7 @@ async def open_stream(server: str) -> ActivityStream:
         try:
             if secure:
                 stream = trio.SSLStream(
-                    stream, ssl.create_default_context(), server_hostname=parsed.hostname, https_compatible=True
+                    stream, make_ssl_context(cafile), server_hostname=parsed.hostname, https_compatible=True
                 )
                 await stream.do_handshake()
         except BaseException:
@@ -1801,6 +1875,153 @@ async def run_until_signalled(worker: Worker) -> None:
 
 
 ##############################################################################
+# Doctor: every check a user needs before asking for help
+##############################################################################
+# Each check is one line, PASS/WARN/FAIL with a one-line explanation.  The
+# network checks stop at the first failure: a TLS check after a refused TCP
+# connect only repeats it.
+
+
+@attrs.frozen
+class Check:
+    name: str
+    status: Literal["PASS", "WARN", "FAIL"]
+    detail: str
+
+
+def shiv_root(environ: typing.Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("SHIV_ROOT") or Path.home() / ".shiv").expanduser()
+
+
+def current_extraction() -> Optional[Path]:
+    """The shiv extraction this pgw runs from (…/pgw.pyz_<id>/site-packages/pgw.py), if any."""
+    here = Path(__file__).resolve().parent
+    return here.parent if here.name == "site-packages" and "_" in here.parent.name else None
+
+
+def old_extractions(root: Path, current: Optional[Path]) -> list[Path]:
+    """Extractions of pgw under the shiv root other than the running one."""
+    if current is None:
+        return []
+    stem = current.name.rsplit("_", 1)[0]
+    try:
+        entries = list(root.iterdir())
+    except OSError:
+        return []
+    return [
+        entry for entry in entries
+        if entry.is_dir() and entry.name.startswith(stem + "_") and entry.resolve() != current.resolve()
+    ]
+
+
+def directory_bytes(path: Path) -> int:
+    total = 0
+    for dirpath, _, filenames in os.walk(path):
+        for filename in filenames:
+            try:
+                total += os.lstat(os.path.join(dirpath, filename)).st_size
+            except OSError:
+                pass
+    return total
+
+
+def local_checks(home: Path, config_path: Path, settings: Optional[Settings], config_error: Optional[str],
+                 capabilities: dict[str, Any], versions: dict[str, tuple[Optional[str], Optional[str]]]) -> list[Check]:
+    checks = [Check("python", "PASS", f"Python {platform.python_version()} ({sys.executable})")]
+    current = current_extraction()
+    checks.append(Check("pgw", "PASS", f"pgw {__version__} from {sys.argv[0] if current else __file__}"))
+    root = shiv_root()
+    if current is not None:
+        writable = os.access(root, os.W_OK)
+        old = old_extractions(root, current)
+        old_mb = sum(directory_bytes(path) for path in old) / 2**20
+        detail = f"{root} {'writable' if writable else 'NOT writable'}; {len(old)} old extraction(s), {old_mb:.1f} MB"
+        checks.append(Check("extraction", "PASS" if writable else "WARN", detail))
+    if config_error:
+        checks.append(Check("config", "FAIL", config_error))
+    elif settings is None or not settings.token:
+        checks.append(Check("config", "FAIL", f"not paired: no token in {config_path}; run `pgw pair CODE --server URL`"))
+    else:
+        mode = stat.S_IMODE(config_path.stat().st_mode) if config_path.exists() else 0o600
+        if mode & 0o077:
+            checks.append(Check("config", "WARN", f"{config_path} is mode {mode:o}: others may read the token; chmod 600 it"))
+        else:
+            checks.append(Check("config", "PASS", f"{config_path}, mode 600, worker {settings.worker_id or '?'}, server {settings.server}"))
+    found = 0
+    for binary, key in CLI_CAPABILITY_KEYS.items():
+        cli = capabilities[key]
+        if not cli["available"]:
+            checks.append(Check(binary, "WARN", "not found on PATH (set `pgw config set env.PATH ...` if it is installed)"))
+            continue
+        found += 1
+        version, problem = versions.get(binary, (None, None))
+        checks.append(Check(binary, "PASS" if version else "WARN", f"{cli['path']} ({version or problem})"))
+    if not found:
+        checks.append(Check("clis", "FAIL", "none of claude, codex, deepseek is on PATH: no stage can run"))
+    holder = instance_lock_holder(home)
+    state = read_state(home) or {}
+    if holder is None:
+        checks.append(Check("daemon", "WARN", "`pgw run` is not running for this home"))
+    else:
+        connected = "connected" if state.get("pid") == holder and state.get("connected") else "not connected"
+        checks.append(Check("daemon", "PASS", f"`pgw run` is running (pid {holder}), {connected}"))
+    return checks
+
+
+async def network_checks(settings: Settings) -> list[Check]:
+    """DNS, TCP, TLS and the WebSocket handshake with the stored token; nothing is started."""
+    parsed = urllib.parse.urlsplit(settings.server)
+    host, secure = parsed.hostname or "", parsed.scheme == "https"
+    port = parsed.port or (443 if secure else 80)
+    checks: list[Check] = []
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        checks.append(Check("dns", "PASS", f"{host} is {addresses[0][4][0]}"))
+    except (OSError, trio.TooSlowError) as exc:
+        return checks + [Check("dns", "FAIL", connection_failure(settings.server, exc))]
+    try:
+        with trio.fail_after(CONNECT_TIMEOUT_S):
+            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
+        checks.append(Check("tcp", "PASS", f"connected to {host}:{port}"))
+    except (OSError, trio.TooSlowError) as exc:
+        return checks + [Check("tcp", "FAIL", describe_connection_failure(exc, settings.server))]
+    try:
+        if secure:
+            try:
+                stream = trio.SSLStream(stream, make_ssl_context(settings.cafile), server_hostname=host, https_compatible=True)
+                with trio.fail_after(CONNECT_TIMEOUT_S):
+                    await stream.do_handshake()
+                checks.append(Check("tls", "PASS", f"certificate of {host} trusted" + (f" (CA file {settings.cafile})" if settings.cafile else "")))
+            except (OSError, trio.BrokenResourceError, trio.TooSlowError, ConfigError) as exc:
+                detail = str(exc) if isinstance(exc, ConfigError) else describe_connection_failure(exc, settings.server)
+                if "certificate" in detail and not settings.cafile:
+                    detail += "; if the server uses an internal CA: `pgw config set cafile FILE`"
+                return checks + [Check("tls", "FAIL", detail)]
+        checks.append(await _websocket_check(stream, settings, parsed))
+    finally:
+        await trio.aclose_forcefully(stream)
+    return checks
+
+
+async def _websocket_check(stream: trio.abc.Stream, settings: Settings, parsed: urllib.parse.SplitResult) -> Check:
+    if not settings.token:
+        return Check("websocket", "FAIL", "not paired: no token to present")
+    resource = urllib.parse.urlsplit(websocket_url(settings.server, settings.token))
+    try:
+        async with trio.open_nursery() as nursery:
+            with trio.fail_after(CONNECT_TIMEOUT_S):
+                ws = await trio_websocket.wrap_client_stream(
+                    nursery, stream, parsed.netloc, f"{resource.path}?{resource.query}"
+                )
+                await ws.aclose(1000, "pgw doctor")
+            nursery.cancel_scope.cancel()
+    except Exception as exc:  # noqa: BLE001 - every failure is reported as a FAIL line
+        return Check("websocket", "FAIL", describe_connection_failure(exc, settings.server))
+    return Check("websocket", "PASS", "the server accepted the token")
+
+
+##############################################################################
 # Command line
 ##############################################################################
 
@@ -1820,7 +2041,7 @@ def _load(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Settings]:
     """The config path, its contents and the resolved settings for a command."""
     path = pgw_home() / CONFIG_FILENAME
     config = read_config(path)
-    flags = {key: getattr(args, key, None) for key in ("server", "token", "name")}
+    flags = {key: getattr(args, key, None) for key in ("server", "token", "name", "cafile", "max_stages")}
     return path, config, resolve_settings(flags, os.environ, config, _machine_name())
 
 
@@ -1836,7 +2057,11 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         "capabilities": probe_capabilities(),
     }
     pairing = trio.run(
-        functools.partial(trio.to_thread.run_sync, request_pairing, settings.server, body, abandon_on_cancel=True)
+        functools.partial(
+            trio.to_thread.run_sync,
+            functools.partial(request_pairing, settings.server, body, cafile=settings.cafile),
+            abandon_on_cancel=True,
+        )
     )
     write_config(path, {**config, "server": settings.server, **pairing})
     print(f"paired worker {pairing['worker_id']} with {settings.server}; config saved to {path}")
@@ -1858,12 +2083,38 @@ def _cmd_run(args: argparse.Namespace) -> int:
     log_path = setup_logging(home, settings.token, args.verbose)
     log.info(
         "pgw %s started: server=%s name=%r max_stages=%s log=%s",
-        __version__, settings.server, settings.name, args.max_stages or "unlimited", log_path,
+        __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
     )
+    if settings.cafile:
+        make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
     options = WorkerOptions(
-        server=settings.server, token=settings.token, name=settings.name, home=home, max_stages=args.max_stages
+        server=settings.server,
+        token=settings.token,
+        name=settings.name,
+        home=home,
+        max_stages=settings.max_stages,
+        stage_env=settings.stage_env,
+        cafile=settings.cafile,
     )
     trio.run(run_until_signalled, Worker(options))
+    return 0
+
+
+def _cmd_config(args: argparse.Namespace) -> int:
+    path = pgw_home() / CONFIG_FILENAME
+    config = read_config(path)
+    if args.action == "show":
+        shown = {key: ("<hidden>" if key == "token" else value) for key, value in config.items()}
+        _print_json(shown)
+        return 0
+    if args.action == "set":
+        if args.value is None:
+            raise UsageError("config set needs a KEY and a VALUE; see `pgw config --help`")
+        config = set_host_setting(config, args.key, args.value)
+    else:
+        config = unset_host_setting(config, args.key)
+    write_config(path, config)
+    print(f"{args.action} {args.key} in {path}")
     return 0
 
 
@@ -1915,55 +2166,43 @@ def _cmd_capabilities(args: argparse.Namespace) -> int:
 
 
 def _cmd_doctor(args: argparse.Namespace) -> int:
-    path = pgw_home() / CONFIG_FILENAME
+    home = pgw_home()
+    path = home / CONFIG_FILENAME
     config_problem = None
     try:
         config = read_config(path)
-        settings: Optional[Settings] = resolve_settings({}, os.environ, config, _machine_name())
+        settings: Optional[Settings] = resolve_settings(
+            {"cafile": getattr(args, "cafile", None)}, os.environ, config, _machine_name()
+        )
     except ConfigError as exc:
         config, settings, config_problem = {}, None, str(exc)
-    capabilities = probe_capabilities()
+    search_path = (settings.stage_env.get("PATH") if settings else None) or os.environ.get("PATH")
+    capabilities = probe_capabilities(search_path)
     versions = probe_cli_versions(capabilities)
     for binary, key in CLI_CAPABILITY_KEYS.items():
         version, problem = versions.get(binary, (None, None))
         capabilities[key]["version"] = version
         if problem:
             capabilities[key]["problem"] = problem
-    report = {
-        "config_path": str(path),
-        "config_error": config_problem,
-        "paired": bool(settings and settings.token),
-        "server": settings.server if settings else None,
-        "worker_id": settings.worker_id if settings else None,
-        "capabilities": capabilities,
-    }
+    checks = local_checks(home, path, settings, config_problem, capabilities, versions)
+    if settings is not None:
+        checks += trio.run(network_checks, settings)
+    failed = any(check.status == "FAIL" for check in checks)
     if args.json:
-        _print_json(report)
+        _print_json({
+            "ok": not failed,
+            "checks": [attrs.asdict(check) for check in checks],
+            "config_path": str(path),
+            "config_error": config_problem,
+            "paired": bool(settings and settings.token),
+            "server": settings.server if settings else None,
+            "worker_id": settings.worker_id if settings else None,
+            "capabilities": capabilities,
+        })
     else:
-        print(_doctor_text(report))
-    return 1 if config_problem else 0
-
-
-def _doctor_text(report: dict[str, Any]) -> str:
-    if report["config_error"]:
-        paired = f"unknown: {report['config_error']}"
-    elif report["paired"]:
-        paired = f"yes, worker {report['worker_id'] or '(id not stored)'}"
-    else:
-        paired = "no: run `pgw pair CODE --server URL`"
-    lines = [
-        f"config    {report['config_path']}",
-        f"paired    {paired}",
-        f"server    {report['server'] or '-'}",
-    ]
-    for binary, key in CLI_CAPABILITY_KEYS.items():
-        cli = report["capabilities"][key]
-        if not cli["available"]:
-            lines.append(f"{binary:<9} not found on PATH")
-        else:
-            about = cli["version"] or f"version unknown: {cli.get('problem')}"
-            lines.append(f"{binary:<9} {cli['path']} ({about})")
-    return "\n".join(lines)
+        for check in checks:
+            print(f"{check.status}  {check.name:<10} {check.detail}")
+    return 1 if failed else 0
 
 
 def _cmd_revoke(args: argparse.Namespace) -> int:
@@ -2022,6 +2261,7 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("code", help="the pairing code shown by the server")
     pair.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
     pair.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
+    pair.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
     pair.set_defaults(func=_cmd_pair)
 
     run = commands.add_parser("run", help="connect to the server and run its stages until stopped")
@@ -2029,11 +2269,23 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--token", help=f"worker token (default: ${ENV_TOKEN}, the config)")
     run.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
     run.add_argument(
-        "--max-stages", type=_count, default=0, metavar="N",
-        help="run at most N stages at once; later ones wait in arrival order (default: 0, no limit)",
+        "--max-stages", type=_count, metavar="N",
+        help="run at most N stages at once; later ones wait in arrival order (default: the config, 0: no limit)",
     )
+    run.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
     run.add_argument("-v", "--verbose", action="store_true", help="log frame-level detail, and to stderr too")
     run.set_defaults(func=_cmd_run)
+
+    config = commands.add_parser(
+        "config",
+        help="show or change per-host settings in config.json",
+        description=f"Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
+        "stage's environment (under the request's own env); env.PATH is also where the CLIs are looked up.",
+    )
+    config.add_argument("action", choices=("show", "set", "unset"))
+    config.add_argument("key", nargs="?", default="", help=f"one of {', '.join(HOST_SETTINGS)}")
+    config.add_argument("value", nargs="?", help="the new value (set only)")
+    config.set_defaults(func=_cmd_config)
 
     status = commands.add_parser(
         "status", help="is `pgw run` running and connected? (exit 0 yes, 3 not connected, 1 not running)"
@@ -2044,8 +2296,11 @@ def build_parser() -> argparse.ArgumentParser:
     capabilities = commands.add_parser("capabilities", help="print what this machine offers, as JSON")
     capabilities.set_defaults(func=_cmd_capabilities)
 
-    doctor = commands.add_parser("doctor", help="show the config and the CLIs found")
+    doctor = commands.add_parser(
+        "doctor", help="check this host, the config, the CLIs and the server (exit 1 on any FAIL)"
+    )
     doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    doctor.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
     doctor.set_defaults(func=_cmd_doctor)
 
     revoke = commands.add_parser("revoke", help="delete the stored token")

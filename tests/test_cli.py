@@ -222,8 +222,9 @@ time.sleep(60)
 """
 
 
-def test_doctor_lists_config_and_cli_versions(capsys, pgw_home, stub_bin, monkeypatch):
-    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+def test_doctor_lists_checks_with_cli_versions(capsys, pgw_home, stub_bin, monkeypatch):
+    server = f"http://127.0.0.1:{free_port()}"
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "server": server})
     write_stub_cli(stub_bin, "claude", "print('1.0.96 (Claude Code)')")
     write_stub_cli(stub_bin, "codex", "import sys; sys.stderr.write('codex-cli 0.46.0\\n')")
     write_stub_cli(stub_bin, "deepseek", HANGING_CLI)
@@ -231,26 +232,48 @@ def test_doctor_lists_config_and_cli_versions(capsys, pgw_home, stub_bin, monkey
     started = time.monotonic()
     status, out, _ = run(capsys, "doctor")
     assert time.monotonic() - started < 5
-    assert status == 0
-    assert str(pgw_home / "config.json") in out
-    assert "yes, worker w-old" in out and "http://old.example" in out
-    assert "1.0.96 (Claude Code)" in out and "codex-cli 0.46.0" in out
-    assert "gave no answer within 0.5 s" in out
+    lines = {line.split()[1]: line for line in out.splitlines()}
+    assert lines["config"].startswith("PASS") and "worker w-old" in lines["config"]
+    assert lines["claude"].startswith("PASS") and "1.0.96 (Claude Code)" in lines["claude"]
+    assert "codex-cli 0.46.0" in lines["codex"]
+    assert lines["deepseek"].startswith("WARN") and "gave no answer within 0.5 s" in lines["deepseek"]
+    assert lines["daemon"].startswith("WARN")
+    assert lines["dns"].startswith("PASS")
+    assert lines["tcp"].startswith("FAIL") and "refused the connection" in lines["tcp"]
+    assert status == 1, "a FAIL makes doctor exit 1"
     assert "tok-old" not in out
 
 
-def test_doctor_json_has_pgworker_shape(capsys, pgw_home, stub_bin):
+def test_doctor_json_keeps_pgworkers_fields(capsys, pgw_home, stub_bin):
     write_stub_cli(stub_bin, "claude", "print('claude 2.0'); print('second line')")
     write_stub_cli(stub_bin, "codex", "import sys; sys.exit(3)")
+    pgw.write_config(pgw_home / "config.json", {"server": f"http://127.0.0.1:{free_port()}"})
     status, out, _ = run(capsys, "doctor", "--json")
     report = json.loads(out)
-    assert status == 0
+    assert status == 1 and report["ok"] is False
     assert report["paired"] is False and report["worker_id"] is None
     assert report["config_path"] == str(pgw_home / "config.json")
     assert report["capabilities"]["claude_code"]["version"] == "claude 2.0"
     assert report["capabilities"]["codex"]["version"] is None
     assert "exit status 3" in report["capabilities"]["codex"]["problem"]
     assert report["capabilities"]["deepseek_tui"] == {"available": False, "path": None, "version": None}
+    assert {"name": "config", "status": "FAIL"}.items() <= report["checks"][2].items()
+
+
+def test_doctor_warns_about_a_config_others_can_read(capsys, pgw_home, stub_bin):
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "server": f"http://127.0.0.1:{free_port()}"})
+    (pgw_home / "config.json").chmod(0o644)
+    _, out, _ = run(capsys, "doctor")
+    [line] = [line for line in out.splitlines() if line.split()[1] == "config"]
+    assert line.startswith("WARN") and "mode 644" in line and "chmod 600" in line
+
+
+def test_doctor_finds_clis_on_the_configured_path(capsys, pgw_home, tmp_path):
+    elsewhere = tmp_path / "elsewhere"
+    write_stub_cli(elsewhere, "claude", "print('claude 9')")
+    pgw.write_config(pgw_home / "config.json", {"server": f"http://127.0.0.1:{free_port()}", "env": {"PATH": str(elsewhere)}})
+    _, out, _ = run(capsys, "doctor")
+    assert "PASS  claude     " + str(elsewhere / "claude") in out
 
 
 def test_doctor_reports_corrupt_config_and_fails(capsys, pgw_home, stub_bin):
@@ -258,7 +281,59 @@ def test_doctor_reports_corrupt_config_and_fails(capsys, pgw_home, stub_bin):
     (pgw_home / "config.json").write_text("{")
     status, out, err = run(capsys, "doctor")
     assert status == 1 and err == ""
-    assert "is not valid JSON" in out
+    assert "FAIL  config" in out and "is not valid JSON" in out
+
+
+# config set -------------------------------------------------------------------
+
+
+def test_config_set_and_unset_host_settings(capsys, pgw_home, tmp_path):
+    ca = tmp_path / "ca.pem"
+    ca.write_text("x")
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    for key, value in (("env.PATH", "/opt/bin"), ("max_stages", "2"), ("cafile", str(ca)), ("name", "lab"), ("server", "https://pg.example/")):
+        assert run(capsys, "config", "set", key, value)[0] == 0
+    config = json.loads((pgw_home / "config.json").read_text())
+    assert config == {**OLD_CONFIG, "env": {"PATH": "/opt/bin"}, "max_stages": 2, "cafile": str(ca), "name": "lab", "server": "https://pg.example"}
+    assert run(capsys, "config", "unset", "env.PATH")[0] == 0
+    assert json.loads((pgw_home / "config.json").read_text())["env"] == {}
+    _, out, _ = run(capsys, "config", "show")
+    assert "tok-old" not in out and "<hidden>" in out
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["config", "set", "max_stages", "-1"], "max_stages: expected a whole number"),
+        (["config", "set", "colour", "red"], "unknown setting 'colour'"),
+        (["config", "set", "cafile", "/no/such.pem"], "is not a file"),
+        (["config", "set", "name"], "needs a KEY and a VALUE"),
+        (["config", "frobnicate"], "invalid choice"),
+    ],
+)
+def test_config_set_rejects_bad_input_in_one_line(capsys, pgw_home, argv, message):
+    status, _, err = run(capsys, *argv)
+    assert status == 2
+    assert_one_line_error(err, message)
+
+
+@pytest.mark.parametrize(
+    "config, fragment",
+    [({"max_stages": "2"}, "'max_stages' must be a whole number"), ({"env": {"A": 1}}, "'env' must be an object of strings")],
+)
+def test_bad_host_settings_in_config_are_one_line_errors(capsys, pgw_home, config, fragment):
+    pgw.write_config(pgw_home / "config.json", config)
+    status, _, err = run(capsys, "run")
+    assert status == 1
+    assert_one_line_error(err, fragment)
+
+
+def test_settings_from_config_reach_the_worker_options():
+    config = {"token": "t", "max_stages": 3, "cafile": "/ca.pem", "env": {"PATH": "/opt/bin"}}
+    settings = pgw.resolve_settings({"max_stages": None}, {}, config, "h")
+    assert (settings.max_stages, settings.cafile, settings.stage_env) == (3, "/ca.pem", {"PATH": "/opt/bin"})
+    assert pgw.resolve_settings({"max_stages": 0}, {"PGW_CAFILE": "/env.pem"}, config, "h").max_stages == 0
+    assert pgw.resolve_settings({}, {"PGW_CAFILE": "/env.pem"}, config, "h").cafile == "/env.pem"
 
 
 # revoke ---------------------------------------------------------------------
