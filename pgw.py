@@ -50,6 +50,7 @@ import ssl
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import typing
 
@@ -2022,6 +2023,213 @@ async def _websocket_check(stream: trio.abc.Stream, settings: Settings, parsed: 
 
 
 ##############################################################################
+# Selftest: the whole path on this host, with no server and no network
+##############################################################################
+# A loopback backend inside this process (HTTP for pairing, a WebSocket for
+# the stages), a temporary home, stub CLIs that run with this very Python:
+# what a user runs after copying pgw.pyz onto an air-gapped host.
+
+SELFTEST_STEP_TIMEOUT_S = 15.0
+SELFTEST_STREAM_BYTES = 4 * 1024 * 1024
+
+SELFTEST_STUB = """#!{python}
+import os, sys, time
+mode = sys.argv[1] if len(sys.argv) > 1 else "echo"
+if mode == "echo":
+    sys.stdout.write("echo: " + sys.stdin.read())
+elif mode == "stream":
+    line = "x" * 1023 + "\\n"
+    for _ in range({stream_bytes} // 1024):
+        sys.stdout.write(line)
+elif mode == "sleep":
+    print("sleeping", flush=True)
+    time.sleep(60)
+"""
+
+
+class SelftestBackend:
+    """Just enough of the prove-graph backend to drive one worker."""
+
+    def __init__(self) -> None:
+        self.messages: list[dict[str, Any]] = []
+        self.arrived = trio.lowlevel.ParkingLot()
+        self.connection: Optional[trio_websocket.WebSocketConnection] = None
+        self.connected = trio.Event()
+
+    async def handler(self, request: trio_websocket.WebSocketRequest) -> None:
+        self.connection = await request.accept()
+        self.connected.set()
+        try:
+            while True:
+                self.messages.append(json.loads(await self.connection.get_message()))
+                self.arrived.unpark_all()
+        except trio_websocket.ConnectionClosed:
+            pass
+
+    async def send(self, message: dict[str, Any]) -> None:
+        assert self.connection is not None
+        await self.connection.send_message(json.dumps(message))
+
+    async def wait_for(self, kind: str, stage_run_id: Optional[str] = None) -> dict[str, Any]:
+        while True:
+            for message in self.messages:
+                if message.get("type") == kind and stage_run_id in (None, message.get("stage_run_id")):
+                    return message
+            await self.arrived.park()
+
+    def output(self, stage_run_id: str) -> tuple[str, list[int]]:
+        frames = [m for m in self.messages if m.get("stage_run_id") == stage_run_id and m["type"] in ("stage.stdout", "stage.stderr")]
+        return "".join(m["data"] for m in frames), [m["seq"] for m in frames]
+
+
+def _selftest_pair_server() -> tuple[Any, str]:
+    """A pair-confirm endpoint on 127.0.0.1, in a thread."""
+    import http.server
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+            self.rfile.read(int(self.headers.get("Content-Length", 0)))
+            body = json.dumps({"worker_id": "selftest", "token": "selftest-token"}).encode()
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server, f"http://127.0.0.1:{server.server_address[1]}"
+
+
+async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None]) -> bool:
+    """Run every step, reporting each with say(step, passed, detail); True if all passed."""
+    home, bin_dir = work_dir / "home", work_dir / "bin"
+    bin_dir.mkdir()
+    for cli in CLI_CAPABILITY_KEYS:
+        stub = bin_dir / cli
+        stub.write_text(SELFTEST_STUB.format(python=sys.executable, stream_bytes=SELFTEST_STREAM_BYTES))
+        stub.chmod(0o755)
+    results: list[bool] = []
+
+    async def step(name: str, body: typing.Callable[[], typing.Awaitable[str]]) -> bool:
+        try:
+            with trio.fail_after(SELFTEST_STEP_TIMEOUT_S):
+                detail = await body()
+            passed = True
+        except trio.TooSlowError:
+            passed, detail = False, f"no answer within {SELFTEST_STEP_TIMEOUT_S:g} s"
+        except (AssertionError, PgwError, OSError) as exc:
+            passed, detail = False, str(exc) or type(exc).__name__
+        say(name, passed, detail)
+        results.append(passed)
+        return passed
+
+    pair_server, pair_url = _selftest_pair_server()
+    backend = SelftestBackend()
+    try:
+        async with trio.open_nursery() as nursery:
+            ws_server = await nursery.start(trio_websocket.serve_websocket, backend.handler, "127.0.0.1", 0, None)
+            server_url = f"http://127.0.0.1:{ws_server.port}"
+
+            async def pair() -> str:
+                body = {"pair_code": "SELFTEST", "machine_name": "selftest", "capabilities": probe_capabilities(str(bin_dir))}
+                pairing = await trio.to_thread.run_sync(request_pairing, pair_url, body)
+                write_config(home / CONFIG_FILENAME, {"server": server_url, **pairing})
+                mode = stat.S_IMODE((home / CONFIG_FILENAME).stat().st_mode)
+                assert mode == 0o600, f"config.json is mode {mode:o}, not 600"
+                return f"paired with a loopback server; config.json mode 600 in {home}"
+
+            async def connect() -> str:
+                config = read_config(home / CONFIG_FILENAME)
+                options = WorkerOptions(
+                    server=server_url, token=config["token"], name="selftest", home=home,
+                    environ={**os.environ, "PATH": str(bin_dir)},
+                )
+                nursery.start_soon(Worker(options).run)
+                hello = await backend.wait_for("hello")
+                found = [key for key in ("claude_code", "codex", "deepseek_tui") if hello["capabilities"][key]["available"]]
+                assert len(found) == 3, f"stub CLIs not found: {hello['capabilities']}"
+                return "`pgw run` connected and said hello with 3 CLIs"
+
+            async def echo() -> str:
+                await backend.send({"type": "stage.request", "stage_run_id": "echo", "job_id": "selftest",
+                                    "cli": "claude", "cli_args": ["echo"], "stdin": "héllo ✓"})
+                end = await backend.wait_for("stage.exit", "echo")
+                text, _ = backend.output("echo")
+                assert end["returncode"] == 0 and text == "echo: héllo ✓", f"got {text!r}, exit {end}"
+                return "the prompt went in on stdin and came back"
+
+            async def stream() -> str:
+                started = trio.current_time()
+                await backend.send({"type": "stage.request", "stage_run_id": "stream", "job_id": "selftest",
+                                    "cli": "codex", "cli_args": ["stream"], "stdin": ""})
+                end = await backend.wait_for("stage.exit", "stream")
+                text, seqs = backend.output("stream")
+                assert end["returncode"] == 0 and len(text) == SELFTEST_STREAM_BYTES, f"{len(text)} bytes arrived"
+                assert seqs == list(range(1, len(seqs) + 1)), "frames out of order"
+                elapsed = trio.current_time() - started
+                return f"{SELFTEST_STREAM_BYTES // 2**20} MiB in {len(seqs)} frames, {SELFTEST_STREAM_BYTES / 2**20 / elapsed:.0f} MiB/s"
+
+            async def cancel() -> str:
+                await backend.send({"type": "stage.request", "stage_run_id": "cancel", "job_id": "selftest",
+                                    "cli": "deepseek", "cli_args": ["sleep"], "stdin": ""})
+                pid = (await backend.wait_for("stage.ack", "cancel"))["pid"]
+                await backend.wait_for("stage.stdout", "cancel")
+                await backend.send({"type": "stage.cancel", "stage_run_id": "cancel", "signal": "SIGTERM"})
+                end = await backend.wait_for("stage.exit", "cancel")
+                assert end["returncode"] == -signal.SIGTERM, f"exit {end}"
+                try:
+                    os.killpg(pid, 0)
+                    alive = sys.platform != "linux" or _group_has_live_member(pid)
+                except ProcessLookupError:
+                    alive = False
+                assert not alive, f"process group {pid} survived the cancel"
+                return "SIGTERM reached the stage's process group; nothing left running"
+
+            async def timeout() -> str:
+                await backend.send({"type": "stage.request", "stage_run_id": "timeout", "job_id": "selftest",
+                                    "cli": "claude", "cli_args": ["sleep"], "stdin": "", "timeout_s": 1})
+                end = await backend.wait_for("stage.exit", "timeout")
+                assert end["error"] == "timed out after 1 s", f"exit {end}"
+                return "a 1 s timeout stopped the stage"
+
+            async def bad_request() -> str:
+                await backend.send({"type": "stage.request", "stage_run_id": "bad", "job_id": "selftest",
+                                    "cli": "claude", "cli_args": [], "stdin": "", "files": {"../escape": "aGk="}})
+                end = await backend.wait_for("stage.exit", "bad")
+                assert end["returncode"] == -1 and "unsafe file path" in (end["error"] or ""), f"exit {end}"
+                assert not (home / "escape").exists(), "a file was written outside the scratch dir"
+                return "an unsafe file path was refused with an error exit"
+
+            for name, body in (("pair", pair), ("connect", connect), ("echo", echo), ("stream", stream),
+                               ("cancel", cancel), ("timeout", timeout), ("bad request", bad_request)):
+                if not await step(name, body) and name in ("pair", "connect"):
+                    break
+            nursery.cancel_scope.cancel()
+    finally:
+        pair_server.shutdown()
+        pair_server.server_close()
+    return len(results) == 7 and all(results)
+
+
+def _group_has_live_member(pgid: int) -> bool:
+    """Whether a non-zombie process is in group `pgid` (Linux /proc)."""
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat_line = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat_line[stat_line.rindex(")") + 2:].split()
+        if int(fields[2]) == pgid and fields[0] != "Z":
+            return True
+    return False
+
+
+##############################################################################
 # Command line
 ##############################################################################
 
@@ -2116,6 +2324,25 @@ def _cmd_config(args: argparse.Namespace) -> int:
     write_config(path, config)
     print(f"{args.action} {args.key} in {path}")
     return 0
+
+
+def _cmd_selftest(args: argparse.Namespace) -> int:
+    if not log.handlers:
+        log.addHandler(logging.NullHandler())  # the steps report; the worker's log is not wanted here
+        log.propagate = False
+    failures = 0
+
+    def say(step: str, passed: bool, detail: str) -> None:
+        nonlocal failures
+        failures += not passed
+        print(f"{'PASS' if passed else 'FAIL'}  {step:<12} {detail}", flush=True)
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory(prefix="pgw-selftest-") as work_dir:
+        passed = trio.run(selftest, Path(work_dir), say)
+    verdict = "all steps passed" if passed else f"{failures or 'some'} step(s) failed"
+    print(f"selftest: {verdict} in {time.monotonic() - started:.1f} s (pgw {__version__}, Python {platform.python_version()})")
+    return 0 if passed else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -2286,6 +2513,11 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("key", nargs="?", default="", help=f"one of {', '.join(HOST_SETTINGS)}")
     config.add_argument("value", nargs="?", help="the new value (set only)")
     config.set_defaults(func=_cmd_config)
+
+    selftest_parser = commands.add_parser(
+        "selftest", help="prove pgw works on this host: a loopback server, stub CLIs, no network (exit 0 if all pass)"
+    )
+    selftest_parser.set_defaults(func=_cmd_selftest)
 
     status = commands.add_parser(
         "status", help="is `pgw run` running and connected? (exit 0 yes, 3 not connected, 1 not running)"

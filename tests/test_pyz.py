@@ -236,6 +236,14 @@ async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, hom
     assert backend.token not in (config_dir / "run.log").read_text()
 
 
+def test_selftest_passes_from_the_pyz(python, pyz, home):
+    done = run_pyz(python, pyz, home, "selftest")
+    assert done.returncode == 0, done.stdout + done.stderr
+    lines = done.stdout.splitlines()
+    assert [line.split()[0] for line in lines[:-1]] == ["PASS"] * 7
+    assert lines[-1].startswith("selftest: all steps passed") and python_version(python) in lines[-1]
+
+
 ##############################################################################
 # What the pyz holds
 ##############################################################################

@@ -116,3 +116,11 @@ async def test_restart_after_sigkill_kills_what_the_dead_daemon_left(tmp_path, s
                 await assert_group_gone(pgid)
                 assert list((home / "scratch").iterdir()) == []
                 assert "killed 1 process(es) left running by a pgw that died" in (home / "run.log").read_text()
+
+
+def test_selftest_fails_a_step_that_does_not_hold(capsys, monkeypatch):
+    monkeypatch.setattr(pgw, "check_file_path", lambda name: tuple(name.split("/")))  # lets `..` through
+    assert pgw.main(["selftest"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  bad request" in out and "PASS  echo" in out
+    assert "selftest: 1 step(s) failed" in out
