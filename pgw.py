@@ -42,6 +42,7 @@ import logging.handlers
 import os
 import platform
 import random
+import shlex
 import shutil
 import signal
 import socket
@@ -175,6 +176,9 @@ CODEX_TRACE_HEADER = "=== CODEX TRACE (rollout extract) ==="
 LOCK_FILENAME = "run.lock"  # flock'ed by the one `pgw run` of this home
 STATE_FILENAME = "state.json"  # what `pgw status` shows
 STAGE_GROUPS_DIRNAME = "stages"  # one file per running stage's process group
+
+# Tokens shorter than this are not hidden in the log (see RedactToken).
+REDACT_MIN_CHARS = 6
 
 # PROTOCOL.md: run.log is rotated at 1 MB with 5 backups.
 LOG_MAX_BYTES = 1_000_000
@@ -1822,9 +1826,14 @@ class RedactToken(logging.Filter):
 
     def __init__(self, token: str) -> None:
         super().__init__()
-        self.secrets = [token, urllib.parse.quote(token, safe="")] if token else []
+        # A token too short to be a real secret would turn every log line to mush.
+        long_enough = token and len(token) >= REDACT_MIN_CHARS
+        self.secrets = list(dict.fromkeys([token, urllib.parse.quote(token, safe="")])) if long_enough else []
 
     def filter(self, record: logging.LogRecord) -> bool:
+        if getattr(record, "pgw_redacted", False):  # one record passes every handler
+            return True
+        record.pgw_redacted = True
         message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
@@ -2230,6 +2239,140 @@ def _group_has_live_member(pgid: int) -> bool:
 
 
 ##############################################################################
+# Install: cron, systemd --user, launchd; pruning old extractions
+##############################################################################
+# What `install` writes starts pgw with absolute paths (cron's PATH is
+# /usr/bin:/bin, and a unit has no shell), carries a PATH on which the CLIs
+# are found, and points SHIV_ROOT into the pgw home.
+
+CRON_BEGIN = "# >>> pgw: managed by `pgw install cron`; remove with `pgw uninstall cron` >>>"
+CRON_END = "# <<< pgw <<<"
+SYSTEMD_UNIT = "pgw.service"
+LAUNCHD_LABEL = "dev.pgw.worker"
+INSTALL_KINDS = ("cron", "systemd", "launchd")
+
+
+@attrs.frozen
+class Launch:
+    """How a service manager starts `pgw run` on this host."""
+
+    argv: list[str]
+    environ: dict[str, str]
+
+
+def launch_for_this_host(home: Path, environ: typing.Mapping[str, str], search_path: str) -> Launch:
+    """The interpreter and the pyz (or pgw.py) as absolute paths, and the env to give them."""
+    pyz = Path(sys.argv[0]).resolve() if current_extraction() is not None else Path(__file__).resolve()
+    path_dirs = [str(Path(found).parent) for found in (shutil.which(cli, path=search_path) for cli in CLI_CAPABILITY_KEYS) if found]
+    path_dirs += [d for d in search_path.split(os.pathsep) if d]
+    path_dirs += ["/usr/local/bin", "/usr/bin", "/bin"]
+    launch_env = {"PATH": os.pathsep.join(dict.fromkeys(path_dirs)), "SHIV_ROOT": str(home / "shiv")}
+    if environ.get(ENV_HOME):
+        launch_env[ENV_HOME] = str(home)
+    return Launch([sys.executable, str(pyz), "run"], launch_env)
+
+
+def cron_block(launch: Launch) -> str:
+    command = " ".join(
+        [f"{key}={shlex.quote(value)}" for key, value in launch.environ.items()] + [shlex.quote(a) for a in launch.argv]
+    ).replace("%", "\\%")  # cron turns a bare % into a newline
+    command += " >/dev/null 2>&1"  # pgw logs to run.log; cron would mail anything printed
+    return "\n".join([CRON_BEGIN, f"@reboot {command}", f"*/5 * * * * {command}", CRON_END]) + "\n"
+
+
+def replace_cron_block(crontab: str, block: str) -> str:
+    """`crontab` with pgw's marked block replaced by `block` ("" removes it)."""
+    kept, inside = [], False
+    for line in crontab.splitlines():
+        if line == CRON_BEGIN:
+            inside = True
+        elif line == CRON_END and inside:
+            inside = False
+        elif not inside:
+            kept.append(line)
+    text = "\n".join(kept).strip("\n")
+    return (text + "\n" if text else "") + block
+
+
+def systemd_unit(launch: Launch) -> str:
+    environment = "\n".join(f'Environment="{key}={value}"' for key, value in launch.environ.items())
+    return f"""[Unit]
+Description=pgw, the prove-graph worker
+Wants=network-online.target
+After=network-online.target
+
+[Service]
+ExecStart={" ".join(shlex.quote(a) for a in launch.argv)}
+{environment}
+Restart=always
+RestartSec=5
+# pgw stops its stages on SIGTERM (5 s grace) and sends their exits.
+KillMode=mixed
+TimeoutStopSec=20
+
+[Install]
+WantedBy=default.target
+"""
+
+
+def launchd_plist(launch: Launch, home: Path) -> str:
+    import plistlib
+
+    return plistlib.dumps({
+        "Label": LAUNCHD_LABEL,
+        "ProgramArguments": launch.argv,
+        "EnvironmentVariables": launch.environ,
+        "RunAtLoad": True,
+        "KeepAlive": True,
+        "StandardErrorPath": str(home / "launchd.log"),
+    }).decode()
+
+
+def install_target(kind: str) -> Optional[Path]:
+    if kind == "systemd":
+        config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
+        return config_home / "systemd" / "user" / SYSTEMD_UNIT
+    if kind == "launchd":
+        return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+    return None
+
+
+def _run_tool(argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    try:
+        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+    except FileNotFoundError:
+        raise PgwError(f"`{argv[0]}` is not installed on this host") from None
+    except subprocess.TimeoutExpired:
+        raise PgwError(f"`{' '.join(argv)}` gave no answer within 30 s") from None
+
+
+def read_crontab() -> str:
+    done = _run_tool(["crontab", "-l"])
+    if done.returncode != 0:
+        if "no crontab" in done.stderr.lower():
+            return ""
+        raise PgwError(f"`crontab -l` failed: {done.stderr.strip()}")
+    return done.stdout
+
+
+def write_crontab(text: str) -> None:
+    done = _run_tool(["crontab", "-"], stdin=text)
+    if done.returncode != 0:
+        raise PgwError(f"`crontab -` failed: {done.stderr.strip()}")
+
+
+def prune_old_extractions(root: Path, current: Optional[Path]) -> list[Path]:
+    """Remove older extractions of this pyz (never the running one); what was removed."""
+    removed = []
+    for old in old_extractions(root, current):
+        shutil.rmtree(old, ignore_errors=True)
+        (root / f".{old.name}_lock").unlink(missing_ok=True)
+        if not old.exists():
+            removed.append(old)
+    return removed
+
+
+##############################################################################
 # Command line
 ##############################################################################
 
@@ -2295,6 +2438,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
     )
     if settings.cafile:
         make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
+    for old in prune_old_extractions(shiv_root(), current_extraction()):
+        log.info("removed an older extraction of pgw: %s", old)
     options = WorkerOptions(
         server=settings.server,
         token=settings.token,
@@ -2343,6 +2488,74 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     verdict = "all steps passed" if passed else f"{failures or 'some'} step(s) failed"
     print(f"selftest: {verdict} in {time.monotonic() - started:.1f} s (pgw {__version__}, Python {platform.python_version()})")
     return 0 if passed else 1
+
+
+def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path]:
+    home = pgw_home()
+    config = read_config(home / CONFIG_FILENAME)
+    stage_path = (config.get("env") or {}).get("PATH") or os.environ.get("PATH", os.defpath)
+    return launch_for_this_host(home, os.environ, stage_path), home
+
+
+def _cmd_install(args: argparse.Namespace) -> int:
+    launch, home = _install_plan(args)
+    target = install_target(args.kind)
+    if args.kind == "cron":
+        text = cron_block(launch)
+    elif args.kind == "systemd":
+        text = systemd_unit(launch)
+    else:
+        text = launchd_plist(launch, home)
+    if not args.apply:
+        where = "your crontab" if target is None else str(target)
+        print(f"# `pgw install {args.kind} --apply` would put this in {where}:")
+        print(text, end="")
+        return 0
+    if args.kind == "cron":
+        write_crontab(replace_cron_block(read_crontab(), text))
+        print("installed pgw's @reboot and */5 watchdog lines in your crontab")
+        return 0
+    assert target is not None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    target.write_text(text, encoding="utf-8")
+    print(f"wrote {target}")
+    tool = (
+        [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", SYSTEMD_UNIT]]
+        if args.kind == "systemd"
+        else [["launchctl", "load", "-w", str(target)]]
+    )
+    for argv in tool:
+        done = _run_tool(argv)
+        if done.returncode != 0:
+            raise PgwError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
+    print(f"enabled and started ({' then '.join(' '.join(a) for a in tool)})")
+    return 0
+
+
+def _cmd_uninstall(args: argparse.Namespace) -> int:
+    if args.kind == "cron":
+        crontab = read_crontab()
+        if CRON_BEGIN not in crontab:
+            print("nothing to remove: no pgw lines in your crontab")
+            return 0
+        write_crontab(replace_cron_block(crontab, ""))
+        print("removed pgw's lines from your crontab")
+        return 0
+    target = install_target(args.kind)
+    assert target is not None
+    if not target.exists():
+        print(f"nothing to remove: no {target}")
+        return 0
+    tool = (
+        ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT] if args.kind == "systemd"
+        else ["launchctl", "unload", "-w", str(target)]
+    )
+    done = _run_tool(tool)
+    if done.returncode != 0:
+        print(f"pgw: warning: `{' '.join(tool)}` failed: {done.stderr.strip()}", file=sys.stderr)
+    target.unlink()
+    print(f"removed {target}")
+    return 0
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -2513,6 +2726,16 @@ def build_parser() -> argparse.ArgumentParser:
     config.add_argument("key", nargs="?", default="", help=f"one of {', '.join(HOST_SETTINGS)}")
     config.add_argument("value", nargs="?", help="the new value (set only)")
     config.set_defaults(func=_cmd_config)
+
+    install = commands.add_parser(
+        "install", help="print (or with --apply, install) what starts `pgw run` at boot: cron, systemd or launchd"
+    )
+    install.add_argument("kind", choices=INSTALL_KINDS)
+    install.add_argument("--apply", action="store_true", help="install it (idempotent) instead of printing it")
+    install.set_defaults(func=_cmd_install)
+    uninstall = commands.add_parser("uninstall", help="remove what `pgw install KIND --apply` installed")
+    uninstall.add_argument("kind", choices=INSTALL_KINDS)
+    uninstall.set_defaults(func=_cmd_uninstall)
 
     selftest_parser = commands.add_parser(
         "selftest", help="prove pgw works on this host: a loopback server, stub CLIs, no network (exit 0 if all pass)"

@@ -244,6 +244,70 @@ def test_selftest_passes_from_the_pyz(python, pyz, home):
     assert lines[-1].startswith("selftest: all steps passed") and python_version(python) in lines[-1]
 
 
+async def test_cron_line_from_install_finds_the_clis_under_crons_environment(pyz, home, tmp_path):
+    """`install cron` run from a login shell; its line run as cron would: env -i, PATH=/usr/bin:/bin."""
+    import signal
+
+    import trio
+    from backend import open_backend
+
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    clis = tmp_path / "local-bin"  # like ~/.local/bin: not on cron's PATH
+    clis.mkdir()
+    (clis / "claude").write_text(STUB_CLI.format(python=python))
+    (clis / "claude").chmod(0o755)
+    with trio.fail_after(60):
+        async with open_backend() as backend:
+            config_dir = home / ".pgworker"
+            config_dir.mkdir(mode=0o700)
+            (config_dir / "config.json").write_text(json.dumps({"server": backend.url, "worker_id": "w", "token": backend.token}))
+            shell_env = {"PATH": f"{clis}:{MINIMAL_PATH}", "HOME": str(home)}
+            printed = subprocess.run([python, str(pyz), "install", "cron"], env=shell_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=True).stdout
+            line = next(entry for entry in printed.splitlines() if entry.startswith("@reboot "))
+            command = line[len("@reboot "):]
+            cron = await trio.lowlevel.open_process(
+                ["env", "-i", f"HOME={home}", "LOGNAME=pgw", "SHELL=/bin/sh", "PATH=/usr/bin:/bin", "/bin/sh", "-c", command],
+                start_new_session=True, stdin=subprocess.DEVNULL,
+            )
+            try:
+                connection = await backend.next_connection()
+                hello = await connection.receive("hello")
+                await connection.send({"type": "stage.request", "stage_run_id": "c1", "job_id": "j", "cli": "claude", "cli_args": [], "stdin": "from cron"})
+                result = await connection.stage_result("c1")
+            finally:
+                os.killpg(cron.pid, signal.SIGTERM)
+                await cron.wait()
+    assert hello["capabilities"]["claude_code"] == {"available": True, "path": str(clis / "claude")}
+    assert result.returncode == 0 and result.stdout.startswith("claude from cron")
+    assert (home / ".pgworker" / "shiv").is_dir(), "SHIV_ROOT points into the pgw home"
+
+
+async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
+    import signal
+
+    import trio
+
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    shiv_root = tmp_path / "shiv"
+    old = shiv_root / "pgw.pyz_0123456789abcdef"
+    (old / "site-packages").mkdir(parents=True)
+    (old / "site-packages" / "pgw.py").write_text("# an older build")
+    config_dir = home / ".pgworker"
+    config_dir.mkdir(mode=0o700)
+    (config_dir / "config.json").write_text(json.dumps({"server": "http://127.0.0.1:9", "token": "t"}))
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root)}
+    with trio.fail_after(60):
+        daemon = await trio.lowlevel.open_process([python, str(pyz), "run"], env=env, stdin=subprocess.DEVNULL)
+        try:
+            while "removed an older extraction" not in ((config_dir / "run.log").read_text() if (config_dir / "run.log").exists() else ""):
+                await trio.sleep(0.1)
+        finally:
+            daemon.send_signal(signal.SIGTERM)
+            assert await daemon.wait() == 0
+    assert not old.exists()
+    assert [entry.name.startswith("pgw.pyz_") for entry in shiv_root.iterdir() if not entry.name.startswith(".")] == [True]
+
+
 ##############################################################################
 # What the pyz holds
 ##############################################################################

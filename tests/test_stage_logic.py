@@ -221,6 +221,19 @@ async def test_outbox_wait_drained_returns_once_everything_is_taken():
 
 
 def test_log_filter_hides_the_token_even_url_quoted():
-    record = logging.LogRecord("pgw", logging.INFO, __file__, 1, "url %s and %s", ("ws://h/?token=a/b c", "a%2Fb%20c"), None)
-    pgw.RedactToken("a/b c").filter(record)
+    record = logging.LogRecord("pgw", logging.INFO, __file__, 1, "url %s and %s", ("ws://h/?token=ab/c d", "ab%2Fc%20d"), None)
+    pgw.RedactToken("ab/c d").filter(record)
     assert record.getMessage() == "url ws://h/?token=<token> and <token>"
+
+
+def test_log_filter_redacts_once_however_many_handlers():
+    redact = pgw.RedactToken("tok-secret")
+    record = logging.LogRecord("pgw", logging.INFO, __file__, 1, "token tok-secret", (), None)
+    assert redact.filter(record) and redact.filter(record)
+    assert record.getMessage() == "token <token>"
+
+
+def test_log_filter_leaves_a_degenerate_short_token_alone():
+    record = logging.LogRecord("pgw", logging.INFO, __file__, 1, "started: server=http://h", (), None)
+    pgw.RedactToken("t").filter(record)
+    assert record.getMessage() == "started: server=http://h"

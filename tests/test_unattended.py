@@ -124,3 +124,92 @@ def test_selftest_fails_a_step_that_does_not_hold(capsys, monkeypatch):
     out = capsys.readouterr().out
     assert "FAIL  bad request" in out and "PASS  echo" in out
     assert "selftest: 1 step(s) failed" in out
+
+
+# install and uninstall ----------------------------------------------------------
+
+FAKE_CRONTAB = """#!/bin/sh
+# a crontab(1) stand-in keeping the table in $CRONTAB_FILE
+if [ "$1" = "-l" ]; then
+  [ -f "$CRONTAB_FILE" ] || { echo "no crontab for $USER" >&2; exit 1; }
+  cat "$CRONTAB_FILE"
+elif [ "$1" = "-" ]; then
+  cat > "$CRONTAB_FILE"
+fi
+"""
+
+
+def test_install_cron_prints_absolute_paths_and_a_path_with_the_clis(capsys, pgw_home, tmp_path, monkeypatch):
+    clis = tmp_path / "clis"
+    write_stub_cli(clis, "claude", "print('claude')")
+    pgw.write_config(pgw_home / "config.json", {"env": {"PATH": str(clis)}})
+    assert pgw.main(["install", "cron"]) == 0
+    out = capsys.readouterr().out
+    reboot = next(line for line in out.splitlines() if line.startswith("@reboot "))
+    watchdog = next(line for line in out.splitlines() if line.startswith("*/5 * * * * "))
+    assert reboot[len("@reboot "):] == watchdog[len("*/5 * * * * "):]
+    assert f"PATH={clis}:" in reboot
+    assert f"SHIV_ROOT={pgw_home / 'shiv'}" in reboot and f"PGW_HOME={pgw_home}" in reboot
+    assert f"{sys.executable} {ROOT / 'pgw.py'} run >/dev/null 2>&1" in reboot
+
+
+def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys, pgw_home, tmp_path, monkeypatch):
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "crontab").write_text(FAKE_CRONTAB)
+    (tools / "crontab").chmod(0o755)
+    table = tmp_path / "crontab.txt"
+    table.write_text("MAILTO=me\n0 3 * * * backup\n")
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("CRONTAB_FILE", str(table))
+    assert pgw.main(["install", "cron", "--apply"]) == 0
+    once = table.read_text()
+    assert pgw.main(["install", "cron", "--apply"]) == 0
+    assert table.read_text() == once
+    assert once.startswith("MAILTO=me\n0 3 * * * backup\n") and once.count("@reboot") == 1
+    assert pgw.main(["uninstall", "cron"]) == 0
+    assert table.read_text() == "MAILTO=me\n0 3 * * * backup\n"
+    assert pgw.main(["uninstall", "cron"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out
+
+
+def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, monkeypatch):
+    tools = tmp_path / "tools"
+    write_stub_cli(tools, "systemctl", f"import sys; open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')")
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    assert pgw.main(["install", "systemd", "--apply"]) == 0
+    unit = (tmp_path / "xdg" / "systemd" / "user" / "pgw.service").read_text()
+    assert "Restart=always" in unit and f"ExecStart={sys.executable} {ROOT / 'pgw.py'} run" in unit
+    assert f'Environment="SHIV_ROOT={pgw_home / "shiv"}"' in unit
+    assert (tmp_path / "calls").read_text() == "--user daemon-reload\n--user enable --now pgw.service\n"
+    assert pgw.main(["uninstall", "systemd"]) == 0
+    assert not (tmp_path / "xdg" / "systemd" / "user" / "pgw.service").exists()
+
+
+def test_install_launchd_prints_a_keepalive_agent(capsys, pgw_home):
+    import plistlib
+
+    assert pgw.main(["install", "launchd"]) == 0
+    out = capsys.readouterr().out
+    agent = plistlib.loads(out.split("\n", 1)[1].encode())
+    assert agent["KeepAlive"] is True and agent["RunAtLoad"] is True
+    assert agent["ProgramArguments"] == [sys.executable, str(ROOT / "pgw.py"), "run"]
+
+
+def test_install_without_the_tool_is_one_line_error(capsys, pgw_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))
+    assert pgw.main(["install", "cron", "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert err == "pgw: `crontab` is not installed on this host\n"
+
+
+def test_prune_removes_older_extractions_but_not_the_running_one(tmp_path):
+    root = tmp_path / "shiv"
+    current = root / "pgw.pyz_cafe"
+    for name in ("pgw.pyz_cafe", "pgw.pyz_0ld1", "pgw.pyz_0ld2", "other.pyz_0ld3"):
+        (root / name / "site-packages").mkdir(parents=True)
+    (root / ".pgw.pyz_0ld1_lock").write_text("")
+    removed = pgw.prune_old_extractions(root, current)
+    assert sorted(path.name for path in removed) == ["pgw.pyz_0ld1", "pgw.pyz_0ld2"]
+    assert sorted(path.name for path in root.iterdir()) == ["other.pyz_0ld3", "pgw.pyz_cafe"]
