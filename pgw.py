@@ -42,6 +42,7 @@ import logging.handlers
 import os
 import platform
 import random
+import secrets
 import shlex
 import shutil
 import signal
@@ -161,9 +162,12 @@ PIPE_DRAIN_GRACE_S = 2.0
 # After SIGKILL a process is gone at once unless the kernel is stuck on it.
 KILL_WAIT_S = 5.0
 
-# Issue 5 / the GitHub runner's technique: every child carries this tag, so
-# escapees in a new session can be found and killed at stage end (Linux).
-STAGE_TAG_ENV = "PGW_STAGE_ID"
+# Issue 5 / the GitHub runner's technique: every child carries its stage's id
+# and a tag unique to this stage run in this pgw, so escapees in a new session
+# can be found and killed at stage end (Linux).  The kill goes by the tag: two
+# pgw daemons on one host may both run a stage with the same id.
+STAGE_ID_ENV = "PGW_STAGE_ID"
+STAGE_TAG_ENV = "PGW_STAGE_TAG"
 
 # A stage_run_id names a directory: keep it to one sane path component.
 STAGE_ID_MAX_CHARS = 200
@@ -712,12 +716,13 @@ def _check_files_size(decoded_bytes: int) -> None:
 
 
 def stage_environment(
-    worker_environ: typing.Mapping[str, str], request_env: dict[str, str], stage_run_id: str
+    worker_environ: typing.Mapping[str, str], request_env: dict[str, str], stage_run_id: str, tag: str
 ) -> dict[str, str]:
-    """pgw's environment less its own PGW_* settings, plus the request's env and the stage tag."""
+    """pgw's environment less its own PGW_* settings, plus the request's env and the stage's id and tag."""
     environ = {key: value for key, value in worker_environ.items() if not key.startswith("PGW_")}
     environ.update(request_env)
-    environ[STAGE_TAG_ENV] = stage_run_id
+    environ[STAGE_ID_ENV] = stage_run_id
+    environ[STAGE_TAG_ENV] = tag
     return environ
 
 
@@ -1016,10 +1021,10 @@ def read_state(home: Path) -> Optional[dict[str, Any]]:
     return state if isinstance(state, dict) else None
 
 
-def record_stage_group(home: Path, pgid: int, stage_run_id: str) -> None:
+def record_stage_group(home: Path, pgid: int, stage_tag: str) -> None:
     directory = home / STAGE_GROUPS_DIRNAME
     directory.mkdir(mode=0o700, exist_ok=True)
-    (directory / str(pgid)).write_text(stage_run_id, encoding="utf-8")
+    (directory / str(pgid)).write_text(stage_tag, encoding="utf-8")
 
 
 def forget_stage_group(home: Path, pgid: int) -> None:
@@ -1040,11 +1045,11 @@ def kill_leftover_stage_groups(home: Path) -> int:
         return 0
     for record in records:
         try:
-            stage_run_id = record.read_text(encoding="utf-8")
+            stage_tag = record.read_text(encoding="utf-8")
         except OSError:
-            stage_run_id = ""
+            stage_tag = ""
         if sys.platform == "linux":
-            killed += kill_tagged_processes(stage_run_id) if stage_run_id else 0
+            killed += kill_tagged_processes(stage_tag) if stage_tag else 0
         elif record.name.isdigit():
             kill_process_group(int(record.name), signal.SIGKILL)
             killed += 1
@@ -1183,6 +1188,7 @@ class Stage:
     pumps_done: trio.Event = attrs.field(factory=trio.Event)
     pumps_waiting_on_server: int = 0  # parked in Outbox.put: backpressure, not idleness
     holds_slot: bool = False  # one of the --max-stages slots
+    tag: str = attrs.field(factory=lambda: f"{os.getpid()}-{secrets.token_hex(8)}")  # PGW_STAGE_TAG
 
     @property
     def id(self) -> str:
@@ -1209,13 +1215,13 @@ def kill_process_group(pgid: int, signum: int) -> None:
         pass
 
 
-def kill_tagged_processes(stage_run_id: str, proc_dir: Path = Path("/proc")) -> int:
-    """SIGKILL every process of ours whose environment carries this stage's tag.
+def kill_tagged_processes(stage_tag: str, proc_dir: Path = Path("/proc")) -> int:
+    """SIGKILL every process whose environment carries this stage's tag.
 
     Catches children that escaped the process group with setsid.  Linux only
     (elsewhere there is no /proc/PID/environ); returns how many were killed.
     """
-    tag = f"{STAGE_TAG_ENV}={stage_run_id}".encode() + b"\0"
+    tag = f"{STAGE_TAG_ENV}={stage_tag}".encode() + b"\0"
     killed = 0
     try:
         pids = [int(entry.name) for entry in proc_dir.iterdir() if entry.name.isdigit()]
@@ -1629,7 +1635,9 @@ class Worker:
             process = await trio.lowlevel.open_process(
                 argv,
                 cwd=scratch_dir,
-                env=stage_environment({**self.options.environ, **self.options.stage_env}, request.env, stage.id),
+                env=stage_environment(
+                    {**self.options.environ, **self.options.stage_env}, request.env, stage.id, stage.tag
+                ),
                 stdin=subprocess.PIPE if request.stdin_mode == "stdin" else subprocess.DEVNULL,
                 stdout=subprocess.PIPE,
                 stderr=subprocess.PIPE,
@@ -1638,7 +1646,7 @@ class Worker:
         except OSError as exc:
             raise StageRejected(f"cannot start {request.cli}: {exc.strerror or exc}") from None
         stage.process = process
-        record_stage_group(self.options.home, process.pid, stage.id)
+        record_stage_group(self.options.home, process.pid, stage.tag)
         self.publish_state()
         log.info("stage %s: started cli=%s pid=%d", stage.id, request.cli, process.pid)
         try:
@@ -1666,7 +1674,7 @@ class Worker:
             return
         kill_process_group(process.pid, signal.SIGKILL)
         if sys.platform == "linux":
-            await trio.to_thread.run_sync(kill_tagged_processes, stage.id)
+            await trio.to_thread.run_sync(kill_tagged_processes, stage.tag)
         while not stage.pumps_done.is_set():
             before = stage.bytes_out
             with trio.move_on_after(PIPE_DRAIN_GRACE_S):
@@ -1685,7 +1693,7 @@ class Worker:
         with trio.move_on_after(KILL_WAIT_S):
             await process.wait()
         if sys.platform == "linux":
-            await trio.to_thread.run_sync(kill_tagged_processes, stage.id)
+            await trio.to_thread.run_sync(kill_tagged_processes, stage.tag)
         for pipe in (process.stdin, process.stdout, process.stderr):
             if pipe is not None:
                 await pipe.aclose()

@@ -594,7 +594,7 @@ async def test_second_signal_skips_the_grace(tmp_path, stub_bin):
                 daemon.send_signal(signal.SIGINT)
                 result = await connection.stage_result("s1")
                 assert await daemon.wait() == 0
-                assert trio.current_time() - started < 3
+                assert trio.current_time() - started < 4, "the second signal skipped the 5 s grace"
             await assert_group_gone(pgid)
     assert result.returncode == -9 and result.error == "worker shutting down"
 
