@@ -164,3 +164,11 @@ def test_doctor_command_json_against_the_tls_server_with_cafile(certificate, tmp
     checks = {check["name"]: check["status"] for check in report["checks"]}
     assert (checks["tls"], checks["websocket"]) == ("PASS", "PASS")
     assert status == 1 and checks["clis"] == "FAIL"  # no CLI on this PATH: still a FAIL
+
+
+async def test_ssl_cert_file_is_honoured_when_no_cafile_is_set(certificate, monkeypatch):
+    monkeypatch.setenv("SSL_CERT_FILE", str(certificate[0]))
+    with trio.fail_after(10):
+        async with tls_backend(certificate) as (url, _):
+            checks = by_name(await pgw.network_checks(pgw.Settings(url, "tok-tls", "w", "n")))
+    assert checks["tls"].status == "PASS" and checks["websocket"].status == "PASS"
