@@ -23,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+import uuid
 import zipfile
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -52,6 +53,12 @@ PYZ = ROOT / "pgw.pyz"
 ##############################################################################
 # Helpers
 ##############################################################################
+
+
+def unique(name: str) -> str:
+    """A stage id no other test session uses: pgw kills escapees by their PGW_STAGE_ID
+    tag machine-wide, and the scans here look machine-wide too."""
+    return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
 def process_state(pid: int) -> str | None:
@@ -239,7 +246,7 @@ async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp
     write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
     write_stub_cli(stub_bin, "deepseek", QUICK)
     home = tmp_path / "home"
-    stages = {"stream-1": "claude", "stream-2": "claude", "stubborn": "codex"}
+    stages = {unique("stream-1"): "claude", unique("stream-2"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(20):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
             async with running_worker(backend, home, environ, server=proxy.url):
@@ -272,14 +279,15 @@ async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin, mon
     write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
     write_stub_cli(stub_bin, "deepseek", QUICK)
     home = tmp_path / "home"
+    stream, stubborn = unique("stream"), unique("stubborn")
     with trio.fail_after(30):
         async with open_backend() as old, open_proxy(old.port) as proxy:
             async with running_worker(old, home, environ, server=proxy.url):
                 connection = await old.next_connection()
                 await connection.receive("hello")
-                await connection.send(request("stream", cli="claude"))
-                await connection.send(request("stubborn", cli="codex"))
-                pgids = [(await first_stdout(connection, s))[0] for s in ("stream", "stubborn")]
+                await connection.send(request(stream, cli="claude"))
+                await connection.send(request(stubborn, cli="codex"))
+                pgids = [(await first_stdout(connection, s))[0] for s in (stream, stubborn)]
                 try:
                     await old.aclose()
                     assert connection.close_code == 1001
@@ -291,7 +299,7 @@ async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin, mon
                         await again.receive("hello")
                         # Backoff after ~2 refusals: at most 1 s, then 2 s, then 4 s (jitter below).
                         assert trio.current_time() - restarted < 4.5
-                        for stage_run_id, pgid in zip(("stream", "stubborn"), pgids):
+                        for stage_run_id, pgid in zip((stream, stubborn), pgids):
                             await assert_nothing_left(stage_run_id, pgid, home, within_s=0.5)
                         await again.send(request("after", cli="deepseek"))
                         after = await again.stage_result("after")
@@ -308,14 +316,15 @@ async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_
     write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
     write_stub_cli(stub_bin, "deepseek", QUICK)
     home = tmp_path / "home"
+    stream, stubborn = unique("stream"), unique("stubborn")
     with trio.fail_after(30):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
             async with running_worker(backend, home, environ, server=proxy.url):
                 first = await backend.next_connection()
                 await first.receive("hello")
-                await first.send(request("stream", cli="claude"))
-                await first.send(request("stubborn", cli="codex"))
-                pgids = [(await first_stdout(first, s))[0] for s in ("stream", "stubborn")]
+                await first.send(request(stream, cli="claude"))
+                await first.send(request(stubborn, cli="codex"))
+                pgids = [(await first_stdout(first, s))[0] for s in (stream, stubborn)]
                 try:
                     proxy.go_silent(new_connections=False)
                     silent = trio.current_time()
@@ -323,7 +332,7 @@ async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_
                     await second.receive("hello")
                     # silence limit + watchdog tick + SIGTERM grace + first retry, and a margin
                     assert trio.current_time() - silent < 3.0 + 1.0 + 1.0 + 1.0 + 1.0
-                    for stage_run_id, pgid in zip(("stream", "stubborn"), pgids):
+                    for stage_run_id, pgid in zip((stream, stubborn), pgids):
                         await assert_nothing_left(stage_run_id, pgid, home, within_s=0.5)
                     await second.send(request("after", cli="deepseek"))
                     after = await second.stage_result("after")
@@ -465,15 +474,16 @@ async def test_misbehaving_child_ends_with_one_exit_and_leaves_nothing(tmp_path,
     home = tmp_path / "home"
     timeout = {"timeout_s": 1} if behaviour.end == "timeout" else {}
     leftovers: list[int] = []
+    s1 = unique("s1")
     with trio.fail_after(40):
         async with connected(tmp_path, environ) as (_, _, connection):
             try:
                 started = trio.current_time()
-                await connection.send(request("s1", stdin=behaviour.stdin, **timeout))
-                pgid = (await connection.receive("stage.ack", "s1"))["pid"]
+                await connection.send(request(s1, stdin=behaviour.stdin, **timeout))
+                pgid = (await connection.receive("stage.ack", s1))["pid"]
                 leftovers.append(pgid)
                 if behaviour.escapee or behaviour.end.startswith("cancel"):
-                    first_line = (await connection.receive("stage.stdout", "s1"))["data"]
+                    first_line = (await connection.receive("stage.stdout", s1))["data"]
                 if behaviour.escapee:
                     escapee = int(first_line.split()[0])
                     assert process_state(escapee) is not None, "the escapee never started"
@@ -482,15 +492,15 @@ async def test_misbehaving_child_ends_with_one_exit_and_leaves_nothing(tmp_path,
                 if behaviour.end.startswith("cancel"):
                     await trio.sleep(0.2)  # let the tree grow
                     started = trio.current_time()
-                    await connection.send(cancel("s1", behaviour.end.removeprefix("cancel-")))
-                result = await connection.stage_result("s1")
+                    await connection.send(cancel(s1, behaviour.end.removeprefix("cancel-")))
+                result = await connection.stage_result(s1)
                 took = trio.current_time() - started
                 if behaviour.escapee:
                     await assert_dead(escapee, within_s=1.0)
-                await assert_nothing_left("s1", pgid, home)
+                await assert_nothing_left(s1, pgid, home)
                 await connection.send(request("next", cli="codex"))  # the worker still serves
                 assert (await connection.stage_result("next")).stdout == "quick\n"
-                await assert_one_exit(connection, "s1", settle_s=0)
+                await assert_one_exit(connection, s1, settle_s=0)
             finally:
                 kill_groups(leftovers[:1])
                 kill_pids(leftovers[1:])
@@ -633,7 +643,7 @@ async def test_sigkilled_daemon_leaves_nothing_once_restarted(tmp_path, stub_bin
     """Extends test_unattended's case: several stages, grandchildren and setsid escapees, the pyz."""
     write_stub_cli(stub_bin, "claude", TREE_WITH_ESCAPEE)
     home = tmp_path / "home"
-    stages = ("orphan-1", "orphan-2", "orphan-3")
+    stages = tuple(unique(f"orphan-{n}") for n in range(3))
     pgids: list[int] = []
     escapees: list[int] = []
     with trio.fail_after(40):
@@ -670,6 +680,7 @@ async def test_sigterm_stops_running_and_waiting_stages_and_escapees(tmp_path, s
     write_stub_cli(stub_bin, "claude", STREAMER)
     write_stub_cli(stub_bin, "codex", ESCAPEE_THEN_WAITS)  # its escapee holds the pipes and ignores SIGTERM
     home = tmp_path / "home"
+    stream, escaper, waiting = unique("stream"), unique("escaper"), unique("waiting")
     leftovers_groups: list[int] = []
     escapees: list[int] = []
     with trio.fail_after(40):
@@ -679,17 +690,17 @@ async def test_sigterm_stops_running_and_waiting_stages_and_escapees(tmp_path, s
                     pyz_pgw, home, stub_bin, "--max-stages", "2", server=backend.url, token=backend.token
                 ) as daemon:
                     connection = await backend.next_connection()
-                    await connection.send(request("stream"))
-                    await connection.send(request("escaper", cli="codex"))
-                    await connection.send(request("waiting"))
-                    stream_pgid, _ = await first_stdout(connection, "stream")
-                    escaper_pgid, first_line = await first_stdout(connection, "escaper")
+                    await connection.send(request(stream))
+                    await connection.send(request(escaper, cli="codex"))
+                    await connection.send(request(waiting))
+                    stream_pgid, _ = await first_stdout(connection, stream)
+                    escaper_pgid, first_line = await first_stdout(connection, escaper)
                     leftovers_groups += [stream_pgid, escaper_pgid]
                     escapees.append(int(first_line))
                     daemon.send_signal(signal.SIGTERM)
-                    results = {s: await connection.stage_result(s) for s in ("stream", "escaper", "waiting")}
+                    results = {s: await connection.stage_result(s) for s in (stream, escaper, waiting)}
                     assert await daemon.wait() == 0
-                for stage_run_id, pgid in (("stream", stream_pgid), ("escaper", escaper_pgid)):
+                for stage_run_id, pgid in ((stream, stream_pgid), (escaper, escaper_pgid)):
                     await assert_nothing_left(stage_run_id, pgid, home, within_s=0.5)
                 await assert_dead(escapees[0], within_s=0.5)
             finally:
@@ -701,7 +712,7 @@ async def test_sigterm_stops_running_and_waiting_stages_and_escapees(tmp_path, s
         (-15, "worker shutting down"),
         (-1, "worker shutting down, before it started"),
     ]
-    assert results["waiting"].ack is None
+    assert results[waiting].ack is None
     for stage_run_id in results:
         assert len(exits_for(connection, stage_run_id)) == 1
     assert list((home / "scratch").iterdir()) == []
