@@ -3,6 +3,7 @@
 #
 #   ./build.sh                 .venv (re-made only when the dev lock changes) + pgw.pyz
 #   ./build.sh test [ARGS]     the same, then the whole test suite (ARGS go to pytest)
+#   ./build.sh bench [ARGS]    the same, then pgw vs pgworker 0.1.2 (tests/bench.py ARGS; not part of test)
 #   ./build.sh repro           build HEAD in two fresh clones, compare their sha256
 #   ./build.sh lock [ARGS]     re-resolve the locks with uv (ARGS go to uv, e.g. --upgrade)
 #
@@ -112,7 +113,8 @@ lock() {
 case "${1:-}" in
   "") ensure_venv; build_pyz ;;
   test) shift; ensure_venv; build_pyz; exec "$VENV/bin/python" -m pytest "$@" ;;
+  bench) shift; ensure_venv; build_pyz; PGW_BENCH_COMMAND="./build.sh bench $*" exec "$VENV/bin/python" tests/bench.py "$@" ;;
   repro) repro ;;
   lock) shift; lock "$@" ;;
-  *) echo "usage: ./build.sh [test [PYTEST ARGS] | repro | lock [UV ARGS]]" >&2; exit 2 ;;
+  *) echo "usage: ./build.sh [test [PYTEST ARGS] | bench [BENCH ARGS] | repro | lock [UV ARGS]]" >&2; exit 2 ;;
 esac

@@ -1,0 +1,1102 @@
+"""Benchmark pgw against the reference worker, pgworker 0.1.2 (issue 6).
+
+Run it with ``./build.sh bench [ARGS]`` (which builds pgw.pyz first); it is
+not part of ``./build.sh test`` and pytest does not collect it (the name is
+not ``test_*``, and importing it runs nothing).
+
+    ./build.sh bench                  the full run: 3 rounds, about 7 minutes on 2 cores
+    ./build.sh bench --quick          a sanity run in a few seconds (small sizes, 1 round)
+    ./build.sh bench --only pgw       pgw alone, for quick iterations
+    ./build.sh bench --pgw-source     run pgw.py with .venv's python instead of pgw.pyz
+    ./build.sh bench --pgw-cmd CMD    run `CMD run` as pgw, e.g. a script that patches pgw and calls main
+    ./build.sh bench --profile F.svg  py-spy (pip install py-spy into .venv) on pgw.py relaying the stream
+    ./build.sh bench --json out.json  also save every figure of every round
+
+How it works
+------------
+Three kinds of process, so that no CPU is mixed up between them:
+
+* the driver (this file, under .venv's python): starts everything, sends
+  commands to the backend, samples the worker's /proc files, prints the table;
+* the backend (``bench.py --serve``, under the pgworker venv's python): a
+  WebSocket server on 127.0.0.1 written for the benchmark with the
+  ``websockets`` library.  It sends the ``stage.request``s it is told to,
+  answers ``ping`` with ``pong`` as the real server may, and checks and times
+  everything the workers send (seq order, byte counts and CRC-32 of each
+  stage's output, arrival time of each message), reporting events to the
+  driver as JSON lines;
+* the worker under test, with the stub CLI ``claude`` on PATH.  The stub
+  reads its prompt (standard input) to the end before it writes, as a real
+  CLI does (pgworker fails a stage whose CLI exits before its prompt is
+  written: "ConnectionResetError").
+
+Why the backend is neutral: it is neither side's code (not pgw's, not
+tests/backend.py), it speaks plain RFC 6455 with no extension (no
+permessage-deflate unless ``--deflate``, so both workers send the same
+uncompressed frames), and it does the same work for both.  ``websockets`` is
+what a Python backend most likely runs in production (uvicorn's default).
+Its cost while a stream runs is kept well below either worker's (C-accelerated
+unmasking; large messages are copied aside and parsed after the stage's exit,
+see ``serve``) and is shown in the table, so it can be judged: on 2 cores it
+shares the machine with the worker and the stub.  It runs in its own process,
+so none of its CPU is counted as the worker's.
+
+Both workers run on the same interpreter (``--python``, default python3,
+resolved past pyenv shims): pgworker in its own venv
+(build/bench-pgworker-venv), pgw.pyz on an empty venv (build/bench-python),
+so that neither pays for packages or .pth files of the base site-packages.
+Their environment has no PYTHON* variables (PYTHONDONTWRITEBYTECODE would
+keep pgw's extracted pyz from ever caching its bytecode), no PGW_* or
+SHIV_* variables, a HOME of their own, and the stub first on PATH.  pgw.pyz
+and pgw.py are copied at the start, so a rebuild during the run changes
+nothing.
+
+The workers run one after the other, never at once under load, and the order
+alternates every round.  Per round: pgw is started once in a fresh
+``SHIV_ROOT`` (first run after extraction: time to ``hello`` only); then
+both workers are started (each one's time to ``hello`` is measured while the
+other is not yet running) and left idle together for ``--idle-s``; an idle
+worker uses no CPU, so sharing that wait costs the other nothing and saves
+several minutes.  Then, one worker at a time: line latency, 50 concurrent
+stages, and the big stream, started just before the worker's next heartbeat
+is due so that the heartbeat gap says whether a ping gets out while the
+stream runs.
+
+Measurements
+------------
+* throughput: ``--stream-mib`` (200) MiB written to stdout by one stage,
+  in codex-like JSON lines (so quotes need JSON escaping); MB/s = 10^6 bytes
+  per second from the backend sending the request to it receiving the exit.
+* CPU per GiB: utime+stime of the worker process itself from
+  /proc/PID/stat, before the request and when the exit arrives; the stub
+  CLI is a child and is not counted (children's times are not in those
+  fields; threads are).  Split into user and system time.
+* peak RSS while streaming: VmRSS sampled every 50 ms, and VmHWM after
+  resetting it (``clear_refs``) just before the stream; the larger is shown.
+* heartbeat: application pings' arrival times (``hello`` counts as the
+  first); the largest gap between a ping arriving while the stream runs (or
+  the first after it, if none did) and the one before it, and the silence
+  from the last ping to the exit.
+* line latency: a stage printing ``time.time()`` every 20 ms; the backend
+  subtracts it from its own time.time() when the line arrives.
+* 50 stages x 2,000 lines (one write each): wall time from the first request
+  to the last exit, worker CPU, and whether every stage's output arrived
+  whole, in seq order, after an ack, with returncode 0.
+* idle RSS: VmRSS after ``--idle-s`` (60) seconds connected, before any stage.
+* start to hello: from just before the process is spawned to the backend
+  receiving ``hello``; pgw both warm (already extracted) and fresh.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import shlex
+import shutil
+import signal
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import zlib
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parent.parent
+PGWORKER_REQUIREMENT = "pgworker==0.1.2"
+PGWORKER_VENV = ROOT / "build" / "bench-pgworker-venv"
+# pgw.pyz runs on this empty venv's python, not on the base interpreter: a
+# base site-packages may run .pth files at every start (this machine's adds
+# ~40 ms by importing certifi), which pgworker's venv would not pay.
+CLEAN_VENV = ROOT / "build" / "bench-python"
+
+HEARTBEAT_INTERVAL_S = 30.0  # both workers' application ping period
+HEARTBEAT_LEAD_S = 0.6  # the stream starts this long before a ping is due
+RSS_SAMPLE_S = 0.05
+STOP_TIMEOUT_S = 15.0
+EVENT_TIMEOUT_S = 600.0
+MB = 1_000_000
+DEFER_BYTES = 4096  # the backend parses larger messages later (see serve)
+GIB = 1 << 30
+
+# The stub CLI, written to a temp bin/ as `claude`.  The driver exec()s the
+# same source to know what each stage's output must be.
+STUB_SOURCE = r'''
+import os, sys, time
+
+FLOOD_LINE = '{"type":"item.delta","seq":%08d,"text":"lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod"}\n'
+
+
+def flood_block():
+    """1 MiB of codex-like JSON lines: text that needs JSON escaping (quotes, newlines)."""
+    lines, size, i = [], 0, 0
+    while size < 1 << 20:
+        line = FLOOD_LINE % i
+        lines.append(line)
+        size += len(line)
+        i += 1
+    return "".join(lines).encode()[: 1 << 20]
+
+
+def flood_chunks(total):
+    block = flood_block()
+    while total > 0:
+        yield block[:total]
+        total -= len(block)
+
+
+def line_chunks(count, tag):
+    for i in range(count):
+        yield b"%s line %05d the quick brown fox jumps over the lazy dog\n" % (tag.encode(), i)
+
+
+def write_all(chunk):
+    view = memoryview(chunk)
+    while view:
+        view = view[os.write(1, view):]
+
+
+def read_prompt():
+    """All of standard input, as a real CLI reads its prompt before it answers."""
+    try:
+        while os.read(0, 65536):
+            pass
+    except OSError:
+        pass
+
+
+def main(argv):
+    read_prompt()
+    mode = argv[0]
+    if mode == "flood":
+        for chunk in flood_chunks(int(argv[1])):
+            write_all(chunk)
+    elif mode == "lines":
+        for chunk in line_chunks(int(argv[1]), argv[2]):
+            write_all(chunk)
+    elif mode == "tick":
+        count, interval = int(argv[1]), float(argv[2])
+        start = time.monotonic()
+        for i in range(count):
+            delay = start + i * interval - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            write_all(b"%.6f\n" % time.time())
+    else:
+        sys.exit("stub: unknown mode %r" % mode)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
+'''
+
+
+def _stub_namespace() -> dict[str, Any]:
+    namespace: dict[str, Any] = {"__name__": "bench_stub"}
+    exec(compile(STUB_SOURCE, "bench-stub", "exec"), namespace)
+    return namespace
+
+
+##############################################################################
+# The backend (bench.py --serve, under the pgworker venv's python)
+##############################################################################
+
+
+def serve(deflate: bool, arena_bytes: int) -> int:
+    """A WebSocket server on 127.0.0.1:0; commands on stdin, events on stdout."""
+    import asyncio
+    import urllib.parse
+
+    from websockets.asyncio.server import serve as ws_serve
+    from websockets.exceptions import ConnectionClosed
+
+    connections: dict[str, Any] = {}
+    stages: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def emit(event: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    def stage_state(label: str, stage_id: str) -> dict[str, Any]:
+        key = (label, stage_id)
+        if key not in stages:
+            stages[key] = {
+                "frames": 0, "bytes": 0, "crc": 0, "stderr_bytes": 0, "seq": 0, "seq_ok": True,
+                "ack": False, "lat": [] if stage_id.startswith("lat-") else None, "partial": "",
+            }
+        return stages[key]
+
+    # Parsing a 256 KiB output frame full of escaped quotes costs json.loads
+    # about 1.5 s per GiB, as much as a worker's own relaying: done as the
+    # frames arrive, it would make the backend compete with the worker for
+    # the CPU.  So a large message is only timed and copied into an arena
+    # as it arrives, and parsed (in order, with its arrival time) when a
+    # stage.exit arrives or the arena is full.  The arena is allocated and
+    # touched up front: storing 200 MiB in fresh memory would cost the
+    # backend a page fault per 4 KiB while the stream runs.  Small messages
+    # (hello, ping, ack, exit, latency lines) are parsed at once, and queued
+    # too while anything is pending, to keep each stage's order.
+    arena = bytearray(arena_bytes)
+    arena[::4096] = b"\x01" * len(range(0, arena_bytes, 4096))
+    arena_used = 0
+    pending: list[tuple[str, Any, float]] = []  # (label, message or (offset, length), arrival)
+
+    def on_message(label: str, raw: bytes, arrived: float) -> Optional[bytes]:
+        nonlocal arena_used
+        if len(raw) > DEFER_BYTES:
+            if arena_used + len(raw) > arena_bytes:
+                flush()
+            if len(raw) > arena_bytes:
+                pending.append((label, raw, arrived))
+            else:
+                arena[arena_used:arena_used + len(raw)] = raw
+                pending.append((label, (arena_used, len(raw)), arrived))
+                arena_used += len(raw)
+            return None
+        try:
+            message = json.loads(raw)
+            kind = message["type"]
+        except (ValueError, KeyError, TypeError):
+            emit({"ev": "bad", "worker": label, "t": arrived, "what": "not a JSON object with a type"})
+            return None
+        if kind == "ping":
+            emit({"ev": "ping", "worker": label, "t": arrived})
+            return b'{"type":"pong"}'
+        if kind == "hello":
+            emit({"ev": "hello", "worker": label, "t": arrived})
+            return None
+        if kind == "stage.exit":
+            message["backend_cpu_s"] = time.process_time()  # before the deferred parsing
+        if pending:
+            pending.append((label, message, arrived))
+            if kind == "stage.exit":
+                flush()
+        else:
+            on_stage_message(label, message, kind, arrived)
+        return None
+
+    def flush() -> None:
+        nonlocal arena_used
+        view = memoryview(arena)
+        for label, item, arrived in pending:
+            try:
+                if isinstance(item, tuple):
+                    item = json.loads(bytes(view[item[0]:item[0] + item[1]]))
+                elif isinstance(item, bytes):
+                    item = json.loads(item)
+                on_stage_message(label, item, item["type"], arrived)
+            except (ValueError, KeyError, TypeError):
+                emit({"ev": "bad", "worker": label, "t": arrived, "what": "not a JSON object with a type"})
+        view.release()
+        pending.clear()
+        arena_used = 0
+
+    def on_stage_message(label: str, message: dict[str, Any], kind: str, arrived: float) -> None:
+        stage_id = message.get("stage_run_id")
+        if not isinstance(stage_id, str):
+            emit({"ev": "bad", "worker": label, "t": arrived, "what": f"{kind} without stage_run_id"})
+            return
+        state = stage_state(label, stage_id)
+        if kind == "stage.ack":
+            state["ack"] = True
+        elif kind in ("stage.stdout", "stage.stderr"):
+            state["frames"] += 1
+            if message.get("seq") != state["seq"] + 1:
+                state["seq_ok"] = False
+            state["seq"] = message.get("seq", state["seq"])
+            data = message.get("data", "")
+            encoded = data.encode("utf-8")
+            if kind == "stage.stderr":
+                state["stderr_bytes"] += len(encoded)
+                return
+            state["bytes"] += len(encoded)
+            state["crc"] = zlib.crc32(encoded, state["crc"])
+            if state["lat"] is not None:
+                lines = (state["partial"] + data).split("\n")
+                state["partial"] = lines.pop()
+                state["lat"].extend(arrived - float(line) for line in lines if line)
+        elif kind == "stage.exit":
+            del stages[(label, stage_id)]
+            state.pop("partial")
+            emit({
+                "ev": "exit", "worker": label, "stage": stage_id, "t": arrived,
+                "returncode": message.get("returncode"), "error": message.get("error"),
+                "backend_cpu_s": message.get("backend_cpu_s"), **state,
+            })
+        else:
+            emit({"ev": "bad", "worker": label, "t": arrived, "what": f"unexpected {kind}"})
+
+    async def handler(ws: Any) -> None:
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(ws.request.path).query)
+        label = query.get("token", ["?"])[0]
+        connections[label] = ws
+        emit({"ev": "connect", "worker": label, "t": time.time(), "path": urllib.parse.urlsplit(ws.request.path).path})
+        try:
+            while True:
+                raw = await ws.recv(decode=False)
+                reply = on_message(label, raw, time.time())
+                if reply is not None:
+                    await ws.send(reply, text=True)
+        except ConnectionClosed:
+            pass
+        finally:
+            if connections.get(label) is ws:
+                del connections[label]
+            emit({"ev": "closed", "worker": label, "t": time.time()})
+
+    async def commands(queue: asyncio.Queue) -> None:
+        while True:
+            line = await queue.get()
+            if not line:
+                return
+            command = json.loads(line)
+            ws = connections.get(command["worker"])
+            if ws is None:
+                emit({"ev": "bad", "worker": command["worker"], "t": time.time(), "what": "not connected"})
+                continue
+            texts = [json.dumps(request) for request in command["requests"]]
+            started, cpu = time.time(), time.process_time()
+            for text in texts:
+                await ws.send(text)
+            emit({"ev": "sent", "worker": command["worker"], "t": started, "t_last": time.time(), "id": command["id"],
+                  "backend_cpu_s": cpu})
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue = asyncio.Queue()
+
+        def read_stdin() -> None:
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(queue.put_nowait, line)
+            loop.call_soon_threadsafe(queue.put_nowait, "")
+
+        threading.Thread(target=read_stdin, daemon=True).start()
+        async with ws_serve(
+            handler, "127.0.0.1", 0,
+            compression="deflate" if deflate else None,
+            max_size=None,
+            ping_interval=None,  # the workers keep the connection alive themselves
+        ) as server:
+            port = server.sockets[0].getsockname()[1]
+            emit({"ev": "listening", "port": port})
+            await commands(queue)
+
+    asyncio.run(main())
+    return 0
+
+
+##############################################################################
+# The driver: processes, /proc, the backend's events
+##############################################################################
+
+
+class Backend:
+    """The backend process: commands in, events out (read by a thread)."""
+
+    def __init__(self, python: Path, deflate: bool, arena_mib: int, log_dir: Path) -> None:
+        argv = [str(python), str(Path(__file__).resolve()), "--serve", f"--arena-mib={arena_mib}"]
+        argv += ["--deflate"] if deflate else []
+        self.stderr = open(log_dir / "backend.stderr", "wb")
+        self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
+        self.events: list[dict[str, Any]] = []
+        self.cond = threading.Condition()
+        self._ids = 0
+        threading.Thread(target=self._read, daemon=True).start()
+        self.port = self.wait_for(lambda e: e["ev"] == "listening", 30)["port"]
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            event = json.loads(line)
+            with self.cond:
+                self.events.append(event)
+                self.cond.notify_all()
+        with self.cond:
+            self.events.append({"ev": "backend-died", "worker": None, "t": time.time()})
+            self.cond.notify_all()
+
+    def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout_s: float, start: int = 0) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout_s
+        with self.cond:
+            while True:
+                for event in self.events[start:]:
+                    if match(event):
+                        return event
+                    if event["ev"] == "backend-died":
+                        raise BenchError(f"the backend died (see {self.stderr.name})")
+                start = len(self.events)
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise BenchError("timed out waiting for the backend")
+                self.cond.wait(left)
+
+    def mark(self) -> int:
+        with self.cond:
+            return len(self.events)
+
+    def since(self, start: int, match: Callable[[dict[str, Any]], bool]) -> list[dict[str, Any]]:
+        with self.cond:
+            return [event for event in self.events[start:] if match(event)]
+
+    def send(self, worker: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        """Have the backend send `requests`; its `sent` event (backend's clock)."""
+        self._ids += 1
+        command_id = self._ids
+        start = self.mark()
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps({"worker": worker, "requests": requests, "id": command_id}) + "\n")
+        self.proc.stdin.flush()
+        return self.wait_for(
+            lambda e: (e["ev"] == "sent" and e.get("id") == command_id) or (e["ev"] == "bad" and e["worker"] == worker),
+            30, start,
+        )
+
+    def close(self) -> None:
+        try:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            self.proc.wait(5)
+        except (OSError, subprocess.TimeoutExpired):
+            self.proc.kill()
+            self.proc.wait()
+        self.stderr.close()
+
+
+class BenchError(Exception):
+    pass
+
+
+def cpu_times(pid: int) -> tuple[float, float]:
+    """(utime, stime) of the process itself: all its threads, none of its children."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rpartition(")")[2].split()
+    tick = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tick, int(fields[12]) / tick
+
+
+def cpu_seconds(pid: int) -> float:
+    return sum(cpu_times(pid))
+
+
+def status_kib(pid: int, key: str) -> int:
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith(key + ":"):
+                return int(line.split()[1])
+    raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+class RssSampler:
+    """VmRSS every RSS_SAMPLE_S, plus VmHWM reset at the start (when allowed)."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        try:
+            with open(f"/proc/{pid}/clear_refs", "w") as clear:
+                clear.write("5")  # reset VmHWM to the current RSS
+            self.hwm_reset = True
+        except OSError:
+            self.hwm_reset = False
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_kib = max(self.peak_kib, status_kib(self.pid, "VmRSS"))
+            except (OSError, BenchError):
+                return
+            self._stop.wait(RSS_SAMPLE_S)
+
+    def stop(self) -> int:
+        """Peak RSS in bytes."""
+        self._stop.set()
+        self._thread.join()
+        peak = self.peak_kib
+        if self.hwm_reset:
+            peak = max(peak, status_kib(self.pid, "VmHWM"))
+        return peak * 1024
+
+
+class Worker:
+    """One worker under test, as one process's lifetime."""
+
+    def __init__(self, name: str, label: str, argv: list[str], env: dict[str, str], log: Path) -> None:
+        self.name = name
+        self.label = label
+        self.argv = argv
+        self.env = env
+        self.log = log
+        self.proc: Optional[subprocess.Popen] = None
+        self.hello_t = 0.0
+
+    def start(self, backend: Backend) -> float:
+        """Spawn it; seconds from just before the spawn to `hello` at the backend."""
+        start = backend.mark()
+        with open(self.log, "ab") as log:
+            t0 = time.time()
+            self.proc = subprocess.Popen(self.argv, env=self.env, stdin=subprocess.DEVNULL, stdout=log, stderr=log)
+        try:
+            hello = backend.wait_for(lambda e: e["ev"] == "hello" and e["worker"] == self.label, 60, start)
+        except BenchError:
+            raise BenchError(f"{self.name} said no hello within 60 s (see {self.log})") from None
+        self.hello_t = hello["t"]
+        return hello["t"] - t0
+
+    @property
+    def pid(self) -> int:
+        """The worker's own pid (under `py-spy record --`, py-spy's child)."""
+        assert self.proc is not None
+        if self.argv[0].endswith("py-spy"):
+            children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children").read_text().split()
+            return int(children[0])
+        return self.proc.pid
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        self.proc.send_signal(signal.SIGINT if self.argv[0].endswith("py-spy") else signal.SIGTERM)
+        try:
+            self.proc.wait(STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+
+##############################################################################
+# The measurements
+##############################################################################
+
+
+def stage_request(stage_id: str, args: list[str], timeout_s: int = 1800) -> dict[str, Any]:
+    return {
+        "type": "stage.request", "stage_run_id": stage_id, "job_id": "bench", "cli": "claude",
+        "cli_args": args, "stdin": "", "timeout_s": timeout_s,
+    }
+
+
+def wait_exits(backend: Backend, worker: Worker, stage_ids: set[str], start: int, timeout_s: float) -> dict[str, dict]:
+    exits: dict[str, dict] = {}
+    deadline = time.monotonic() + timeout_s
+    while len(exits) < len(stage_ids):
+        if worker.proc is not None and worker.proc.poll() is not None:
+            raise BenchError(f"{worker.name} exited with {worker.proc.returncode} (see {worker.log})")
+        event = backend.wait_for(
+            lambda e: e["worker"] == worker.label and e["ev"] in ("exit", "closed") and e.get("stage") not in exits,
+            max(0.1, deadline - time.monotonic()), start,
+        )
+        if event["ev"] == "closed":
+            raise BenchError(f"{worker.name} closed its connection (see {worker.log})")
+        if event["stage"] in stage_ids:
+            exits[event["stage"]] = event
+    return exits
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(fraction * (len(ordered) - 1))))]
+
+
+def measure_latency(backend: Backend, worker: Worker, tag: str, lines: int) -> dict[str, Any]:
+    stage_id = f"lat-{tag}"
+    start = backend.mark()
+    backend.send(worker.label, [stage_request(stage_id, ["tick", str(lines), "0.02"])])
+    event = wait_exits(backend, worker, {stage_id}, start, lines * 0.02 + 60)[stage_id]
+    latencies = event["lat"]
+    ok = len(latencies) == lines and event["returncode"] == 0
+    return {
+        "lat_p50_ms": percentile(latencies, 0.50) * 1000 if latencies else None,
+        "lat_p99_ms": percentile(latencies, 0.99) * 1000 if latencies else None,
+        "lat_max_ms": max(latencies) * 1000 if latencies else None,
+        "lat_intact": ok,
+    }
+
+
+def measure_concurrent(backend: Backend, worker: Worker, tag: str, stages: int, lines: int,
+                       expected: Callable[[int, str], tuple[int, int]]) -> dict[str, Any]:
+    stage_ids = [f"conc-{tag}-{i:02d}" for i in range(stages)]
+    cpu0 = cpu_seconds(worker.pid)
+    start = backend.mark()
+    sent = backend.send(worker.label, [stage_request(s, ["lines", str(lines), s]) for s in stage_ids])
+    exits = wait_exits(backend, worker, set(stage_ids), start, 300)
+    cpu1 = cpu_seconds(worker.pid)
+    problems = [f"{s}: {p}" for s, e in sorted(exits.items()) for p in stage_problems(e, expected(lines, s))]
+    return {
+        "conc_wall_s": max(e["t"] for e in exits.values()) - sent["t"],
+        "conc_cpu_s": cpu1 - cpu0,
+        "conc_intact": not problems,
+        "conc_problems": problems[:10],
+    }
+
+
+def stage_problems(exit_event: dict[str, Any], expected: tuple[int, int]) -> list[str]:
+    """What is wrong with a stage's output as the backend saw it, if anything."""
+    problems = []
+    if exit_event["bytes"] != expected[0]:
+        problems.append(f"{exit_event['bytes']} bytes of stdout, expected {expected[0]}")
+    elif exit_event["crc"] != expected[1]:
+        problems.append("stdout differs from what the stub wrote")
+    if not exit_event["seq_ok"]:
+        problems.append("seq not 1, 2, 3, ...")
+    if not exit_event["ack"]:
+        problems.append("no stage.ack")
+    if exit_event["returncode"] != 0 or exit_event["error"] is not None:
+        problems.append(f"returncode {exit_event['returncode']}, error {exit_event['error']!r}")
+    return problems
+
+
+def measure_stream(backend: Backend, worker: Worker, tag: str, size: int, expected: tuple[int, int],
+                   align: bool) -> dict[str, Any]:
+    def pings() -> list[float]:
+        return [worker.hello_t] + [
+            e["t"] for e in backend.since(0, lambda e: e["ev"] == "ping" and e["worker"] == worker.label)
+            if e["t"] >= worker.hello_t
+        ]
+
+    if align:  # start HEARTBEAT_LEAD_S before the next ping is due
+        seen = pings()
+        due = seen[-1] + HEARTBEAT_INTERVAL_S
+        while due - HEARTBEAT_LEAD_S < time.time() + 0.05:
+            due += HEARTBEAT_INTERVAL_S
+        time.sleep(max(0.0, due - HEARTBEAT_LEAD_S - time.time()))
+
+    stage_id = f"flood-{tag}"
+    sampler = RssSampler(worker.pid)
+    cpu0 = cpu_times(worker.pid)
+    start = backend.mark()
+    sent = backend.send(worker.label, [stage_request(stage_id, ["flood", str(size)])])
+    event = wait_exits(backend, worker, {stage_id}, start, EVENT_TIMEOUT_S)[stage_id]
+    cpu1 = cpu_times(worker.pid)
+    peak = sampler.stop()
+    elapsed = event["t"] - sent["t"]
+
+    t_sent, t_exit = sent["t"], event["t"]
+    if align and not any(t_sent < p <= t_exit for p in pings()):
+        try:  # no ping during the stream: the first one after it closes the gap
+            backend.wait_for(
+                lambda e: e["ev"] == "ping" and e["worker"] == worker.label and e["t"] > t_exit,
+                HEARTBEAT_INTERVAL_S + 15, start,
+            )
+        except BenchError:
+            pass
+    # Each ping that arrived while the stream ran (else the first one after
+    # it) against the ping before it, and the silence from the last ping to
+    # the exit: a starved heartbeat shows in one of them.
+    seen = pings()
+    closing = [j for j, p in enumerate(seen) if t_sent < p <= t_exit]
+    if not closing:
+        closing = [j for j, p in enumerate(seen) if p > t_exit][:1]
+    gaps = [seen[j] - seen[j - 1] for j in closing if j > 0]
+    gaps.append(t_exit - max(p for p in seen if p <= t_exit))
+    hb_gap = max(gaps) if closing else None
+    return {
+        "throughput_mb_s": size / elapsed / MB,
+        "stream_s": elapsed,
+        "cpu_s_per_gib": (sum(cpu1) - sum(cpu0)) / (size / GIB),
+        "cpu_user_s_per_gib": (cpu1[0] - cpu0[0]) / (size / GIB),
+        "cpu_sys_s_per_gib": (cpu1[1] - cpu0[1]) / (size / GIB),
+        "backend_cpu_s_per_gib": (event["backend_cpu_s"] - sent["backend_cpu_s"]) / (size / GIB),
+        "peak_rss_mb": peak / MB,
+        "stream_intact": not stage_problems(event, expected),
+        "stream_problems": stage_problems(event, expected),
+        "stream_frames": event["frames"],
+        "hb_gap_s": hb_gap,
+    }
+
+
+##############################################################################
+# Setup: the pgworker venv, homes, the stub CLI
+##############################################################################
+
+
+BASE_PYTHON_CODE = "import os, sys; print(os.path.realpath(sys._base_executable or sys.executable))"
+
+
+def real_python(python: str) -> str:
+    """The interpreter itself, not a pyenv shim or a venv link (no shell in front of it)."""
+    found = shutil.which(python) or python
+    return subprocess.run([found, "-c", BASE_PYTHON_CODE], capture_output=True, text=True, check=True).stdout.strip()
+
+
+def ensure_pgworker_venv(python: str) -> Path:
+    venv_python = PGWORKER_VENV / "bin" / "python"
+    check = [str(venv_python), "-c", f"import importlib.metadata as m, websockets; print(m.version('pgworker')); {BASE_PYTHON_CODE}"]
+    if venv_python.exists():
+        found = subprocess.run(check, capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.split() == [PGWORKER_REQUIREMENT.split("==")[1], python]:
+            return PGWORKER_VENV
+    print(f"bench: installing {PGWORKER_REQUIREMENT} into {PGWORKER_VENV.relative_to(ROOT)}", file=sys.stderr)
+    shutil.rmtree(PGWORKER_VENV, ignore_errors=True)
+    subprocess.run([python, "-m", "venv", str(PGWORKER_VENV)], check=True)
+    subprocess.run([str(venv_python), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
+                    PGWORKER_REQUIREMENT], check=True)
+    subprocess.run(check, check=True, capture_output=True)
+    return PGWORKER_VENV
+
+
+def ensure_clean_venv(python: str) -> Path:
+    """An empty venv (no pip, no packages) on `python`; its bin/python."""
+    venv_python = CLEAN_VENV / "bin" / "python"
+    probe = [str(venv_python), "-c", BASE_PYTHON_CODE]
+    if venv_python.exists():
+        found = subprocess.run(probe, capture_output=True, text=True)
+        if found.returncode == 0 and found.stdout.strip() == python:
+            return venv_python
+    shutil.rmtree(CLEAN_VENV, ignore_errors=True)
+    subprocess.run([python, "-m", "venv", "--without-pip", str(CLEAN_VENV)], check=True)
+    return venv_python
+
+
+def write_config(path: Path, server: str, token: str) -> None:
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.write_text(json.dumps({"server": server, "worker_id": token, "token": token}))
+    path.chmod(0o600)
+
+
+def base_env(stub_bin: Path, home: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGW_", "SHIV_", "PYTHON", "VIRTUAL_ENV"))}
+    env["PATH"] = f"{stub_bin}{os.pathsep}{env.get('PATH', os.defpath)}"
+    env["HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    return env
+
+
+class Setup:
+    def __init__(self, args: argparse.Namespace, tmp: Path, backend: Backend, python: str) -> None:
+        self.args = args
+        self.tmp = tmp
+        self.backend = backend
+        self.python = python
+        self.server = f"http://127.0.0.1:{backend.port}"
+        self.stub_bin = tmp / "bin"
+        self.stub_bin.mkdir()
+        stub = self.stub_bin / "claude"
+        stub.write_text(f"#!{python} -SE\n{STUB_SOURCE}")
+        stub.chmod(0o755)
+        self.warm_shiv = tmp / "shiv-warm"
+        # Snapshots: another build during the run must not change what is measured.
+        for name in ("pgw.py", "pgw.pyz"):
+            if (ROOT / name).exists():
+                shutil.copy2(ROOT / name, tmp / name)
+        self.pyz_sha256 = hashlib.sha256((tmp / "pgw.pyz").read_bytes()).hexdigest() if (tmp / "pgw.pyz").exists() else "-"
+
+    def pgw(self, label: str, shiv_root: Path) -> Worker:
+        home = self.tmp / label
+        write_config(home / "pgworker-home" / "config.json", self.server, label)
+        env = base_env(self.stub_bin, home / "user")
+        env["PGW_HOME"] = str(home / "pgworker-home")
+        env["SHIV_ROOT"] = str(shiv_root)
+        if self.args.pgw_cmd:
+            argv = [*shlex.split(self.args.pgw_cmd), "run"]
+        elif self.args.pgw_source:
+            argv = [str(ROOT / ".venv" / "bin" / "python"), str(self.tmp / "pgw.py"), "run"]
+        else:
+            argv = [self.python, str(self.tmp / "pgw.pyz"), "run"]
+        if self.args.profile and label.startswith("pgw-r"):
+            spy = shutil.which("py-spy") or str(ROOT / ".venv" / "bin" / "py-spy")
+            out = self.args.profile
+            fmt = {".txt": "raw", ".json": "speedscope"}.get(out.suffix, "flamegraph")
+            argv = [spy, "record", "--rate", "200", "--format", fmt, "--output", str(out), "--", *argv]
+        return Worker("pgw", label, argv, env, self.tmp / f"{label}.log")
+
+    def pgworker(self, label: str) -> Worker:
+        home = self.tmp / label
+        write_config(home / ".pgworker" / "config.json", self.server, label)
+        env = base_env(self.stub_bin, home)
+        argv = [str(PGWORKER_VENV / "bin" / "pgworker"), "run"]
+        return Worker("pgworker", label, argv, env, self.tmp / f"{label}.log")
+
+
+##############################################################################
+# One round, the whole run, the table
+##############################################################################
+
+
+def run_round(setup: Setup, number: int, names: list[str], expected_stream: tuple[int, int],
+              expected_lines: Callable[[int, str], tuple[int, int]]) -> dict[str, dict[str, Any]]:
+    args, backend = setup.args, setup.backend
+    results: dict[str, dict[str, Any]] = {name: {} for name in names}
+
+    def say(text: str) -> None:
+        print(f"bench: round {number}: {text}", file=sys.stderr, flush=True)
+
+    if "pgw" in names and not (args.pgw_source or args.pgw_cmd or args.profile):
+        fresh = setup.pgw(f"pgw-fresh-r{number}", setup.tmp / f"shiv-fresh-r{number}")
+        results["pgw"]["hello_fresh_s"] = fresh.start(backend)
+        fresh.stop()
+        shutil.rmtree(setup.tmp / f"shiv-fresh-r{number}", ignore_errors=True)
+
+    workers = {
+        name: setup.pgw(f"pgw-r{number}", setup.warm_shiv) if name == "pgw" else setup.pgworker(f"pgworker-r{number}")
+        for name in names
+    }
+    try:
+        for name in names:
+            results[name]["hello_warm_s"] = workers[name].start(backend)
+        say(f"{' and '.join(names)} connected; idle for {args.idle_s:g} s")
+        for name in names:
+            time.sleep(max(0.0, workers[name].hello_t + args.idle_s - time.time()))
+            if not args.profile:
+                results[name]["idle_rss_mb"] = status_kib(workers[name].pid, "VmRSS") * 1024 / MB
+        for name in names:
+            worker, tag = workers[name], f"{name}-r{number}"
+            if not args.profile:
+                say(f"{name}: line latency, {args.stages} x {args.lines} lines, {args.stream_mib} MiB stream")
+                results[name].update(measure_latency(backend, worker, tag, args.latency_lines))
+                results[name].update(measure_concurrent(backend, worker, tag, args.stages, args.lines, expected_lines))
+            else:
+                say(f"{name}: {args.stream_mib} MiB stream under py-spy")
+            results[name].update(measure_stream(
+                backend, worker, tag, args.stream_mib << 20, expected_stream, not args.no_align,
+            ))
+            if worker.proc is not None and worker.proc.poll() is not None:
+                raise BenchError(f"{name} died (see {worker.log})")
+    finally:
+        for worker in workers.values():
+            worker.stop()
+    return results
+
+
+METRICS = [
+    # key, label, format, target (kind, value) or None
+    ("throughput_mb_s", "relay throughput, {stream} MiB stream (MB/s)", "{:.1f}", ("ratio>=", 1.5)),
+    ("cpu_s_per_gib", "worker CPU per GiB relayed (s)", "{:.2f}", ("ratio<=", 0.5)),
+    ("cpu_user_s_per_gib", "  of which user (s)", "{:.2f}", None),
+    ("cpu_sys_s_per_gib", "  of which system (s)", "{:.2f}", None),
+    ("backend_cpu_s_per_gib", "  (backend's CPU per GiB, for scale) (s)", "{:.2f}", None),
+    ("peak_rss_mb", "peak RSS while streaming (MB)", "{:.1f}", ("pgw<=", 40.0)),
+    ("hb_gap_s", "largest heartbeat gap while streaming (s)", "{:.2f}", ("pgw<=", 31.0)),
+    ("stream_intact", "stream arrived intact (rounds)", None, ("all", None)),
+    ("lat_p50_ms", "line latency p50 (ms)", "{:.2f}", None),
+    ("lat_p99_ms", "line latency p99 (ms)", "{:.2f}", ("ratio<=", 1.0)),
+    ("lat_intact", "line latency: every line arrived (rounds)", None, ("all", None)),
+    ("conc_wall_s", "{stages} stages x {lines} lines: wall (s)", "{:.2f}", None),
+    ("conc_cpu_s", "{stages} stages x {lines} lines: worker CPU (s)", "{:.2f}", None),
+    ("conc_intact", "{stages} stages x {lines} lines: all intact (rounds)", None, ("all", None)),
+    ("idle_rss_mb", "idle RSS after {idle} s connected (MB)", "{:.1f}", ("ratio<=", 1.0)),
+    ("hello_warm_s", "start to hello, warm (s)", "{:.3f}", ("pgw<=", 0.3)),
+    ("hello_fresh_s", "start to hello, first run after extraction (s)", "{:.3f}", None),
+]
+
+
+def summarise(rounds: list[dict[str, dict[str, Any]]], names: list[str]) -> dict[str, dict[str, Any]]:
+    summary: dict[str, dict[str, Any]] = {}
+    for key, *_ in METRICS:
+        summary[key] = {}
+        for name in names:
+            values = [r[name][key] for r in rounds if r[name].get(key) is not None]
+            if not values:
+                continue
+            if isinstance(values[0], bool):
+                summary[key][name] = {"ok": sum(values), "of": len(values)}
+            else:
+                summary[key][name] = {"median": statistics.median(values), "min": min(values), "max": max(values)}
+    return summary
+
+
+def table(summary: dict[str, dict[str, Any]], names: list[str], args: argparse.Namespace) -> str:
+    header = ["metric"] + [f"{n} median [min-max]" for n in names]
+    if len(names) == 2:
+        header += ["pgw/pgworker"]
+    header += ["target"]
+    rows = [header]
+    for key, label, fmt, target in METRICS:
+        cells = [label.format(stream=args.stream_mib, stages=args.stages, lines=f"{args.lines:,}", idle=f"{args.idle_s:g}")]
+        figures = summary.get(key, {})
+        if not figures:
+            continue
+        for name in names:
+            figure = figures.get(name)
+            if figure is None:
+                cells.append("-")
+            elif fmt is None:
+                cells.append(f"{figure['ok']}/{figure['of']}")
+            else:
+                cells.append(f"{fmt.format(figure['median'])} [{fmt.format(figure['min'])}-{fmt.format(figure['max'])}]")
+        ratio = None
+        if len(names) == 2 and fmt is not None and "pgw" in figures and "pgworker" in figures and figures["pgworker"]["median"]:
+            ratio = figures["pgw"]["median"] / figures["pgworker"]["median"]
+        if len(names) == 2:
+            cells.append(f"{ratio:.2f}" if ratio is not None else "")
+        cells.append(verdict(target, figures, ratio))
+        rows.append(cells)
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)
+
+
+def verdict(target: Optional[tuple[str, Any]], figures: dict[str, Any], ratio: Optional[float]) -> str:
+    if target is None:
+        return ""
+    kind, value = target
+    pgw = figures.get("pgw")
+    if kind == "all":
+        return "all: " + ("met" if pgw and pgw["ok"] == pgw["of"] else "MISSED") if pgw else ""
+    if kind.startswith("ratio"):
+        text = f"{kind[5:].replace('>=', '>=').replace('<=', '<=')} {value:g}x"
+        if ratio is None:
+            return text
+        met = ratio >= value if kind == "ratio>=" else ratio <= value
+        return f"{text}: {'met' if met else 'MISSED'}"
+    text = f"<= {value:g}"
+    if pgw is None:
+        return text
+    return f"{text}: {'met' if pgw['median'] <= value else 'MISSED'}"
+
+
+def machine_description(python: str) -> dict[str, Any]:
+    model = "?"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    version = subprocess.run([python, "-c", "import sys; print(sys.version.split()[0])"],
+                             capture_output=True, text=True).stdout.strip()
+    return {
+        "nproc": len(os.sched_getaffinity(0)),
+        "cpu": model,
+        "kernel": os.uname().release,
+        "python": f"{version} ({python})",
+    }
+
+
+def git_head() -> str:
+    out = subprocess.run(["git", "-C", str(ROOT), "describe", "--always", "--dirty"], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="bench.py", description="Benchmark pgw against pgworker 0.1.2 on a loopback backend (issue 6).",
+    )
+    parser.add_argument("--rounds", type=int, help="rounds, alternating the order (default 3; 1 with --quick)")
+    parser.add_argument("--only", choices=["pgw", "pgworker"], help="run one worker only")
+    parser.add_argument("--json", type=Path, metavar="FILE", help="also write every round's figures to FILE")
+    parser.add_argument("--quick", action="store_true",
+                        help="a sanity run: 1 round, 5 s idle, 32 MiB, 100 ticks, 10 x 500 lines, no heartbeat alignment")
+    parser.add_argument("--idle-s", type=float, help="seconds connected before idle RSS is read (default 60)")
+    parser.add_argument("--stream-mib", type=int, help="MiB written by the stream stage (default 200)")
+    parser.add_argument("--latency-lines", type=int, help="timestamped lines, one every 20 ms (default 500)")
+    parser.add_argument("--stages", type=int, help="concurrent stages (default 50)")
+    parser.add_argument("--lines", type=int, help="lines per concurrent stage (default 2000)")
+    parser.add_argument("--no-align", action="store_true",
+                        help="do not wait for a heartbeat to be due during the stream (heartbeat gap may be missing)")
+    parser.add_argument("--deflate", action="store_true",
+                        help="the backend accepts permessage-deflate (pgworker then compresses; pgw does not offer it)")
+    parser.add_argument("--pgw-source", action="store_true",
+                        help="run pgw.py with .venv's python instead of pgw.pyz (no fresh-extraction figure)")
+    parser.add_argument("--pgw-cmd", metavar="CMD",
+                        help="run pgw as CMD run (shell words), e.g. '.venv/bin/python variant.py' to try a change "
+                             "(no fresh-extraction figure)")
+    parser.add_argument("--profile", type=Path, metavar="FILE",
+                        help="profile pgw.py (as --pgw-source) relaying the stream alone, under `py-spy record` "
+                             "(pip install py-spy into .venv), into FILE: .svg flamegraph, .json speedscope, .txt raw "
+                             "(collapsed stacks); implies --only pgw --rounds 1 --idle-s 0 --no-align")
+    parser.add_argument("--python", default="python3",
+                        help="interpreter for pgw.pyz and the pgworker venv (default: python3, resolved past shims)")
+    parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--arena-mib", type=int, default=256, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    quick = {"rounds": 1, "idle_s": 5.0, "stream_mib": 32, "latency_lines": 100, "stages": 10, "lines": 500}
+    full = {"rounds": 3, "idle_s": 60.0, "stream_mib": 200, "latency_lines": 500, "stages": 50, "lines": 2000}
+    for key, value in (quick if args.quick else full).items():
+        if getattr(args, key) is None:
+            setattr(args, key, value)
+    if args.quick:
+        args.no_align = True
+    if args.profile:
+        args.only, args.rounds, args.idle_s, args.no_align, args.pgw_source = "pgw", 1, 0.0, True, True
+        args.profile = args.profile.resolve()
+    return args
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = parse_args(argv)
+    if args.serve:
+        return serve(args.deflate, args.arena_mib << 20)
+    if not sys.platform.startswith("linux"):
+        print("bench: needs Linux (/proc)", file=sys.stderr)
+        return 2
+    if not args.pgw_source and not (ROOT / "pgw.pyz").exists():
+        print("bench: no pgw.pyz: run ./build.sh bench (it builds it first)", file=sys.stderr)
+        return 2
+    python = real_python(args.python)
+    names = [args.only] if args.only else ["pgw", "pgworker"]
+    command = os.environ.get("PGW_BENCH_COMMAND") or shlex.join(["python", "tests/bench.py", *sys.argv[1:]])
+    venv = ensure_pgworker_venv(python)  # the backend runs on its websockets too
+    clean_python = str(ensure_clean_venv(python))
+
+    stub = _stub_namespace()
+    crc, length = 0, 0
+    for chunk in stub["flood_chunks"](args.stream_mib << 20):
+        crc, length = zlib.crc32(chunk, crc), length + len(chunk)
+    expected_stream = (length, crc)
+
+    def expected_lines(count: int, tag: str) -> tuple[int, int]:
+        data = b"".join(stub["line_chunks"](count, tag))
+        return len(data), zlib.crc32(data)
+
+    tmp = Path(tempfile.mkdtemp(prefix="pgw-bench-"))
+    # Room for the whole stream as JSON (escapes make it ~10% larger).
+    backend = Backend(venv / "bin" / "python", args.deflate, args.stream_mib * 5 // 4 + 16, tmp)
+    failed = True
+    started = time.monotonic()
+    try:
+        setup = Setup(args, tmp, backend, clean_python)
+        # Warm-ups, not measured: extract pgw.pyz into the warm SHIV_ROOT and
+        # bring both workers' files into the page cache.
+        warmups = []
+        if "pgw" in names:
+            warmups.append(setup.pgw("pgw-warmup", setup.warm_shiv))
+        if "pgworker" in names:
+            warmups.append(setup.pgworker("pgworker-warmup"))
+        for worker in warmups:
+            worker.start(backend)
+            worker.stop()
+        rounds = []
+        for number in range(1, args.rounds + 1):
+            order = names if number % 2 else names[::-1]
+            rounds.append(run_round(setup, number, order, expected_stream, expected_lines))
+        failed = False
+    except BenchError as exc:
+        print(f"bench: {exc}; logs kept in {tmp}", file=sys.stderr)
+        return 1
+    finally:
+        backend.close()
+        if not failed:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    summary = summarise(rounds, names)
+    machine = machine_description(python)
+    print()
+    print(f"command: {command}")
+    print(f"machine: {machine['nproc']} CPUs ({machine['cpu']}), Linux {machine['kernel']}, Python {machine['python']}")
+    what = (f"`{args.pgw_cmd}`" if args.pgw_cmd else "pgw.py from source" if args.pgw_source
+            else f"pgw.pyz sha256 {setup.pyz_sha256[:16]}")
+    print(f"pgw: {what} at {git_head()}; pgworker: {PGWORKER_REQUIREMENT}; backend: websockets, "
+          f"{'permessage-deflate offered' if args.deflate else 'no compression'}")
+    print(f"{args.rounds} round(s), median [min-max]; MB = 10^6 bytes; took {time.monotonic() - started:.0f} s")
+    print()
+    print(table(summary, names, args))
+    if args.json:
+        args.json.write_text(json.dumps({
+            "command": command, "machine": machine, "pgw": what, "git": git_head(),
+            "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+            "rounds": rounds, "summary": summary,
+        }, indent=2) + "\n")
+        print(f"\nbench: figures written to {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
