@@ -850,6 +850,13 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
                 say(f"{name}: line latency, {args.stages} x {args.lines} lines, {args.stream_mib} MiB stream")
                 results[name].update(measure_latency(backend, worker, tag, args.latency_lines))
                 results[name].update(measure_concurrent(backend, worker, tag, args.stages, args.lines, expected_lines))
+            elif args.profile_stages:
+                say(f"{name}: 5 x {args.stages} x {args.lines} lines under py-spy")
+                for run in range(5):
+                    results[name].update(measure_concurrent(
+                        backend, worker, f"{tag}-{run}", args.stages, args.lines, expected_lines,
+                    ))
+                continue
             else:
                 say(f"{name}: {args.stream_mib} MiB stream under py-spy")
             results[name].update(measure_stream(
@@ -986,7 +993,7 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="a sanity run: 1 round, 5 s idle, 32 MiB, 100 ticks, 10 x 500 lines, no heartbeat alignment")
     parser.add_argument("--idle-s", type=float, help="seconds connected before idle RSS is read (default 60)")
     parser.add_argument("--stream-mib", type=int, help="MiB written by the stream stage (default 200)")
-    parser.add_argument("--latency-lines", type=int, help="timestamped lines, one every 20 ms (default 500)")
+    parser.add_argument("--latency-lines", type=int, help="timestamped lines, one every 20 ms (default 1000)")
     parser.add_argument("--stages", type=int, help="concurrent stages (default 50)")
     parser.add_argument("--lines", type=int, help="lines per concurrent stage (default 2000)")
     parser.add_argument("--no-align", action="store_true",
@@ -1002,13 +1009,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
                         help="profile pgw.py (as --pgw-source) relaying the stream alone, under `py-spy record` "
                              "(pip install py-spy into .venv), into FILE: .svg flamegraph, .json speedscope, .txt raw "
                              "(collapsed stacks); implies --only pgw --rounds 1 --idle-s 0 --no-align")
+    parser.add_argument("--profile-stages", action="store_true",
+                        help="with --profile: profile 5 runs of the concurrent stages test instead of the stream")
     parser.add_argument("--python", default="python3",
                         help="interpreter for pgw.pyz and the pgworker venv (default: python3, resolved past shims)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--arena-mib", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     quick = {"rounds": 1, "idle_s": 5.0, "stream_mib": 32, "latency_lines": 100, "stages": 10, "lines": 500}
-    full = {"rounds": 3, "idle_s": 60.0, "stream_mib": 200, "latency_lines": 500, "stages": 50, "lines": 2000}
+    # 1000 ticks (20 s) give p99 ten samples to stand on, and still end with
+    # the 50 stages before the heartbeat the stream waits for is due.
+    full = {"rounds": 3, "idle_s": 60.0, "stream_mib": 200, "latency_lines": 1000, "stages": 50, "lines": 2000}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
