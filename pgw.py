@@ -648,7 +648,7 @@ class Backoff:
 
 def split_text(text: str, limit: int = FRAME_MAX_BYTES) -> list[str]:
     """`text` cut into pieces of at most `limit` UTF-8 bytes, never inside a character."""
-    if len(text) * 4 <= limit:  # a character is at most 4 bytes
+    if len(text) * 4 <= limit or (text.isascii() and len(text) <= limit):  # isascii is O(1)
         return [text]
     encoded = text.encode("utf-8")
     if len(encoded) <= limit:
