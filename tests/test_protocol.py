@@ -181,3 +181,10 @@ def test_encode_is_compact_and_keeps_non_ascii():
 def test_encode_exit_writes_null_error():
     wire = pgw.encode(pgw.StageExit(stage_run_id="r", returncode=-1, duration_ms=0))
     assert json.loads(wire) == {"type": "stage.exit", "stage_run_id": "r", "returncode": -1, "duration_ms": 0, "error": None}
+
+
+@given(st.sampled_from([pgw.StageStdout, pgw.StageStderr]), st.text(), ints, st.text())
+def test_fast_output_frames_equal_the_generic_encoding(record_type, stage_run_id, seq, data):
+    record = record_type(stage_run_id=stage_run_id, seq=seq, data=data)
+    generic = {"type": record_type.TYPE, "stage_run_id": stage_run_id, "seq": seq, "data": data}
+    assert pgw.encode(record) == json.dumps(generic, ensure_ascii=False, separators=(",", ":"))

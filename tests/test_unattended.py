@@ -85,6 +85,9 @@ async def test_status_exit_codes_in_all_three_states(tmp_path, stub_bin):
                 write_stub_cli(stub_bin, "claude", SLEEPER)
                 await connection.send(request("s1"))
                 await wait_ready(connection, "s1")
+                with trio.fail_after(5):  # the daemon publishes at most twice a second
+                    while json.loads(pgw_command(home, "status", "--json").stdout)["stages_running"] != 1:
+                        await trio.sleep(0.1)
                 busy = json.loads(pgw_command(home, "status", "--json").stdout)
                 assert (busy["stages_running"], busy["stages_queued"]) == (1, 0)
                 lines = pgw_command(home, "status").stdout
