@@ -37,15 +37,12 @@ from backend import BackendConnection, open_backend, open_proxy
 from conftest import ROOT, write_stub_cli
 from test_run import (  # noqa: F401 - `environ` is a fixture
     IGNORES_SIGTERM,
-    SLEEPER,
-    assert_group_gone,
     cancel,
     connected,
     environ,
     live_group_members,
     request,
     running_worker,
-    wait_ready,
 )
 
 PYZ = ROOT / "pgw.pyz"

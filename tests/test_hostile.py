@@ -598,9 +598,10 @@ async def test_the_token_never_leaves_the_config(tmp_path, stub_bin, pyz_pgw):
     pair_server = PairServer()
     try:
         pair_server.reply(200, json.dumps({"worker_id": "w-9", "token": token}).encode())
-        done = await trio.to_thread.run_sync(
-            lambda: pyz_command_line(pyz_pgw, home, "pair", "123-456", "--server", pair_server.url)
-        )
+        with trio.fail_after(60):
+            done = await trio.to_thread.run_sync(
+                lambda: pyz_command_line(pyz_pgw, home, "pair", "123-456", "--server", pair_server.url)
+            )
     finally:
         pair_server.close()
     assert done.returncode == 0, done.stderr
@@ -658,13 +659,14 @@ async def test_config_home_and_scratch_are_private_even_under_umask_0(tmp_path, 
     pair_server = PairServer()
     try:
         pair_server.reply(200, json.dumps({"worker_id": "w-9", "token": "tok-private"}).encode())
-        done = await trio.to_thread.run_sync(
-            lambda: subprocess.run(
-                [*pyz_pgw.argv, "pair", "1-2", "--server", pair_server.url],
-                env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PGW_HOME": str(home), **pyz_pgw.env},
-                capture_output=True, text=True, timeout=60, check=False, preexec_fn=hostile_umask,
+        with trio.fail_after(60):
+            done = await trio.to_thread.run_sync(
+                lambda: subprocess.run(
+                    [*pyz_pgw.argv, "pair", "1-2", "--server", pair_server.url],
+                    env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PGW_HOME": str(home), **pyz_pgw.env},
+                    capture_output=True, text=True, timeout=60, check=False, preexec_fn=hostile_umask,
+                )
             )
-        )
     finally:
         pair_server.close()
     assert done.returncode == 0, done.stderr
@@ -692,9 +694,10 @@ async def test_config_home_and_scratch_are_private_even_under_umask_0(tmp_path, 
 async def test_doctor_warns_about_a_config_others_can_read(tmp_path, pyz_pgw):
     home = tmp_path / "home"
     pgw.write_config(home / "config.json", {"server": "http://127.0.0.1:9", "worker_id": "w-1", "token": "tok-wide"})
-    quiet = await trio.to_thread.run_sync(lambda: pyz_command_line(pyz_pgw, home, "doctor"))
-    (home / "config.json").chmod(0o644)
-    loud = await trio.to_thread.run_sync(lambda: pyz_command_line(pyz_pgw, home, "doctor"))
+    with trio.fail_after(60):
+        quiet = await trio.to_thread.run_sync(lambda: pyz_command_line(pyz_pgw, home, "doctor"))
+        (home / "config.json").chmod(0o644)
+        loud = await trio.to_thread.run_sync(lambda: pyz_command_line(pyz_pgw, home, "doctor"))
     [line] = [line for line in loud.stdout.splitlines() if re.search(r"\bconfig\b", line) and "644" in line]
     assert "WARN" in line and "chmod 600" in line
     assert "644" not in quiet.stdout and "tok-wide" not in loud.stdout + loud.stderr
