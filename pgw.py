@@ -175,6 +175,9 @@ KILL_WAIT_S = 5.0
 STAGE_ID_ENV = "PGW_STAGE_ID"
 STAGE_TAG_ENV = "PGW_STAGE_TAG"
 
+# A timeout_s beyond this (31 years) is taken as this: a float holds it.
+TIMEOUT_MAX_S = 10**9
+
 # A stage_run_id names a directory: keep it to one sane path component.
 STAGE_ID_MAX_CHARS = 200
 
@@ -439,11 +442,30 @@ def encode(record: Record) -> str:
     """
     if type(record) is StageStdout or type(record) is StageStderr:
         return (
-            f'{{"type":"{record.TYPE}","stage_run_id":{json.dumps(record.stage_run_id, ensure_ascii=False)},'
-            f'"seq":{int(record.seq)},"data":{json.dumps(record.data, ensure_ascii=False)}}}'
+            f'{{"type":"{record.TYPE}","stage_run_id":{_json_string(record.stage_run_id)},'
+            f'"seq":{int(record.seq)},"data":{_json_string(record.data)}}}'
         )
     message = {"type": record.TYPE, **_converter.unstructure(record)}
-    return json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    return text if _utf8_encodable(text) else json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def _utf8_encodable(text: str) -> bool:
+    """False for a string with a lone surrogate, which JSON allows (as `\\ud800`)
+    and a server may send, but which cannot go out as UTF-8 unescaped."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def _json_string(text: str) -> str:
+    if _utf8_encodable(text):
+        return json.dumps(text, ensure_ascii=False)
+    return json.dumps(text)
 
 
 def _reject_constant(name: str) -> None:
@@ -458,6 +480,8 @@ def decode(text: Union[str, bytes]) -> Record:
         raise ProtocolError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise ProtocolError(f"not JSON: {exc}") from None
+    except RecursionError:
+        raise ProtocolError("not JSON that pgw can read: nested too deep") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"expected a JSON object, got {_json_kind(message)}")
     if "type" not in message:
@@ -686,6 +710,7 @@ def check_stage_id(stage_run_id: str) -> None:
         or stage_run_id in (".", "..")
         or len(stage_run_id) > STAGE_ID_MAX_CHARS
         or any(bad in stage_run_id for bad in ("/", "\\", "\0"))
+        or not _fs_encodable(stage_run_id)
     ):
         raise StageRejected(f"bad request: stage_run_id {stage_run_id[:60]!r} cannot name a scratch directory")
 
@@ -695,6 +720,8 @@ def check_file_path(name: str) -> tuple[str, ...]:
     unsafe = f"unsafe file path {name[:100]!r}"
     if not name or "\0" in name:
         raise StageRejected(f"{unsafe}: empty or contains NUL")
+    if not _fs_encodable(name):
+        raise StageRejected(f"{unsafe}: not valid Unicode")
     posix, windows = PurePosixPath(name), PureWindowsPath(name)
     if posix.is_absolute() or windows.is_absolute() or windows.drive or name.startswith(("/", "\\")):
         raise StageRejected(f"{unsafe}: absolute paths are not allowed")
@@ -704,6 +731,29 @@ def check_file_path(name: str) -> tuple[str, ...]:
     if not parts:
         raise StageRejected(f"{unsafe}: names no file")
     return parts
+
+
+def _fs_encodable(text: str) -> bool:
+    """Whether the OS can take `text` as a name or an argument (surrogateescape'd bytes pass)."""
+    try:
+        os.fsencode(text)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def check_stage_arguments(request: StageRequest) -> None:
+    """What goes to execve and to the child's stdin must be something the OS can take."""
+    arguments = [*request.cli_args] + ([request.stdin] if request.stdin_mode == "argv_last" else [])
+    for number, argument in enumerate(arguments):
+        where = "the prompt (argv_last)" if number == len(request.cli_args) else f"cli_args[{number}]"
+        if "\0" in argument or not _fs_encodable(argument):
+            raise StageRejected(f"bad request: {where} contains NUL or is not valid Unicode")
+    for name, value in request.env.items():
+        if not name or "=" in name or "\0" in name or "\0" in value or not (_fs_encodable(name) and _fs_encodable(value)):
+            raise StageRejected(f"bad request: env {name[:60]!r} is not a valid environment variable")
+    if request.stdin_mode == "stdin" and not _utf8_encodable(request.stdin):
+        raise StageRejected("bad request: the prompt is not valid Unicode (a lone surrogate)")
 
 
 def check_stage_files(files: dict[str, str]) -> list[tuple[tuple[str, ...], bytes]]:
@@ -1631,7 +1681,7 @@ class Worker:
                     await self.slots.acquire()  # cancelled here: never started
                     stage.holds_slot = True
                 started = time.monotonic()
-                stage.scope.deadline = trio.current_time() + max(request.timeout_s, 0)
+                stage.scope.deadline = trio.current_time() + min(max(request.timeout_s, 0), TIMEOUT_MAX_S)
                 await self._execute(stage, scratch_dir, outbox)
             if stage.scope.cancelled_caught:
                 error = stage.stop_error or f"timed out after {request.timeout_s} s"
@@ -1670,6 +1720,7 @@ class Worker:
     async def _execute(self, stage: Stage, scratch_dir: Path, outbox: Outbox) -> None:
         """Run the stage's CLI to its end; its status is left in stage.process."""
         request = stage.request
+        check_stage_arguments(request)
         files = check_stage_files(request.files)
         search_path = self.options.search_path
         binary = shutil.which(request.cli, path=search_path)
@@ -1912,7 +1963,9 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     path = home / "run.log"
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8")
+        logging.handlers.RotatingFileHandler(
+            path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8", errors="backslashreplace"
+        )
     ]
     if verbose or sys.stderr.isatty():
         handlers.append(logging.StreamHandler(sys.stderr))
