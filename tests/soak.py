@@ -8,7 +8,8 @@ serves an in-process backend through a proxy. Stages are sent CONCURRENCY at
 a time; each is one of the kinds below (a quick exit, output, a failure, a
 sleep cut short by a SIGTERM or SIGKILL cancel or by its timeout, a child that
 ignores SIGTERM, a tree with a setsid escapee, a bad request). Every
-DISCONNECT_EVERY seconds on average the connection is broken while stages run:
+DISCONNECT_EVERY seconds on average after pgw connects, the connection is broken
+while stages run:
 closed (1000 or 1011), reset by the backend or by the proxy, or black-holed
 (the proxy stops forwarding without closing; pgw must notice by itself).
 
@@ -194,11 +195,13 @@ class Soak:
 
     async def break_connections(self, stop: trio.Event) -> None:
         while not stop.is_set():
+            connection = await self.current_connection()  # counted from pgw's reconnect
             with trio.move_on_after(self.rng.uniform(0.5, 1.5) * self.args.disconnect_every):
                 await stop.wait()
             if stop.is_set():
                 return
-            connection = await self.current_connection()
+            if connection is not self.connection or connection.closed.is_set():
+                continue
             how = self.rng.choice(self.args.disconnects)
             self.disconnects[how] += 1
             self.broken_at = trio.current_time()  # no new requests until pgw is back
@@ -323,7 +326,7 @@ async def soak(args: argparse.Namespace) -> int:
                     [*argv, "run"], env=env, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
                 )
             state = Soak(args, rng, run_id, backend, proxy, daemon.pid)
-            overall_s = (args.seconds + 300) if args.seconds else 1800
+            overall_s = args.give_up_after
             try:
                 status = 1
                 with trio.move_on_after(overall_s):
@@ -332,7 +335,13 @@ async def soak(args: argparse.Namespace) -> int:
                 if overall_s:
                     waiting = sorted(set(state.sent) - set(state.exits) - state.lost - state.hung)
                     print(f"soak: FAIL: not done within {overall_s:g} s; {len(waiting)} stages still waiting,"
-                          f" e.g. {waiting[:5]}; connection {state.connection!r}, broken_at {state.broken_at}")
+                          f" e.g. {waiting[:5]}; connection {state.connection!r}, broken_at {state.broken_at},"
+                          f" {len(backend.connections)} connections, disconnects {dict(state.disconnects)}")
+                    for stage_run_id in waiting[:5]:
+                        connection = state.sent[stage_run_id][1]
+                        seen = [m.get("type") for m in connection.received if m.get("stage_run_id") == stage_run_id]
+                        print(f"  {stage_run_id}: on connection {backend.connections.index(connection)}"
+                              f" (closed: {connection.closed.is_set()}), seen {seen}")
             finally:
                 if daemon.returncode is None:
                     daemon.kill()
@@ -450,11 +459,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stages", type=int, default=1000, help="stages to send (default 1000)")
     parser.add_argument("--seconds", type=float, default=0, help="stop sending after this long (default: no limit)")
     parser.add_argument("--concurrency", type=int, default=8, help="stages in flight at once (default 8)")
-    parser.add_argument("--disconnect-every", type=float, default=20.0,
-                        help="mean seconds between forced disconnects (default 20)")
+    parser.add_argument("--disconnect-every", type=float, default=30.0,
+                        help="mean seconds a connection lives before it is broken (default 30)")
     parser.add_argument("--disconnects", type=lambda text: text.split(","), default=DISCONNECTS,
                         help=f"kinds of forced disconnect to pick from (default {','.join(DISCONNECTS)}; "
                         "silent costs pgw's 30 s silence limit each time)")
+    parser.add_argument("--give-up-after", type=float, default=900.0,
+                        help="fail if the soak has not finished after this many seconds (default 900)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")
     parser.add_argument("--pyz", action="store_true", help="run the built pgw.pyz instead of pgw.py")
     args = parser.parse_args(argv)
