@@ -128,6 +128,9 @@ class ThreadedDaemon:
             assert not connection.closed.is_set(), f"pgw dropped the connection (close code {connection.close_code})"
             assert len(self.backend.connections) == connections_before, "pgw reconnected"
             assert exits_by_id() == owed, "stage.exit counts differ from the requests that are owed one"
+            internal = [m for m in connection.received[first_new:]
+                        if m.get("type") == "stage.exit" and (m.get("error") or "").startswith("internal error")]
+            assert internal == [], "a request ended as an internal error of pgw's"
             self.requests_answered += len(owed)
 
 
@@ -182,6 +185,7 @@ def fuzz_daemon(tmp_path_factory):
 ODD_STRINGS = [
     "", "\0", "a\0b", ".", "..", "/", "\\", "../x", "a/../../b", "C:\\x", "~", "$HOME", "%2e%2e",
     "\u202e", "\ufeff", "e\u0301", "😀", "\u2028", "\uffff", "\U0010ffff", "ＮＵＬ", " ", "\t\n\r",
+    "\ud800", "a\udc80b", "\udfff\ud800",  # lone surrogates: valid JSON, not valid UTF-8
 ]
 odd_text = st.one_of(
     st.text(max_size=30),  # all of unicode but lone surrogates, NUL included
@@ -217,7 +221,9 @@ safe_names = st.text(alphabet="abcdefghij_-.", min_size=1, max_size=12).filter(l
 valid_requests = st.fixed_dictionaries(
     {
         "type": st.just("stage.request"),
-        "stage_run_id": st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=20),
+        "stage_run_id": st.one_of(
+            st.text(alphabet="abcdefghijklmnopqrstuvwxyz0123456789-_", min_size=1, max_size=20), odd_text
+        ),
         "job_id": st.text(max_size=10),
         "cli": st.sampled_from(["claude", "codex", "deepseek"]),
         "cli_args": st.lists(st.text(alphabet=st.characters(blacklist_characters="\0", blacklist_categories=("Cs",)), max_size=10), max_size=3),
@@ -237,20 +243,31 @@ valid_requests = st.fixed_dictionaries(
 REQUEST_KEYS = ["type", "stage_run_id", "job_id", "cli", "cli_args", "stdin", "stdin_mode", "files", "timeout_s", "env"]
 
 
+# Values of the right JSON type with hostile contents: they get past the type
+# checks, to the path checks, execve, the environment and the encoders.
+WELL_TYPED_HOSTILE = {
+    "stage_run_id": odd_text,
+    "job_id": odd_text,
+    "cli": st.sampled_from(["claude", "codex", "deepseek"]) | odd_text,
+    "cli_args": st.lists(odd_text, max_size=3),
+    "stdin": odd_text,
+    "stdin_mode": st.sampled_from(["stdin", "argv_last"]) | odd_text,
+    "files": st.dictionaries(odd_text, st.binary(max_size=16).map(lambda b: base64.b64encode(b).decode()) | odd_text, max_size=3),
+    "timeout_s": odd_numbers,
+    "env": st.dictionaries(odd_text, odd_text, max_size=3),
+}
+
+
 @st.composite
 def mutated_requests(draw) -> dict:
     message = dict(draw(valid_requests))
     for _ in range(draw(st.integers(min_value=1, max_value=3))):
         key = draw(st.sampled_from(REQUEST_KEYS + ["extra"]))
-        action = draw(st.sampled_from(["drop", "replace", "replace", "replace"]))
+        action = draw(st.sampled_from(["drop", "any-value", "well-typed", "well-typed"]))
         if action == "drop" and key in message and key != "type":
             del message[key]
-        elif key in ("files", "env", "cli_args") and draw(st.booleans()):
-            # right container, hostile contents
-            if key == "cli_args":
-                message[key] = draw(st.lists(any_value, max_size=3))
-            else:
-                message[key] = draw(st.dictionaries(odd_text, any_value, max_size=3))
+        elif action == "well-typed" and key in WELL_TYPED_HOSTILE:
+            message[key] = draw(WELL_TYPED_HOSTILE[key])
         else:
             message[key] = draw(any_value)
     return message
@@ -292,8 +309,9 @@ def unique_stage_ids(messages: list[tuple[object, bool]]) -> list[tuple[object, 
     return unique
 
 
+# 200 examples in CI (~15 s); PGW_FUZZ_EXAMPLES=2000 for a longer hunt (~2.5 min).
 @settings(
-    max_examples=200,
+    max_examples=int(os.environ.get("PGW_FUZZ_EXAMPLES", "200")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large, HealthCheck.large_base_example],
 )
