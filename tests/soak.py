@@ -459,8 +459,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--stages", type=int, default=1000, help="stages to send (default 1000)")
     parser.add_argument("--seconds", type=float, default=0, help="stop sending after this long (default: no limit)")
     parser.add_argument("--concurrency", type=int, default=8, help="stages in flight at once (default 8)")
-    parser.add_argument("--disconnect-every", type=float, default=30.0,
-                        help="mean seconds a connection lives before it is broken (default 30)")
+    parser.add_argument("--disconnect-every", type=float, default=15.0,
+                        help="mean seconds a connection lives before it is broken (default 15)")
     parser.add_argument("--disconnects", type=lambda text: text.split(","), default=DISCONNECTS,
                         help=f"kinds of forced disconnect to pick from (default {','.join(DISCONNECTS)}; "
                         "silent costs pgw's 30 s silence limit each time)")
