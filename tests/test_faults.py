@@ -3,8 +3,9 @@
 Issue 5. Whatever breaks, pgw must end every stage in bounded time with
 exactly one `stage.exit` (when the connection that carries it survives),
 leave no process of the stage running (its group, its grandchildren, and
-escapees found by their `PGW_STAGE_ID` tag), remove its scratch dir, and
-keep serving. Children are real processes: stub CLIs on a PATH fixture.
+setsid escapees: every process of the stage carries `PGW_STAGE_ID=<id>` in
+its environment, so the checks here scan /proc for it), remove its scratch
+dir, and keep serving. Children are real processes: stub CLIs on a PATH fixture.
 
 Most tests run pgw's Worker in-process against the in-process backend, with
 pgw's timing constants shortened by monkeypatch. Where the process itself is
@@ -53,8 +54,8 @@ PYZ = ROOT / "pgw.pyz"
 
 
 def unique(name: str) -> str:
-    """A stage id no other test session uses: pgw kills escapees by their PGW_STAGE_ID
-    tag machine-wide, and the scans here look machine-wide too."""
+    """A stage id no other test session uses: the scans for survivors look for
+    PGW_STAGE_ID=<id> machine-wide, and another session's "s1" is not ours."""
     return f"{name}-{uuid.uuid4().hex[:8]}"
 
 
@@ -182,7 +183,8 @@ async def pgw_daemon(
     extra_env: dict[str, str] | None = None,
     **popen_options,
 ):
-    """`pgw run ARGS` as a process, paired with `server`; killed if still running at the end."""
+    """`pgw run ARGS` as a process, paired with `server`; stopped if still running at the end
+    (two SIGTERMs, so that it kills its stages at once; SIGKILL if that fails)."""
     if not (home / "config.json").exists():
         pgw.write_config(home / "config.json", {"server": server, "worker_id": "w-1", "token": token})
     env = {
@@ -198,9 +200,17 @@ async def pgw_daemon(
     try:
         yield process
     finally:
-        if process.returncode is None:
-            process.kill()
-            await process.wait()
+        with trio.CancelScope(shield=True):
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                await trio.sleep(0.1)
+            if process.returncode is None:
+                process.send_signal(signal.SIGTERM)
+                with trio.move_on_after(5):
+                    await process.wait()
+            if process.returncode is None:
+                process.kill()
+                await process.wait()
 
 
 def vm_rss_bytes(pid: int) -> int:
