@@ -379,7 +379,8 @@ async def drive(args: argparse.Namespace, state: Soak, daemon: trio.Process) -> 
                 stages.start_soon(state.run_stage, number, kind, slots)
                 number += 1
                 if number % 100 == 0:
-                    print(f"  {number - WARM_UP_STAGES} stages sent, {trio.current_time() - soak_started:.0f} s", flush=True)
+                    print(f"  {number - WARM_UP_STAGES} stages sent, {trio.current_time() - soak_started:.0f} s,"
+                          f" pgw RSS {rss_bytes(state.pid) / 1e6:.1f} MB, {open_fds(state.pid)} fds", flush=True)
             stop_breaking.set()
         soak_s = trio.current_time() - soak_started
         with trio.fail_after(90):
