@@ -48,6 +48,7 @@ import shutil
 import signal
 import socket
 import stat
+import struct
 import ssl
 import subprocess
 import sys
@@ -441,13 +442,32 @@ def encode(record: Record) -> str:
     holds their text equal to the generic encoding's).
     """
     if type(record) is StageStdout or type(record) is StageStderr:
-        return (
-            f'{{"type":"{record.TYPE}","stage_run_id":{_json_string(record.stage_run_id)},'
-            f'"seq":{int(record.seq)},"data":{_json_string(record.data)}}}'
-        )
+        return encode_output(type(record), record.stage_run_id, record.seq, record.data).decode("utf-8")
     message = {"type": record.TYPE, **_converter.unstructure(record)}
     text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text if _utf8_encodable(text) else json.dumps(message, separators=(",", ":"), allow_nan=False)
+
+
+def wire(record: Record) -> bytes:
+    """`encode(record)` as the WebSocket carries it: UTF-8."""
+    return encode(record).encode("utf-8")
+
+
+def encode_output(record_type: type, stage_run_id: str, seq: int, data: Union[str, bytes]) -> bytes:
+    """A stage.stdout/stderr message as sent: UTF-8 JSON equal to
+    `encode(record_type(stage_run_id, seq, data))`, made without the record
+    or cattrs.  Bytes `data` must be ASCII: a pipe read taken whole, never
+    decoded into pieces nor checked for lone surrogates."""
+    if isinstance(data, bytes):
+        escaped = _encode_basestring(data.decode("ascii")).encode("ascii")
+    else:
+        escaped = _json_string(data).encode("utf-8")
+    head = f'{{"type":"{record_type.TYPE}","stage_run_id":{_json_string(stage_run_id)},"seq":{int(seq)},"data":'
+    return b"".join((head.encode("utf-8"), escaped, b"}"))
+
+
+# json.dumps(text, ensure_ascii=False) without its per-call Python overhead.
+_encode_basestring = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
 
 def _utf8_encodable(text: str) -> bool:
@@ -464,7 +484,7 @@ def _utf8_encodable(text: str) -> bool:
 
 def _json_string(text: str) -> str:
     if _utf8_encodable(text):
-        return json.dumps(text, ensure_ascii=False)
+        return _encode_basestring(text)
     return json.dumps(text)
 
 
@@ -1134,14 +1154,14 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 ##############################################################################
 # run                      reconnect loop with backoff (Worker.run)
 # └─ one connection        TCP/TLS + WebSocket + nursery (Worker._connection)
-#    ├─ sender             the only writer: Outbox -> WebSocket
+#    ├─ sender             the only writer: Outbox -> masked text frames
 #    ├─ heartbeat          app ping every 30 s, ahead of queued frames
 #    ├─ watchdog           WebSocket ping when quiet; dead after 30 s of silence
 #    ├─ reader             the only reader: decode -> start or cancel stages
 #    └─ stages             one cancel scope per stage_run_id (Stage.scope)
 #       └─ stage           process in its own session; wall-clock deadline
 #          ├─ feed stdin   the prompt, then close
-#          ├─ pump stdout  incremental UTF-8 decode -> frames
+#          ├─ pump stdout  ASCII reads as they are, others decoded -> frames
 #          └─ pump stderr
 #
 # A stage is stopped one way only: its scope is cancelled (stage.cancel,
@@ -1154,34 +1174,34 @@ log = logging.getLogger("pgw")
 class Outbox:
     """The one queue in front of the WebSocket, drained by the sender task.
 
-    Frames wait in a bounded FIFO: a producer finding it full parks, so a
-    slow server slows the pumps and memory stays bounded.  Urgent messages
-    (heartbeats) jump the queue.  A frame's text is made by `make_text` at
-    the moment it is queued, so the `seq` it carries follows queue order.
+    Messages (UTF-8 JSON) wait in a bounded FIFO: a producer finding it full
+    parks, so a slow server slows the pumps and memory stays bounded.  Urgent
+    messages (heartbeats) jump the queue.  A message is made by `make` at the
+    moment it is queued, so the `seq` it carries follows queue order.
     """
 
     def __init__(self, max_frames: int = OUTBOX_MAX_FRAMES) -> None:
         self._max_frames = max_frames
-        self._urgent: collections.deque[str] = collections.deque()
-        self._frames: collections.deque[str] = collections.deque()
+        self._urgent: collections.deque[bytes] = collections.deque()
+        self._frames: collections.deque[bytes] = collections.deque()
         self._has_items = trio.lowlevel.ParkingLot()
         self._has_space = trio.lowlevel.ParkingLot()
         self._drained = trio.lowlevel.ParkingLot()
         self._sending = False
 
-    def put_urgent(self, text: str) -> None:
-        self._urgent.append(text)
+    def put_urgent(self, message: bytes) -> None:
+        self._urgent.append(message)
         self._has_items.unpark()
 
-    async def put(self, make_text: typing.Callable[[], str]) -> None:
+    async def put(self, make: typing.Callable[[], bytes]) -> None:
         while len(self._frames) >= self._max_frames:
             await self._has_space.park()
-        self._frames.append(make_text())
+        self._frames.append(make())
         self._has_items.unpark()
         if len(self._frames) < self._max_frames:
             self._has_space.unpark()  # pass the turn on: FIFO among producers
 
-    async def get(self) -> str:
+    async def get(self) -> bytes:
         self._sending = False
         while not (self._urgent or self._frames):
             self._drained.unpark_all()
@@ -1189,14 +1209,40 @@ class Outbox:
         self._sending = True
         if self._urgent:
             return self._urgent.popleft()
-        text = self._frames.popleft()
+        message = self._frames.popleft()
         self._has_space.unpark()
-        return text
+        return message
 
     async def wait_drained(self) -> None:
         """Until everything queued so far has been handed to the WebSocket."""
         while self._urgent or self._frames or self._sending:
             await self._drained.park()
+
+
+# RFC 6455 5.3: a client masks each frame with a fresh random 32-bit key,
+# byte i XOR key[i % 4]; done as bytes.translate over the 4 lanes.
+_XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
+
+
+def masked_text_frame(message: bytes) -> bytearray:
+    """`message` (UTF-8) as one whole, masked client text frame (RFC 6455 5.2).
+
+    pgw frames its messages itself: trio-websocket's send_message goes
+    through wsproto, which copies a 256 KiB output frame six times on the way.
+    """
+    size = len(message)
+    if size < 126:
+        header = bytes((0x81, 0x80 | size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 0x80 | 127, size)
+    key = os.urandom(4)
+    frame = bytearray().join((header, key, message))
+    start = len(header) + 4
+    for lane in range(4):
+        frame[start + lane :: 4] = frame[start + lane :: 4].translate(_XOR_TABLES[key[lane]])
+    return frame
 
 
 class ActivityStream(trio.abc.Stream):
@@ -1529,9 +1575,9 @@ class Worker:
 
     async def _serve(self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream) -> None:
         outbox = Outbox()
-        outbox.put_urgent(encode(Hello(machine_name=self.options.name, capabilities=self.capabilities())))
+        outbox.put_urgent(wire(Hello(machine_name=self.options.name, capabilities=self.capabilities())))
         async with trio.open_nursery() as connection:
-            connection.start_soon(self._sender, ws, outbox)
+            connection.start_soon(self._sender, ws, stream, outbox)
             connection.start_soon(self._heartbeat, outbox)
             connection.start_soon(self._watchdog, ws, stream, connection)
             async with trio.open_nursery() as stages:
@@ -1548,19 +1594,28 @@ class Worker:
     def capabilities(self) -> dict[str, Any]:
         return probe_capabilities(self.options.search_path)
 
-    async def _sender(self, ws: trio_websocket.WebSocketConnection, outbox: Outbox) -> None:
+    async def _sender(self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream, outbox: Outbox) -> None:
+        # pgw writes its own frames to `ws`'s stream (see masked_text_frame),
+        # under the lock trio-websocket's own writes (pongs, the close) take,
+        # so frames never interleave.  A private name of trio-websocket 0.12,
+        # pinned in requirements.lock; a test fails if an upgrade renames it.
+        lock: trio.StrictFIFOLock = ws._stream_lock
         while True:
-            text = await outbox.get()
+            message = await outbox.get()
+            if ws.closed is not None:
+                raise ConnectionLost(close_description(ws.closed))
+            frame = masked_text_frame(message)
             try:
-                await ws.send_message(text)
-            except trio_websocket.ConnectionClosed as exc:
-                raise ConnectionLost(close_description(exc.reason)) from None
+                async with lock:
+                    await stream.send_all(frame)
+            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+                raise ConnectionLost(close_description(ws.closed) if ws.closed else "the connection broke") from exc
             if log.isEnabledFor(logging.DEBUG):
-                log.debug("sent %s", describe_wire_text(text))
+                log.debug("sent %s", describe_wire_text(message))
 
     async def _heartbeat(self, outbox: Outbox) -> None:
         while True:
-            outbox.put_urgent(encode(Ping(ts=time.time())))
+            outbox.put_urgent(wire(Ping(ts=time.time())))
             await trio.sleep(HEARTBEAT_INTERVAL_S)
 
     async def _watchdog(
@@ -1637,7 +1692,7 @@ class Worker:
             log.warning("stage %s: a bad duplicate request was ignored", stage_run_id)
             return
         exit_record = StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}")
-        stages.start_soon(outbox.put, lambda: encode(exit_record))
+        stages.start_soon(outbox.put, lambda: wire(exit_record))
 
     def _start_stage(self, request: StageRequest, outbox: Outbox, stages: trio.Nursery) -> None:
         if request.stage_run_id in self.stages:
@@ -1692,7 +1747,7 @@ class Worker:
                     read_codex_trace, scratch_dir, codex_sessions_dir(self.options.environ), time.time()
                 )
                 for piece in split_text(trace) if trace else []:
-                    await outbox.put(lambda piece=piece: encode(StageStdout(stage.id, stage.next_seq(), piece)))
+                    await outbox.put(lambda piece=piece: encode_output(StageStdout, stage.id, stage.next_seq(), piece))
             outcome = "ok"
         except StageRejected as exc:
             error = str(exc)
@@ -1715,7 +1770,7 @@ class Worker:
                 stage.id, request.cli, returncode, duration_ms / 1000, stage.bytes_out, outcome,
             )
         exit_record = StageExit(stage.id, returncode, duration_ms, error)
-        await outbox.put(lambda: encode(exit_record))
+        await outbox.put(lambda: wire(exit_record))
 
     async def _execute(self, stage: Stage, scratch_dir: Path, outbox: Outbox) -> None:
         """Run the stage's CLI to its end; its status is left in stage.process."""
@@ -1754,7 +1809,7 @@ class Worker:
         self.publish_state()
         log.info("stage %s: started cli=%s pid=%d", stage.id, request.cli, process.pid)
         try:
-            await outbox.put(lambda: encode(StageAck(stage.id, process.pid)))
+            await outbox.put(lambda: wire(StageAck(stage.id, process.pid)))
             async with trio.open_nursery() as pumps:
                 if process.stdin is not None:
                     pumps.start_soon(feed_stdin, process.stdin, request.stdin.encode("utf-8"))
@@ -1810,17 +1865,27 @@ class Worker:
         record_type: type,
         outbox: Outbox,
     ) -> None:
-        """Child output -> frames: decoded incrementally, so no character is split."""
+        """Child output -> frames, never splitting a character.
+
+        A read that is all ASCII, with no partial character before it, is one
+        frame as it is (a read is at most a frame's size): most output, and
+        the fast path.  Anything else is decoded incrementally and cut.
+        """
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
         try:
             while True:
                 chunk = await pipe.receive_some(PIPE_READ_BYTES)
                 stage.bytes_out += len(chunk)
-                text = decoder.decode(chunk, final=not chunk)
-                for piece in split_text(text) if text else []:
+                pieces: typing.Sequence[Union[str, bytes]]
+                if chunk.isascii() and not decoder.getstate()[0]:
+                    pieces = (chunk,) if chunk else ()
+                else:
+                    text = decoder.decode(chunk, final=not chunk)
+                    pieces = split_text(text) if text else ()
+                for piece in pieces:
                     stage.pumps_waiting_on_server += 1
                     try:
-                        await outbox.put(lambda piece=piece: encode(record_type(stage.id, stage.next_seq(), piece)))
+                        await outbox.put(lambda piece=piece: encode_output(record_type, stage.id, stage.next_seq(), piece))
                     finally:
                         stage.pumps_waiting_on_server -= 1
                 if not chunk:

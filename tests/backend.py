@@ -300,6 +300,10 @@ class BackendConnection:
         self._stream.reset()
         await self.closed.wait()
 
+    async def ws_ping(self) -> None:
+        """Send a WebSocket ping and wait for the worker's pong."""
+        await self._ws.ping()
+
     # backpressure -----------------------------------------------------------
 
     def pause_reading(self) -> None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+import wsproto.connection
+import wsproto.events
 from hypothesis import given
 from hypothesis import strategies as st
 
@@ -188,3 +190,41 @@ def test_fast_output_frames_equal_the_generic_encoding(record_type, stage_run_id
     record = record_type(stage_run_id=stage_run_id, seq=seq, data=data)
     generic = {"type": record_type.TYPE, "stage_run_id": stage_run_id, "seq": seq, "data": data}
     assert pgw.encode(record) == json.dumps(generic, ensure_ascii=False, separators=(",", ":"))
+
+
+@given(st.sampled_from([pgw.StageStdout, pgw.StageStderr]), st.text(), ints, st.text())
+def test_output_messages_as_sent_equal_encode(record_type, stage_run_id, seq, data):
+    expected = pgw.encode(record_type(stage_run_id=stage_run_id, seq=seq, data=data)).encode()
+    assert pgw.encode_output(record_type, stage_run_id, seq, data) == expected
+    if data.isascii():  # the pump's fast path: a pipe read sent as it came
+        assert pgw.encode_output(record_type, stage_run_id, seq, data.encode()) == expected
+
+
+def unmask_text_frames(wire: bytes) -> list[str]:
+    """The text messages in `wire`, read as a server reads a client's frames (wsproto)."""
+    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+    server.receive_data(wire)
+    messages, parts = [], []
+    for event in server.events():
+        assert isinstance(event, wsproto.events.TextMessage), event  # a protocol error would close
+        parts.append(event.data)
+        if event.message_finished:
+            messages.append("".join(parts))
+            parts = []
+    assert not parts
+    return messages
+
+
+# Each payload-length encoding (RFC 6455 5.2: 7 bits, 16 bits, 64 bits) at its edges, and an output frame's size.
+@pytest.mark.parametrize("size", [0, 1, 125, 126, 127, 65535, 65536, 65537, 256 * 1024 + 100])
+def test_masked_text_frames_read_back_whole(size):
+    message = ("é" + "x" * size)[-size:] if size else ""
+    frames = [pgw.masked_text_frame(message.encode()) for _ in range(3)]
+    assert unmask_text_frames(b"".join(frames)) == [message] * 3
+    if size >= 8:
+        assert len({bytes(frame) for frame in frames}) == 3, "a fresh random key per frame"
+
+
+@given(st.text())
+def test_masked_text_frames_carry_any_text(message):
+    assert unmask_text_frames(bytes(pgw.masked_text_frame(message.encode()))) == [message]

@@ -280,6 +280,46 @@ async def test_output_never_splits_a_character_and_frames_stay_small(tmp_path, e
     assert all(len(frame["data"].encode()) <= 256 * 1024 for frame in result.frames)
 
 
+async def test_an_ascii_read_after_half_a_character_keeps_its_place(tmp_path, environ, stub_bin):
+    # The pump sends an all-ASCII read as it is, but not while a character
+    # begun by the read before waits for its end.
+    write_stub_cli(stub_bin, "claude", (
+        "import os, time\n"
+        "os.write(1, b'x\\xc3'); time.sleep(0.3); os.write(1, b'abc'); time.sleep(0.3); os.write(1, b'\\xc3')"
+    ))
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+    assert result.stdout == "x\ufffdabc\ufffd"
+    assert [frame["data"] for frame in result.frames] == ["x", "\ufffdabc", "\ufffd"]
+
+
+async def test_output_frames_stay_whole_while_the_server_pings(tmp_path, environ, stub_bin):
+    # pgw writes its own frames beside trio-websocket's pongs: they must not interleave.
+    write_stub_cli(stub_bin, "claude", (
+        "import os\n"
+        "line = b'\"quoted\" \\\\ line\\n' * 1000\n"
+        "for _ in range(2000): os.write(1, line)"
+    ))
+    pongs = 0
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            async with trio.open_nursery() as nursery:
+                async def ping_until_exit():
+                    nonlocal pongs
+                    while True:
+                        await connection.ws_ping()
+                        pongs += 1
+                nursery.start_soon(ping_until_exit)
+                result = await connection.stage_result("s1")
+                nursery.cancel_scope.cancel()
+    assert result.stdout == '"quoted" \\ line\n' * 2_000_000
+    assert result.seqs == list(range(1, len(result.seqs) + 1))
+    assert pongs > 10
+
+
 async def test_bad_requests_each_get_one_exit_and_the_connection_keeps_serving(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", "print('fine')")
     too_large = base64.b64encode(b"\0" * (50 * 2**20 + 1)).decode()

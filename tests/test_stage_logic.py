@@ -181,24 +181,24 @@ async def test_outbox_is_bounded_fifo_and_heartbeats_jump_the_queue():
 
     async def producer(name):
         for _ in range(3):
-            await outbox.put(lambda: f"{name}{next(counter)}")
+            await outbox.put(lambda: f"{name}{next(counter)}".encode())
 
     async with trio.open_nursery() as nursery:
         nursery.start_soon(producer, "a")
         nursery.start_soon(producer, "b")
         await trio.testing.wait_all_tasks_blocked()
         assert len(outbox._frames) == 2  # the producers are parked: bounded
-        outbox.put_urgent("ping")
+        outbox.put_urgent(b"ping")
         for _ in range(7):
             order.append(await outbox.get())
-    assert order[0] == "ping"
+    assert order[0] == b"ping"
     numbers = [int(text[1:]) for text in order[1:]]
     assert numbers == sorted(numbers), "the text made at enqueue follows queue order"
 
 
 async def test_outbox_wait_drained_returns_once_everything_is_taken():
     outbox = pgw.Outbox()
-    await outbox.put(lambda: "x")
+    await outbox.put(lambda: b"x")
     drained = False
 
     async def waiter():
@@ -210,7 +210,7 @@ async def test_outbox_wait_drained_returns_once_everything_is_taken():
         nursery.start_soon(waiter)
         await trio.testing.wait_all_tasks_blocked()
         assert not drained
-        assert await outbox.get() == "x"
+        assert await outbox.get() == b"x"
         nursery.start_soon(outbox.get)  # the sender coming back for more
         await trio.testing.wait_all_tasks_blocked()
         assert drained
