@@ -651,6 +651,44 @@ def stage_problems(exit_event: dict[str, Any], expected: tuple[int, int]) -> lis
     return problems
 
 
+# The two costs per byte that no pure-Python worker can avoid, timed on the
+# stream's own output in a process of their own (CPU seconds per GiB, best of
+# 3): JSON-escaping it with the json module's C encoder, and masking it
+# (RFC 6455 5.3) with pgw's masked_text_frame.  Their sum is a floor under
+# pgw's user CPU per GiB, to set beside the target.
+FLOOR_SCRIPT = """
+import json, sys, time
+sys.path.insert(0, sys.argv[1])
+import bench, pgw
+block = bench._stub_namespace()["flood_block"]()
+pieces = [block[i:i + 256 * 1024] for i in range(0, len(block), 256 * 1024)]
+texts = [piece.decode() for piece in pieces]
+escaped = [json.encoder.encode_basestring(text).encode() for text in texts]
+
+def per_gib(work, items):
+    best = float("inf")
+    for _ in range(3):
+        start = time.process_time()
+        for _ in range(64):
+            for item in items:
+                work(item)
+        best = min(best, time.process_time() - start)
+    return best * (1 << 30) / (64 * sum(map(len, pieces)))
+
+print(json.dumps({
+    "floor_escape_s_per_gib": per_gib(json.encoder.encode_basestring, texts),
+    "floor_mask_s_per_gib": per_gib(pgw.masked_text_frame, escaped),
+}))
+"""
+
+
+def measure_floor(pgw_dir: Path) -> dict[str, float]:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent)}
+    out = subprocess.run([sys.executable, "-c", FLOOR_SCRIPT, str(pgw_dir)],
+                         capture_output=True, text=True, check=True, env=env).stdout
+    return json.loads(out)
+
+
 def measure_stream(backend: Backend, worker: Worker, tag: str, size: int, expected: tuple[int, int],
                    align: bool) -> dict[str, Any]:
     def pings() -> list[float]:
@@ -864,6 +902,8 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
             ))
             if worker.proc is not None and worker.proc.poll() is not None:
                 raise BenchError(f"{name} died (see {worker.log})")
+            if name == "pgw" and not args.profile:
+                results[name].update(measure_floor(setup.tmp))
     finally:
         for worker in workers.values():
             worker.stop()
@@ -876,6 +916,8 @@ METRICS = [
     ("cpu_s_per_gib", "worker CPU per GiB relayed (s)", "{:.2f}", ("ratio<=", 0.5)),
     ("cpu_user_s_per_gib", "  of which user (s)", "{:.2f}", None),
     ("cpu_sys_s_per_gib", "  of which system (s)", "{:.2f}", None),
+    ("floor_escape_s_per_gib", "  floor: JSON-escaping this output (C json) (s)", "{:.2f}", None),
+    ("floor_mask_s_per_gib", "  floor: masking it, masked_text_frame (s)", "{:.2f}", None),
     ("backend_cpu_s_per_gib", "  (backend's CPU per GiB, for scale) (s)", "{:.2f}", None),
     ("peak_rss_mb", "peak RSS while streaming (MB)", "{:.1f}", ("pgw<=", 40.0)),
     ("hb_gap_s", "largest heartbeat gap while streaming (s)", "{:.2f}", ("pgw<=", 31.0)),
