@@ -235,6 +235,20 @@ for n in itertools.count():
 QUICK = "print('quick')"
 
 
+def write_fault_stubs(stub_bin: Path) -> None:
+    """claude streams (with a grandchild), codex ignores SIGTERM, deepseek exits at once."""
+    write_stub_cli(stub_bin, "claude", STREAMER)
+    write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
+    write_stub_cli(stub_bin, "deepseek", QUICK)
+
+
+async def start_streaming(connection: BackendConnection, stages: dict[str, str]) -> dict[str, int]:
+    """Send each stage (stage_run_id -> cli) and wait for its output: their process groups."""
+    for stage_run_id, cli in stages.items():
+        await connection.send(request(stage_run_id, cli=cli))
+    return {stage_run_id: (await first_stdout(connection, stage_run_id))[0] for stage_run_id in stages}
+
+
 async def break_connection(how: str, connection: BackendConnection, proxy) -> None:
     if how.startswith("close-"):
         await connection.close(int(how.removeprefix("close-")))
@@ -249,9 +263,7 @@ async def break_connection(how: str, connection: BackendConnection, proxy) -> No
 @pytest.mark.parametrize("how", ["close-1000", "close-1011", "abort", "proxy-reset"])
 async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp_path, environ, stub_bin, monkeypatch, how):
     monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
-    write_stub_cli(stub_bin, "claude", STREAMER)
-    write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
-    write_stub_cli(stub_bin, "deepseek", QUICK)
+    write_fault_stubs(stub_bin)
     home = tmp_path / "home"
     stages = {unique("stream-1"): "claude", unique("stream-2"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(20):
@@ -259,9 +271,7 @@ async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp
             async with running_worker(backend, home, environ, server=proxy.url):
                 first = await backend.next_connection()
                 await first.receive("hello")
-                for stage_run_id, cli in stages.items():
-                    await first.send(request(stage_run_id, cli=cli))
-                pgids = {stage_run_id: (await first_stdout(first, stage_run_id))[0] for stage_run_id in stages}
+                pgids = await start_streaming(first, stages)
                 try:
                     await break_connection(how, first, proxy)
                     broken = trio.current_time()
@@ -282,19 +292,15 @@ async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp
 async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin, monkeypatch):
     """The backend goes away (1001) and a new one comes up behind the same address."""
     monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
-    write_stub_cli(stub_bin, "claude", STREAMER)
-    write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
-    write_stub_cli(stub_bin, "deepseek", QUICK)
+    write_fault_stubs(stub_bin)
     home = tmp_path / "home"
-    stream, stubborn = unique("stream"), unique("stubborn")
+    stages = {unique("stream"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(30):
         async with open_backend() as old, open_proxy(old.port) as proxy:
             async with running_worker(old, home, environ, server=proxy.url):
                 connection = await old.next_connection()
                 await connection.receive("hello")
-                await connection.send(request(stream, cli="claude"))
-                await connection.send(request(stubborn, cli="codex"))
-                pgids = [(await first_stdout(connection, s))[0] for s in (stream, stubborn)]
+                pgids = await start_streaming(connection, stages)
                 try:
                     await old.aclose()
                     assert connection.close_code == 1001
@@ -306,12 +312,12 @@ async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin, mon
                         await again.receive("hello")
                         # Backoff after ~2 refusals: at most 1 s, then 2 s, then 4 s (jitter below).
                         assert trio.current_time() - restarted < 4.5
-                        for stage_run_id, pgid in zip((stream, stubborn), pgids):
+                        for stage_run_id, pgid in pgids.items():
                             await assert_nothing_left(stage_run_id, pgid, home, within_s=0.5)
                         await again.send(request("after", cli="deepseek"))
                         after = await again.stage_result("after")
                 finally:
-                    kill_groups(pgids)
+                    kill_groups(list(pgids.values()))
     assert after.returncode == 0 and after.stdout == "quick\n"
 
 
@@ -319,19 +325,15 @@ async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_
     monkeypatch.setattr(pgw, "SILENCE_LIMIT_S", 3.0)
     monkeypatch.setattr(pgw, "WS_PING_INTERVAL_S", 1.0)
     monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
-    write_stub_cli(stub_bin, "claude", STREAMER)
-    write_stub_cli(stub_bin, "codex", IGNORES_SIGTERM)
-    write_stub_cli(stub_bin, "deepseek", QUICK)
+    write_fault_stubs(stub_bin)
     home = tmp_path / "home"
-    stream, stubborn = unique("stream"), unique("stubborn")
+    stages = {unique("stream"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(30):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
             async with running_worker(backend, home, environ, server=proxy.url):
                 first = await backend.next_connection()
                 await first.receive("hello")
-                await first.send(request(stream, cli="claude"))
-                await first.send(request(stubborn, cli="codex"))
-                pgids = [(await first_stdout(first, s))[0] for s in (stream, stubborn)]
+                pgids = await start_streaming(first, stages)
                 try:
                     proxy.go_silent(new_connections=False)
                     silent = trio.current_time()
@@ -339,12 +341,12 @@ async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_
                     await second.receive("hello")
                     # silence limit + watchdog tick + SIGTERM grace + first retry, and a margin
                     assert trio.current_time() - silent < 3.0 + 1.0 + 1.0 + 1.0 + 1.0
-                    for stage_run_id, pgid in zip((stream, stubborn), pgids):
+                    for stage_run_id, pgid in pgids.items():
                         await assert_nothing_left(stage_run_id, pgid, home, within_s=0.5)
                     await second.send(request("after", cli="deepseek"))
                     after = await second.stage_result("after")
                 finally:
-                    kill_groups(pgids)
+                    kill_groups(list(pgids.values()))
                     proxy.connections[0].reset()  # the black-holed one: no 2 s close timeout at teardown
     assert after.returncode == 0 and after.stdout == "quick\n"
     assert len(backend.connections) == 2
