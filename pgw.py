@@ -11,19 +11,45 @@ of what the stages mean.  It is wire-compatible with the reference worker,
 
 Theory of operation
 -------------------
-Everything that crosses the wire is one of the frozen attrs records below,
-and passes through exactly two doors: ``encode(record) -> str`` and
-``decode(text) -> record``.  ``decode`` is strict (no coercion, literals
-checked, every failure one ``ProtocolError`` saying what and where) but
-ignores unknown extra keys, so a newer server does not break an older worker.
+Every message is one of the frozen attrs records below.  What comes in
+passes through one door, ``decode(text) -> record``: strict (no coercion,
+literals checked, every failure one ``ProtocolError`` saying what and where)
+but ignoring unknown extra keys, so a newer server does not break an older
+worker.  What goes out passes through one door too, ``FrameWriter.send``:
+the records pgw sends besides output are encoded by ``encode``; the stage
+output, nearly all pgw sends, is cut and escaped by ``escaped_output`` and
+wrapped by ``output_message`` without a record.
+
+The daemon is a tree of tasks, one class for each kind of node::
+
+    run_until_signalled      signals: the first stops with a grace, the second at once
+    └─ Daemon.run            reconnect loop with backoff; owns the stage table
+       ├─ state writer       state.json for `pgw status`, at most twice a second
+       └─ one connection     Daemon._connect: TCP/TLS + WebSocket handshake
+          ├─ trio-websocket  its own reader task (pongs, close)
+          └─ Connection.serve
+             ├─ sender       the only writer: Outbox -> FrameWriter
+             ├─ heartbeat    app ping every 30 s, ahead of queued output
+             ├─ watchdog     WebSocket ping when quiet; dead after 30 s of silence
+             │  └─ ws ping
+             ├─ reader       the only reader: decode -> handler table
+             └─ stages       StageRun.run, one cancel scope each
+                └─ pumps     feed stdin; stdout and stderr -> output messages
+
+A stage is stopped one way only: its scope is cancelled (stage.cancel, its
+timeout, the connection's loss, shutdown).  Its shielded cleanup tells its
+stage root to SIGTERM the CLI, waits the grace, then closes the root's
+command pipe: the root kills every process the stage started (see "Stage").
 
 Settings resolve flag > environment (``PGW_SERVER``, ``PGW_TOKEN``,
 ``PGW_NAME``) > config file > default.  The config lives in ``PGW_HOME``
 (default ``~/.pgworker``), mode 0600 in a 0700 directory, written atomically.
 
-The module reads top to bottom: constants, errors, protocol records, pure
-logic without I/O (URLs, settings, config parsing), then the I/O (config
-files, pairing, CLI probing) and the command line, ``main`` last.
+The module reads top to bottom: constants (and ``Timing``, every wait of the
+daemon), errors, protocol records, pure logic without I/O (URLs, settings,
+frames, stage requests), config files, CLI probing, pairing, housekeeping,
+the stage, the connection, the daemon, logging, doctor, selftest, install,
+and the command line, ``main`` last.
 """
 
 from __future__ import annotations
@@ -39,10 +65,10 @@ import functools
 import json
 import logging
 import logging.handlers
+import math
 import os
 import platform
 import random
-import secrets
 import shlex
 import shutil
 import signal
@@ -75,6 +101,8 @@ from cattrs.errors import ClassValidationError, IterableValidationError
 
 __version__ = "0.1.0"
 
+log = logging.getLogger("pgw")
+
 ##############################################################################
 # Constants
 ##############################################################################
@@ -98,7 +126,7 @@ CONNECT_PATH = "/api/local-worker/connect"
 # pgworker's pairing timeout (httpx.AsyncClient(timeout=30)).
 PAIR_TIMEOUT_S = 30.0
 
-# Issue 2: each CLI's `--version` gets 10 s before it counts as hung.
+# `doctor`: each CLI's `--version` gets 10 s before it counts as hung.
 VERSION_PROBE_TIMEOUT_S = 10.0
 
 # The binary looked up on PATH for each CLI, and its key in capabilities.
@@ -115,38 +143,18 @@ ENV_CAFILE = "PGW_CAFILE"
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
 
-# PROTOCOL.md: the server keeps a worker online for 45 s after each
-# application ping; one every 30 s leaves a 15 s margin.
-HEARTBEAT_INTERVAL_S = 30.0
-
-# Issue 3: a silent path must be noticed and replaced within 45 s.  A
-# WebSocket ping goes out whenever nothing arrived for this long ...
-WS_PING_INTERVAL_S = 10.0
-# ... and a connection on which not one byte arrived for this long is dead.
-# Bytes, not pongs, are the evidence: a 30 MB request arriving at 1 MB/s
-# delays the server's pong behind it but is plainly alive.  30 s, checked
-# every second, plus the 10 s kill grace and a 1 s retry stays under 45 s.
-SILENCE_LIMIT_S = 30.0
-WATCHDOG_TICK_S = 1.0
-
-# Opening TCP+TLS and the WebSocket handshake.  Kept short: an untrusted
-# certificate or a black-holed port must not stall the reconnect loop.
-CONNECT_TIMEOUT_S = 15.0
-# Closing the WebSocket politely at shutdown before dropping the TCP stream.
-CLOSE_TIMEOUT_S = 3.0
-
-# Issue 3: reconnect within 1 s of a loss, then double with jitter up to
-# 60 s; a connection that stayed up 60 s resets the schedule.
-RECONNECT_FIRST_S = 1.0
-RECONNECT_CAP_S = 60.0
-RECONNECT_RESET_AFTER_S = 60.0
-
 # PROTOCOL.md: requests carry up to 50 MiB of files as base64 (~67 MiB).
 MESSAGE_MAX_BYTES = 128 * 1024 * 1024
 FILES_MAX_BYTES = 50 * 1024 * 1024
 
 # PROTOCOL.md: one output frame carries at most 256 KiB of data.
 FRAME_MAX_BYTES = 256 * 1024
+# A whole output message stays under 1 MiB, the default limit of the
+# `websockets` library (and so of uvicorn and FastAPI): 256 KiB of control
+# bytes escape to 1.5 MiB, so data is also cut on its escaped size, with room
+# for the rest of the message (a 200-character id escapes to 1.2 KiB at most).
+OUTPUT_MESSAGE_MAX_BYTES = 1024 * 1024
+OUTPUT_DATA_MAX_ESCAPED_BYTES = OUTPUT_MESSAGE_MAX_BYTES - 4096
 # Pipe reads: a frame's worth, so a fast child costs one frame per read.
 PIPE_READ_BYTES = FRAME_MAX_BYTES
 # Frames waiting for the WebSocket.  When they are all queued the pumps stop
@@ -159,22 +167,10 @@ OUTBOX_MAX_FRAMES = 4
 PIPE_BUFFER_BYTES = 1024 * 1024
 F_SETPIPE_SZ = 1031
 
-# Issue 3: SIGTERM, then SIGKILL this much later (cancel, timeout, loss) ...
-CANCEL_GRACE_S = 10.0
-# ... and at shutdown, where a user or systemd is waiting.
-SHUTDOWN_GRACE_S = 5.0
-# After the child exits, what is left in its pipes gets this long; then the
-# group is killed, so a grandchild holding a pipe cannot hold the stage.
-PIPE_DRAIN_GRACE_S = 2.0
-# After SIGKILL a process is gone at once unless the kernel is stuck on it.
-KILL_WAIT_S = 5.0
-
-# Issue 5 / the GitHub runner's technique: every child carries its stage's id
-# and a tag unique to this stage run in this pgw, so escapees in a new session
-# can be found and killed at stage end (Linux).  The kill goes by the tag: two
-# pgw daemons on one host may both run a stage with the same id.
+# Every process a stage starts carries its stage's id, for the CLI's own use
+# and for anyone reading `ps e` (pgw itself finds them as the stage root's
+# descendants, whatever their environment).
 STAGE_ID_ENV = "PGW_STAGE_ID"
-STAGE_TAG_ENV = "PGW_STAGE_TAG"
 
 # A timeout_s beyond this (31 years) is taken as this: a float holds it.
 TIMEOUT_MAX_S = 10**9
@@ -189,8 +185,6 @@ CODEX_TRACE_HEADER = "=== CODEX TRACE (rollout extract) ==="
 # Files of the daemon's in the pgw home, beside config.json and run.log.
 LOCK_FILENAME = "run.lock"  # flock'ed by the one `pgw run` of this home
 STATE_FILENAME = "state.json"  # what `pgw status` shows
-STATE_WRITE_INTERVAL_S = 0.5  # how stale `pgw status` may be, at most
-STAGE_GROUPS_DIRNAME = "stages"  # one file per running stage's process group
 
 # Tokens shorter than this are not hidden in the log (see RedactToken).
 REDACT_MIN_CHARS = 6
@@ -198,6 +192,45 @@ REDACT_MIN_CHARS = 6
 # PROTOCOL.md: run.log is rotated at 1 MB with 5 backups.
 LOG_MAX_BYTES = 1_000_000
 LOG_BACKUPS = 5
+
+
+@attrs.frozen
+class Timing:
+    """Every wait and limit of the daemon, in seconds: tests pass shorter ones."""
+
+    # PROTOCOL.md: the server keeps a worker online for 45 s after each
+    # application ping; one every 30 s leaves a 15 s margin.
+    heartbeat_s: float = 30.0
+    # A silent path must be noticed and replaced within those 45 s.  Bytes,
+    # not pongs, are the evidence of life: a 30 MB request arriving at 1 MB/s
+    # delays the server's pong behind it but is plainly alive.  A WebSocket
+    # ping goes out after this long with nothing received (the server's answer
+    # to the application ping usually comes first: few wake-ups when idle) ...
+    ws_ping_after_s: float = 15.0
+    # ... and a connection on which nothing arrived for this long is dead:
+    # 30 s, plus the 10 s kill grace and a 1 s retry, stays under 45 s.
+    silence_limit_s: float = 30.0
+    # TCP+TLS and the WebSocket handshake.  Kept short: an untrusted
+    # certificate or a black-holed port must not stall the reconnect loop.
+    connect_timeout_s: float = 15.0
+    # Closing the WebSocket politely at shutdown before dropping the stream.
+    close_timeout_s: float = 3.0
+    # Reconnect within 1 s of a loss, then double with jitter up to 60 s; a
+    # connection that stayed up 60 s resets the schedule.
+    reconnect_first_s: float = 1.0
+    reconnect_cap_s: float = 60.0
+    reconnect_reset_after_s: float = 60.0
+    # SIGTERM, then SIGKILL this much later (cancel, timeout, loss) ...
+    cancel_grace_s: float = 10.0
+    # ... and at shutdown, where a user or systemd is waiting.
+    shutdown_grace_s: float = 5.0
+    # After the CLI exits, what is left in its pipes gets this long; then the
+    # stage's other processes die, so one holding a pipe cannot hold the stage.
+    pipe_drain_grace_s: float = 2.0
+    # After SIGKILL a process is gone at once unless the kernel is stuck on it.
+    kill_wait_s: float = 5.0
+    # How stale `pgw status` may be, at most.
+    state_write_interval_s: float = 0.5
 
 ##############################################################################
 # Errors
@@ -436,13 +469,13 @@ def _validation_messages(exc: BaseException, path: str = "") -> list[str]:
 
 
 def encode(record: Record) -> str:
-    """The one door out: a record as compact JSON, non-ASCII kept as UTF-8.
+    """A record as compact JSON, non-ASCII kept as UTF-8.
 
-    Output frames, nearly all pgw sends, skip the dict and cattrs (a test
-    holds their text equal to the generic encoding's).
+    Output messages, nearly all pgw sends, are made without the record or
+    cattrs by `output_message` (a test holds the two equal).
     """
     if type(record) is StageStdout or type(record) is StageStderr:
-        return encode_output(type(record), record.stage_run_id, record.seq, record.data).decode("utf-8")
+        return output_message(type(record), record.stage_run_id, record.seq, _json_string(record.data).encode()).decode()
     message = {"type": record.TYPE, **_converter.unstructure(record)}
     text = json.dumps(message, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
     return text if _utf8_encodable(text) else json.dumps(message, separators=(",", ":"), allow_nan=False)
@@ -453,17 +486,31 @@ def wire(record: Record) -> bytes:
     return encode(record).encode("utf-8")
 
 
-def encode_output(record_type: type, stage_run_id: str, seq: int, data: Union[str, bytes]) -> bytes:
-    """A stage.stdout/stderr message as sent: UTF-8 JSON equal to
-    `encode(record_type(stage_run_id, seq, data))`, made without the record
-    or cattrs.  Bytes `data` must be ASCII: a pipe read taken whole, never
-    decoded into pieces nor checked for lone surrogates."""
-    if isinstance(data, bytes):
-        escaped = _encode_basestring(data.decode("ascii")).encode("ascii")
-    else:
-        escaped = _json_string(data).encode("utf-8")
+def escaped_output(text: str) -> list[bytes]:
+    """A stream's text as the `data` of output messages: JSON string literals
+    (UTF-8), each of at most 256 KiB of text and at most
+    OUTPUT_DATA_MAX_ESCAPED_BYTES escaped, never cutting a character."""
+    pieces: list[bytes] = []
+    for piece in split_text(text):
+        _escape_into(piece, pieces)
+    return pieces
+
+
+def _escape_into(piece: str, pieces: list[bytes]) -> None:
+    escaped = _json_string(piece).encode("utf-8")
+    if len(escaped) <= OUTPUT_DATA_MAX_ESCAPED_BYTES or len(piece) < 2:
+        pieces.append(escaped)
+    else:  # control characters escape to six bytes each: halve until it fits
+        half = len(piece) // 2
+        _escape_into(piece[:half], pieces)
+        _escape_into(piece[half:], pieces)
+
+
+def output_message(record_type: type, stage_run_id: str, seq: int, data: bytes) -> bytes:
+    """A stage.stdout/stderr message as sent, around `data` from `escaped_output`:
+    equal to `wire(record_type(stage_run_id, seq, text))`."""
     head = f'{{"type":"{record_type.TYPE}","stage_run_id":{_json_string(stage_run_id)},"seq":{int(seq)},"data":'
-    return b"".join((head.encode("utf-8"), escaped, b"}"))
+    return b"".join((head.encode("utf-8"), data, b"}"))
 
 
 # json.dumps(text, ensure_ascii=False) without its per-call Python overhead.
@@ -493,7 +540,7 @@ def _reject_constant(name: str) -> None:
 
 
 def decode(text: Union[str, bytes]) -> Record:
-    """The one door in: a wire message as its record, or ProtocolError."""
+    """A wire message as its record, or ProtocolError."""
     try:
         message = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
@@ -539,23 +586,33 @@ def normalise_server_url(url: str) -> str:
     return cleaned
 
 
+def websocket_resource(token: str) -> str:
+    """PROTOCOL.md: the connect path and the quoted token, as the handshake asks for them."""
+    return f"{CONNECT_PATH}?token={urllib.parse.quote(token, safe='')}"
+
+
 def websocket_url(server: str, token: str) -> str:
-    """PROTOCOL.md: http->ws, https->wss, the connect path, the quoted token."""
+    """PROTOCOL.md: http->ws, https->wss, then the connect path and the token."""
     parsed = urllib.parse.urlsplit(server)
-    scheme = "wss" if parsed.scheme == "https" else "ws"
-    query = "token=" + urllib.parse.quote(token, safe="")
-    return urllib.parse.urlunsplit((scheme, parsed.netloc, CONNECT_PATH, query, ""))
+    return f"{'wss' if parsed.scheme == 'https' else 'ws'}://{parsed.netloc}{websocket_resource(token)}"
 
 
 @attrs.frozen
 class Settings:
+    """What a command runs with, resolved from flags, environment, config and defaults."""
+
     server: str
-    token: Optional[str]
-    worker_id: Optional[str]
-    name: str
+    token: Optional[str] = None
+    worker_id: Optional[str] = None
+    name: str = DEFAULT_MACHINE_NAME
     cafile: Optional[str] = None
     max_stages: int = 0
     stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`, under each request's own
+
+
+def cli_search_path(stage_env: typing.Mapping[str, str], environ: typing.Mapping[str, str]) -> str:
+    """Where the CLIs are looked up: the config's env.PATH, else pgw's own PATH."""
+    return stage_env.get("PATH") or environ.get("PATH") or os.defpath
 
 
 def resolve_settings(
@@ -688,12 +745,12 @@ class Backoff:
 
     def __init__(
         self,
-        first_s: Optional[float] = None,
-        cap_s: Optional[float] = None,
+        first_s: float = Timing().reconnect_first_s,
+        cap_s: float = Timing().reconnect_cap_s,
         random_fraction: typing.Callable[[], float] = random.random,
     ) -> None:
-        self.first_s = RECONNECT_FIRST_S if first_s is None else first_s
-        self.cap_s = RECONNECT_CAP_S if cap_s is None else cap_s
+        self.first_s = first_s
+        self.cap_s = cap_s
         self._random = random_fraction
         self.failures = 0
 
@@ -802,13 +859,12 @@ def _check_files_size(decoded_bytes: int) -> None:
 
 
 def stage_environment(
-    worker_environ: typing.Mapping[str, str], request_env: dict[str, str], stage_run_id: str, tag: str
+    worker_environ: typing.Mapping[str, str], request_env: dict[str, str], stage_run_id: str
 ) -> dict[str, str]:
-    """pgw's environment less its own PGW_* settings, plus the request's env and the stage's id and tag."""
+    """pgw's environment less its own PGW_* settings, plus the request's env and the stage's id."""
     environ = {key: value for key, value in worker_environ.items() if not key.startswith("PGW_")}
     environ.update(request_env)
     environ[STAGE_ID_ENV] = stage_run_id
-    environ[STAGE_TAG_ENV] = tag
     return environ
 
 
@@ -881,25 +937,34 @@ def read_config(path: Path) -> dict[str, Any]:
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Replace the config atomically: a 0600 temp file beside it, then rename."""
+    """Replace the config atomically and durably, mode 0600 in a 0700 directory."""
     directory = path.parent
     try:
         directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         os.chmod(directory, 0o700)
-        fd, temp_name = tempfile.mkstemp(dir=directory, prefix=".config.", suffix=".tmp")
     except OSError as exc:
         raise ConfigError(f"cannot write to {directory}: {exc.strerror}") from None
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as temp:
-            json.dump(config, temp, ensure_ascii=False, indent=2)
-            temp.write("\n")
-            temp.flush()
-            os.fsync(temp.fileno())
-        os.chmod(temp_name, 0o600)
-        os.replace(temp_name, path)
+        write_json_atomically(path, config, durable=True)
     except OSError as exc:
-        Path(temp_name).unlink(missing_ok=True)
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def write_json_atomically(path: Path, value: Any, durable: bool = False) -> None:
+    """Replace `path` with `value` as JSON, mode 0600 whatever the umask: readers
+    see the old file or the new one; `durable` also survives a power cut."""
+    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as temp:
+            json.dump(value, temp, ensure_ascii=False, indent=2)
+            temp.write("\n")
+            if durable:
+                temp.flush()
+                os.fsync(temp.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        Path(temp_name).unlink(missing_ok=True)
+        raise
 
 
 ##############################################################################
@@ -939,20 +1004,20 @@ def probe_cli_version(path: str, timeout_s: Optional[float] = None) -> tuple[Opt
     try:
         out, err = process.communicate(timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        _kill_group(process.pid)
+        kill_process_group(process.pid, signal.SIGKILL)
         process.communicate()
         return None, f"`--version` gave no answer within {timeout_s:g} s"
     finally:
-        _kill_group(process.pid)
+        kill_process_group(process.pid, signal.SIGKILL)
     text = (out or err).decode("utf-8", "replace").strip()
     if process.returncode != 0 or not text:
         return None, f"`--version` failed with exit status {process.returncode}"
     return text.splitlines()[0], None
 
 
-def _kill_group(pgid: int) -> None:
+def kill_process_group(pgid: int, signum: int) -> None:
     try:
-        os.killpg(pgid, signal.SIGKILL)
+        os.killpg(pgid, signum)
     except (ProcessLookupError, PermissionError):
         pass
 
@@ -1014,30 +1079,59 @@ def request_pairing(
     return {"worker_id": pairing["worker_id"], "token": pairing["token"]}
 
 
-def connection_failure(server: str, reason: Any) -> str:
-    """A network failure in plain words, naming the likely cause."""
+def connection_failure(server: str, reason: BaseException) -> str:
+    """Why a connection failed or ended, in plain words naming the likely
+    cause; `reason` may be an exception group, or carry a cause.  Never the token."""
     host = urllib.parse.urlsplit(server).netloc
-    if isinstance(reason, ConnectionRefusedError):
-        return f"{host} refused the connection: is the server running, and is the port right?"
-    if isinstance(reason, socket.gaierror):
-        return f"cannot resolve {host!r}: check the server name and the network"
-    if isinstance(reason, ssl.SSLCertVerificationError):
-        return f"{host}'s TLS certificate is not trusted: {reason.verify_message}"
-    if isinstance(reason, ssl.SSLError):
-        return f"TLS with {host} failed: {reason.reason or reason}"
-    if isinstance(reason, (socket.timeout, TimeoutError)):
-        return f"{host} did not answer in time"
-    if isinstance(reason, OSError) and reason.strerror:
-        return f"cannot reach {host}: {reason.strerror}"
-    return f"cannot reach {host}: {reason}"
+    chain = list(_exception_chain(reason))
+    for current in chain:
+        if isinstance(current, trio_websocket.ConnectionRejected):
+            if current.status_code in (401, 403):
+                return (
+                    f"the server rejected the token (HTTP {current.status_code}): "
+                    "run `pgw pair CODE --server URL` again"
+                )
+            return f"the server refused the WebSocket (HTTP {current.status_code})"
+        if isinstance(current, ConnectionLost):
+            return str(current)
+    for current in chain:
+        if isinstance(current, ConnectionRefusedError):
+            return f"{host} refused the connection: is the server running, and is the port right?"
+        if isinstance(current, socket.gaierror):
+            return f"cannot resolve {host!r}: check the server name and the network"
+        if isinstance(current, ssl.SSLCertVerificationError):
+            return f"{host}'s TLS certificate is not trusted: {current.verify_message}"
+        if isinstance(current, ssl.SSLError):
+            return f"TLS with {host} failed: {current.reason or current}"
+        if isinstance(current, (socket.timeout, TimeoutError)):
+            return f"{host} did not answer in time"
+        if isinstance(current, trio.TooSlowError):
+            return f"{host} did not complete the connection in time"
+    for current in chain:
+        if isinstance(current, OSError) and current.strerror:
+            return f"cannot reach {host}: {current.strerror}"
+    return f"cannot reach {host}: {type(reason).__name__}: {reason}"
+
+
+def _exception_chain(exc: BaseException) -> typing.Iterator[BaseException]:
+    """`exc`, the leaves of any exception group in it, and their causes."""
+    seen: set[int] = set()
+    pending = [exc]
+    while pending:
+        current = pending.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        pending.extend(getattr(current, "exceptions", ()))
+        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
 
 
 ##############################################################################
-# Daemon housekeeping: one instance per home, the state file, leftover groups
+# Daemon housekeeping: one instance per home, the state file
 ##############################################################################
 # `status` reads what the daemon publishes here and never talks to it
-# otherwise; a restarted daemon reads stages/ to kill what a SIGKILLed one
-# left behind.
+# otherwise.
 
 
 def acquire_instance_lock(home: Path) -> tuple[Optional[int], Optional[int]]:
@@ -1087,60 +1181,12 @@ def _read_pid(fd: int) -> Optional[int]:
     return int(text) if text.isdigit() else None
 
 
-def write_json_atomically(path: Path, value: Any) -> None:
-    """Replace `path` with `value` as JSON (0600): readers see the old file or the new one."""
-    fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as temp:
-            json.dump(value, temp, ensure_ascii=False, indent=2)
-        os.replace(temp_name, path)
-    except BaseException:
-        Path(temp_name).unlink(missing_ok=True)
-        raise
-
-
 def read_state(home: Path) -> Optional[dict[str, Any]]:
     try:
         state = json.loads((home / STATE_FILENAME).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
     return state if isinstance(state, dict) else None
-
-
-def record_stage_group(home: Path, pgid: int, stage_tag: str) -> None:
-    directory = home / STAGE_GROUPS_DIRNAME
-    directory.mkdir(mode=0o700, exist_ok=True)
-    (directory / str(pgid)).write_text(stage_tag, encoding="utf-8")
-
-
-def forget_stage_group(home: Path, pgid: int) -> None:
-    (home / STAGE_GROUPS_DIRNAME / str(pgid)).unlink(missing_ok=True)
-
-
-def kill_leftover_stage_groups(home: Path) -> int:
-    """Kill what a pgw that died without cleaning up (SIGKILL, power cut) left running.
-
-    On Linux only processes carrying the stage's tag are killed, so a pid
-    reused since by something else is safe; elsewhere the group is killed.
-    """
-    directory = home / STAGE_GROUPS_DIRNAME
-    killed = 0
-    try:
-        records = list(directory.iterdir())
-    except OSError:
-        return 0
-    for record in records:
-        try:
-            stage_tag = record.read_text(encoding="utf-8")
-        except OSError:
-            stage_tag = ""
-        if sys.platform == "linux":
-            killed += kill_tagged_processes(stage_tag) if stage_tag else 0
-        elif record.name.isdigit():
-            kill_process_group(int(record.name), signal.SIGKILL)
-            killed += 1
-        record.unlink(missing_ok=True)
-    return killed
 
 
 def iso_time(stamp: Optional[float]) -> Optional[str]:
@@ -1150,161 +1196,312 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 
 
 ##############################################################################
-# The daemon: outbox, stages, connection, reconnect loop
+# Stage: prepare, the stage root, the run, the exit
 ##############################################################################
-# run                      reconnect loop with backoff (Worker.run)
-# └─ one connection        TCP/TLS + WebSocket + nursery (Worker._connection)
-#    ├─ sender             the only writer: Outbox -> masked text frames
-#    ├─ heartbeat          app ping every 30 s, ahead of queued frames
-#    ├─ watchdog           WebSocket ping when quiet; dead after 30 s of silence
-#    ├─ reader             the only reader: decode -> start or cancel stages
-#    └─ stages             one cancel scope per stage_run_id (Stage.scope)
-#       └─ stage           process in its own session; wall-clock deadline
-#          ├─ feed stdin   the prompt, then close
-#          ├─ pump stdout  ASCII reads as they are, others decoded -> frames
-#          └─ pump stderr
+# A stage is prepared (every check, no I/O but the CLI lookup), then waits for
+# a slot, then runs under its stage root, then its outcome becomes its exit.
 #
-# A stage is stopped one way only: its scope is cancelled (stage.cancel,
-# timeout, connection loss, shutdown), and the shielded cleanup kills its
-# process group: SIGTERM, a grace, SIGKILL, then any escapee carrying its tag.
+# The stage root is a tiny process of pgw's own (this Python, `-I -S`, the
+# code below) between pgw and the CLI.  On Linux it is a child subreaper
+# (PR_SET_CHILD_SUBREAPER, which survives execve), so every orphan of the
+# stage -- double-forked, setsid'd, its environment emptied -- is reparented
+# to the root instead of to init: the stage's processes are exactly the
+# root's descendants, whatever they do.  The root forks the CLI in a session
+# of its own, reports its pid and its exit on a pipe, reaps every orphan,
+# and relays pgw's SIGTERM to the CLI's group.  When its command pipe closes
+# -- pgw ending the stage, or pgw dying, however it dies -- it kills its
+# descendants until a pass finds none, then exits.  Elsewhere (macOS) there
+# is no subreaper: the root kills the CLI's process group.
+#
+# Commands, pgw -> root: b"T" (SIGTERM the CLI's group); end of file (kill
+# everything and exit).  Reports, root -> pgw, one line each: `pid N` or
+# `error ERRNO` (the exec failed), then `exit RETURNCODE`.
 
-log = logging.getLogger("pgw")
+STAGE_ROOT_SOURCE = r"""
+import os, select, signal, sys, time
+
+def descendants(root):
+    # The kernel's list of each task's children where it keeps one, else every
+    # process's parent from /proc/PID/stat.  A process that ends meanwhile is
+    # passed over: the next pass finds what it left.
+    if os.path.exists("/proc/%d/task/%d/children" % (root, root)):
+        found, todo = [], [root]
+        while todo:
+            pid = todo.pop()
+            try:
+                tasks = os.listdir("/proc/%d/task" % pid)
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    with open("/proc/%d/task/%s/children" % (pid, task)) as f:
+                        kids = [int(k) for k in f.read().split()]
+                except OSError:
+                    continue
+                found += kids
+                todo += kids
+        return found
+    parents = {}
+    for name in os.listdir("/proc"):
+        if name.isdigit():
+            try:
+                with open("/proc/%s/stat" % name, "rb") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            parents.setdefault(int(stat[stat.rindex(b")") + 2:].split()[1]), []).append(int(name))
+    found, todo = [], [root]
+    while todo:
+        kids = parents.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+def main():
+    commands, reports = int(sys.argv[1]), int(sys.argv[2])
+    argv = sys.argv[3:]
+    os.set_inheritable(commands, False)  # pgw's pipes are not the CLI's
+    os.set_inheritable(reports, False)
+    linux = sys.platform.startswith("linux")
+    if linux:
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # only the command pipe ends the root
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    failed_r, failed_w = os.pipe()
+    cli = os.fork()
+    if cli == 0:
+        try:
+            os.setsid()
+            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(signum, signal.SIG_DFL)
+            os.execv(argv[0], argv)
+        except OSError as exc:
+            os.write(failed_w, b"%d" % exc.errno)
+        os._exit(127)
+    os.close(failed_w)
+    null = os.open(os.devnull, os.O_RDWR)
+    for fd in (0, 1, 2):
+        os.dup2(null, fd)  # the pipes' end of file is the stage's alone
+    failure = os.read(failed_r, 16)
+    os.write(reports, b"error %s\n" % failure if failure else b"pid %d\n" % cli)
+
+    def reap():
+        while True:
+            try:
+                pid, status = os.waitpid(-1, os.WNOHANG)
+            except ChildProcessError:
+                return False
+            if pid == 0:
+                return True
+            if pid == cli and not failure:
+                os.write(reports, b"exit %d\n" % os.waitstatus_to_exitcode(status))
+
+    while True:
+        ready = select.select([commands, wake_r], [], [])[0]
+        if wake_r in ready:
+            os.read(wake_r, 512)
+            reap()
+        if commands in ready:
+            command = os.read(commands, 64)
+            if not command:
+                break
+            if b"T" in command:
+                try:
+                    os.killpg(cli, signal.SIGTERM)
+                except OSError:
+                    pass
+    deadline = time.monotonic() + 5.0  # pgw's own wait for the root: a process stuck in the kernel is left
+    while reap() and time.monotonic() < deadline:
+        pids = descendants(os.getpid()) if linux else []
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not linux:
+            try:
+                os.killpg(cli, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+
+main()
+"""
 
 
-class Outbox:
-    """The one queue in front of the WebSocket, drained by the sender task.
-
-    Messages (UTF-8 JSON) wait in a bounded FIFO: a producer finding it full
-    parks, so a slow server slows the pumps and memory stays bounded.  Urgent
-    messages (heartbeats) jump the queue.  A message is made by `make` at the
-    moment it is queued, so the `seq` it carries follows queue order.
-    """
-
-    def __init__(self, max_frames: int = OUTBOX_MAX_FRAMES) -> None:
-        self._max_frames = max_frames
-        self._urgent: collections.deque[bytes] = collections.deque()
-        self._frames: collections.deque[bytes] = collections.deque()
-        self._has_items = trio.lowlevel.ParkingLot()
-        self._has_space = trio.lowlevel.ParkingLot()
-        self._drained = trio.lowlevel.ParkingLot()
-        self._sending = False
-
-    def put_urgent(self, message: bytes) -> None:
-        self._urgent.append(message)
-        self._has_items.unpark()
-
-    async def put(self, make: typing.Callable[[], bytes]) -> None:
-        while len(self._frames) >= self._max_frames:
-            await self._has_space.park()
-        self._frames.append(make())
-        self._has_items.unpark()
-        if len(self._frames) < self._max_frames:
-            self._has_space.unpark()  # pass the turn on: FIFO among producers
-
-    async def get(self) -> bytes:
-        self._sending = False
-        while not (self._urgent or self._frames):
-            self._drained.unpark_all()
-            await self._has_items.park()
-        self._sending = True
-        if self._urgent:
-            return self._urgent.popleft()
-        message = self._frames.popleft()
-        self._has_space.unpark()
-        return message
-
-    async def wait_drained(self) -> None:
-        """Until everything queued so far has been handed to the WebSocket."""
-        while self._urgent or self._frames or self._sending:
-            await self._drained.park()
-
-
-# RFC 6455 5.3: a client masks each frame with a fresh random 32-bit key,
-# byte i XOR key[i % 4]; done as bytes.translate over the 4 lanes.
-_XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
-
-
-def masked_text_frame(message: bytes) -> bytearray:
-    """`message` (UTF-8) as one whole, masked client text frame (RFC 6455 5.2).
-
-    pgw frames its messages itself: trio-websocket's send_message goes
-    through wsproto, which copies a 256 KiB output frame six times on the way.
-    """
-    size = len(message)
-    if size < 126:
-        header = bytes((0x81, 0x80 | size))
-    elif size < 1 << 16:
-        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
-    else:
-        header = struct.pack("!BBQ", 0x81, 0x80 | 127, size)
-    key = os.urandom(4)
-    frame = bytearray().join((header, key, message))
-    start = len(header) + 4
-    for lane in range(4):
-        frame[start + lane :: 4] = frame[start + lane :: 4].translate(_XOR_TABLES[key[lane]])
-    return frame
-
-
-class ActivityStream(trio.abc.Stream):
-    """A stream that notes when bytes last arrived: the watchdog's evidence of life."""
-
-    def __init__(self, inner: trio.abc.Stream) -> None:
-        self.inner = inner
-        self.last_receive = trio.current_time()
-
-    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
-        await self.inner.send_all(data)
-
-    async def wait_send_all_might_not_block(self) -> None:
-        await self.inner.wait_send_all_might_not_block()
-
-    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
-        data = await self.inner.receive_some(max_bytes)
-        self.last_receive = trio.current_time()
-        return data
-
-    async def aclose(self) -> None:
-        await self.inner.aclose()
-
-
-@attrs.define
-class WorkerOptions:
-    server: str
-    token: str
-    name: str
-    home: Path
-    max_stages: int = 0
-    environ: dict[str, str] = attrs.field(factory=lambda: dict(os.environ))
-    stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`: under each request's env
-    cafile: Optional[str] = None
-
-    @property
-    def search_path(self) -> str:
-        """Where the CLIs are looked up: the config's env PATH, else pgw's own."""
-        return self.stage_env.get("PATH") or self.environ.get("PATH") or os.defpath
-
-
-@attrs.define(eq=False)
-class Stage:
-    """One stage.request on its way: queued, running, or being stopped."""
+@attrs.frozen
+class PreparedStage:
+    """A stage.request checked and turned into what the OS takes."""
 
     request: StageRequest
-    scope: trio.CancelScope = attrs.field(factory=trio.CancelScope)
-    stop_error: Optional[str] = None  # why it was stopped, for its exit
-    grace_s: float = attrs.field(factory=lambda: CANCEL_GRACE_S)  # SIGTERM -> SIGKILL when stopped
-    grace_scope: Optional[trio.CancelScope] = None
-    process: Optional[trio.Process] = None
-    seq: int = 0
-    bytes_out: int = 0
-    pumps_running: int = 0
-    pumps_done: trio.Event = attrs.field(factory=trio.Event)
-    pumps_waiting_on_server: int = 0  # parked in Outbox.put: backpressure, not idleness
-    holds_slot: bool = False  # one of the --max-stages slots
-    tag: str = attrs.field(factory=lambda: f"{os.getpid()}-{secrets.token_hex(8)}")  # PGW_STAGE_TAG
+    scratch_dir: Path
+    argv: list[str]
+    environ: dict[str, str]
+    files: list[tuple[tuple[str, ...], bytes]]
+
+
+def prepare_stage(
+    request: StageRequest, scratch_root: Path, worker_environ: typing.Mapping[str, str], stage_env: dict[str, str]
+) -> PreparedStage:
+    """Check everything about a request before it takes a slot; StageRejected says what is wrong."""
+    check_stage_id(request.stage_run_id)
+    check_stage_arguments(request)
+    files = check_stage_files(request.files)
+    search_path = cli_search_path(stage_env, worker_environ)
+    binary = shutil.which(request.cli, path=search_path)
+    if binary is None:
+        raise StageRejected(f"CLI not found: {request.cli!r} is not on PATH ({search_path})")
+    argv = [binary, *request.cli_args] + ([request.stdin] if request.stdin_mode == "argv_last" else [])
+    environ = stage_environment({**worker_environ, **stage_env}, request.env, request.stage_run_id)
+    return PreparedStage(request, scratch_root / request.stage_run_id, argv, environ, files)
+
+
+@attrs.frozen
+class StageOutcome:
+    """What happened to a stage, for `stage_exit`."""
+
+    timeout_s: int
+    duration_ms: int
+    returncode: Optional[int] = None  # the CLI's, once it was reaped
+    started: bool = False  # the CLI ran (its pid was acked)
+    stopped: bool = False  # its scope was cancelled: a stop or its timeout
+    stop_error: Optional[str] = None  # why it was stopped, when not its timeout
+    rejected: Optional[str] = None  # why it could not run
+
+
+def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
+    """The stage.exit that PROTOCOL.md owes the server for what happened."""
+    error = outcome.rejected
+    if error is None and outcome.stopped:
+        error = outcome.stop_error or f"timed out after {outcome.timeout_s} s"
+        if not outcome.started and outcome.stop_error is not None:
+            error += ", before it started"
+    returncode = outcome.returncode if outcome.returncode is not None else -1
+    return StageExit(stage_run_id, returncode, outcome.duration_ms, error)
+
+
+class StageRoot:
+    """pgw's end of a stage root: its process, and its command and report pipes."""
+
+    def __init__(self, process: trio.Process, commands: int, reports: trio.lowlevel.FdStream) -> None:
+        self.process = process
+        self._commands: Optional[int] = commands
+        self._reports = reports
+        self._pending = b""
+        self.cli_pid: Optional[int] = None
+        self.returncode: Optional[int] = None
+
+    @classmethod
+    async def spawn(cls, prepared: PreparedStage, stdin: int) -> "StageRoot":
+        """Start the root (it starts the CLI); the caller owns the result at once
+        (trio starts processes in a thread that a cancel does not abandon)."""
+        commands_r, commands_w = os.pipe()
+        reports_r, reports_w = os.pipe()
+        try:
+            process = await trio.lowlevel.open_process(
+                [sys.executable, "-I", "-S", "-c", STAGE_ROOT_SOURCE, str(commands_r), str(reports_w), *prepared.argv],
+                cwd=prepared.scratch_dir,
+                env=prepared.environ,
+                stdin=stdin,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                start_new_session=True,
+                pass_fds=(commands_r, reports_w),
+            )
+        except BaseException:
+            for fd in (commands_w, reports_r):
+                os.close(fd)
+            raise
+        finally:
+            for fd in (commands_r, reports_w):
+                os.close(fd)
+        return cls(process, commands_w, trio.lowlevel.FdStream(reports_r))
+
+    async def _report(self) -> Optional[bytes]:
+        while b"\n" not in self._pending:
+            chunk = await self._reports.receive_some(4096)
+            if not chunk:
+                return None
+            self._pending += chunk
+        line, self._pending = self._pending.split(b"\n", 1)
+        return line
+
+    async def started(self, cli: str) -> int:
+        """The CLI's pid, or StageRejected when it could not be started."""
+        line = await self._report() or b"error 0"
+        kind, value = line.split(b" ", 1)
+        if kind == b"error":
+            reason = os.strerror(int(value)) if int(value) else "the stage root failed"
+            raise StageRejected(f"cannot start {cli}: {reason}")
+        self.cli_pid = int(value)
+        return self.cli_pid
+
+    async def exited(self) -> int:
+        """Until the CLI has exited; its return code (negative for a signal)."""
+        while self.returncode is None:
+            line = await self._report()
+            if line is None:
+                self.returncode = -1  # the root died without saying: status unknown
+            elif line.startswith(b"exit "):
+                self.returncode = int(line[5:])
+        return self.returncode
+
+    def terminate(self) -> None:
+        """SIGTERM the CLI's process group (the root relays it)."""
+        if self._commands is not None:
+            try:
+                os.write(self._commands, b"T")
+            except OSError:
+                pass
+
+    async def kill(self, wait_s: float) -> None:
+        """Kill everything the stage started and wait for the root to go (once)."""
+        if self._commands is None:
+            return
+        os.close(self._commands)
+        self._commands = None
+        with trio.move_on_after(wait_s):
+            await self.exited()
+            await self.process.wait()
+        if self.process.returncode is None:
+            self.process.kill()  # a root that does not answer: it must not hold pgw
+            await self.process.wait()
+        await self._reports.aclose()
+
+    async def close_pipes(self) -> None:
+        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+            if pipe is not None:
+                await pipe.aclose()
+
+
+
+class StageRun:
+    """One stage from its request to its exit: waiting for a slot, running, being stopped."""
+
+    def __init__(self, prepared: PreparedStage, daemon: "Daemon") -> None:
+        self.prepared = prepared
+        self.request = prepared.request
+        self.id = prepared.request.stage_run_id
+        self.daemon = daemon
+        self.scope = trio.CancelScope()
+        self.stop_error: Optional[str] = None  # why it was stopped, for its exit
+        self.grace_s = daemon.timing.cancel_grace_s  # SIGTERM -> SIGKILL once stopped
+        self.grace_scope: Optional[trio.CancelScope] = None
+        self.root: Optional[StageRoot] = None
+        self.seq = 0
+        self.bytes_out = 0
+        self.pumps_running = 0
+        self.pumps_done = trio.Event()
+        self.pumps_waiting_on_server = 0  # parked in Outbox.put: backpressure, not idleness
 
     @property
-    def id(self) -> str:
-        return self.request.stage_run_id
+    def running(self) -> bool:
+        return self.root is not None
 
     def stop(self, error: str, grace_s: float) -> None:
         """Cancel the stage's scope; a shorter grace than before takes effect at once."""
@@ -1319,40 +1516,166 @@ class Stage:
         self.seq += 1
         return self.seq
 
-
-def kill_process_group(pgid: int, signum: int) -> None:
-    try:
-        os.killpg(pgid, signum)
-    except (ProcessLookupError, PermissionError):
-        pass
-
-
-def kill_tagged_processes(stage_tag: str, proc_dir: Path = Path("/proc")) -> int:
-    """SIGKILL every process whose environment carries this stage's tag.
-
-    Catches children that escaped the process group with setsid.  Linux only
-    (elsewhere there is no /proc/PID/environ); returns how many were killed.
-    """
-    tag = f"{STAGE_TAG_ENV}={stage_tag}".encode() + b"\0"
-    killed = 0
-    try:
-        pids = [int(entry.name) for entry in proc_dir.iterdir() if entry.name.isdigit()]
-    except OSError:
-        return 0
-    for pid in pids:
-        if pid == os.getpid():
-            continue
+    async def run(self, outbox: Outbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """Wait for a slot, run, send the exit; the slot is freed only after that,
+        so the server never sees more than --max-stages stages between ack and exit."""
+        daemon, request = self.daemon, self.request
+        slots = daemon.slots
+        holds_slot = False
+        started = time.monotonic()
+        rejected: Optional[str] = None
+        ending = "killed: the connection was lost"
+        task_status.started()
         try:
-            environ = (proc_dir / str(pid) / "environ").read_bytes()
-        except OSError:
-            continue
-        if environ.startswith(tag) or b"\0" + tag in environ:
             try:
-                os.kill(pid, signal.SIGKILL)
-                killed += 1
-            except OSError:
+                with self.scope:
+                    if slots is not None:
+                        await slots.acquire()  # cancelled here: never started
+                        holds_slot = True
+                    started = time.monotonic()
+                    self.scope.deadline = trio.current_time() + min(max(request.timeout_s, 0), TIMEOUT_MAX_S)
+                    await self._execute(outbox)
+                if request.cli == "codex" and self.root is not None and self.root.cli_pid is not None:
+                    await self._send_codex_trace(outbox)
+                ending = "ok"
+            except StageRejected as exc:
+                rejected = str(exc)
+            except Exception as exc:  # noqa: BLE001 - a bug must not leave the server waiting
+                log.exception("stage %r: internal error", self.id)
+                rejected = f"internal error in pgw: {type(exc).__name__}"
+            finally:
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(shutil.rmtree, self.prepared.scratch_dir, True)
+                del daemon.stages[self.id]
+                daemon.publish_state()
+                outcome = StageOutcome(
+                    timeout_s=request.timeout_s,
+                    duration_ms=int((time.monotonic() - started) * 1000),
+                    returncode=self.root.returncode if self.root is not None else None,
+                    started=self.root is not None and self.root.cli_pid is not None,
+                    stopped=self.scope.cancelled_caught,
+                    stop_error=self.stop_error,
+                    rejected=rejected,
+                )
+                exit_record = stage_exit(self.id, outcome)
+                if exit_record.error is not None:
+                    ending = f"error={exit_record.error!r}"
+                log.info(
+                    "stage %r: ended cli=%s returncode=%d duration=%.1fs bytes_out=%d %s",
+                    self.id, request.cli, exit_record.returncode, exit_record.duration_ms / 1000, self.bytes_out, ending,
+                )
+            await outbox.put(lambda: wire(exit_record))
+        finally:
+            if holds_slot and slots is not None:
+                slots.release()
+
+    async def _execute(self, outbox: Outbox) -> None:
+        """Write the files, start the root, relay the output until the CLI and its pipes are done."""
+        prepared, timing = self.prepared, self.daemon.timing
+        try:
+            await trio.to_thread.run_sync(write_scratch, prepared.scratch_dir, prepared.files)
+        except OSError as exc:
+            raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
+        stdin = subprocess.PIPE if self.request.stdin_mode == "stdin" else subprocess.DEVNULL
+        try:
+            root = await StageRoot.spawn(prepared, stdin)
+        except OSError as exc:
+            raise StageRejected(f"cannot start the stage: {exc.strerror or exc}") from None
+        self.root = root
+        try:
+            pid = await root.started(self.request.cli)
+            for pipe in (root.process.stdout, root.process.stderr):
+                enlarge_pipe(pipe)
+            self.daemon.publish_state()
+            log.info("stage %r: started cli=%s pid=%d", self.id, self.request.cli, pid)
+            await outbox.put(lambda: wire(StageAck(self.id, pid)))
+            async with trio.open_nursery() as pumps:
+                if root.process.stdin is not None:
+                    pumps.start_soon(feed_stdin, root.process.stdin, self.request.stdin.encode("utf-8"))
+                self.pumps_running = 2
+                for pipe, record_type in ((root.process.stdout, StageStdout), (root.process.stderr, StageStderr)):
+                    pumps.start_soon(self._pump, pipe, record_type, outbox)
+                await root.exited()
+                await self._drain(root)
+                pumps.cancel_scope.cancel()
+        finally:
+            with trio.CancelScope(shield=True):
+                if root.cli_pid is not None and root.returncode is None and self.grace_s > 0:
+                    root.terminate()
+                    with trio.move_on_after(self.grace_s) as self.grace_scope:
+                        await root.exited()
+                await root.kill(timing.kill_wait_s)
+                await root.close_pipes()
+
+    async def _drain(self, root: StageRoot) -> None:
+        """After the CLI's exit: what is left in the pipes gets a grace, then the
+        stage's other processes die (one holding a pipe cannot hold the stage
+        open), and what they left in the pipes is read while it keeps coming."""
+        timing = self.daemon.timing
+        with trio.move_on_after(timing.pipe_drain_grace_s):
+            await self.pumps_done.wait()
+        if self.pumps_done.is_set():
+            return
+        await root.kill(timing.kill_wait_s)
+        while not self.pumps_done.is_set():
+            before = self.bytes_out
+            with trio.move_on_after(timing.pipe_drain_grace_s):
+                await self.pumps_done.wait()
+            if self.bytes_out == before and not self.pumps_waiting_on_server:
+                log.warning("stage %r: a process outside the stage holds its pipes; stopped reading", self.id)
+                return
+
+    async def _pump(self, pipe: trio.abc.ReceiveStream, record_type: type, outbox: Outbox) -> None:
+        """Child output -> output messages, never splitting a character.
+
+        A read that is all ASCII, with no partial character before it, is
+        taken as it is (the fast path, and most output); anything else is
+        decoded incrementally.
+        """
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        try:
+            while True:
+                chunk = await pipe.receive_some(PIPE_READ_BYTES)
+                self.bytes_out += len(chunk)
+                if chunk.isascii() and not decoder.getstate()[0]:
+                    text = chunk.decode("ascii")
+                else:
+                    text = decoder.decode(chunk, final=not chunk)
+                for data in escaped_output(text) if text else ():
+                    self.pumps_waiting_on_server += 1
+                    try:
+                        await outbox.put(lambda data=data: output_message(record_type, self.id, self.next_seq(), data))
+                    finally:
+                        self.pumps_waiting_on_server -= 1
+                if not chunk:
+                    return
+        except (trio.ClosedResourceError, trio.BrokenResourceError):
+            return
+        finally:
+            self.pumps_running -= 1
+            if self.pumps_running == 0:
+                self.pumps_done.set()
+
+    async def _send_codex_trace(self, outbox: Outbox) -> None:
+        trace = await trio.to_thread.run_sync(
+            read_codex_trace, self.prepared.scratch_dir, codex_sessions_dir(self.daemon.environ), time.time()
+        )
+        for data in escaped_output(trace) if trace else ():
+            await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.next_seq(), data))
+
+
+async def feed_stdin(pipe: trio.abc.SendStream, prompt: bytes) -> None:
+    """Write the prompt and close; a child that exits early or never reads is normal."""
+    try:
+        await pipe.send_all(prompt)
+    except (trio.BrokenResourceError, trio.ClosedResourceError):
+        pass
+    finally:
+        with trio.CancelScope(shield=True):
+            try:
+                await pipe.aclose()
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass
-    return killed
 
 
 def enlarge_pipe(pipe: Any) -> None:
@@ -1416,508 +1739,142 @@ def codex_sessions_dir(environ: typing.Mapping[str, str]) -> Path:
     return Path(codex_home) / "sessions" if codex_home else Path.home() / ".codex" / "sessions"
 
 
-class Worker:
-    """The daemon: keeps one connection to the backend and runs its stages."""
+##############################################################################
+# Connection: the outbox, the frame writer, one WebSocket
+##############################################################################
 
-    def __init__(self, options: WorkerOptions) -> None:
-        self.options = options
-        self.scratch_root = options.home / "scratch"
-        self.stages: dict[str, Stage] = {}
-        self.slots = trio.Semaphore(options.max_stages) if options.max_stages > 0 else None
-        self.shutdown_requested = trio.Event()
-        self.hurried = False
-        self._idle_scope: Optional[trio.CancelScope] = None  # connecting or backing off
-        self._connected = False
-        self._connected_since: Optional[float] = None
-        self._state_changed = trio.Event()
-        self._state: dict[str, Any] = {
-            "pid": os.getpid(),
-            "started_at": iso_time(time.time()),
-            "server": options.server,
-            "connected": False,
-            "connected_since": None,
-            "last_error": None,
-        }
 
-    # Shutdown --------------------------------------------------------------
+class Outbox:
+    """The one queue in front of the WebSocket, drained by the sender task.
 
-    def request_shutdown(self) -> None:
-        """First SIGTERM/SIGINT: stop reading, stop stages with a 5 s grace, close 1001."""
-        if self.shutdown_requested.is_set():
-            self.hurry_shutdown()
-            return
-        log.info("shutting down: stopping %d stage(s)", len(self.stages))
-        self.shutdown_requested.set()
-        if self._idle_scope is not None and not self._connected:
-            self._idle_scope.cancel()
+    Messages (UTF-8 JSON) wait in a bounded FIFO: a producer finding it full
+    parks, so a slow server slows the pumps and memory stays bounded.  Urgent
+    messages (heartbeats) jump the queue.  A message is made by `make` at the
+    moment it is queued, so the `seq` it carries follows queue order.
+    """
 
-    def hurry_shutdown(self) -> None:
-        """Second signal: no more grace, every process group is killed now."""
-        log.info("second signal: killing every stage now")
-        self.hurried = True
-        for stage in list(self.stages.values()):
-            stage.stop("worker shutting down", 0)
+    def __init__(self, max_frames: int = OUTBOX_MAX_FRAMES) -> None:
+        self._max_frames = max_frames
+        self._urgent: collections.deque[bytes] = collections.deque()
+        self._frames: collections.deque[bytes] = collections.deque()
+        self._has_items = trio.lowlevel.ParkingLot()
+        self._has_space = trio.lowlevel.ParkingLot()
+        self._drained = trio.lowlevel.ParkingLot()
+        self._sending = False
 
-    # Reconnect loop --------------------------------------------------------
+    def put_urgent(self, message: bytes) -> None:
+        self._urgent.append(message)
+        self._has_items.unpark()
 
-    def publish_state(self, **changes: Any) -> None:
-        """Note a change for the state file; the state writer publishes it soon."""
-        self._state.update(changes)
-        self._state_changed.set()
+    async def put(self, make: typing.Callable[[], bytes]) -> None:
+        while len(self._frames) >= self._max_frames:
+            await self._has_space.park()
+        self._frames.append(make())
+        self._has_items.unpark()
+        if len(self._frames) < self._max_frames:
+            self._has_space.unpark()  # pass the turn on: FIFO among producers
 
-    def _write_state(self) -> None:
-        """Replace the state file `pgw status` reads (a few hundred bytes, atomically)."""
-        running = sum(1 for stage in self.stages.values() if stage.process is not None)
-        self._state.update(
-            stages_running=running,
-            stages_queued=len(self.stages) - running,
-            updated_at=iso_time(time.time()),
-        )
+    async def get(self) -> bytes:
+        self._sending = False
+        while not (self._urgent or self._frames):
+            self._drained.unpark_all()
+            await self._has_items.park()
+        self._sending = True
+        if self._urgent:
+            return self._urgent.popleft()
+        message = self._frames.popleft()
+        self._has_space.unpark()
+        return message
+
+    async def wait_drained(self) -> None:
+        """Until everything queued so far has been handed to the WebSocket."""
+        while self._urgent or self._frames or self._sending:
+            await self._drained.park()
+
+
+# RFC 6455 5.3: a client masks each frame with a fresh random 32-bit key,
+# byte i XOR key[i % 4]; done as bytes.translate over the 4 lanes.
+_XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
+
+
+def masked_text_frame(message: bytes) -> bytearray:
+    """`message` (UTF-8) as one whole, masked client text frame (RFC 6455 5.2)."""
+    size = len(message)
+    if size < 126:
+        header = bytes((0x81, 0x80 | size))
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", 0x81, 0x80 | 126, size)
+    else:
+        header = struct.pack("!BBQ", 0x81, 0x80 | 127, size)
+    key = os.urandom(4)
+    frame = bytearray().join((header, key, message))
+    start = len(header) + 4
+    for lane in range(4):
+        frame[start + lane :: 4] = frame[start + lane :: 4].translate(_XOR_TABLES[key[lane]])
+    return frame
+
+
+# trio-websocket 0.12.2 (pinned in requirements.lock) serialises its own
+# writes (pongs, the close frame) with this lock; it has no public way to send
+# a frame made elsewhere.  A test fails by this name if an upgrade drops it.
+TRIO_WEBSOCKET_STREAM_LOCK = "_stream_lock"
+
+
+class FrameWriter:
+    """The one door from pgw's messages to the socket.
+
+    pgw frames and masks its messages itself (trio-websocket's send_message
+    goes through wsproto, which copies a 256 KiB output frame six times on
+    the way) and writes them to the connection's stream under the lock that
+    trio-websocket's own writes take, so frames never interleave.  This is
+    the only place that touches trio-websocket's internals.
+    """
+
+    def __init__(self, ws: trio_websocket.WebSocketConnection, stream: trio.abc.Stream) -> None:
+        lock = getattr(ws, TRIO_WEBSOCKET_STREAM_LOCK, None)
+        if not isinstance(lock, trio.StrictFIFOLock):
+            raise PgwError(f"this trio-websocket has no {TRIO_WEBSOCKET_STREAM_LOCK}: pgw needs the version in requirements.lock")
+        self._ws, self._stream, self._lock = ws, stream, lock
+
+    async def send(self, message: bytes) -> None:
+        if self._ws.closed is not None:
+            raise ConnectionLost(close_description(self._ws.closed))
+        frame = masked_text_frame(message)
         try:
-            write_json_atomically(self.options.home / STATE_FILENAME, dict(self._state))
-        except OSError as exc:
-            log.debug("cannot write the state file: %s", exc)
-
-    async def _state_writer(self) -> None:
-        """At most one state file write per STATE_WRITE_INTERVAL_S, off the event
-        loop: 50 stages starting at once cost one write, not a hundred."""
-        while True:
-            await self._state_changed.wait()
-            self._state_changed = trio.Event()
-            await trio.to_thread.run_sync(self._write_state)
-            await trio.sleep(STATE_WRITE_INTERVAL_S)
-
-    async def run(self) -> None:
-        """Connect, run stages, reconnect, until a shutdown is requested."""
-        killed = await trio.to_thread.run_sync(kill_leftover_stage_groups, self.options.home)
-        if killed:
-            log.warning("killed %d process(es) left running by a pgw that died", killed)
-        await trio.to_thread.run_sync(self._empty_scratch)
-        self.publish_state()
-        try:
-            async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._state_writer)
-                await self._reconnect_loop()
-                nursery.cancel_scope.cancel()
-        finally:
-            self._state.update(connected=False, connected_since=None)
-            self._write_state()
-        log.info("stopped")
-
-    async def _reconnect_loop(self) -> None:
-        backoff = Backoff()
-        last_failure = None
-        while not self.shutdown_requested.is_set():
-            try:
-                with trio.CancelScope() as self._idle_scope:
-                    await self._connection()
-                failure = None
-            except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
-                failure = describe_connection_failure(exc, self.options.server)
-            if self.shutdown_requested.is_set():
-                break
-            if self._connected_since is not None and trio.current_time() - self._connected_since >= RECONNECT_RESET_AFTER_S:
-                backoff.reset()
-            delay = backoff.next_delay_s()
-            self.publish_state(connected=False, connected_since=None, last_error=failure or self._state["last_error"])
-            if self._connected_since is not None:
-                log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
-            elif failure != last_failure:
-                log.warning("cannot connect: %s; retrying in %.1f s", failure, delay)
-            else:
-                log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
-            last_failure = failure if self._connected_since is None else None
-            with trio.CancelScope() as self._idle_scope:
-                if self.shutdown_requested.is_set():
-                    break
-                await trio.sleep(delay)
-
-    def _empty_scratch(self) -> None:
-        shutil.rmtree(self.scratch_root, ignore_errors=True)
-        self.scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
-
-    # One connection --------------------------------------------------------
-
-    async def _connection(self) -> None:
-        self._connected_since = None
-        server = urllib.parse.urlsplit(self.options.server)
-        stream = await open_stream(self.options.server, self.options.cafile)
-        try:
-            await self._websocket(stream, server)
-        finally:
-            # trio-websocket leaves the socket open when a handshake is
-            # rejected or the peer resets: a reconnect loop running for
-            # weeks must close every stream it opened itself.
-            await trio.aclose_forcefully(stream)
-
-    async def _websocket(self, stream: ActivityStream, server: urllib.parse.SplitResult) -> None:
-        async with trio.open_nursery() as nursery:
-            resource = urllib.parse.urlsplit(websocket_url(self.options.server, self.options.token))
-            with trio.fail_after(CONNECT_TIMEOUT_S):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery,
-                    stream,
-                    server.netloc,
-                    f"{resource.path}?{resource.query}",
-                    max_message_size=MESSAGE_MAX_BYTES,
-                    message_queue_size=1,
-                    receive_buffer_size=None,
-                )
-            self._connected = True
-            self._connected_since = trio.current_time()
-            self.publish_state(connected=True, connected_since=iso_time(time.time()))
-            log.info("connected to %s as %r", self.options.server + CONNECT_PATH, self.options.name)
-            try:
-                await self._serve(ws, stream)
-            finally:
-                self._connected = False
-                nursery.cancel_scope.cancel()
-
-    async def _serve(self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream) -> None:
-        outbox = Outbox()
-        outbox.put_urgent(wire(Hello(machine_name=self.options.name, capabilities=self.capabilities())))
-        async with trio.open_nursery() as connection:
-            connection.start_soon(self._sender, ws, stream, outbox)
-            connection.start_soon(self._heartbeat, outbox)
-            connection.start_soon(self._watchdog, ws, stream, connection)
-            async with trio.open_nursery() as stages:
-                reader = trio.CancelScope()
-                stages.start_soon(self._read_until_shutdown, ws, outbox, stages, reader)
-            # Only a shutdown gets here with the connection alive: every stage
-            # has ended and queued its exit.
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await outbox.wait_drained()
-            with trio.move_on_after(CLOSE_TIMEOUT_S):
-                await ws.aclose(1001, "worker shutting down")
-            connection.cancel_scope.cancel()
-
-    def capabilities(self) -> dict[str, Any]:
-        return probe_capabilities(self.options.search_path)
-
-    async def _sender(self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream, outbox: Outbox) -> None:
-        # pgw writes its own frames to `ws`'s stream (see masked_text_frame),
-        # under the lock trio-websocket's own writes (pongs, the close) take,
-        # so frames never interleave.  A private name of trio-websocket 0.12,
-        # pinned in requirements.lock; a test fails if an upgrade renames it.
-        lock: trio.StrictFIFOLock = ws._stream_lock
-        while True:
-            message = await outbox.get()
-            if ws.closed is not None:
-                raise ConnectionLost(close_description(ws.closed))
-            frame = masked_text_frame(message)
-            try:
-                async with lock:
-                    await stream.send_all(frame)
-            except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-                raise ConnectionLost(close_description(ws.closed) if ws.closed else "the connection broke") from exc
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("sent %s", describe_wire_text(message))
-
-    async def _heartbeat(self, outbox: Outbox) -> None:
-        while True:
-            outbox.put_urgent(wire(Ping(ts=time.time())))
-            await trio.sleep(HEARTBEAT_INTERVAL_S)
-
-    async def _watchdog(
-        self, ws: trio_websocket.WebSocketConnection, stream: ActivityStream, nursery: trio.Nursery
-    ) -> None:
-        last_ping = trio.current_time()
-        while True:
-            await trio.sleep(WATCHDOG_TICK_S)
-            now = trio.current_time()
-            quiet_s = now - stream.last_receive
-            if quiet_s >= SILENCE_LIMIT_S:
-                raise ConnectionLost(f"nothing arrived from the server for {quiet_s:.0f} s")
-            if quiet_s >= WS_PING_INTERVAL_S and now - last_ping >= WS_PING_INTERVAL_S:
-                last_ping = now
-                nursery.start_soon(self._ws_ping, ws)
-
-    @staticmethod
-    async def _ws_ping(ws: trio_websocket.WebSocketConnection) -> None:
-        with trio.move_on_after(SILENCE_LIMIT_S):
-            try:
-                await ws.ping()
-            except (trio_websocket.ConnectionClosed, ValueError):
-                pass
-
-    async def _read_until_shutdown(
-        self,
-        ws: trio_websocket.WebSocketConnection,
-        outbox: Outbox,
-        stages: trio.Nursery,
-        reader: trio.CancelScope,
-    ) -> None:
-        async with trio.open_nursery() as nursery:
-            async def stop_reading_on_shutdown() -> None:
-                await self.shutdown_requested.wait()
-                reader.cancel()
-                grace = 0 if self.hurried else SHUTDOWN_GRACE_S
-                for stage in list(self.stages.values()):
-                    stage.stop("worker shutting down", grace)
-
-            nursery.start_soon(stop_reading_on_shutdown)
-            with reader:
-                await self._reader(ws, outbox, stages)
-            nursery.cancel_scope.cancel()
-
-    async def _reader(self, ws: trio_websocket.WebSocketConnection, outbox: Outbox, stages: trio.Nursery) -> None:
-        while True:
-            try:
-                text = await ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                raise ConnectionLost(close_description(exc.reason)) from None
-            try:
-                message = decode(text)
-            except ProtocolError as exc:
-                self._skip_bad_message(exc, outbox, stages)
-                continue
-            if log.isEnabledFor(logging.DEBUG):
-                log.debug("received %s", describe_wire_text(text))
-            if isinstance(message, StageRequest):
-                self._start_stage(message, outbox, stages)
-            elif isinstance(message, StageCancel):
-                self._cancel_stage(message)
-            elif isinstance(message, Pong):
-                log.debug("pong")
-            else:
-                log.warning("skipped a %s message: the server is not expected to send it", message.TYPE)
-
-    def _skip_bad_message(self, exc: ProtocolError, outbox: Outbox, stages: trio.Nursery) -> None:
-        log.warning("skipped a bad message: %s", exc)
-        raw = exc.message or {}
-        stage_run_id = raw.get("stage_run_id")
-        if raw.get("type") != "stage.request" or not isinstance(stage_run_id, str):
-            return
-        if stage_run_id in self.stages:
-            log.warning("stage %s: a bad duplicate request was ignored", stage_run_id)
-            return
-        exit_record = StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}")
-        stages.start_soon(outbox.put, lambda: wire(exit_record))
-
-    def _start_stage(self, request: StageRequest, outbox: Outbox, stages: trio.Nursery) -> None:
-        if request.stage_run_id in self.stages:
-            log.warning("stage %s: already running; the repeated request was ignored", request.stage_run_id)
-            return
-        stage = Stage(request)
-        self.stages[stage.id] = stage
-        self.publish_state()
-        stages.start_soon(self._run_stage, stage, outbox)
-
-    def _cancel_stage(self, cancel: StageCancel) -> None:
-        stage = self.stages.get(cancel.stage_run_id)
-        if stage is None:
-            log.info("stage %s: cancel for no running stage ignored", cancel.stage_run_id)
-            return
-        log.info("stage %s: cancelled by the server with %s", stage.id, cancel.signal)
-        stage.stop(f"cancelled by the server ({cancel.signal})", 0 if cancel.signal == "SIGKILL" else CANCEL_GRACE_S)
-
-    # One stage ---------------------------------------------------------------
-
-    async def _run_stage(self, stage: Stage, outbox: Outbox) -> None:
-        """Run one stage and send its exit; its slot is freed only after that,
-        so the server never sees more than --max-stages stages between ack and exit."""
-        try:
-            await self._run_stage_to_exit(stage, outbox)
-        finally:
-            if stage.holds_slot and self.slots is not None:
-                self.slots.release()
-
-    async def _run_stage_to_exit(self, stage: Stage, outbox: Outbox) -> None:
-        request = stage.request
-        started = time.monotonic()
-        error: Optional[str] = None
-        scratch_dir: Optional[Path] = None
-        outcome = "killed: the connection was lost"
-        try:
-            check_stage_id(stage.id)
-            scratch_dir = self.scratch_root / stage.id
-            with stage.scope:
-                if self.slots is not None:
-                    await self.slots.acquire()  # cancelled here: never started
-                    stage.holds_slot = True
-                started = time.monotonic()
-                stage.scope.deadline = trio.current_time() + min(max(request.timeout_s, 0), TIMEOUT_MAX_S)
-                await self._execute(stage, scratch_dir, outbox)
-            if stage.scope.cancelled_caught:
-                error = stage.stop_error or f"timed out after {request.timeout_s} s"
-                if stage.process is None and stage.stop_error is not None:
-                    error += ", before it started"
-            if request.cli == "codex" and stage.process is not None:
-                trace = await trio.to_thread.run_sync(
-                    read_codex_trace, scratch_dir, codex_sessions_dir(self.options.environ), time.time()
-                )
-                for piece in split_text(trace) if trace else []:
-                    await outbox.put(lambda piece=piece: encode_output(StageStdout, stage.id, stage.next_seq(), piece))
-            outcome = "ok"
-        except StageRejected as exc:
-            error = str(exc)
-        except Exception as exc:  # noqa: BLE001 - a bug must not leave the server waiting
-            log.exception("stage %s: internal error", stage.id)
-            error = f"internal error in pgw: {type(exc).__name__}"
-        finally:
-            with trio.CancelScope(shield=True):
-                if scratch_dir is not None:
-                    await trio.to_thread.run_sync(shutil.rmtree, scratch_dir, True)
-            del self.stages[stage.id]
-            self.publish_state()
-            process = stage.process
-            returncode = process.returncode if process is not None and process.returncode is not None else -1
-            duration_ms = int((time.monotonic() - started) * 1000)
-            if error is not None:
-                outcome = f"error={error!r}"
-            log.info(
-                "stage %s: ended cli=%s returncode=%d duration=%.1fs bytes_out=%d %s",
-                stage.id, request.cli, returncode, duration_ms / 1000, stage.bytes_out, outcome,
-            )
-        exit_record = StageExit(stage.id, returncode, duration_ms, error)
-        await outbox.put(lambda: wire(exit_record))
-
-    async def _execute(self, stage: Stage, scratch_dir: Path, outbox: Outbox) -> None:
-        """Run the stage's CLI to its end; its status is left in stage.process."""
-        request = stage.request
-        check_stage_arguments(request)
-        files = check_stage_files(request.files)
-        search_path = self.options.search_path
-        binary = shutil.which(request.cli, path=search_path)
-        if binary is None:
-            raise StageRejected(f"CLI not found: {request.cli!r} is not on PATH ({search_path})")
-        try:
-            await trio.to_thread.run_sync(write_scratch, scratch_dir, files)
-        except OSError as exc:
-            raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
-        argv = [binary, *request.cli_args]
-        if request.stdin_mode == "argv_last":
-            argv.append(request.stdin)
-        try:
-            process = await trio.lowlevel.open_process(
-                argv,
-                cwd=scratch_dir,
-                env=stage_environment(
-                    {**self.options.environ, **self.options.stage_env}, request.env, stage.id, stage.tag
-                ),
-                stdin=subprocess.PIPE if request.stdin_mode == "stdin" else subprocess.DEVNULL,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-            )
-        except OSError as exc:
-            raise StageRejected(f"cannot start {request.cli}: {exc.strerror or exc}") from None
-        stage.process = process
-        for pipe in (process.stdout, process.stderr):
-            enlarge_pipe(pipe)
-        record_stage_group(self.options.home, process.pid, stage.tag)
-        self.publish_state()
-        log.info("stage %s: started cli=%s pid=%d", stage.id, request.cli, process.pid)
-        try:
-            await outbox.put(lambda: wire(StageAck(stage.id, process.pid)))
-            async with trio.open_nursery() as pumps:
-                if process.stdin is not None:
-                    pumps.start_soon(feed_stdin, process.stdin, request.stdin.encode("utf-8"))
-                stage.pumps_running = 2
-                for pipe, record_type in ((process.stdout, StageStdout), (process.stderr, StageStderr)):
-                    pumps.start_soon(self._pump, stage, pipe, record_type, outbox)
-                await process.wait()
-                await self._drain(stage, process)
-                pumps.cancel_scope.cancel()
-        finally:
-            with trio.CancelScope(shield=True):
-                await self._kill_tree(stage, process)
-
-    async def _drain(self, stage: Stage, process: trio.Process) -> None:
-        """After the child's exit: what is left in the pipes gets 2 s, then the
-        group dies (a grandchild holding a pipe cannot hold the stage open), and
-        what the dead left in the pipes is read while it keeps coming."""
-        with trio.move_on_after(PIPE_DRAIN_GRACE_S):
-            await stage.pumps_done.wait()
-        if stage.pumps_done.is_set():
-            return
-        kill_process_group(process.pid, signal.SIGKILL)
-        if sys.platform == "linux":
-            await trio.to_thread.run_sync(kill_tagged_processes, stage.tag)
-        while not stage.pumps_done.is_set():
-            before = stage.bytes_out
-            with trio.move_on_after(PIPE_DRAIN_GRACE_S):
-                await stage.pumps_done.wait()
-            if stage.bytes_out == before and not stage.pumps_waiting_on_server:
-                log.warning("stage %s: a process outside its group holds its pipes; stopped reading", stage.id)
-                return
-
-    async def _kill_tree(self, stage: Stage, process: trio.Process) -> None:
-        """SIGTERM the group, wait the grace, SIGKILL it; then any tagged escapee."""
-        if process.returncode is None and stage.grace_s > 0:
-            kill_process_group(process.pid, signal.SIGTERM)
-            with trio.move_on_after(stage.grace_s) as stage.grace_scope:
-                await process.wait()
-        kill_process_group(process.pid, signal.SIGKILL)
-        with trio.move_on_after(KILL_WAIT_S):
-            await process.wait()
-        if sys.platform == "linux":
-            await trio.to_thread.run_sync(kill_tagged_processes, stage.tag)
-        for pipe in (process.stdin, process.stdout, process.stderr):
-            if pipe is not None:
-                await pipe.aclose()
-        forget_stage_group(self.options.home, process.pid)
-
-    async def _pump(
-        self,
-        stage: Stage,
-        pipe: trio.abc.ReceiveStream,
-        record_type: type,
-        outbox: Outbox,
-    ) -> None:
-        """Child output -> frames, never splitting a character.
-
-        A read that is all ASCII, with no partial character before it, is one
-        frame as it is (a read is at most a frame's size): most output, and
-        the fast path.  Anything else is decoded incrementally and cut.
-        """
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        try:
-            while True:
-                chunk = await pipe.receive_some(PIPE_READ_BYTES)
-                stage.bytes_out += len(chunk)
-                pieces: typing.Sequence[Union[str, bytes]]
-                if chunk.isascii() and not decoder.getstate()[0]:
-                    pieces = (chunk,) if chunk else ()
-                else:
-                    text = decoder.decode(chunk, final=not chunk)
-                    pieces = split_text(text) if text else ()
-                for piece in pieces:
-                    stage.pumps_waiting_on_server += 1
-                    try:
-                        await outbox.put(lambda piece=piece: encode_output(record_type, stage.id, stage.next_seq(), piece))
-                    finally:
-                        stage.pumps_waiting_on_server -= 1
-                if not chunk:
-                    return
-        except (trio.ClosedResourceError, trio.BrokenResourceError):
-            return
-        finally:
-            stage.pumps_running -= 1
-            if stage.pumps_running == 0:
-                stage.pumps_done.set()
+            async with self._lock:
+                await self._stream.send_all(frame)
+        except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
+            raise ConnectionLost(close_description(self._ws.closed) if self._ws.closed else "the connection broke") from exc
 
 
-async def feed_stdin(pipe: trio.abc.SendStream, prompt: bytes) -> None:
-    """Write the prompt and close; a child that exits early or never reads is normal."""
-    try:
-        await pipe.send_all(prompt)
-    except (trio.BrokenResourceError, trio.ClosedResourceError):
-        pass
-    finally:
-        with trio.CancelScope(shield=True):
-            try:
-                await pipe.aclose()
-            except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass
+class ActivityStream(trio.abc.Stream):
+    """A stream that notes when bytes last arrived: the watchdog's evidence of life."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self.last_receive = trio.current_time()
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        data = await self.inner.receive_some(max_bytes)
+        self.last_receive = trio.current_time()
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
-async def open_stream(server: str, cafile: Optional[str] = None) -> ActivityStream:
-    """TCP (and TLS for https) to the server, within CONNECT_TIMEOUT_S."""
+async def open_stream(server: str, cafile: Optional[str], timeout_s: float) -> ActivityStream:
+    """TCP (and TLS for https) to the server, within `timeout_s`."""
     parsed = urllib.parse.urlsplit(server)
     secure = parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
-    with trio.fail_after(CONNECT_TIMEOUT_S):
+    with trio.fail_after(timeout_s):
         stream: trio.abc.Stream = await trio.open_tcp_stream(parsed.hostname, port)
         try:
             if secure:
@@ -1929,6 +1886,150 @@ async def open_stream(server: str, cafile: Optional[str] = None) -> ActivityStre
             await trio.aclose_forcefully(stream)
             raise
     return ActivityStream(stream)
+
+
+async def open_websocket(
+    nursery: trio.Nursery, stream: trio.abc.Stream, settings: Settings, timeout_s: float, **options: Any
+) -> trio_websocket.WebSocketConnection:
+    """The opening handshake over `stream`, presenting the token (PROTOCOL.md)."""
+    with trio.fail_after(timeout_s):
+        return await trio_websocket.wrap_client_stream(
+            nursery, stream, urllib.parse.urlsplit(settings.server).netloc, websocket_resource(settings.token or ""),
+            **options,
+        )
+
+
+class Connection:
+    """One WebSocket: the sender, the heartbeat, the watchdog and the single reader."""
+
+    def __init__(self, daemon: "Daemon", ws: trio_websocket.WebSocketConnection, stream: ActivityStream) -> None:
+        self.daemon, self.timing = daemon, daemon.timing
+        self.ws, self.stream = ws, stream
+        self.outbox = Outbox()
+        self.frames = FrameWriter(ws, stream)
+        self.reading = trio.CancelScope()  # cancelled by a shutdown: read no more requests
+        self._stages: trio.Nursery  # set by serve() before the reader starts
+        self._handlers: dict[type, typing.Callable[[Any], typing.Awaitable[None]]] = {
+            StageRequest: self._on_stage_request,
+            StageCancel: self._on_stage_cancel,
+            Pong: self._on_pong,
+        }
+
+    async def serve(self) -> None:
+        """Until the connection is lost (ConnectionLost) or a shutdown has sent every exit."""
+        daemon = self.daemon
+        self.outbox.put_urgent(wire(Hello(machine_name=daemon.settings.name, capabilities=daemon.capabilities())))
+        async with trio.open_nursery() as tasks:
+            tasks.start_soon(self._sender)
+            tasks.start_soon(self._heartbeat)
+            tasks.start_soon(self._watchdog, tasks)
+            async with trio.open_nursery() as stages:
+                self._stages = stages
+                with self.reading:
+                    await self._reader()
+            # Only a shutdown gets here with the connection alive: every stage
+            # has ended and queued its exit.
+            with trio.move_on_after(self.timing.close_timeout_s):
+                await self.outbox.wait_drained()
+            with trio.move_on_after(self.timing.close_timeout_s):
+                await self.ws.aclose(1001, "worker shutting down")
+            tasks.cancel_scope.cancel()
+
+    async def _sender(self) -> None:
+        while True:
+            message = await self.outbox.get()
+            await self.frames.send(message)
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("sent %s", describe_wire_text(message))
+
+    async def _heartbeat(self) -> None:
+        while True:
+            self.outbox.put_urgent(wire(Ping(ts=time.time())))
+            await trio.sleep(self.timing.heartbeat_s)
+
+    async def _watchdog(self, tasks: trio.Nursery) -> None:
+        """A WebSocket ping after a quiet spell; the connection is dead after the
+        silence limit.  It sleeps until the next moment either could be due, so
+        an idle connection costs a few wake-ups a minute."""
+        timing = self.timing
+        pinged_at = -math.inf
+        while True:
+            now, last = trio.current_time(), self.stream.last_receive
+            if now - last >= timing.silence_limit_s:
+                raise ConnectionLost(f"nothing arrived from the server for {now - last:.0f} s")
+            if now - last >= timing.ws_ping_after_s and now - pinged_at >= timing.ws_ping_after_s:
+                pinged_at = now
+                tasks.start_soon(self._ws_ping)
+            await trio.sleep_until(min(last + timing.silence_limit_s, max(last, pinged_at) + timing.ws_ping_after_s))
+
+    async def _ws_ping(self) -> None:
+        with trio.move_on_after(self.timing.silence_limit_s):
+            try:
+                await self.ws.ping()
+            except (trio_websocket.ConnectionClosed, ValueError):
+                pass
+
+    async def _reader(self) -> None:
+        """The only reader: each message to its handler, in arrival order."""
+        while True:
+            try:
+                text = await self.ws.get_message()
+            except trio_websocket.ConnectionClosed as exc:
+                raise ConnectionLost(close_description(exc.reason)) from None
+            try:
+                message = decode(text)
+            except ProtocolError as exc:
+                self._on_bad_message(exc)
+                continue
+            if log.isEnabledFor(logging.DEBUG):
+                log.debug("received %s", describe_wire_text(text))
+            handler = self._handlers.get(type(message))
+            if handler is None:
+                log.warning("skipped a %s message: the server is not expected to send it", message.TYPE)
+            else:
+                await handler(message)
+
+    def _on_bad_message(self, exc: ProtocolError) -> None:
+        log.warning("skipped a bad message: %s", exc)
+        raw = exc.message or {}
+        stage_run_id = raw.get("stage_run_id")
+        if raw.get("type") != "stage.request" or not isinstance(stage_run_id, str):
+            return
+        if stage_run_id in self.daemon.stages:
+            log.warning("stage %r: a bad duplicate request was ignored", stage_run_id)
+            return
+        self._send_soon(StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}"))
+
+    def _send_soon(self, record: Record) -> None:
+        self._stages.start_soon(self.outbox.put, lambda: wire(record))
+
+    async def _on_stage_request(self, request: StageRequest) -> None:
+        daemon = self.daemon
+        if request.stage_run_id in daemon.stages:
+            log.warning("stage %r: already running; the repeated request was ignored", request.stage_run_id)
+            return
+        try:
+            prepared = daemon.prepare(request)
+        except StageRejected as exc:
+            log.info("stage %r: refused cli=%s error=%r", request.stage_run_id, request.cli, str(exc))
+            self._send_soon(StageExit(request.stage_run_id, -1, 0, str(exc)))
+            return
+        stage = StageRun(prepared, daemon)
+        daemon.stages[stage.id] = stage
+        daemon.publish_state()
+        await self._stages.start(stage.run, self.outbox)
+
+    async def _on_stage_cancel(self, cancel: StageCancel) -> None:
+        stage = self.daemon.stages.get(cancel.stage_run_id)
+        if stage is None:
+            log.info("stage %r: cancel for no running stage ignored", cancel.stage_run_id)
+            return
+        log.info("stage %r: cancelled by the server with %s", stage.id, cancel.signal)
+        grace_s = 0 if cancel.signal == "SIGKILL" else self.timing.cancel_grace_s
+        stage.stop(f"cancelled by the server ({cancel.signal})", grace_s)
+
+    async def _on_pong(self, _: Pong) -> None:
+        log.debug("pong")
 
 
 def describe_wire_text(text: Union[str, bytes]) -> str:
@@ -1952,45 +2053,197 @@ def close_description(reason: Any) -> str:
     return text + (f": {reason.reason})" if reason.reason else ")")
 
 
-def _exception_chain(exc: BaseException) -> typing.Iterator[BaseException]:
-    """`exc`, the leaves of any exception group in it, and their causes."""
-    seen: set[int] = set()
-    pending = [exc]
-    while pending:
-        current = pending.pop(0)
-        if id(current) in seen:
-            continue
-        seen.add(id(current))
-        yield current
-        pending.extend(getattr(current, "exceptions", ()))
-        pending.extend(e for e in (current.__cause__, current.__context__) if e is not None)
+##############################################################################
+# Daemon: the reconnect loop, the state file, shutdown
+##############################################################################
 
 
-def describe_connection_failure(exc: BaseException, server: str) -> str:
-    """Why a connection failed or ended, in plain words; never the token."""
-    host = urllib.parse.urlsplit(server).netloc
-    chain = list(_exception_chain(exc))
-    for current in chain:
-        if isinstance(current, trio_websocket.ConnectionRejected):
-            if current.status_code in (401, 403):
-                return (
-                    f"the server rejected the token (HTTP {current.status_code}): "
-                    "run `pgw pair CODE --server URL` again"
+@attrs.define
+class Shutdown:
+    """How hurried the daemon's end is: not asked for, asked (stages get the
+    shutdown grace), or hurried by a second signal (no grace at all)."""
+
+    requested: bool = False
+    hurried: bool = False
+
+    def stage_grace_s(self, timing: Timing) -> float:
+        return 0.0 if self.hurried else timing.shutdown_grace_s
+
+
+@attrs.define
+class LinkState:
+    """Whether pgw is connected, since when, and the last failure: what the
+    state file, `status` and the reconnect log all read."""
+
+    connected: bool = False
+    since: Optional[float] = None  # trio clock: how long the connection lasted
+    since_unix: Optional[float] = None  # for `pgw status`
+    last_error: Optional[str] = None
+
+
+class Daemon:
+    """`pgw run`: one connection at a time, reconnecting, until shut down."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        home: Path,
+        environ: Optional[typing.Mapping[str, str]] = None,
+        timing: Timing = Timing(),
+    ) -> None:
+        self.settings, self.home, self.timing = settings, home, timing
+        self.environ = dict(os.environ if environ is None else environ)
+        self.scratch_root = home / "scratch"
+        self.stages: dict[str, StageRun] = {}
+        self.slots = trio.Semaphore(settings.max_stages) if settings.max_stages > 0 else None
+        self.shutdown = Shutdown()
+        self.link = LinkState()
+        self.connection: Optional[Connection] = None
+        self._idle_scope: Optional[trio.CancelScope] = None  # connecting or backing off
+        self._state_changed = trio.Event()
+        self._started_unix = time.time()
+
+    def prepare(self, request: StageRequest) -> PreparedStage:
+        return prepare_stage(request, self.scratch_root, self.environ, self.settings.stage_env)
+
+    def capabilities(self) -> dict[str, Any]:
+        return probe_capabilities(cli_search_path(self.settings.stage_env, self.environ))
+
+    # Shutdown --------------------------------------------------------------
+
+    def request_shutdown(self) -> None:
+        """First SIGTERM/SIGINT: stop reading, stop stages with the shutdown grace, close 1001.
+        A second one: no grace, every stage is killed now."""
+        if self.shutdown.requested:
+            log.info("second signal: killing every stage now")
+            self.shutdown.hurried = True
+        else:
+            log.info("shutting down: stopping %d stage(s)", len(self.stages))
+            self.shutdown.requested = True
+            if self.connection is not None:
+                self.connection.reading.cancel()
+            elif self._idle_scope is not None:
+                self._idle_scope.cancel()
+        for stage in list(self.stages.values()):
+            stage.stop("worker shutting down", self.shutdown.stage_grace_s(self.timing))
+
+    def hurry_shutdown(self) -> None:
+        """As two signals would: shut down, killing every stage at once."""
+        if not self.shutdown.requested:
+            self.request_shutdown()
+        self.request_shutdown()
+
+    # State file ------------------------------------------------------------
+
+    def publish_state(self) -> None:
+        """Note a change for the state file; the state writer publishes it soon."""
+        self._state_changed.set()
+
+    def state(self) -> dict[str, Any]:
+        """What `pgw status` reads (the state file)."""
+        running = sum(1 for stage in self.stages.values() if stage.running)
+        return {
+            "pid": os.getpid(),
+            "started_at": iso_time(self._started_unix),
+            "server": self.settings.server,
+            "connected": self.link.connected,
+            "connected_since": iso_time(self.link.since_unix),
+            "last_error": self.link.last_error,
+            "stages_running": running,
+            "stages_queued": len(self.stages) - running,
+            "updated_at": iso_time(time.time()),
+        }
+
+    def _write_state(self, state: dict[str, Any]) -> None:
+        try:
+            write_json_atomically(self.home / STATE_FILENAME, state)
+        except OSError as exc:
+            log.debug("cannot write the state file: %s", exc)
+
+    async def _state_writer(self) -> None:
+        """At most one state file write per interval, off the event loop:
+        50 stages starting at once cost one write, not a hundred."""
+        while True:
+            await self._state_changed.wait()
+            self._state_changed = trio.Event()
+            await trio.to_thread.run_sync(self._write_state, self.state())
+            await trio.sleep(self.timing.state_write_interval_s)
+
+    # Reconnect loop --------------------------------------------------------
+
+    async def run(self) -> None:
+        """Connect, run stages, reconnect, until a shutdown is requested."""
+        await trio.to_thread.run_sync(self._empty_scratch)
+        self.publish_state()
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(self._state_writer)
+                await self._reconnect_loop()
+                nursery.cancel_scope.cancel()
+        finally:
+            self.link.connected, self.link.since_unix = False, None
+            self._write_state(self.state())
+        log.info("stopped")
+
+    def _empty_scratch(self) -> None:
+        shutil.rmtree(self.scratch_root, ignore_errors=True)
+        self.scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    async def _reconnect_loop(self) -> None:
+        backoff = Backoff(self.timing.reconnect_first_s, self.timing.reconnect_cap_s)
+        last_failure = None
+        while not self.shutdown.requested:
+            self.link.since = None
+            try:
+                with trio.CancelScope() as self._idle_scope:
+                    await self._connect()
+                failure = None
+            except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
+                failure = connection_failure(self.settings.server, exc)
+            finally:
+                self.connection = None
+                self.link.connected, self.link.since_unix = False, None
+            if self.shutdown.requested:
+                break
+            lasted = self.link.since
+            if lasted is not None and trio.current_time() - lasted >= self.timing.reconnect_reset_after_s:
+                backoff.reset()
+            delay = backoff.next_delay_s()
+            self.link.last_error = failure or self.link.last_error
+            self.publish_state()
+            if lasted is not None:
+                log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
+            elif failure != last_failure:
+                log.warning("cannot connect: %s; retrying in %.1f s", failure, delay)
+            else:
+                log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
+            last_failure = failure if lasted is None else None
+            with trio.CancelScope() as self._idle_scope:
+                await trio.sleep(delay)
+
+    async def _connect(self) -> None:
+        """One connection, from TCP to its end; every stream opened here is closed here."""
+        settings, timing = self.settings, self.timing
+        stream = await open_stream(settings.server, settings.cafile, timing.connect_timeout_s)
+        try:
+            async with trio.open_nursery() as nursery:
+                ws = await open_websocket(
+                    nursery, stream, settings, timing.connect_timeout_s,
+                    max_message_size=MESSAGE_MAX_BYTES, message_queue_size=1, receive_buffer_size=None,
                 )
-            return f"the server refused the WebSocket (HTTP {current.status_code})"
-        if isinstance(current, ConnectionLost):
-            return str(current)
-        if isinstance(current, ssl.SSLCertVerificationError):
-            return f"{host}'s TLS certificate is not trusted: {current.verify_message}"
-    for current in chain:
-        if isinstance(current, (ConnectionRefusedError, socket.gaierror, ssl.SSLError)):
-            return connection_failure(server, current)
-        if isinstance(current, trio.TooSlowError):
-            return f"{host} did not complete the connection within {CONNECT_TIMEOUT_S:g} s"
-    for current in chain:
-        if isinstance(current, OSError):
-            return connection_failure(server, current)
-    return f"{type(exc).__name__}: {exc}"
+                self.connection = Connection(self, ws, stream)
+                self.link.connected, self.link.since, self.link.since_unix = True, trio.current_time(), time.time()
+                self.publish_state()
+                log.info("connected to %s as %r", settings.server + CONNECT_PATH, settings.name)
+                try:
+                    await self.connection.serve()
+                finally:
+                    nursery.cancel_scope.cancel()
+        finally:
+            # trio-websocket leaves the socket open when a handshake is
+            # rejected or the peer resets: a reconnect loop running for
+            # weeks must close every stream it opened itself.
+            await trio.aclose_forcefully(stream)
 
 
 ##############################################################################
@@ -2044,8 +2297,8 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     return path
 
 
-async def run_until_signalled(worker: Worker) -> None:
-    """Run the worker; SIGTERM/SIGINT stop it (twice: at once), SIGHUP is ignored."""
+async def run_until_signalled(daemon: Daemon) -> None:
+    """Run the daemon; SIGTERM/SIGINT stop it (twice: at once), SIGHUP is ignored."""
     wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     with trio.open_signal_receiver(*wanted) as signals:
         async with trio.open_nursery() as nursery:
@@ -2056,10 +2309,10 @@ async def run_until_signalled(worker: Worker) -> None:
                         log.info("SIGHUP ignored: pgw stops on SIGTERM or SIGINT")
                     else:
                         log.info("received %s", signal.Signals(signum).name)
-                        worker.request_shutdown()
+                        daemon.request_shutdown()
 
             nursery.start_soon(watch_signals)
-            await worker.run()
+            await daemon.run()
             nursery.cancel_scope.cancel()
 
 
@@ -2157,56 +2410,54 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
     return checks
 
 
-async def network_checks(settings: Settings) -> list[Check]:
+async def network_checks(settings: Settings, timing: Timing = Timing()) -> list[Check]:
     """DNS, TCP, TLS and the WebSocket handshake with the stored token; nothing is started."""
     parsed = urllib.parse.urlsplit(settings.server)
     host, secure = parsed.hostname or "", parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
+    timeout_s = timing.connect_timeout_s
     checks: list[Check] = []
     try:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
+        with trio.fail_after(timeout_s):
             addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
         checks.append(Check("dns", "PASS", f"{host} is {addresses[0][4][0]}"))
     except (OSError, trio.TooSlowError) as exc:
         return checks + [Check("dns", "FAIL", connection_failure(settings.server, exc))]
     try:
-        with trio.fail_after(CONNECT_TIMEOUT_S):
+        with trio.fail_after(timeout_s):
             stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
         checks.append(Check("tcp", "PASS", f"connected to {host}:{port}"))
     except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("tcp", "FAIL", describe_connection_failure(exc, settings.server))]
+        return checks + [Check("tcp", "FAIL", connection_failure(settings.server, exc))]
     try:
         if secure:
             try:
                 stream = trio.SSLStream(stream, make_ssl_context(settings.cafile), server_hostname=host, https_compatible=True)
-                with trio.fail_after(CONNECT_TIMEOUT_S):
+                with trio.fail_after(timeout_s):
                     await stream.do_handshake()
                 checks.append(Check("tls", "PASS", f"certificate of {host} trusted" + (f" (CA file {settings.cafile})" if settings.cafile else "")))
             except (OSError, trio.BrokenResourceError, trio.TooSlowError, ConfigError) as exc:
-                detail = str(exc) if isinstance(exc, ConfigError) else describe_connection_failure(exc, settings.server)
+                detail = str(exc) if isinstance(exc, ConfigError) else connection_failure(settings.server, exc)
                 if "certificate" in detail and not settings.cafile:
                     detail += "; if the server uses an internal CA: `pgw config set cafile FILE`"
                 return checks + [Check("tls", "FAIL", detail)]
-        checks.append(await _websocket_check(stream, settings, parsed))
+        checks.append(await _websocket_check(stream, settings, timeout_s))
     finally:
         await trio.aclose_forcefully(stream)
     return checks
 
 
-async def _websocket_check(stream: trio.abc.Stream, settings: Settings, parsed: urllib.parse.SplitResult) -> Check:
+async def _websocket_check(stream: trio.abc.Stream, settings: Settings, timeout_s: float) -> Check:
     if not settings.token:
         return Check("websocket", "FAIL", "not paired: no token to present")
-    resource = urllib.parse.urlsplit(websocket_url(settings.server, settings.token))
     try:
         async with trio.open_nursery() as nursery:
-            with trio.fail_after(CONNECT_TIMEOUT_S):
-                ws = await trio_websocket.wrap_client_stream(
-                    nursery, stream, parsed.netloc, f"{resource.path}?{resource.query}"
-                )
+            ws = await open_websocket(nursery, stream, settings, timeout_s)
+            with trio.fail_after(timeout_s):
                 await ws.aclose(1000, "pgw doctor")
             nursery.cancel_scope.cancel()
     except Exception as exc:  # noqa: BLE001 - every failure is reported as a FAIL line
-        return Check("websocket", "FAIL", describe_connection_failure(exc, settings.server))
+        return Check("websocket", "FAIL", connection_failure(settings.server, exc))
     return Check("websocket", "PASS", "the server accepted the token")
 
 
@@ -2235,6 +2486,16 @@ elif mode == "sleep":
 """
 
 
+class SelftestFailure(PgwError):
+    """A selftest step whose outcome is not what it must be."""
+
+
+def require(condition: bool, failure: str) -> None:
+    """A selftest check that `python -O` keeps (it drops `assert`)."""
+    if not condition:
+        raise SelftestFailure(failure)
+
+
 class SelftestBackend:
     """Just enough of the prove-graph backend to drive one worker."""
 
@@ -2255,7 +2516,8 @@ class SelftestBackend:
             pass
 
     async def send(self, message: dict[str, Any]) -> None:
-        assert self.connection is not None
+        if self.connection is None:
+            raise SelftestFailure("the worker never connected")
         await self.connection.send_message(json.dumps(message))
 
     async def wait_for(self, kind: str, stage_run_id: Optional[str] = None) -> dict[str, Any]:
@@ -2308,7 +2570,7 @@ async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None])
             passed = True
         except trio.TooSlowError:
             passed, detail = False, f"no answer within {SELFTEST_STEP_TIMEOUT_S:g} s"
-        except (AssertionError, PgwError, OSError) as exc:
+        except (PgwError, OSError) as exc:
             passed, detail = False, str(exc) or type(exc).__name__
         say(name, passed, detail)
         results.append(passed)
@@ -2326,19 +2588,16 @@ async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None])
                 pairing = await trio.to_thread.run_sync(request_pairing, pair_url, body)
                 write_config(home / CONFIG_FILENAME, {"server": server_url, **pairing})
                 mode = stat.S_IMODE((home / CONFIG_FILENAME).stat().st_mode)
-                assert mode == 0o600, f"config.json is mode {mode:o}, not 600"
+                require(mode == 0o600, f"config.json is mode {mode:o}, not 600")
                 return f"paired with a loopback server; config.json mode 600 in {home}"
 
             async def connect() -> str:
                 config = read_config(home / CONFIG_FILENAME)
-                options = WorkerOptions(
-                    server=server_url, token=config["token"], name="selftest", home=home,
-                    environ={**os.environ, "PATH": str(bin_dir)},
-                )
-                nursery.start_soon(Worker(options).run)
+                settings = Settings(server=server_url, token=config["token"], name="selftest")
+                nursery.start_soon(Daemon(settings, home, environ={**os.environ, "PATH": str(bin_dir)}).run)
                 hello = await backend.wait_for("hello")
                 found = [key for key in ("claude_code", "codex", "deepseek_tui") if hello["capabilities"][key]["available"]]
-                assert len(found) == 3, f"stub CLIs not found: {hello['capabilities']}"
+                require(len(found) == 3, f"stub CLIs not found: {hello['capabilities']}")
                 return "`pgw run` connected and said hello with 3 CLIs"
 
             async def echo() -> str:
@@ -2346,7 +2605,7 @@ async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None])
                                     "cli": "claude", "cli_args": ["echo"], "stdin": "héllo ✓"})
                 end = await backend.wait_for("stage.exit", "echo")
                 text, _ = backend.output("echo")
-                assert end["returncode"] == 0 and text == "echo: héllo ✓", f"got {text!r}, exit {end}"
+                require(end["returncode"] == 0 and text == "echo: héllo ✓", f"got {text!r}, exit {end}")
                 return "the prompt went in on stdin and came back"
 
             async def stream() -> str:
@@ -2355,8 +2614,8 @@ async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None])
                                     "cli": "codex", "cli_args": ["stream"], "stdin": ""})
                 end = await backend.wait_for("stage.exit", "stream")
                 text, seqs = backend.output("stream")
-                assert end["returncode"] == 0 and len(text) == SELFTEST_STREAM_BYTES, f"{len(text)} bytes arrived"
-                assert seqs == list(range(1, len(seqs) + 1)), "frames out of order"
+                require(end["returncode"] == 0 and len(text) == SELFTEST_STREAM_BYTES, f"{len(text)} bytes arrived")
+                require(seqs == list(range(1, len(seqs) + 1)), "frames out of order")
                 elapsed = trio.current_time() - started
                 return f"{SELFTEST_STREAM_BYTES // 2**20} MiB in {len(seqs)} frames, {SELFTEST_STREAM_BYTES / 2**20 / elapsed:.0f} MiB/s"
 
@@ -2367,28 +2626,28 @@ async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None])
                 await backend.wait_for("stage.stdout", "cancel")
                 await backend.send({"type": "stage.cancel", "stage_run_id": "cancel", "signal": "SIGTERM"})
                 end = await backend.wait_for("stage.exit", "cancel")
-                assert end["returncode"] == -signal.SIGTERM, f"exit {end}"
+                require(end["returncode"] == -signal.SIGTERM, f"exit {end}")
                 try:
                     os.killpg(pid, 0)
                     alive = sys.platform != "linux" or _group_has_live_member(pid)
                 except ProcessLookupError:
                     alive = False
-                assert not alive, f"process group {pid} survived the cancel"
+                require(not alive, f"process group {pid} survived the cancel")
                 return "SIGTERM reached the stage's process group; nothing left running"
 
             async def timeout() -> str:
                 await backend.send({"type": "stage.request", "stage_run_id": "timeout", "job_id": "selftest",
                                     "cli": "claude", "cli_args": ["sleep"], "stdin": "", "timeout_s": 1})
                 end = await backend.wait_for("stage.exit", "timeout")
-                assert end["error"] == "timed out after 1 s", f"exit {end}"
+                require(end["error"] == "timed out after 1 s", f"exit {end}")
                 return "a 1 s timeout stopped the stage"
 
             async def bad_request() -> str:
                 await backend.send({"type": "stage.request", "stage_run_id": "bad", "job_id": "selftest",
                                     "cli": "claude", "cli_args": [], "stdin": "", "files": {"../escape": "aGk="}})
                 end = await backend.wait_for("stage.exit", "bad")
-                assert end["returncode"] == -1 and "unsafe file path" in (end["error"] or ""), f"exit {end}"
-                assert not (home / "escape").exists(), "a file was written outside the scratch dir"
+                require(end["returncode"] == -1 and "unsafe file path" in (end["error"] or ""), f"exit {end}")
+                require(not (home / "escape").exists(), "a file was written outside the scratch dir")
                 return "an unsafe file path was refused with an error exit"
 
             for name, body in (("pair", pair), ("connect", connect), ("echo", echo), ("stream", stream),
@@ -2619,16 +2878,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
         make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw: %s", old)
-    options = WorkerOptions(
-        server=settings.server,
-        token=settings.token,
-        name=settings.name,
-        home=home,
-        max_stages=settings.max_stages,
-        stage_env=settings.stage_env,
-        cafile=settings.cafile,
-    )
-    trio.run(run_until_signalled, Worker(options))
+    trio.run(run_until_signalled, Daemon(settings, home))
     return 0
 
 

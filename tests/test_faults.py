@@ -7,8 +7,8 @@ setsid escapees: every process of the stage carries `PGW_STAGE_ID=<id>` in
 its environment, so the checks here scan /proc for it), remove its scratch
 dir, and keep serving. Children are real processes: stub CLIs on a PATH fixture.
 
-Most tests run pgw's Worker in-process against the in-process backend, with
-pgw's timing constants shortened by monkeypatch. Where the process itself is
+Most tests run pgw's Daemon in-process against the in-process backend, with
+a pgw.Timing of shorter waits. Where the process itself is
 the point (memory, signals, SIGKILL, limits) pgw runs as a separate process:
 the built `pgw.pyz` where a user would run it, else `python pgw.py`.
 """
@@ -97,6 +97,13 @@ async def assert_nothing_left(stage_run_id: str, pgid: int | None, home: Path, w
         assert live_group_members(pgid) == [], f"stage {stage_run_id}: process group {pgid} survived"
     assert tagged_processes(stage_run_id) == [], f"stage {stage_run_id}: tagged processes survived"
     assert not (home / "scratch" / stage_run_id).exists(), f"stage {stage_run_id}: scratch dir left"
+
+
+async def assert_group_gone_within(pgid: int, within_s: float = 2.0) -> None:
+    with trio.move_on_after(within_s):
+        while live_group_members(pgid):
+            await trio.sleep(0.05)
+    assert live_group_members(pgid) == [], f"process group {pgid} survived"
 
 
 async def assert_dead(pid: int, within_s: float = 2.0) -> None:
@@ -261,14 +268,14 @@ async def break_connection(how: str, connection: BackendConnection, proxy) -> No
 
 
 @pytest.mark.parametrize("how", ["close-1000", "close-1011", "abort", "proxy-reset"])
-async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp_path, environ, stub_bin, monkeypatch, how):
-    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
+async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp_path, environ, stub_bin, how):
+    timing = pgw.Timing(cancel_grace_s=1.0)
     write_fault_stubs(stub_bin)
     home = tmp_path / "home"
     stages = {unique("stream-1"): "claude", unique("stream-2"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(20):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
-            async with running_worker(backend, home, environ, server=proxy.url):
+            async with running_worker(backend, home, environ, server=proxy.url, timing=timing):
                 first = await backend.next_connection()
                 await first.receive("hello")
                 pgids = await start_streaming(first, stages)
@@ -289,15 +296,15 @@ async def test_connection_broken_mid_stream_kills_every_stage_and_reconnects(tmp
     assert not any(m.get("stage_run_id") in stages for m in second.received), "an old stage spoke on the new connection"
 
 
-async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin, monkeypatch):
+async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin):
     """The backend goes away (1001) and a new one comes up behind the same address."""
-    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
+    timing = pgw.Timing(cancel_grace_s=1.0)
     write_fault_stubs(stub_bin)
     home = tmp_path / "home"
     stages = {unique("stream"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(30):
         async with open_backend() as old, open_proxy(old.port) as proxy:
-            async with running_worker(old, home, environ, server=proxy.url):
+            async with running_worker(old, home, environ, server=proxy.url, timing=timing):
                 connection = await old.next_connection()
                 await connection.receive("hello")
                 pgids = await start_streaming(connection, stages)
@@ -321,16 +328,14 @@ async def test_backend_restart_while_stages_run(tmp_path, environ, stub_bin, mon
     assert after.returncode == 0 and after.stdout == "quick\n"
 
 
-async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_path, environ, stub_bin, monkeypatch):
-    monkeypatch.setattr(pgw, "SILENCE_LIMIT_S", 3.0)
-    monkeypatch.setattr(pgw, "WS_PING_INTERVAL_S", 1.0)
-    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
+async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_path, environ, stub_bin):
+    timing = pgw.Timing(silence_limit_s=3.0, ws_ping_after_s=1.0, cancel_grace_s=1.0)
     write_fault_stubs(stub_bin)
     home = tmp_path / "home"
     stages = {unique("stream"): "claude", unique("stubborn"): "codex"}
     with trio.fail_after(30):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
-            async with running_worker(backend, home, environ, server=proxy.url):
+            async with running_worker(backend, home, environ, server=proxy.url, timing=timing):
                 first = await backend.next_connection()
                 await first.receive("hello")
                 pgids = await start_streaming(first, stages)
@@ -475,9 +480,8 @@ MISBEHAVIOURS = {
 
 
 @pytest.mark.parametrize("case", MISBEHAVIOURS, ids=list(MISBEHAVIOURS))
-async def test_misbehaving_child_ends_with_one_exit_and_leaves_nothing(tmp_path, environ, stub_bin, monkeypatch, case):
+async def test_misbehaving_child_ends_with_one_exit_and_leaves_nothing(tmp_path, environ, stub_bin, case):
     behaviour = MISBEHAVIOURS[case]
-    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
     write_stub_cli(stub_bin, "claude", behaviour.script)
     write_stub_cli(stub_bin, "codex", QUICK)
     home = tmp_path / "home"
@@ -485,7 +489,7 @@ async def test_misbehaving_child_ends_with_one_exit_and_leaves_nothing(tmp_path,
     leftovers: list[int] = []
     s1 = unique("s1")
     with trio.fail_after(40):
-        async with connected(tmp_path, environ) as (_, _, connection):
+        async with connected(tmp_path, environ, timing=pgw.Timing(cancel_grace_s=1.0)) as (_, _, connection):
             try:
                 started = trio.current_time()
                 await connection.send(request(s1, stdin=behaviour.stdin, **timeout))
@@ -649,7 +653,8 @@ time.sleep(60)
 
 
 async def test_sigkilled_daemon_leaves_nothing_once_restarted(tmp_path, stub_bin, pyz_pgw):
-    """Extends test_unattended's case: several stages, grandchildren and setsid escapees, the pyz."""
+    """Extends test_unattended's case: several stages, grandchildren and setsid escapees, the pyz:
+    nothing outlives the SIGKILLed daemon, and its restart empties scratch/."""
     write_stub_cli(stub_bin, "claude", TREE_WITH_ESCAPEE)
     home = tmp_path / "home"
     stages = tuple(unique(f"orphan-{n}") for n in range(3))
@@ -668,16 +673,17 @@ async def test_sigkilled_daemon_leaves_nothing_once_restarted(tmp_path, stub_bin
                         escapees.append(int(first_line))
                     daemon.kill()
                     await daemon.wait()
-                assert all(live_group_members(pgid) for pgid in pgids), "precondition: the stages outlive a SIGKILL"
-                assert all(is_alive(pid) for pid in escapees)
+                # Each stage root sees pgw go (its command pipe closes) and kills its stage.
+                for pgid in pgids:
+                    await assert_group_gone_within(pgid)
+                for pid in escapees:
+                    await assert_dead(pid)
                 assert sorted(p.name for p in (home / "scratch").iterdir()) == sorted(stages)
                 async with pgw_daemon(pyz_pgw, home, stub_bin, server=backend.url, token=backend.token):
                     again = await backend.next_connection()
                     await again.receive("hello")
                     for stage_run_id, pgid in zip(stages, pgids):
                         await assert_nothing_left(stage_run_id, pgid, home)
-                    for pid in escapees:
-                        await assert_dead(pid)
                     assert list((home / "scratch").iterdir()) == []
             finally:
                 kill_groups(pgids)

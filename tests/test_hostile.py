@@ -664,7 +664,7 @@ async def test_the_token_never_leaves_the_config(tmp_path, stub_bin, pyz_pgw):
     environ_seen = json.loads(dump.stdout)
     # Not vacuous: the log has the -v frame lines, the loss, the 403 and a refused request.
     log_text = captured["run.log"]
-    for expected in ("HTTP 403", "stage env-dump: started", "received stage.request env-dump", "disconnected",
+    for expected in ("HTTP 403", "stage 'env-dump': started", "received stage.request env-dump", "disconnected",
                      "is not a valid environment variable"):
         assert expected in log_text, expected
     assert environ_seen["environ"]["PGW_STAGE_ID"] == "env-dump" and environ_seen["environ"]["EXTRA"] == "1"

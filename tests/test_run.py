@@ -69,12 +69,11 @@ def environ(stub_bin):
 
 
 @asynccontextmanager
-async def running_worker(backend: Backend, home: Path, environ: dict, server: str | None = None, **options):
-    worker = pgw.Worker(
-        pgw.WorkerOptions(
-            server=server or backend.url, token=backend.token, name="test-box", home=home, environ=environ, **options
-        )
-    )
+async def running_worker(
+    backend: Backend, home: Path, environ: dict, server: str | None = None, timing: pgw.Timing = pgw.Timing(), **settings
+):
+    settings = pgw.Settings(server=server or backend.url, token=backend.token, name="test-box", **settings)
+    worker = pgw.Daemon(settings, home, environ=environ, timing=timing)
     async with trio.open_nursery() as nursery:
         nursery.start_soon(worker.run)
         try:
@@ -86,7 +85,8 @@ async def running_worker(backend: Backend, home: Path, environ: dict, server: st
 
 @asynccontextmanager
 async def connected(tmp_path, environ, **options):
-    """A backend, a worker connected to it, and the backend's side of that connection."""
+    """A backend, a worker connected to it, and the backend's side of that connection;
+    `options` are running_worker's (a Timing, settings)."""
     async with open_backend() as backend:
         async with running_worker(backend, tmp_path / "home", environ, **options) as worker:
             connection = await backend.next_connection()
@@ -146,7 +146,7 @@ async def test_refused_port_is_logged_once_in_plain_words(tmp_path, environ, cap
         async with open_backend() as backend:
             port = backend.port
         server = f"http://127.0.0.1:{port}"
-        worker = pgw.Worker(pgw.WorkerOptions(server=server, token="t", name="n", home=tmp_path / "h", environ=environ))
+        worker = pgw.Daemon(pgw.Settings(server=server, token="t", name="n"), tmp_path / "h", environ=environ)
         async with trio.open_nursery() as nursery:
             nursery.start_soon(worker.run)
             await trio.sleep(2.0)  # two or three attempts: 0.5-1 s, then 1-2 s
@@ -166,12 +166,11 @@ async def test_server_close_is_followed_by_a_reconnect(tmp_path, environ, code):
             assert trio.current_time() - started < 1.5
 
 
-async def test_silent_path_is_replaced_within_the_silence_limit(tmp_path, environ, monkeypatch):
-    monkeypatch.setattr(pgw, "SILENCE_LIMIT_S", 3.0)
-    monkeypatch.setattr(pgw, "WS_PING_INTERVAL_S", 1.0)
+async def test_silent_path_is_replaced_within_the_silence_limit(tmp_path, environ):
+    timing = pgw.Timing(silence_limit_s=3.0, ws_ping_after_s=1.0)
     with trio.fail_after(15):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
-            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
+            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url, timing=timing):
                 first = await backend.next_connection()
                 await first.receive("hello")
                 proxy.go_silent(new_connections=False)
@@ -181,14 +180,13 @@ async def test_silent_path_is_replaced_within_the_silence_limit(tmp_path, enviro
                 assert trio.current_time() - started < 3.0 + 1.0 + 1.5
 
 
-async def test_slow_but_live_link_is_not_dropped(tmp_path, environ, stub_bin, monkeypatch):
-    monkeypatch.setattr(pgw, "SILENCE_LIMIT_S", 2.0)
-    monkeypatch.setattr(pgw, "WS_PING_INTERVAL_S", 0.5)
+async def test_slow_but_live_link_is_not_dropped(tmp_path, environ, stub_bin):
+    timing = pgw.Timing(silence_limit_s=2.0, ws_ping_after_s=0.5)
     write_stub_cli(stub_bin, "claude", "import os; print(os.path.getsize('big.bin'))")
     payload = base64.b64encode(os.urandom(900_000)).decode()  # 1.2 MB on the wire
     with trio.fail_after(20):
         async with open_backend() as backend, open_proxy(backend.port) as proxy:
-            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
+            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url, timing=timing):
                 connection = await backend.next_connection()
                 await connection.receive("hello")
                 proxy.throttle(300_000)  # 4 s for the request: twice the silence limit
@@ -372,11 +370,10 @@ async def test_repeated_request_for_a_running_stage_is_ignored(tmp_path, environ
     assert mine.count("stage.ack") == 1 and mine.count("stage.exit") == 1
 
 
-async def test_cancel_sigterm_kills_the_group_after_the_grace(tmp_path, environ, stub_bin, monkeypatch):
-    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 1.0)
+async def test_cancel_sigterm_kills_the_group_after_the_grace(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
     with trio.fail_after(10):
-        async with connected(tmp_path, environ) as (_, _, connection):
+        async with connected(tmp_path, environ, timing=pgw.Timing(cancel_grace_s=1.0)) as (_, _, connection):
             await connection.send(request("s1"))
             pid = await wait_ready(connection, "s1")
             started = trio.current_time()
@@ -457,11 +454,10 @@ time.sleep(60)
 """
 
 
-async def test_timeout_kills_a_child_that_closed_its_pipes_and_lingers(tmp_path, environ, stub_bin, monkeypatch):
-    monkeypatch.setattr(pgw, "CANCEL_GRACE_S", 0.5)
+async def test_timeout_kills_a_child_that_closed_its_pipes_and_lingers(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", LINGERS_WITHOUT_PIPES)
     with trio.fail_after(10):
-        async with connected(tmp_path, environ) as (_, _, connection):
+        async with connected(tmp_path, environ, timing=pgw.Timing(cancel_grace_s=0.5)) as (_, _, connection):
             await connection.send(request("s1", timeout_s=3))  # room for a slow start under load
             pgid = await wait_ready(connection, "s1")
             result = await connection.stage_result("s1")
@@ -616,7 +612,7 @@ async def test_sigterm_mid_stage_sends_exits_closes_1001_and_leaves_nothing(tmp_
     assert connection.close_code == 1001
     assert 4.5 <= elapsed < 10, "SIGTERM, a 5 s grace, SIGKILL"
     log_text = (home / "run.log").read_text()
-    assert "stage polite: started cli=claude" in log_text and "stage stubborn: ended cli=codex" in log_text
+    assert "stage 'polite': started cli=claude" in log_text and "stage 'stubborn': ended cli=codex" in log_text
     assert backend.token not in log_text
 
 
@@ -650,17 +646,16 @@ def test_run_rejects_a_negative_max_stages(capsys, pgw_home):
 
 
 @pytest.mark.filterwarnings("error")  # an unclosed socket's ResourceWarning fails the test
-async def test_failed_attempts_leave_no_open_sockets(tmp_path, environ, monkeypatch):
-    monkeypatch.setattr(pgw, "RECONNECT_FIRST_S", 0.01)
-    monkeypatch.setattr(pgw, "RECONNECT_CAP_S", 0.02)
+async def test_failed_attempts_leave_no_open_sockets(tmp_path, environ):
+    timing = pgw.Timing(reconnect_first_s=0.01, reconnect_cap_s=0.02)
     with trio.fail_after(20):
         async with open_backend() as backend:
             backend.reject_next(403, count=5)
-            async with running_worker(backend, tmp_path / "home", environ):
+            async with running_worker(backend, tmp_path / "home", environ, timing=timing):
                 await backend.next_connection()  # one warm-up: trio's own fds exist now
             before = len(os.listdir("/proc/self/fd"))
             backend.reject_next(403, count=30)
-            async with running_worker(backend, tmp_path / "home", environ):
+            async with running_worker(backend, tmp_path / "home", environ, timing=timing):
                 second = await backend.next_connection()
                 await second.abort()
                 await backend.next_connection()

@@ -112,10 +112,10 @@ def test_stage_ids_that_cannot_name_a_directory(stage_run_id):
         pgw.check_stage_id(stage_run_id)
 
 
-def test_stage_environment_drops_pgw_settings_and_tags_the_stage():
+def test_stage_environment_drops_pgw_settings_and_names_the_stage():
     worker = {"PATH": "/bin", "PGW_TOKEN": "secret", "PGW_SERVER": "http://s", "HOME": "/h"}
-    environ = pgw.stage_environment(worker, {"HOME": "/other", "X": "1", "PGW_STAGE_TAG": "forged"}, "run-7", "t-1")
-    assert environ == {"PATH": "/bin", "HOME": "/other", "X": "1", "PGW_STAGE_ID": "run-7", "PGW_STAGE_TAG": "t-1"}
+    environ = pgw.stage_environment(worker, {"HOME": "/other", "X": "1", "PGW_STAGE_ID": "forged"}, "run-7")
+    assert environ == {"PATH": "/bin", "HOME": "/other", "X": "1", "PGW_STAGE_ID": "run-7"}
 
 
 # Codex trace -----------------------------------------------------------------

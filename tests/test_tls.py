@@ -110,8 +110,8 @@ async def _closed_port():
 async def test_worker_connects_through_an_internal_ca(certificate, tmp_path):
     with trio.fail_after(10):
         async with tls_backend(certificate) as (url, accepted):
-            options = pgw.WorkerOptions(server=url, token="tok-tls", name="n", home=tmp_path / "h", cafile=str(certificate[0]))
-            worker = pgw.Worker(options)
+            settings = pgw.Settings(server=url, token="tok-tls", name="n", cafile=str(certificate[0]))
+            worker = pgw.Daemon(settings, tmp_path / "h")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(worker.run)
                 while not accepted:
@@ -123,7 +123,7 @@ async def test_untrusted_certificate_is_logged_in_plain_words_at_once(certificat
     caplog.set_level(logging.INFO, logger="pgw")
     with trio.fail_after(10):
         async with tls_backend(certificate) as (url, _):
-            worker = pgw.Worker(pgw.WorkerOptions(server=url, token="tok-tls", name="n", home=tmp_path / "h"))
+            worker = pgw.Daemon(pgw.Settings(server=url, token="tok-tls", name="n"), tmp_path / "h")
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(worker.run)
                 started = trio.current_time()
