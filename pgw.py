@@ -974,10 +974,43 @@ def probe_cli_versions(capabilities: dict[str, Any]) -> dict[str, tuple[Optional
 ##############################################################################
 
 
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """Turn a redirect into an HTTPError: the URL to pair with, and to save,
+    is the one that answers, so the user has to be told the new one."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
 def request_pairing(
-    server: str, body: dict[str, Any], timeout_s: float = PAIR_TIMEOUT_S, cafile: Optional[str] = None
+    server: str,
+    body: dict[str, Any],
+    timeout_s: float = PAIR_TIMEOUT_S,
+    cafile: Optional[str] = None,
+    server_is_default: bool = False,
 ) -> dict[str, str]:
-    """POST pair-confirm; the server's {worker_id, token}, or PairingError."""
+    """POST pair-confirm; the server's {worker_id, token}, or PairingError.
+
+    `server_is_default`: no --server, PGW_SERVER or config server was given,
+    so a server that cannot be reached most likely means a missing flag.
+    """
+    import http.client
+
+    def unreachable(reason: Any) -> PairingError:
+        if isinstance(reason, (ConnectionResetError, http.client.HTTPException)):
+            # Something listens there but does not speak HTTP (an SSH banner,
+            # a database): it hung up, or its answer is not an HTTP one.
+            return PairingError(
+                f"pairing failed: {server} did not answer in HTTP: is this the web address of the prove-graph server?"
+            )
+        if server_is_default:
+            what = "connection refused" if isinstance(reason, ConnectionRefusedError) else connection_failure(server, reason)
+            return PairingError(f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})")
+        return PairingError(f"pairing failed: {connection_failure(server, reason)}")
+
     request = urllib.request.Request(
         server + PAIR_PATH,
         data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
@@ -986,17 +1019,20 @@ def request_pairing(
     )
     try:
         context = make_ssl_context(cafile) if server.startswith("https:") else None
-        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+        opener = urllib.request.build_opener(_RefuseRedirect, urllib.request.HTTPSHandler(context=context))
+        with opener.open(request, timeout=timeout_s) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code in REDIRECT_STATUSES and exc.headers.get("Location"):
+            raise PairingError(redirect_failure(server, exc.code, exc.headers["Location"])) from None
         message = server_message(exc.read()) or exc.reason
         raise PairingError(f"pairing failed: {server} answered {exc.code}: {message}") from None
     except urllib.error.URLError as exc:
-        raise PairingError(f"pairing failed: {connection_failure(server, exc.reason)}") from None
+        raise unreachable(exc.reason) from None
     except (socket.timeout, TimeoutError):
         raise PairingError(f"pairing failed: {server} gave no answer within {timeout_s:g} s") from None
-    except OSError as exc:
-        raise PairingError(f"pairing failed: {connection_failure(server, exc)}") from None
+    except (http.client.HTTPException, OSError) as exc:
+        raise unreachable(exc) from None
     try:
         pairing = json.loads(answer)
     except ValueError:
@@ -1014,6 +1050,23 @@ def request_pairing(
     return {"worker_id": pairing["worker_id"], "token": pairing["token"]}
 
 
+def redirect_failure(server: str, status: int, location: str) -> str:
+    """A redirect in words, with the --server that pairs without one.
+
+    Following it would pair, but save the old URL, on which `run` then fails.
+    """
+    target = urllib.parse.urljoin(server + PAIR_PATH, location)
+    parsed = urllib.parse.urlsplit(target)
+    base = parsed.path[: -len(PAIR_PATH)] if parsed.path.endswith(PAIR_PATH) else ""
+    suggested = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", "")).rstrip("/")
+    return f"pairing failed: {server} redirects ({status}) to {target}: pair with --server {suggested}"
+
+
+# What OpenSSL 3.0 (and 3.2 on) says when the first bytes back are not a
+# TLS record, as when an https:// URL names a plain-HTTP port.
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
+
+
 def connection_failure(server: str, reason: Any) -> str:
     """A network failure in plain words, naming the likely cause."""
     host = urllib.parse.urlsplit(server).netloc
@@ -1023,6 +1076,8 @@ def connection_failure(server: str, reason: Any) -> str:
         return f"cannot resolve {host!r}: check the server name and the network"
     if isinstance(reason, ssl.SSLCertVerificationError):
         return f"{host}'s TLS certificate is not trusted: {reason.verify_message}"
+    if isinstance(reason, ssl.SSLError) and reason.reason in NOT_TLS_REASONS:
+        return f"{host} does not speak TLS: if the server speaks plain HTTP, try http://{host}"
     if isinstance(reason, ssl.SSLError):
         return f"TLS with {host} failed: {reason.reason or reason}"
     if isinstance(reason, (socket.timeout, TimeoutError)):
@@ -2586,14 +2641,19 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         "machine_name": settings.name,
         "capabilities": probe_capabilities(),
     }
+    server_is_default = not (args.server or os.environ.get(ENV_SERVER) or config.get("server"))
     pairing = trio.run(
         functools.partial(
             trio.to_thread.run_sync,
-            functools.partial(request_pairing, settings.server, body, cafile=settings.cafile),
+            functools.partial(
+                request_pairing, settings.server, body, cafile=settings.cafile, server_is_default=server_is_default
+            ),
             abandon_on_cancel=True,
         )
     )
-    write_config(path, {**config, "server": settings.server, **pairing})
+    # The name given here is the one the server shows: `run` says hello with it too.
+    named = {"name": args.name} if args.name else {}
+    write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {pairing['worker_id']} with {settings.server}; config saved to {path}")
     return 0
 

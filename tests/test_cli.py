@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import socket
 import stat
+import threading
 import time
 
 import pytest
@@ -62,6 +64,7 @@ def test_pair_name_flag_beats_environment(capsys, pgw_home, pair_server, monkeyp
     assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "from-flag")[0] == 0
     monkeypatch.delenv("PGW_NAME")
     monkeypatch.setattr(pgw, "_machine_name", lambda: "")
+    (pgw_home / "config.json").unlink()  # it saved the flag's name, which would win now
     assert run(capsys, "pair", "C", "--server", pair_server.url)[0] == 0
     assert [r["machine_name"] for r in pair_server.requests] == ["from-flag", "local-worker"]
 
@@ -113,6 +116,95 @@ def test_pair_unknown_host_is_one_line(capsys, pgw_home):
     status, _, err = run(capsys, "pair", "C", "--server", "http://no-such-host.invalid")
     assert status == 1
     assert_one_line_error(err, "pairing failed")
+
+
+def test_pair_without_server_says_the_flag_is_missing(capsys, pgw_home, monkeypatch):
+    default = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(pgw, "DEFAULT_SERVER", default)  # the real default may be taken on a shared host
+    status, _, err = run(capsys, "pair", "C")
+    assert status == 1
+    assert_one_line_error(err, "no server given: pass --server URL", f"tried the default {default}", "connection refused")
+    assert not (pgw_home / "config.json").exists()
+
+
+def test_pair_with_server_in_config_does_not_blame_a_missing_flag(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", {"server": f"http://127.0.0.1:{free_port()}"})
+    _, _, err = run(capsys, "pair", "C")
+    assert_one_line_error(err, "refused the connection")
+    assert "no server given" not in err
+
+
+@contextlib.contextmanager
+def banner_server(banner: bytes, hang: bool):
+    """A TCP server on 127.0.0.1:0 that writes `banner` to each client, then
+    closes or (hang) keeps the connection open without another byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held = []
+
+    def serve():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            client.sendall(banner)
+            held.append(client) if hang else client.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for client in held:
+            client.close()
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["closes", "hangs"])
+def test_pair_with_a_port_that_does_not_speak_http_is_one_line(capsys, pgw_home, hang):
+    with banner_server(b"SSH-2.0-OpenSSH_9.6\r\n", hang) as port:
+        started = time.monotonic()
+        status, _, err = run(capsys, "pair", "C", "--server", f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    assert status == 1
+    assert_one_line_error(err, "did not answer in HTTP", "is this the web address of the prove-graph server?")
+
+
+def test_pair_over_https_with_a_plain_http_server_suggests_http(capsys, pgw_home, pair_server):
+    host = pair_server.url.split("//")[1]
+    status, _, err = run(capsys, "pair", "C", "--server", f"https://{host}")
+    assert status == 1
+    assert_one_line_error(err, "does not speak TLS", f"try http://{host}")
+    assert pair_server.requests == []
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_pair_refuses_a_redirect_and_names_the_server_to_use(capsys, pgw_home, pair_server, code):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    pair_server.reply(code, b"", {"Location": "https://pg.example/app/api/local-worker/pair-confirm"})
+    status, out, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert status == 1 and out == ""
+    assert_one_line_error(
+        err, f"redirects ({code}) to https://pg.example/app/api/local-worker/pair-confirm", "pair with --server https://pg.example/app"
+    )
+    assert len(pair_server.requests) == 1, "the redirect must not be followed"
+    assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
+
+
+def test_pair_redirect_to_a_relative_location_names_the_same_host(capsys, pgw_home, pair_server):
+    pair_server.reply(301, b"", {"Location": "/login"})
+    _, _, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert_one_line_error(err, f"redirects (301) to {pair_server.url}/login", f"pair with --server {pair_server.url}")
+
+
+def test_pair_saves_the_name_given_so_run_says_hello_with_it(capsys, pgw_home, pair_server, monkeypatch):
+    monkeypatch.setattr(pgw, "_machine_name", lambda: "host-name")
+    assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "lab box")[0] == 0
+    config = json.loads((pgw_home / "config.json").read_text())
+    assert config["name"] == "lab box"
+    assert pgw.resolve_settings({}, {}, config, "host-name").name == "lab box"
 
 
 @pytest.mark.parametrize("url", ["ftp://example.com", "http://", "example.com:8000", "http://h:99999", "http://h/?x=1"])
