@@ -627,17 +627,39 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         if not value.isdigit():
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
         updated["max_stages"] = int(value)
-    elif key.startswith("env.") and len(key) > 4:
+    elif key.startswith("env."):
+        check_stage_env_name(key[4:])
+        if "\0" in value:
+            raise UsageError(f"{key}: the value contains a NUL character, which no environment can hold")
         updated["env"] = {**config.get("env", {}), key[4:]: value}
     else:
         raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
     return updated
 
 
+def check_stage_env_name(name: str) -> None:
+    """UsageError unless NAME can be set in a stage's environment by `env.NAME`.
+
+    PGW_ names are pgw's own: the stage id and tag it gives each child, and
+    the settings a stage must not see changed.
+    """
+    if not name:
+        raise UsageError("env.NAME needs a NAME: e.g. `pgw config set env.PATH /opt/bin:/usr/bin:/bin`")
+    if "=" in name:
+        raise UsageError(f"env.{name}: a variable name cannot contain `=`: use `pgw config set env.{name.split('=')[0]} VALUE`")
+    if "\0" in name:
+        raise UsageError(f"env.{name!r}: a variable name cannot contain a NUL character")
+    if name.upper().startswith("PGW_"):
+        raise UsageError(f"env.{name}: names starting with PGW_ are pgw's own: pick another name")
+
+
 def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """The config without KEY; the same config when KEY is valid but not set."""
     updated = dict(config)
-    if key.startswith("env.") and key[4:] in config.get("env", {}):
-        updated["env"] = {k: v for k, v in config["env"].items() if k != key[4:]}
+    if key.startswith("env.") and key[4:]:
+        updated["env"] = {k: v for k, v in config.get("env", {}).items() if k != key[4:]}
+        if updated["env"] == config.get("env", {}):
+            return config
     elif key in ("server", "name", "cafile", "max_stages", "env"):
         updated.pop(key, None)
     else:
@@ -2704,7 +2726,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
             raise UsageError("config set needs a KEY and a VALUE; see `pgw config --help`")
         config = set_host_setting(config, args.key, args.value)
     else:
-        config = unset_host_setting(config, args.key)
+        updated = unset_host_setting(config, args.key)
+        if updated == config:  # nothing to do is what the user wanted: exit 0, as `revoke` does
+            print(f"{args.key} is not set in {path}; nothing changed")
+            return 0
+        config = updated
     write_config(path, config)
     print(f"{args.action} {args.key} in {path}")
     return 0

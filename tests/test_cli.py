@@ -410,6 +410,40 @@ def test_config_set_rejects_bad_input_in_one_line(capsys, pgw_home, argv, messag
 
 
 @pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("env.A=B", "x", "cannot contain `=`: use `pgw config set env.A VALUE`"),
+        ("env.", "x", "env.NAME needs a NAME"),
+        ("env.A\0B", "x", "cannot contain a NUL character"),
+        ("env.PGW_STAGE_ID", "x", "names starting with PGW_ are pgw's own"),
+        ("env.PGW_HOME", "/tmp", "names starting with PGW_ are pgw's own"),
+        ("env.A", "x\0y", "contains a NUL character"),
+    ],
+)
+def test_config_set_refuses_env_that_no_stage_could_use(capsys, pgw_home, key, value, message):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    status, _, err = run(capsys, "config", "set", key, value)
+    assert status == 2
+    assert_one_line_error(err, message)
+    assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
+
+
+@pytest.mark.parametrize("key", ["name", "env.FOO", "env", "max_stages"])
+def test_config_unset_of_a_setting_that_is_not_set_says_so(capsys, pgw_home, key):
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "env": {"BAR": "1"}} if key != "env" else OLD_CONFIG)
+    before = (pgw_home / "config.json").read_text()
+    status, out, err = run(capsys, "config", "unset", key)
+    assert (status, err) == (0, "")
+    assert out == f"{key} is not set in {pgw_home / 'config.json'}; nothing changed\n"
+    assert (pgw_home / "config.json").read_text() == before
+
+
+def test_config_unset_without_a_config_writes_none(capsys, pgw_home):
+    assert run(capsys, "config", "unset", "name")[0] == 0
+    assert not (pgw_home / "config.json").exists()
+
+
+@pytest.mark.parametrize(
     "config, fragment",
     [({"max_stages": "2"}, "'max_stages' must be a whole number"), ({"env": {"A": 1}}, "'env' must be an object of strings")],
 )
