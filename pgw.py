@@ -2924,6 +2924,10 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     else:
         path.unlink()
         print(f"removed {path} ({who})")
+    running = instance_lock_holder(path.parent)
+    if running is not None:  # the daemon read its token at start and keeps using it
+        pid = running if running > 0 else "?"
+        print(f"pgw: warning: the running pgw (pid {pid}) still holds the old token: run `pgw stop`", file=sys.stderr)
     return 0
 
 

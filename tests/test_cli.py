@@ -479,6 +479,17 @@ def test_revoke_keeps_host_settings(capsys, pgw_home):
     assert json.loads((pgw_home / "config.json").read_text()) == {"max_stages": 2}
 
 
+def test_revoke_while_the_daemon_runs_says_it_still_holds_the_token(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test's process stands in for `pgw run`
+    try:
+        status, out, err = run(capsys, "revoke")
+    finally:
+        os.close(fd)
+    assert status == 0 and "removed" in out
+    assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) still holds the old token: run `pgw stop`")
+
+
 def test_revoke_when_not_paired(capsys, pgw_home):
     status, out, _ = run(capsys, "revoke")
     assert status == 0 and "not paired" in out
