@@ -2518,6 +2518,7 @@ class Launch:
 
 def launch_for_this_host(home: Path, environ: typing.Mapping[str, str], search_path: str) -> Launch:
     """The interpreter and the pyz (or pgw.py) as absolute paths, and the env to give them."""
+    home = Path(os.path.abspath(home))  # a relative PGW_HOME means nothing to cron or systemd
     pyz = Path(sys.argv[0]).resolve() if current_extraction() is not None else Path(__file__).resolve()
     path_dirs = [str(Path(found).parent) for found in (shutil.which(cli, path=search_path) for cli in CLI_CAPABILITY_KEYS) if found]
     path_dirs += [d for d in search_path.split(os.pathsep) if d]
@@ -2551,14 +2552,18 @@ def replace_cron_block(crontab: str, block: str) -> str:
 
 
 def systemd_unit(launch: Launch) -> str:
-    environment = "\n".join(f'Environment="{key}={value}"' for key, value in launch.environ.items())
+    # systemd expands %X specifiers everywhere and $VAR in ExecStart: double them.
+    environment = "\n".join(
+        f'Environment="{key}={value}"'.replace("%", "%%") for key, value in launch.environ.items()
+    )
+    exec_start = " ".join(shlex.quote(a) for a in launch.argv).replace("%", "%%").replace("$", "$$")
     return f"""[Unit]
 Description=pgw, the prove-graph worker
 Wants=network-online.target
 After=network-online.target
 
 [Service]
-ExecStart={" ".join(shlex.quote(a) for a in launch.argv)}
+ExecStart={exec_start}
 {environment}
 Restart=always
 RestartSec=5
@@ -2591,6 +2596,35 @@ def install_target(kind: str) -> Optional[Path]:
     if kind == "launchd":
         return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
     return None
+
+
+# The one platform on which each service manager exists.
+INSTALL_PLATFORMS = {"systemd": ("linux", "Linux"), "launchd": ("darwin", "macOS")}
+
+
+def wrong_platform(kind: str) -> Optional[str]:
+    """Why KIND cannot be installed on this host, or None if it can."""
+    if kind not in INSTALL_PLATFORMS or sys.platform == INSTALL_PLATFORMS[kind][0]:
+        return None
+    others = [k for k, (platform_id, _) in INSTALL_PLATFORMS.items() if platform_id == sys.platform] + ["cron"]
+    instead = " or ".join(f"`pgw install {other} --apply`" for other in others)
+    return f"{kind} exists only on {INSTALL_PLATFORMS[kind][1]} and this host is {sys.platform}: use {instead}"
+
+
+def service_tool_failure(argv: list[str], done: subprocess.CompletedProcess[str]) -> str:
+    """A failed systemctl or launchctl in words, with the fix when it is a known one."""
+    detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+    failure = f"`{' '.join(argv)}` failed: {detail}"
+    if argv[:2] == ["systemctl", "--user"] and ("connect to bus" in detail or "D-Bus connection" in detail):
+        # No user manager for this login: `su` and `sudo -u` do not start one.
+        import getpass
+
+        user = getpass.getuser()
+        failure += (
+            f": this login has no systemd user session: log in as {user} directly (ssh or the console, not `su`),"
+            f" or run `loginctl enable-linger {user}`, then try again"
+        )
+    return failure
 
 
 def _run_tool(argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
@@ -2755,15 +2789,15 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path]:
-    home = pgw_home()
+def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any]]:
+    home = Path(os.path.abspath(pgw_home()))
     config = read_config(home / CONFIG_FILENAME)
     stage_path = (config.get("env") or {}).get("PATH") or os.environ.get("PATH", os.defpath)
-    return launch_for_this_host(home, os.environ, stage_path), home
+    return launch_for_this_host(home, os.environ, stage_path), home, config
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    launch, home = _install_plan(args)
+    launch, home, config = _install_plan(args)
     target = install_target(args.kind)
     if args.kind == "cron":
         text = cron_block(launch)
@@ -2776,6 +2810,14 @@ def _cmd_install(args: argparse.Namespace) -> int:
         print(f"# `pgw install {args.kind} --apply` would put this in {where}:")
         print(text, end="")
         return 0
+    refusal = wrong_platform(args.kind)
+    if refusal:
+        raise PgwError(refusal)
+    if not (config.get("token") or os.environ.get(ENV_TOKEN) or args.force):
+        # An unpaired `pgw run` fails at every start: at boot and every 5 minutes.
+        raise NotPairedError(
+            "not paired yet: run `pgw pair CODE --server URL` first (or pass --force to install anyway)"
+        )
     if args.kind == "cron":
         write_crontab(replace_cron_block(read_crontab(), text))
         print("installed pgw's @reboot and */5 watchdog lines in your crontab")
@@ -2792,7 +2834,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for argv in tool:
         done = _run_tool(argv)
         if done.returncode != 0:
-            raise PgwError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
+            raise PgwError(service_tool_failure(argv, done))
     print(f"enabled and started ({' then '.join(' '.join(a) for a in tool)})")
     return 0
 
@@ -2811,13 +2853,17 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
     if not target.exists():
         print(f"nothing to remove: no {target}")
         return 0
+    if wrong_platform(args.kind):  # a file left by an install on the wrong OS: no service to stop
+        target.unlink()
+        print(f"removed {target} ({args.kind} does not run on this host: nothing to stop)")
+        return 0
     tool = (
         ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT] if args.kind == "systemd"
         else ["launchctl", "unload", "-w", str(target)]
     )
     done = _run_tool(tool)
     if done.returncode != 0:
-        print(f"pgw: warning: `{' '.join(tool)}` failed: {done.stderr.strip()}", file=sys.stderr)
+        print(f"pgw: warning: {service_tool_failure(tool, done)}", file=sys.stderr)
     target.unlink()
     print(f"removed {target}")
     return 0
@@ -3001,6 +3047,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("kind", choices=INSTALL_KINDS)
     install.add_argument("--apply", action="store_true", help="install it (idempotent) instead of printing it")
+    install.add_argument("--force", action="store_true", help="install even though this host is not paired yet")
     install.set_defaults(func=_cmd_install)
     uninstall = commands.add_parser("uninstall", help="remove what `pgw install KIND --apply` installed")
     uninstall.add_argument("kind", choices=INSTALL_KINDS)
