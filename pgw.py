@@ -1022,9 +1022,11 @@ def request_pairing(
     import http.client
 
     def unreachable(reason: Any) -> PairingError:
-        if isinstance(reason, (ConnectionResetError, http.client.HTTPException)):
+        if isinstance(reason, http.client.HTTPException) or (
+            isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError)
+        ):
             # Something listens there but does not speak HTTP (an SSH banner,
-            # a database): it hung up, or its answer is not an HTTP one.
+            # a database): it hung up (reset, broken pipe), or its answer is not HTTP.
             return PairingError(
                 f"pairing failed: {server} did not answer in HTTP: is this the web address of the prove-graph server?"
             )
