@@ -2979,6 +2979,156 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     return 0
 
 
+# `pgw logs`: the file setup_logging writes in the home, how many of its last
+# lines a plain `pgw logs` shows (a screenful), and how often `-f` looks for more.
+RUN_LOG_FILENAME = "run.log"
+LOG_TAIL_LINES = 50
+LOG_FOLLOW_POLL_S = 0.25
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    path = pgw_home() / RUN_LOG_FILENAME
+    try:
+        log_file = open(path, "rb")
+    except FileNotFoundError:
+        raise PgwError(f"no log yet at {path}: pgw run writes it") from None
+    except OSError as exc:
+        raise PgwError(f"cannot read {path}: {exc.strerror}") from None
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # -f may read half a character
+
+    def show(chunk: bytes) -> None:
+        sys.stdout.write(decoder.decode(chunk))
+        sys.stdout.flush()
+
+    try:
+        with log_file:
+            show(b"".join(collections.deque(log_file, maxlen=args.lines)))
+            if args.follow:
+                follow_log(path, log_file, show)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C is how `logs -f` ends: no message, as with tail -f
+    except BrokenPipeError:
+        # The reader went away (`pgw logs | head`): stop quietly, and let the
+        # interpreter's last flush of stdout go nowhere instead of complaining.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # no real stdout (captured)
+            pass
+    return 0
+
+
+def follow_log(path: Path, log_file: typing.BinaryIO, show: typing.Callable[[bytes], None]) -> None:
+    """Show what is appended to the log until Ctrl-C, going on into the new file
+    when the daemon rotates it (run.log renamed to run.log.1, a new run.log made)."""
+    try:
+        while True:
+            chunk = log_file.read()
+            if chunk:
+                show(chunk)
+                continue
+            try:
+                at_path = os.stat(path)
+            except FileNotFoundError:
+                at_path = None  # between the rename and the new file
+            reading = os.fstat(log_file.fileno())
+            if at_path is not None and (at_path.st_ino, at_path.st_dev) != (reading.st_ino, reading.st_dev):
+                show(log_file.read())  # a last line may have landed just before the rename
+                try:
+                    new_file = open(path, "rb")
+                except FileNotFoundError:
+                    continue
+                log_file.close()
+                log_file = new_file
+                continue
+            if at_path is not None and at_path.st_size < log_file.tell():
+                log_file.seek(0)  # truncated in place
+            time.sleep(LOG_FOLLOW_POLL_S)
+    finally:
+        log_file.close()
+
+
+# `pgw stop` waits this long for the daemon's lock to be released: its clean
+# shutdown takes up to 5 s (stage grace) + 5 s (a SIGKILLed stage going away)
+# + 3 s (closing the WebSocket); a little more is spare.
+STOP_WAIT_S = 15.0
+STOP_POLL_S = 0.1
+# A pgw that has just taken the lock writes its pid into the file right after:
+# give it this long before calling the lock file inconsistent.
+LOCK_PID_SETTLE_S = 1.0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    home = pgw_home()
+    lock_path = home / LOCK_FILENAME
+    pid = lock_holder_to_signal(home)
+    if pid is None:
+        print(f"pgw is not running (home {home})")
+        return 0
+    if pid < 0:
+        raise PgwError(
+            f"a process holds {lock_path} but the pid in it is not its own: nothing signalled; find it with `fuser {lock_path}`"
+        )
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # it ended between the look and the signal: the wait below sees the lock free
+    except PermissionError:
+        raise PgwError(f"not allowed to signal pgw (pid {pid}): it runs as another user; stop it as that user") from None
+    deadline = time.monotonic() + STOP_WAIT_S
+    while instance_lock_holder(home) == pid:
+        if time.monotonic() > deadline:
+            raise PgwError(
+                f"pgw (pid {pid}) did not stop within {STOP_WAIT_S:g} s: see `pgw logs`; `kill -KILL {pid}` ends it at once"
+            )
+        time.sleep(STOP_POLL_S)
+    print(f"stopped pgw (pid {pid})")
+    return 0
+
+
+def lock_holder_to_signal(home: Path) -> Optional[int]:
+    """The pid that holds HOME's lock, None if none does, -1 if the pid in the
+    file cannot be shown to be the holder's (then nothing may be signalled).
+
+    The file names the last pgw that took the lock; one that took it a moment
+    ago has not written its own pid yet, and the old pid may be anyone's now.
+    So the pid must read the same twice with the lock held in between, and,
+    where /proc shows it, have the lock file open.
+    """
+    deadline = time.monotonic() + LOCK_PID_SETTLE_S
+    while True:
+        pid = instance_lock_holder(home)
+        if pid is None:
+            return None
+        if pid > 0 and _holds_open(pid, home / LOCK_FILENAME) is not False:
+            time.sleep(STOP_POLL_S)
+            if instance_lock_holder(home) == pid:
+                return pid
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(STOP_POLL_S)
+
+
+def _holds_open(pid: int, path: Path) -> Optional[bool]:
+    """Whether process PID has PATH open; None where /proc cannot tell (not
+    Linux, another user's process)."""
+    fd_dir = Path("/proc") / str(pid) / "fd"
+    try:
+        wanted = os.stat(path)
+        fds = list(fd_dir.iterdir())
+    except FileNotFoundError:
+        return False if Path("/proc/self/fd").is_dir() else None  # no such process
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            opened = os.stat(fd)
+        except OSError:
+            continue
+        if (opened.st_ino, opened.st_dev) == (wanted.st_ino, wanted.st_dev):
+            return True
+    return False
+
+
 def _cmd_version() -> str:
     from importlib import metadata
 
@@ -3006,13 +3156,42 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+HELP_EPILOG = f"""\
+start here: `pgw selftest`, then `pgw pair CODE --server URL`, then `pgw install cron --apply`
+(`pgw COMMAND --help` tells more; with no COMMAND pgw prints this and exits 2, as nothing was done)
+
+environment:
+  {ENV_HOME}     the pgw home: config.json, run.log (default ~/{DEFAULT_HOME_DIRNAME}; --home sets it)
+  {ENV_SERVER}   server URL, over the config, under --server
+  {ENV_TOKEN}    worker token, over the config, under --token
+  {ENV_NAME}     machine name, over the config, under --name
+  {ENV_CAFILE}   PEM bundle of CAs for an https server, over the config, under --cafile
+  SHIV_ROOT    where pgw.pyz unpacks itself (default ~/.shiv)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pgw",
         description="The prove-graph worker: runs the backend's CLI stages on this machine.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=_VersionAction, help="print the versions of pgw, its libraries and Python")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "--home", metavar="DIR", help=f"the pgw home to use, as ${ENV_HOME} does (default: ${ENV_HOME}, ~/{DEFAULT_HOME_DIRNAME})"
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    class Commands:
+        """add_parser, with the one-line help shown as the command's own description too."""
+
+        @staticmethod
+        def add_parser(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+            kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+            return subparsers.add_parser(name, help=help, **kwargs)
+
+    commands = Commands()
 
     pair = commands.add_parser("pair", help="pair this machine with the server")
     pair.add_argument("code", help="the pairing code shown by the server")
@@ -3036,7 +3215,7 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config",
         help="show or change per-host settings in config.json",
-        description=f"Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
+        description=f"Show or change per-host settings in config.json. Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
         "stage's environment (under the request's own env); env.PATH is also where the CLIs are looked up.",
     )
     config.add_argument("action", choices=("show", "set", "unset"))
@@ -3078,13 +3257,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     revoke = commands.add_parser("revoke", help="delete the stored token")
     revoke.set_defaults(func=_cmd_revoke)
+
+    logs = commands.add_parser("logs", help=f"print the end of the daemon's log, {RUN_LOG_FILENAME} in the pgw home")
+    logs.add_argument(
+        "-n", "--lines", type=_count, default=LOG_TAIL_LINES, metavar="N", help=f"print the last N lines (default: {LOG_TAIL_LINES})"
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come, until Ctrl-C")
+    logs.set_defaults(func=_cmd_logs)
+
+    stop = commands.add_parser(
+        "stop",
+        help=f"stop the `pgw run` of this home and wait up to {STOP_WAIT_S:g} s for its clean shutdown",
+        epilog="Exit 0 when stopped or not running, 1 if it did not stop in time. What `pgw install` set up "
+        "starts it again (systemd at once, cron within 5 minutes): `pgw uninstall KIND` stops it for good.",
+    )
+    stop.set_defaults(func=_cmd_stop)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.home:  # every command finds its home in the environment, as with PGW_HOME
+            os.environ[ENV_HOME] = os.path.abspath(os.path.expanduser(args.home))
+        if args.command is None:
+            print(parser.format_help(), end="")
+            return 2
         return args.func(args)
     except PgwError as exc:
         print(f"pgw: {exc}", file=sys.stderr)

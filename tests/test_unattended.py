@@ -312,3 +312,17 @@ def test_install_apply_on_an_unpaired_host_refuses_unless_forced(capsys, pgw_hom
     monkeypatch.setenv("PGW_TOKEN", "tok-env")
     assert pgw.main(["install", "cron", "--apply"]) == 0
     assert "@reboot" in table.read_text()
+
+
+async def test_stop_ends_a_real_daemon_cleanly(tmp_path, stub_bin):
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process(PGW, backend, home, stub_bin) as daemon:
+                await backend.next_connection()
+                stopped = await trio.to_thread.run_sync(pgw_command, home, "stop")
+                assert (stopped.returncode, stopped.stdout, stopped.stderr) == (0, f"stopped pgw (pid {daemon.pid})\n", "")
+                assert daemon.returncode == 0 or await daemon.wait() == 0
+                assert "received SIGTERM" in (home / "run.log").read_text()
+    again = pgw_command(home, "stop")
+    assert (again.returncode, again.stdout) == (0, f"pgw is not running (home {home})\n")
