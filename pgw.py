@@ -646,7 +646,9 @@ def check_stage_env_name(name: str) -> None:
     if not name:
         raise UsageError("env.NAME needs a NAME: e.g. `pgw config set env.PATH /opt/bin:/usr/bin:/bin`")
     if "=" in name:
-        raise UsageError(f"env.{name}: a variable name cannot contain `=`: use `pgw config set env.{name.split('=')[0]} VALUE`")
+        raise UsageError(
+            f"env.{name}: a variable name cannot contain `=`: use `pgw config set env.{name.split('=')[0]} VALUE`"
+        )
     if "\0" in name:
         raise UsageError(f"env.{name!r}: a variable name cannot contain a NUL character")
     if name.upper().startswith("PGW_"):
@@ -1031,8 +1033,11 @@ def request_pairing(
                 f"pairing failed: {server} did not answer in HTTP: is this the web address of the prove-graph server?"
             )
         if server_is_default:
-            what = "connection refused" if isinstance(reason, ConnectionRefusedError) else connection_failure(server, reason)
-            return PairingError(f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})")
+            refused = isinstance(reason, ConnectionRefusedError)
+            what = "connection refused" if refused else connection_failure(server, reason)
+            return PairingError(
+                f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})"
+            )
         return PairingError(f"pairing failed: {connection_failure(server, reason)}")
 
     request = urllib.request.Request(
@@ -3066,19 +3071,23 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         return 0
     if pid < 0:
         raise PgwError(
-            f"a process holds {lock_path} but the pid in it is not its own: nothing signalled; find it with `fuser {lock_path}`"
+            f"a process holds {lock_path} but the pid in it is not its own: nothing signalled;"
+            f" find it with `fuser {lock_path}`"
         )
     try:
         os.kill(pid, signal.SIGTERM)
     except ProcessLookupError:
         pass  # it ended between the look and the signal: the wait below sees the lock free
     except PermissionError:
-        raise PgwError(f"not allowed to signal pgw (pid {pid}): it runs as another user; stop it as that user") from None
+        raise PgwError(
+            f"not allowed to signal pgw (pid {pid}): it runs as another user; stop it as that user"
+        ) from None
     deadline = time.monotonic() + STOP_WAIT_S
     while instance_lock_holder(home) == pid:
         if time.monotonic() > deadline:
             raise PgwError(
-                f"pgw (pid {pid}) did not stop within {STOP_WAIT_S:g} s: see `pgw logs`; `kill -KILL {pid}` ends it at once"
+                f"pgw (pid {pid}) did not stop within {STOP_WAIT_S:g} s: see `pgw logs`;"
+                f" `kill -KILL {pid}` ends it at once"
             )
         time.sleep(STOP_POLL_S)
     print(f"stopped pgw (pid {pid})")
@@ -3179,7 +3188,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action=_VersionAction, help="print the versions of pgw, its libraries and Python")
     parser.add_argument(
-        "--home", metavar="DIR", help=f"the pgw home to use, as ${ENV_HOME} does (default: ${ENV_HOME}, ~/{DEFAULT_HOME_DIRNAME})"
+        "--home", metavar="DIR",
+        help=f"the pgw home to use, as ${ENV_HOME} does (default: ${ENV_HOME}, ~/{DEFAULT_HOME_DIRNAME})",
     )
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
 
@@ -3215,7 +3225,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config",
         help="show or change per-host settings in config.json",
-        description=f"Show or change per-host settings in config.json. Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
+        description="Show or change per-host settings in config.json. "
+        f"Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
         "stage's environment (under the request's own env); env.PATH is also where the CLIs are looked up.",
     )
     config.add_argument("action", choices=("show", "set", "unset"))
@@ -3260,7 +3271,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     logs = commands.add_parser("logs", help=f"print the end of the daemon's log, {RUN_LOG_FILENAME} in the pgw home")
     logs.add_argument(
-        "-n", "--lines", type=_count, default=LOG_TAIL_LINES, metavar="N", help=f"print the last N lines (default: {LOG_TAIL_LINES})"
+        "-n", "--lines", type=_count, default=LOG_TAIL_LINES, metavar="N",
+        help=f"print the last N lines (default: {LOG_TAIL_LINES})",
     )
     logs.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come, until Ctrl-C")
     logs.set_defaults(func=_cmd_logs)
