@@ -3071,8 +3071,8 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         return 0
     if pid < 0:
         raise PgwError(
-            f"a process holds {lock_path} but the pid in it is not its own: nothing signalled;"
-            f" find it with `fuser {lock_path}`"
+            f"cannot tell which process holds {lock_path} (the pid in it is missing or not the holder's):"
+            f" nothing signalled; find it with `fuser {lock_path}`"
         )
     try:
         os.kill(pid, signal.SIGTERM)
