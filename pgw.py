@@ -183,6 +183,7 @@ CODEX_ROLLOUT_MAX_AGE_S = 3600.0
 CODEX_TRACE_HEADER = "=== CODEX TRACE (rollout extract) ==="
 
 # Files of the daemon's in the pgw home, beside config.json and run.log.
+RUN_LOG_FILENAME = "run.log"
 LOCK_FILENAME = "run.lock"  # flock'ed by the one `pgw run` of this home
 STATE_FILENAME = "state.json"  # what `pgw status` shows
 
@@ -684,17 +685,41 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         if not value.isdigit():
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
         updated["max_stages"] = int(value)
-    elif key.startswith("env.") and len(key) > 4:
+    elif key.startswith("env."):
+        check_stage_env_name(key[4:])
+        if "\0" in value:
+            raise UsageError(f"{key}: the value contains a NUL character, which no environment can hold")
         updated["env"] = {**config.get("env", {}), key[4:]: value}
     else:
         raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
     return updated
 
 
+def check_stage_env_name(name: str) -> None:
+    """UsageError unless NAME can be set in a stage's environment by `env.NAME`.
+
+    PGW_ names are pgw's own: the stage id and tag it gives each child, and
+    the settings a stage must not see changed.
+    """
+    if not name:
+        raise UsageError("env.NAME needs a NAME: e.g. `pgw config set env.PATH /opt/bin:/usr/bin:/bin`")
+    if "=" in name:
+        raise UsageError(
+            f"env.{name}: a variable name cannot contain `=`: use `pgw config set env.{name.split('=')[0]} VALUE`"
+        )
+    if "\0" in name:
+        raise UsageError(f"env.{name!r}: a variable name cannot contain a NUL character")
+    if name.upper().startswith("PGW_"):
+        raise UsageError(f"env.{name}: names starting with PGW_ are pgw's own: pick another name")
+
+
 def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
+    """The config without KEY; the same config when KEY is valid but not set."""
     updated = dict(config)
-    if key.startswith("env.") and key[4:] in config.get("env", {}):
-        updated["env"] = {k: v for k, v in config["env"].items() if k != key[4:]}
+    if key.startswith("env.") and key[4:]:
+        updated["env"] = {k: v for k, v in config.get("env", {}).items() if k != key[4:]}
+        if updated["env"] == config.get("env", {}):
+            return config
     elif key in ("server", "name", "cafile", "max_stages", "env"):
         updated.pop(key, None)
     else:
@@ -1039,10 +1064,48 @@ def probe_cli_versions(capabilities: dict[str, Any]) -> dict[str, tuple[Optional
 ##############################################################################
 
 
+class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
+    """Turn a redirect into an HTTPError: the URL to pair with, and to save,
+    is the one that answers, so the user has to be told the new one."""
+
+    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
+        return None
+
+
+REDIRECT_STATUSES = (301, 302, 303, 307, 308)
+
+
 def request_pairing(
-    server: str, body: dict[str, Any], timeout_s: float = PAIR_TIMEOUT_S, cafile: Optional[str] = None
+    server: str,
+    body: dict[str, Any],
+    timeout_s: float = PAIR_TIMEOUT_S,
+    cafile: Optional[str] = None,
+    server_is_default: bool = False,
 ) -> dict[str, str]:
-    """POST pair-confirm; the server's {worker_id, token}, or PairingError."""
+    """POST pair-confirm; the server's {worker_id, token}, or PairingError.
+
+    `server_is_default`: no --server, PGW_SERVER or config server was given,
+    so a server that cannot be reached most likely means a missing flag.
+    """
+    import http.client
+
+    def unreachable(reason: Any) -> PairingError:
+        if isinstance(reason, http.client.HTTPException) or (
+            isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError)
+        ):
+            # Something listens there but does not speak HTTP (an SSH banner,
+            # a database): it hung up (reset, broken pipe), or its answer is not HTTP.
+            return PairingError(
+                f"pairing failed: {server} did not answer in HTTP: is this the web address of the prove-graph server?"
+            )
+        if server_is_default:
+            refused = isinstance(reason, ConnectionRefusedError)
+            what = "connection refused" if refused else connection_failure(server, reason)
+            return PairingError(
+                f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})"
+            )
+        return PairingError(f"pairing failed: {connection_failure(server, reason)}")
+
     request = urllib.request.Request(
         server + PAIR_PATH,
         data=json.dumps(body, ensure_ascii=False).encode("utf-8"),
@@ -1051,17 +1114,20 @@ def request_pairing(
     )
     try:
         context = make_ssl_context(cafile) if server.startswith("https:") else None
-        with urllib.request.urlopen(request, timeout=timeout_s, context=context) as response:
+        opener = urllib.request.build_opener(_RefuseRedirect, urllib.request.HTTPSHandler(context=context))
+        with opener.open(request, timeout=timeout_s) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
+        if exc.code in REDIRECT_STATUSES and exc.headers.get("Location"):
+            raise PairingError(redirect_failure(server, exc.code, exc.headers["Location"])) from None
         message = server_message(exc.read()) or exc.reason
         raise PairingError(f"pairing failed: {server} answered {exc.code}: {message}") from None
     except urllib.error.URLError as exc:
-        raise PairingError(f"pairing failed: {connection_failure(server, exc.reason)}") from None
+        raise unreachable(exc.reason) from None
     except (socket.timeout, TimeoutError):
         raise PairingError(f"pairing failed: {server} gave no answer within {timeout_s:g} s") from None
-    except OSError as exc:
-        raise PairingError(f"pairing failed: {connection_failure(server, exc)}") from None
+    except (http.client.HTTPException, OSError) as exc:
+        raise unreachable(exc) from None
     try:
         pairing = json.loads(answer)
     except ValueError:
@@ -1077,6 +1143,23 @@ def request_pairing(
     ):
         raise PairingError(f"pairing failed: {server}'s answer lacks a worker_id or a token")
     return {"worker_id": pairing["worker_id"], "token": pairing["token"]}
+
+
+def redirect_failure(server: str, status: int, location: str) -> str:
+    """A redirect in words, with the --server that pairs without one.
+
+    Following it would pair, but save the old URL, on which `run` then fails.
+    """
+    target = urllib.parse.urljoin(server + PAIR_PATH, location)
+    parsed = urllib.parse.urlsplit(target)
+    base = parsed.path[: -len(PAIR_PATH)] if parsed.path.endswith(PAIR_PATH) else ""
+    suggested = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", "")).rstrip("/")
+    return f"pairing failed: {server} redirects ({status}) to {target}: pair with --server {suggested}"
+
+
+# What OpenSSL 3.0 (and 3.2 on) says when the first bytes back are not a
+# TLS record, as when an https:// URL names a plain-HTTP port.
+NOT_TLS_REASONS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE")
 
 
 def connection_failure(server: str, reason: BaseException) -> str:
@@ -1101,6 +1184,8 @@ def connection_failure(server: str, reason: BaseException) -> str:
             return f"cannot resolve {host!r}: check the server name and the network"
         if isinstance(current, ssl.SSLCertVerificationError):
             return f"{host}'s TLS certificate is not trusted: {current.verify_message}"
+        if isinstance(current, ssl.SSLError) and current.reason in NOT_TLS_REASONS:
+            return f"{host} does not speak TLS: if the server speaks plain HTTP, try http://{host}"
         if isinstance(current, ssl.SSLError):
             return f"TLS with {host} failed: {current.reason or current}"
         if isinstance(current, (socket.timeout, TimeoutError)):
@@ -2278,7 +2363,7 @@ class RedactToken(logging.Filter):
 def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     """run.log rotated at 1 MB (5 kept); stderr too when it is a terminal or -v."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    path = home / "run.log"
+    path = home / RUN_LOG_FILENAME
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     handlers: list[logging.Handler] = [
         logging.handlers.RotatingFileHandler(
@@ -2700,6 +2785,7 @@ class Launch:
 
 def launch_for_this_host(home: Path, environ: typing.Mapping[str, str], search_path: str) -> Launch:
     """The interpreter and the pyz (or pgw.py) as absolute paths, and the env to give them."""
+    home = Path(os.path.abspath(home))  # a relative PGW_HOME means nothing to cron or systemd
     pyz = Path(sys.argv[0]).resolve() if current_extraction() is not None else Path(__file__).resolve()
     path_dirs = [str(Path(found).parent) for found in (shutil.which(cli, path=search_path) for cli in CLI_CAPABILITY_KEYS) if found]
     path_dirs += [d for d in search_path.split(os.pathsep) if d]
@@ -2733,14 +2819,18 @@ def replace_cron_block(crontab: str, block: str) -> str:
 
 
 def systemd_unit(launch: Launch) -> str:
-    environment = "\n".join(f'Environment="{key}={value}"' for key, value in launch.environ.items())
+    # systemd expands %X specifiers everywhere and $VAR in ExecStart: double them.
+    environment = "\n".join(
+        f'Environment="{key}={value}"'.replace("%", "%%") for key, value in launch.environ.items()
+    )
+    exec_start = " ".join(shlex.quote(a) for a in launch.argv).replace("%", "%%").replace("$", "$$")
     return f"""[Unit]
 Description=pgw, the prove-graph worker
 Wants=network-online.target
 After=network-online.target
 
 [Service]
-ExecStart={" ".join(shlex.quote(a) for a in launch.argv)}
+ExecStart={exec_start}
 {environment}
 Restart=always
 RestartSec=5
@@ -2773,6 +2863,35 @@ def install_target(kind: str) -> Optional[Path]:
     if kind == "launchd":
         return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
     return None
+
+
+# The one platform on which each service manager exists.
+INSTALL_PLATFORMS = {"systemd": ("linux", "Linux"), "launchd": ("darwin", "macOS")}
+
+
+def wrong_platform(kind: str) -> Optional[str]:
+    """Why KIND cannot be installed on this host, or None if it can."""
+    if kind not in INSTALL_PLATFORMS or sys.platform == INSTALL_PLATFORMS[kind][0]:
+        return None
+    others = [k for k, (platform_id, _) in INSTALL_PLATFORMS.items() if platform_id == sys.platform] + ["cron"]
+    instead = " or ".join(f"`pgw install {other} --apply`" for other in others)
+    return f"{kind} exists only on {INSTALL_PLATFORMS[kind][1]} and this host is {sys.platform}: use {instead}"
+
+
+def service_tool_failure(argv: list[str], done: subprocess.CompletedProcess[str]) -> str:
+    """A failed systemctl or launchctl in words, with the fix when it is a known one."""
+    detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
+    failure = f"`{' '.join(argv)}` failed: {detail}"
+    if argv[:2] == ["systemctl", "--user"] and ("connect to bus" in detail or "D-Bus connection" in detail):
+        # No user manager for this login: `su` and `sudo -u` do not start one.
+        import getpass
+
+        user = getpass.getuser()
+        failure += (
+            f": this login has no systemd user session: log in as {user} directly (ssh or the console, not `su`),"
+            f" or run `loginctl enable-linger {user}`, then try again"
+        )
+    return failure
 
 
 def _run_tool(argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
@@ -2845,14 +2964,19 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         "machine_name": settings.name,
         "capabilities": probe_capabilities(),
     }
+    server_is_default = not (args.server or os.environ.get(ENV_SERVER) or config.get("server"))
     pairing = trio.run(
         functools.partial(
             trio.to_thread.run_sync,
-            functools.partial(request_pairing, settings.server, body, cafile=settings.cafile),
+            functools.partial(
+                request_pairing, settings.server, body, cafile=settings.cafile, server_is_default=server_is_default
+            ),
             abandon_on_cancel=True,
         )
     )
-    write_config(path, {**config, "server": settings.server, **pairing})
+    # The name given here is the one the server shows: `run` says hello with it too.
+    named = {"name": args.name} if args.name else {}
+    write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {pairing['worker_id']} with {settings.server}; config saved to {path}")
     return 0
 
@@ -2894,7 +3018,11 @@ def _cmd_config(args: argparse.Namespace) -> int:
             raise UsageError("config set needs a KEY and a VALUE; see `pgw config --help`")
         config = set_host_setting(config, args.key, args.value)
     else:
-        config = unset_host_setting(config, args.key)
+        updated = unset_host_setting(config, args.key)
+        if updated == config:  # nothing to do is what the user wanted: exit 0, as `revoke` does
+            print(f"{args.key} is not set in {path}; nothing changed")
+            return 0
+        config = updated
     write_config(path, config)
     print(f"{args.action} {args.key} in {path}")
     return 0
@@ -2919,15 +3047,15 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
     return 0 if passed else 1
 
 
-def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path]:
-    home = pgw_home()
+def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any]]:
+    home = Path(os.path.abspath(pgw_home()))
     config = read_config(home / CONFIG_FILENAME)
-    stage_path = (config.get("env") or {}).get("PATH") or os.environ.get("PATH", os.defpath)
-    return launch_for_this_host(home, os.environ, stage_path), home
+    search_path = cli_search_path(config.get("env") or {}, os.environ)
+    return launch_for_this_host(home, os.environ, search_path), home, config
 
 
 def _cmd_install(args: argparse.Namespace) -> int:
-    launch, home = _install_plan(args)
+    launch, home, config = _install_plan(args)
     target = install_target(args.kind)
     if args.kind == "cron":
         text = cron_block(launch)
@@ -2940,6 +3068,14 @@ def _cmd_install(args: argparse.Namespace) -> int:
         print(f"# `pgw install {args.kind} --apply` would put this in {where}:")
         print(text, end="")
         return 0
+    refusal = wrong_platform(args.kind)
+    if refusal:
+        raise PgwError(refusal)
+    if not (config.get("token") or os.environ.get(ENV_TOKEN) or args.force):
+        # An unpaired `pgw run` fails at every start: at boot and every 5 minutes.
+        raise NotPairedError(
+            "not paired yet: run `pgw pair CODE --server URL` first (or pass --force to install anyway)"
+        )
     if args.kind == "cron":
         write_crontab(replace_cron_block(read_crontab(), text))
         print("installed pgw's @reboot and */5 watchdog lines in your crontab")
@@ -2956,7 +3092,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for argv in tool:
         done = _run_tool(argv)
         if done.returncode != 0:
-            raise PgwError(f"`{' '.join(argv)}` failed: {done.stderr.strip() or done.returncode}")
+            raise PgwError(service_tool_failure(argv, done))
     print(f"enabled and started ({' then '.join(' '.join(a) for a in tool)})")
     return 0
 
@@ -2975,13 +3111,17 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
     if not target.exists():
         print(f"nothing to remove: no {target}")
         return 0
+    if wrong_platform(args.kind):  # a file left by an install on the wrong OS: no service to stop
+        target.unlink()
+        print(f"removed {target} ({args.kind} does not run on this host: nothing to stop)")
+        return 0
     tool = (
         ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT] if args.kind == "systemd"
         else ["launchctl", "unload", "-w", str(target)]
     )
     done = _run_tool(tool)
     if done.returncode != 0:
-        print(f"pgw: warning: `{' '.join(tool)}` failed: {done.stderr.strip()}", file=sys.stderr)
+        print(f"pgw: warning: {service_tool_failure(tool, done)}", file=sys.stderr)
     target.unlink()
     print(f"removed {target}")
     return 0
@@ -3045,8 +3185,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         config, settings, config_problem = {}, None, str(exc)
-    search_path = (settings.stage_env.get("PATH") if settings else None) or os.environ.get("PATH")
-    capabilities = probe_capabilities(search_path)
+    capabilities = probe_capabilities(cli_search_path(settings.stage_env if settings else {}, os.environ))
     versions = probe_cli_versions(capabilities)
     for binary, key in CLI_CAPABILITY_KEYS.items():
         version, problem = versions.get(binary, (None, None))
@@ -3088,7 +3227,164 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     else:
         path.unlink()
         print(f"removed {path} ({who})")
+    running = instance_lock_holder(path.parent)
+    if running is not None:  # the daemon read its token at start and keeps using it
+        pid = running if running > 0 else "?"
+        print(f"pgw: warning: the running pgw (pid {pid}) still holds the old token: run `pgw stop`", file=sys.stderr)
     return 0
+
+
+# `pgw logs`: the file setup_logging writes in the home, how many of its last
+# lines a plain `pgw logs` shows (a screenful), and how often `-f` looks for more.
+LOG_TAIL_LINES = 50
+LOG_FOLLOW_POLL_S = 0.25
+
+
+def _cmd_logs(args: argparse.Namespace) -> int:
+    path = pgw_home() / RUN_LOG_FILENAME
+    try:
+        log_file = open(path, "rb")
+    except FileNotFoundError:
+        raise PgwError(f"no log yet at {path}: pgw run writes it") from None
+    except OSError as exc:
+        raise PgwError(f"cannot read {path}: {exc.strerror}") from None
+    decoder = codecs.getincrementaldecoder("utf-8")("replace")  # -f may read half a character
+
+    def show(chunk: bytes) -> None:
+        sys.stdout.write(decoder.decode(chunk))
+        sys.stdout.flush()
+
+    try:
+        with log_file:
+            show(b"".join(collections.deque(log_file, maxlen=args.lines)))
+            if args.follow:
+                follow_log(path, log_file, show)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C is how `logs -f` ends: no message, as with tail -f
+    except BrokenPipeError:
+        # The reader went away (`pgw logs | head`): stop quietly, and let the
+        # interpreter's last flush of stdout go nowhere instead of complaining.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):  # no real stdout (captured)
+            pass
+    return 0
+
+
+def follow_log(path: Path, log_file: typing.BinaryIO, show: typing.Callable[[bytes], None]) -> None:
+    """Show what is appended to the log until Ctrl-C, going on into the new file
+    when the daemon rotates it (run.log renamed to run.log.1, a new run.log made)."""
+    try:
+        while True:
+            chunk = log_file.read()
+            if chunk:
+                show(chunk)
+                continue
+            try:
+                at_path = os.stat(path)
+            except FileNotFoundError:
+                at_path = None  # between the rename and the new file
+            reading = os.fstat(log_file.fileno())
+            if at_path is not None and (at_path.st_ino, at_path.st_dev) != (reading.st_ino, reading.st_dev):
+                show(log_file.read())  # a last line may have landed just before the rename
+                try:
+                    new_file = open(path, "rb")
+                except FileNotFoundError:
+                    continue
+                log_file.close()
+                log_file = new_file
+                continue
+            if at_path is not None and at_path.st_size < log_file.tell():
+                log_file.seek(0)  # truncated in place
+            time.sleep(LOG_FOLLOW_POLL_S)
+    finally:
+        log_file.close()
+
+
+# `pgw stop` waits this long for the daemon's lock to be released: its clean
+# shutdown takes up to 5 s (stage grace) + 5 s (a SIGKILLed stage going away)
+# + 3 s (closing the WebSocket); a little more is spare.
+STOP_WAIT_S = 15.0
+STOP_POLL_S = 0.1
+# A pgw that has just taken the lock writes its pid into the file right after:
+# give it this long before calling the lock file inconsistent.
+LOCK_PID_SETTLE_S = 1.0
+
+
+def _cmd_stop(args: argparse.Namespace) -> int:
+    home = pgw_home()
+    lock_path = home / LOCK_FILENAME
+    pid = lock_holder_to_signal(home)
+    if pid is None:
+        print(f"pgw is not running (home {home})")
+        return 0
+    if pid < 0:
+        raise PgwError(
+            f"cannot tell which process holds {lock_path} (the pid in it is missing or not the holder's):"
+            f" nothing signalled; find it with `fuser {lock_path}`"
+        )
+    try:
+        os.kill(pid, signal.SIGTERM)
+    except ProcessLookupError:
+        pass  # it ended between the look and the signal: the wait below sees the lock free
+    except PermissionError:
+        raise PgwError(
+            f"not allowed to signal pgw (pid {pid}): it runs as another user; stop it as that user"
+        ) from None
+    deadline = time.monotonic() + STOP_WAIT_S
+    while instance_lock_holder(home) == pid:
+        if time.monotonic() > deadline:
+            raise PgwError(
+                f"pgw (pid {pid}) did not stop within {STOP_WAIT_S:g} s: see `pgw logs`;"
+                f" `kill -KILL {pid}` ends it at once"
+            )
+        time.sleep(STOP_POLL_S)
+    print(f"stopped pgw (pid {pid})")
+    return 0
+
+
+def lock_holder_to_signal(home: Path) -> Optional[int]:
+    """The pid that holds HOME's lock, None if none does, -1 if the pid in the
+    file cannot be shown to be the holder's (then nothing may be signalled).
+
+    The file names the last pgw that took the lock; one that took it a moment
+    ago has not written its own pid yet, and the old pid may be anyone's now.
+    So the pid must read the same twice with the lock held in between, and,
+    where /proc shows it, have the lock file open.
+    """
+    deadline = time.monotonic() + LOCK_PID_SETTLE_S
+    while True:
+        pid = instance_lock_holder(home)
+        if pid is None:
+            return None
+        if pid > 0 and _holds_open(pid, home / LOCK_FILENAME) is not False:
+            time.sleep(STOP_POLL_S)
+            if instance_lock_holder(home) == pid:
+                return pid
+        if time.monotonic() > deadline:
+            return -1
+        time.sleep(STOP_POLL_S)
+
+
+def _holds_open(pid: int, path: Path) -> Optional[bool]:
+    """Whether process PID has PATH open; None where /proc cannot tell (not
+    Linux, another user's process)."""
+    fd_dir = Path("/proc") / str(pid) / "fd"
+    try:
+        wanted = os.stat(path)
+        fds = list(fd_dir.iterdir())
+    except FileNotFoundError:
+        return False if Path("/proc/self/fd").is_dir() else None  # no such process
+    except OSError:
+        return None
+    for fd in fds:
+        try:
+            opened = os.stat(fd)
+        except OSError:
+            continue
+        if (opened.st_ino, opened.st_dev) == (wanted.st_ino, wanted.st_dev):
+            return True
+    return False
 
 
 def _cmd_version() -> str:
@@ -3118,13 +3414,43 @@ class _VersionAction(argparse.Action):
         parser.exit()
 
 
+HELP_EPILOG = f"""\
+start here: `pgw selftest`, then `pgw pair CODE --server URL`, then `pgw install cron --apply`
+(`pgw COMMAND --help` tells more; with no COMMAND pgw prints this and exits 2, as nothing was done)
+
+environment:
+  {ENV_HOME}     the pgw home: config.json, run.log (default ~/{DEFAULT_HOME_DIRNAME}; --home sets it)
+  {ENV_SERVER}   server URL, over the config, under --server
+  {ENV_TOKEN}    worker token, over the config, under --token
+  {ENV_NAME}     machine name, over the config, under --name
+  {ENV_CAFILE}   PEM bundle of CAs for an https server, over the config, under --cafile
+  SHIV_ROOT    where pgw.pyz unpacks itself (default ~/.shiv)
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(
         prog="pgw",
         description="The prove-graph worker: runs the backend's CLI stages on this machine.",
+        epilog=HELP_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action=_VersionAction, help="print the versions of pgw, its libraries and Python")
-    commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    parser.add_argument(
+        "--home", metavar="DIR",
+        help=f"the pgw home to use, as ${ENV_HOME} does (default: ${ENV_HOME}, ~/{DEFAULT_HOME_DIRNAME})",
+    )
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    class Commands:
+        """add_parser, with the one-line help shown as the command's own description too."""
+
+        @staticmethod
+        def add_parser(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+            kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+            return subparsers.add_parser(name, help=help, **kwargs)
+
+    commands = Commands()
 
     pair = commands.add_parser("pair", help="pair this machine with the server")
     pair.add_argument("code", help="the pairing code shown by the server")
@@ -3148,7 +3474,8 @@ def build_parser() -> argparse.ArgumentParser:
     config = commands.add_parser(
         "config",
         help="show or change per-host settings in config.json",
-        description=f"Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
+        description="Show or change per-host settings in config.json. "
+        f"Per-host settings: {', '.join(HOST_SETTINGS)}. `env.NAME` adds NAME to every "
         "stage's environment (under the request's own env); env.PATH is also where the CLIs are looked up.",
     )
     config.add_argument("action", choices=("show", "set", "unset"))
@@ -3161,6 +3488,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     install.add_argument("kind", choices=INSTALL_KINDS)
     install.add_argument("--apply", action="store_true", help="install it (idempotent) instead of printing it")
+    install.add_argument("--force", action="store_true", help="install even though this host is not paired yet")
     install.set_defaults(func=_cmd_install)
     uninstall = commands.add_parser("uninstall", help="remove what `pgw install KIND --apply` installed")
     uninstall.add_argument("kind", choices=INSTALL_KINDS)
@@ -3189,13 +3517,35 @@ def build_parser() -> argparse.ArgumentParser:
 
     revoke = commands.add_parser("revoke", help="delete the stored token")
     revoke.set_defaults(func=_cmd_revoke)
+
+    logs = commands.add_parser("logs", help=f"print the end of the daemon's log, {RUN_LOG_FILENAME} in the pgw home")
+    logs.add_argument(
+        "-n", "--lines", type=_count, default=LOG_TAIL_LINES, metavar="N",
+        help=f"print the last N lines (default: {LOG_TAIL_LINES})",
+    )
+    logs.add_argument("-f", "--follow", action="store_true", help="then print new lines as they come, until Ctrl-C")
+    logs.set_defaults(func=_cmd_logs)
+
+    stop = commands.add_parser(
+        "stop",
+        help=f"stop the `pgw run` of this home and wait up to {STOP_WAIT_S:g} s for its clean shutdown",
+        epilog="Exit 0 when stopped or not running, 1 if it did not stop in time. What `pgw install` set up "
+        "starts it again (systemd at once, cron within 5 minutes): `pgw uninstall KIND` stops it for good.",
+    )
+    stop.set_defaults(func=_cmd_stop)
     return parser
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
     try:
-        args = build_parser().parse_args(argv)
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        if args.home:  # every command finds its home in the environment, as with PGW_HOME
+            os.environ[ENV_HOME] = os.path.abspath(os.path.expanduser(args.home))
+        if args.command is None:
+            print(parser.format_help(), end="")
+            return 2
         return args.func(args)
     except PgwError as exc:
         print(f"pgw: {exc}", file=sys.stderr)

@@ -9,6 +9,7 @@ import stat
 import sys
 import threading
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -20,8 +21,9 @@ class PairServer:
     """A real HTTP server on 127.0.0.1:0 answering pair-confirm as scripted.
 
     `requests` holds the decoded JSON bodies received (path in `paths`);
-    `reply(status, body)` queues the next answer; with nothing queued it
-    answers 200 `{"worker_id": "w-1", "token": "tok-secret"}`.
+    `reply(status, body, headers)` queues the next answer (headers: extra
+    ones, such as a redirect's Location); with nothing queued it answers 200
+    `{"worker_id": "w-1", "token": "tok-secret"}`.
     """
 
     DEFAULT = (200, json.dumps({"worker_id": "w-1", "token": "tok-secret"}).encode())
@@ -29,7 +31,7 @@ class PairServer:
     def __init__(self) -> None:
         self.requests: list[object] = []
         self.paths: list[str] = []
-        self._replies: list[tuple[int, bytes]] = []
+        self._replies: list[tuple[int, bytes, dict[str, str]]] = []
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -41,9 +43,11 @@ class PairServer:
                     server.requests.append(json.loads(raw))
                 except ValueError:
                     server.requests.append(raw)
-                status, body = server._replies.pop(0) if server._replies else server.DEFAULT
+                status, body, headers = server._replies.pop(0) if server._replies else (*server.DEFAULT, {})
                 self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                for name, value in headers.items():
+                    self.send_header(name, value)
                 self.send_header("Content-Length", str(len(body)))
                 self.end_headers()
                 self.wfile.write(body)
@@ -56,8 +60,8 @@ class PairServer:
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 
-    def reply(self, status: int, body: bytes) -> None:
-        self._replies.append((status, body))
+    def reply(self, status: int, body: bytes, headers: Optional[dict[str, str]] = None) -> None:
+        self._replies.append((status, body, headers or {}))
 
     def close(self) -> None:
         self._httpd.shutdown()

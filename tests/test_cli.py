@@ -1,17 +1,23 @@
-"""The command line, in-process: pair, capabilities, doctor, revoke, --version."""
+"""The command line, in-process: pair, config, capabilities, doctor, revoke, logs, stop, help."""
 
 from __future__ import annotations
 
+import argparse
+import contextlib
 import json
 import os
+import signal
 import socket
 import stat
+import subprocess
+import sys
+import threading
 import time
 
 import pytest
 
 import pgw
-from conftest import write_stub_cli
+from conftest import ROOT, write_stub_cli
 
 
 def run(capsys, *argv):
@@ -62,6 +68,7 @@ def test_pair_name_flag_beats_environment(capsys, pgw_home, pair_server, monkeyp
     assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "from-flag")[0] == 0
     monkeypatch.delenv("PGW_NAME")
     monkeypatch.setattr(pgw, "_machine_name", lambda: "")
+    (pgw_home / "config.json").unlink()  # it saved the flag's name, which would win now
     assert run(capsys, "pair", "C", "--server", pair_server.url)[0] == 0
     assert [r["machine_name"] for r in pair_server.requests] == ["from-flag", "local-worker"]
 
@@ -115,6 +122,95 @@ def test_pair_unknown_host_is_one_line(capsys, pgw_home):
     assert_one_line_error(err, "pairing failed")
 
 
+def test_pair_without_server_says_the_flag_is_missing(capsys, pgw_home, monkeypatch):
+    default = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setattr(pgw, "DEFAULT_SERVER", default)  # the real default may be taken on a shared host
+    status, _, err = run(capsys, "pair", "C")
+    assert status == 1
+    assert_one_line_error(err, "no server given: pass --server URL", f"tried the default {default}", "connection refused")
+    assert not (pgw_home / "config.json").exists()
+
+
+def test_pair_with_server_in_config_does_not_blame_a_missing_flag(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", {"server": f"http://127.0.0.1:{free_port()}"})
+    _, _, err = run(capsys, "pair", "C")
+    assert_one_line_error(err, "refused the connection")
+    assert "no server given" not in err
+
+
+@contextlib.contextmanager
+def banner_server(banner: bytes, hang: bool):
+    """A TCP server on 127.0.0.1:0 that writes `banner` to each client, then
+    closes or (hang) keeps the connection open without another byte."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    held = []
+
+    def serve():
+        while True:
+            try:
+                client, _ = listener.accept()
+            except OSError:
+                return
+            client.sendall(banner)
+            held.append(client) if hang else client.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        listener.close()
+        for client in held:
+            client.close()
+
+
+@pytest.mark.parametrize("hang", [False, True], ids=["closes", "hangs"])
+def test_pair_with_a_port_that_does_not_speak_http_is_one_line(capsys, pgw_home, hang):
+    with banner_server(b"SSH-2.0-OpenSSH_9.6\r\n", hang) as port:
+        started = time.monotonic()
+        status, _, err = run(capsys, "pair", "C", "--server", f"http://127.0.0.1:{port}")
+    assert time.monotonic() - started < 10
+    assert status == 1
+    assert_one_line_error(err, "did not answer in HTTP", "is this the web address of the prove-graph server?")
+
+
+def test_pair_over_https_with_a_plain_http_server_suggests_http(capsys, pgw_home, pair_server):
+    host = pair_server.url.split("//")[1]
+    status, _, err = run(capsys, "pair", "C", "--server", f"https://{host}")
+    assert status == 1
+    assert_one_line_error(err, "does not speak TLS", f"try http://{host}")
+    assert pair_server.requests == []
+
+
+@pytest.mark.parametrize("code", [301, 302, 307, 308])
+def test_pair_refuses_a_redirect_and_names_the_server_to_use(capsys, pgw_home, pair_server, code):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    pair_server.reply(code, b"", {"Location": "https://pg.example/app/api/local-worker/pair-confirm"})
+    status, out, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert status == 1 and out == ""
+    assert_one_line_error(
+        err, f"redirects ({code}) to https://pg.example/app/api/local-worker/pair-confirm", "pair with --server https://pg.example/app"
+    )
+    assert len(pair_server.requests) == 1, "the redirect must not be followed"
+    assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
+
+
+def test_pair_redirect_to_a_relative_location_names_the_same_host(capsys, pgw_home, pair_server):
+    pair_server.reply(301, b"", {"Location": "/login"})
+    _, _, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert_one_line_error(err, f"redirects (301) to {pair_server.url}/login", f"pair with --server {pair_server.url}")
+
+
+def test_pair_saves_the_name_given_so_run_says_hello_with_it(capsys, pgw_home, pair_server, monkeypatch):
+    monkeypatch.setattr(pgw, "_machine_name", lambda: "host-name")
+    assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "lab box")[0] == 0
+    config = json.loads((pgw_home / "config.json").read_text())
+    assert config["name"] == "lab box"
+    assert pgw.resolve_settings({}, {}, config, "host-name").name == "lab box"
+
+
 @pytest.mark.parametrize("url", ["ftp://example.com", "http://", "example.com:8000", "http://h:99999", "http://h/?x=1"])
 def test_pair_bad_server_url(capsys, pgw_home, url):
     status, _, err = run(capsys, "pair", "C", "--server", url)
@@ -122,7 +218,7 @@ def test_pair_bad_server_url(capsys, pgw_home, url):
     assert_one_line_error(err, "bad server URL")
 
 
-@pytest.mark.parametrize("argv", [[], ["pair"], ["pair", "C", "--bogus"], ["launch"], ["doctor", "extra"]])
+@pytest.mark.parametrize("argv", [["pair"], ["pair", "C", "--bogus"], ["launch"], ["doctor", "extra"], ["logs", "-n", "x"]])
 def test_usage_errors_exit_2_in_one_line(capsys, pgw_home, argv):
     status, _, err = run(capsys, *argv)
     assert status == 2
@@ -318,6 +414,40 @@ def test_config_set_rejects_bad_input_in_one_line(capsys, pgw_home, argv, messag
 
 
 @pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("env.A=B", "x", "cannot contain `=`: use `pgw config set env.A VALUE`"),
+        ("env.", "x", "env.NAME needs a NAME"),
+        ("env.A\0B", "x", "cannot contain a NUL character"),
+        ("env.PGW_STAGE_ID", "x", "names starting with PGW_ are pgw's own"),
+        ("env.PGW_HOME", "/tmp", "names starting with PGW_ are pgw's own"),
+        ("env.A", "x\0y", "contains a NUL character"),
+    ],
+)
+def test_config_set_refuses_env_that_no_stage_could_use(capsys, pgw_home, key, value, message):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    status, _, err = run(capsys, "config", "set", key, value)
+    assert status == 2
+    assert_one_line_error(err, message)
+    assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
+
+
+@pytest.mark.parametrize("key", ["name", "env.FOO", "env", "max_stages"])
+def test_config_unset_of_a_setting_that_is_not_set_says_so(capsys, pgw_home, key):
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "env": {"BAR": "1"}} if key != "env" else OLD_CONFIG)
+    before = (pgw_home / "config.json").read_text()
+    status, out, err = run(capsys, "config", "unset", key)
+    assert (status, err) == (0, "")
+    assert out == f"{key} is not set in {pgw_home / 'config.json'}; nothing changed\n"
+    assert (pgw_home / "config.json").read_text() == before
+
+
+def test_config_unset_without_a_config_writes_none(capsys, pgw_home):
+    assert run(capsys, "config", "unset", "name")[0] == 0
+    assert not (pgw_home / "config.json").exists()
+
+
+@pytest.mark.parametrize(
     "config, fragment",
     [({"max_stages": "2"}, "'max_stages' must be a whole number"), ({"env": {"A": 1}}, "'env' must be an object of strings")],
 )
@@ -353,6 +483,17 @@ def test_revoke_keeps_host_settings(capsys, pgw_home):
     assert json.loads((pgw_home / "config.json").read_text()) == {"max_stages": 2}
 
 
+def test_revoke_while_the_daemon_runs_says_it_still_holds_the_token(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test's process stands in for `pgw run`
+    try:
+        status, out, err = run(capsys, "revoke")
+    finally:
+        os.close(fd)
+    assert status == 0 and "removed" in out
+    assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) still holds the old token: run `pgw stop`")
+
+
 def test_revoke_when_not_paired(capsys, pgw_home):
     status, out, _ = run(capsys, "revoke")
     assert status == 0 and "not paired" in out
@@ -370,3 +511,165 @@ def test_version_names_pgw_libraries_and_python(capsys):
     for dist in ("trio", "trio-websocket", "attrs", "cattrs"):
         assert f"{dist} " in out and f"{dist} (version unknown)" not in out
     assert f"Python {'.'.join(map(str, os.sys.version_info[:3]))}" in out
+
+
+# help and --home -----------------------------------------------------------------
+
+
+def test_no_command_prints_the_commands_a_start_line_and_exits_2(capsys):
+    status, out, err = run(capsys)
+    assert (status, err) == (2, "")
+    for command in ("pair", "run", "install", "status", "logs", "stop", "doctor", "selftest"):
+        assert f"\n    {command} " in out
+    assert "start here: `pgw selftest`, then `pgw pair CODE --server URL`, then `pgw install cron --apply`" in out
+    for variable in ("PGW_HOME", "PGW_SERVER", "PGW_TOKEN", "PGW_NAME", "PGW_CAFILE", "SHIV_ROOT"):
+        assert f"\n  {variable} " in out
+
+
+def test_every_command_has_a_description_of_its_own(capsys):
+    [commands] = [action for action in pgw.build_parser()._actions if isinstance(action, argparse._SubParsersAction)]
+    assert {"logs", "stop"} <= set(commands.choices)
+    for name in commands.choices:
+        with pytest.raises(SystemExit):
+            pgw.main([name, "--help"])
+        out = capsys.readouterr().out
+        description = out.split("\n\n")[1]
+        assert description[0].isupper() and len(description.split()) >= 3, (name, description)
+
+
+def test_home_option_is_pgw_home(capsys, pgw_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert run(capsys, "--home", "other", "config", "set", "name", "lab")[0] == 0
+    assert json.loads((tmp_path / "other" / "config.json").read_text()) == {"name": "lab"}
+    assert os.environ["PGW_HOME"] == str(tmp_path / "other"), "made absolute, so a chdir or install keeps it"
+    assert not pgw_home.exists()
+
+
+# logs ---------------------------------------------------------------------------
+
+
+def test_logs_prints_the_last_lines(capsys, pgw_home):
+    pgw_home.mkdir()
+    (pgw_home / "run.log").write_text("".join(f"line {n}\n" for n in range(1, 101)))
+    status, out, _ = run(capsys, "logs")
+    assert status == 0 and out == "".join(f"line {n}\n" for n in range(51, 101))
+    assert run(capsys, "logs", "-n", "2")[1] == "line 99\nline 100\n"
+    assert run(capsys, "logs", "-n", "0")[1] == ""
+
+
+def test_logs_without_a_log_says_who_writes_it(capsys, pgw_home):
+    status, out, err = run(capsys, "logs")
+    assert (status, out) == (1, "")
+    assert_one_line_error(err, f"no log yet at {pgw_home / 'run.log'}: pgw run writes it")
+
+
+def read_until(stream, text, within_s=10.0):
+    """What `stream` gave until `text` appeared in it (a line at a time)."""
+    seen = ""
+    deadline = time.monotonic() + within_s
+    while text not in seen:
+        assert time.monotonic() < deadline, f"{text!r} never came: {seen!r}"
+        line = stream.readline()
+        assert line, f"EOF before {text!r}: {seen!r}"
+        seen += line
+    return seen
+
+
+def test_logs_follow_survives_rotation_and_ends_quietly_on_ctrl_c(pgw_home):
+    pgw_home.mkdir()
+    log = pgw_home / "run.log"
+    log.write_text("old 1\nold 2\n")
+    follower = subprocess.Popen(
+        [sys.executable, str(ROOT / "pgw.py"), "logs", "-f", "-n", "1"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert read_until(follower.stdout, "old 2\n") == "old 2\n"
+        with log.open("a") as appending:
+            appending.write("appended\n")
+        assert read_until(follower.stdout, "appended\n") == "appended\n"
+        with log.open("a") as appending:
+            appending.write("last before rotation\n")
+        log.rename(pgw_home / "run.log.1")  # as RotatingFileHandler does
+        log.write_text("first after rotation\n")
+        assert read_until(follower.stdout, "first after rotation\n") == "last before rotation\nfirst after rotation\n"
+        follower.send_signal(signal.SIGINT)
+        _, err = follower.communicate(timeout=10)
+    finally:
+        follower.kill()
+    assert follower.returncode == 130
+    assert err == ""
+
+
+# stop -----------------------------------------------------------------------------
+
+HOLD_LOCK = """
+import signal, sys, time
+from pathlib import Path
+import pgw
+if sys.argv[2] == "ignore-sigterm":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+fd, _ = pgw.acquire_instance_lock(Path(sys.argv[1]))
+print("locked", flush=True)
+time.sleep(60)
+"""
+
+
+@contextlib.contextmanager
+def lock_holder(home, mode="default"):
+    """A process standing in for `pgw run`: it holds HOME's lock until it ends."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLD_LOCK, str(home), mode],
+        stdout=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+    )
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_stop_terminates_the_lock_holder_and_waits_for_the_lock(capsys, pgw_home):
+    with lock_holder(pgw_home) as holder:
+        status, out, err = run(capsys, "stop")
+        assert (status, err) == (0, "")
+        assert out == f"stopped pgw (pid {holder.pid})\n"
+        assert holder.wait(timeout=5) == -signal.SIGTERM
+    assert pgw.instance_lock_holder(pgw_home) is None
+
+
+def test_stop_when_not_running_says_so(capsys, pgw_home):
+    status, out, _ = run(capsys, "stop")
+    assert status == 0 and out == f"pgw is not running (home {pgw_home})\n"
+
+
+def test_stop_gives_up_on_a_daemon_that_does_not_stop(capsys, pgw_home, monkeypatch):
+    monkeypatch.setattr(pgw, "STOP_WAIT_S", 0.5)
+    with lock_holder(pgw_home, "ignore-sigterm") as holder:
+        status, _, err = run(capsys, "stop")
+        assert status == 1
+        assert_one_line_error(err, f"pgw (pid {holder.pid}) did not stop within 0.5 s", f"kill -KILL {holder.pid}")
+        assert holder.poll() is None
+
+
+def test_stop_never_signals_a_pid_that_does_not_hold_the_lock(capsys, pgw_home, monkeypatch):
+    monkeypatch.setattr(pgw, "LOCK_PID_SETTLE_S", 0.3)
+    bystander = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        pgw_home.mkdir()
+        (pgw_home / "run.lock").write_text(f"{bystander.pid}\n")  # left by a pgw that ended
+        assert run(capsys, "stop")[0] == 0
+        fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test takes the lock ...
+        try:
+            os.pwrite(fd, f"{bystander.pid}\n".encode().ljust(16), 0)  # ... before writing its own pid
+            status, _, err = run(capsys, "stop")
+        finally:
+            os.close(fd)
+        assert status == 1
+        assert_one_line_error(err, "nothing signalled")
+        time.sleep(0.2)
+        assert bystander.poll() is None, "the bystander was signalled"
+    finally:
+        bystander.kill()
+        bystander.wait()

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import trio
 
 import pgw
@@ -140,6 +142,23 @@ fi
 """
 
 
+PAIRED = {"server": "http://127.0.0.1:9", "worker_id": "w-1", "token": "tok-secret"}
+
+
+def fake_crontab(tmp_path, monkeypatch, table_text=None):
+    """crontab(1) stand-in on PATH; the table it keeps."""
+    tools = tmp_path / "tools"
+    tools.mkdir(exist_ok=True)
+    (tools / "crontab").write_text(FAKE_CRONTAB)
+    (tools / "crontab").chmod(0o755)
+    table = tmp_path / "crontab.txt"
+    if table_text is not None:
+        table.write_text(table_text)
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("CRONTAB_FILE", str(table))
+    return table
+
+
 def test_install_cron_prints_absolute_paths_and_a_path_with_the_clis(capsys, pgw_home, tmp_path, monkeypatch):
     clis = tmp_path / "clis"
     write_stub_cli(clis, "claude", "print('claude')")
@@ -163,6 +182,7 @@ def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys
     table.write_text("MAILTO=me\n0 3 * * * backup\n")
     monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
     monkeypatch.setenv("CRONTAB_FILE", str(table))
+    pgw.write_config(pgw_home / "config.json", PAIRED)
     assert pgw.main(["install", "cron", "--apply"]) == 0
     once = table.read_text()
     assert pgw.main(["install", "cron", "--apply"]) == 0
@@ -179,6 +199,7 @@ def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, mo
     write_stub_cli(tools, "systemctl", f"import sys; open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')")
     monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    pgw.write_config(pgw_home / "config.json", PAIRED)
     assert pgw.main(["install", "systemd", "--apply"]) == 0
     unit = (tmp_path / "xdg" / "systemd" / "user" / "pgw.service").read_text()
     assert "Restart=always" in unit and f"ExecStart={sys.executable} {ROOT / 'pgw.py'} run" in unit
@@ -200,6 +221,7 @@ def test_install_launchd_prints_a_keepalive_agent(capsys, pgw_home):
 
 def test_install_without_the_tool_is_one_line_error(capsys, pgw_home, tmp_path, monkeypatch):
     monkeypatch.setenv("PATH", str(tmp_path))
+    pgw.write_config(pgw_home / "config.json", PAIRED)
     assert pgw.main(["install", "cron", "--apply"]) == 1
     err = capsys.readouterr().err
     assert err == "pgw: `crontab` is not installed on this host\n"
@@ -214,3 +236,91 @@ def test_prune_removes_older_extractions_but_not_the_running_one(tmp_path):
     removed = pgw.prune_old_extractions(root, current)
     assert sorted(path.name for path in removed) == ["pgw.pyz_0ld1", "pgw.pyz_0ld2"]
     assert sorted(path.name for path in root.iterdir()) == ["other.pyz_0ld3", "pgw.pyz_cafe"]
+
+
+def test_install_writes_a_relative_pgw_home_as_an_absolute_one(capsys, pgw_home, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PGW_HOME", "rel-home")
+    assert pgw.main(["install", "cron"]) == 0
+    cron = capsys.readouterr().out
+    assert f"PGW_HOME={tmp_path / 'rel-home'} " in cron and f"SHIV_ROOT={tmp_path / 'rel-home' / 'shiv'} " in cron
+    assert pgw.main(["install", "systemd"]) == 0
+    assert f'Environment="PGW_HOME={tmp_path / "rel-home"}"' in capsys.readouterr().out
+
+
+def test_systemd_unit_doubles_percent_signs(capsys, tmp_path, monkeypatch):
+    home = tmp_path / "100%home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    assert pgw.main(["install", "systemd"]) == 0
+    unit = capsys.readouterr().out.split("\n", 1)[1]
+    assert f'Environment="PGW_HOME={tmp_path}/100%%home"' in unit
+    assert f'Environment="SHIV_ROOT={tmp_path}/100%%home/shiv"' in unit
+    assert re.search(r"(?<!%)%(?!%)", unit.replace("%%", "")) is None, "a lone % is a systemd specifier"
+
+
+@pytest.mark.parametrize("kind, host", [("launchd", "linux"), ("systemd", "darwin")])
+def test_install_on_the_wrong_os_refuses_before_writing(capsys, pgw_home, tmp_path, monkeypatch, kind, host):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setattr(sys, "platform", host)
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(["install", kind, "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{kind} exists only on" in err and "`pgw install cron --apply`" in err
+    assert not pgw.install_target(kind).exists()
+    assert not pgw.install_target(kind).parent.exists()
+
+
+def test_uninstall_on_the_wrong_os_removes_the_file_left_behind(capsys, pgw_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setattr(sys, "platform", "linux")
+    plist = pgw.install_target("launchd")
+    plist.parent.mkdir(parents=True)
+    plist.write_text("<plist/>")
+    assert pgw.main(["uninstall", "launchd"]) == 0
+    assert not plist.exists()
+    assert "nothing to stop" in capsys.readouterr().out
+
+
+def test_systemctl_without_a_user_bus_says_how_to_get_one(capsys, pgw_home, tmp_path, monkeypatch):
+    tools = tmp_path / "tools"
+    write_stub_cli(tools, "systemctl", "import sys; sys.stderr.write('Failed to connect to bus: No medium found\\n'); sys.exit(1)")
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("USER", "alice")
+    monkeypatch.setenv("LOGNAME", "alice")
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(["install", "systemd", "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert "Failed to connect to bus" in err and "log in as alice directly" in err and "not `su`" in err
+    assert "`loginctl enable-linger alice`" in err
+
+
+def test_install_apply_on_an_unpaired_host_refuses_unless_forced(capsys, pgw_home, tmp_path, monkeypatch):
+    table = fake_crontab(tmp_path, monkeypatch, "0 3 * * * backup\n")
+    assert pgw.main(["install", "cron", "--apply"]) == 1
+    assert capsys.readouterr().err == (
+        "pgw: not paired yet: run `pgw pair CODE --server URL` first (or pass --force to install anyway)\n"
+    )
+    assert table.read_text() == "0 3 * * * backup\n"
+    assert pgw.main(["install", "cron", "--apply", "--force"]) == 0
+    assert "@reboot" in table.read_text()
+    pgw.main(["uninstall", "cron"])
+    monkeypatch.setenv("PGW_TOKEN", "tok-env")
+    assert pgw.main(["install", "cron", "--apply"]) == 0
+    assert "@reboot" in table.read_text()
+
+
+async def test_stop_ends_a_real_daemon_cleanly(tmp_path, stub_bin):
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process(PGW, backend, home, stub_bin) as daemon:
+                await backend.next_connection()
+                stopped = await trio.to_thread.run_sync(pgw_command, home, "stop")
+                assert (stopped.returncode, stopped.stdout, stopped.stderr) == (0, f"stopped pgw (pid {daemon.pid})\n", "")
+                assert daemon.returncode == 0 or await daemon.wait() == 0
+                assert "received SIGTERM" in (home / "run.log").read_text()
+    again = pgw_command(home, "stop")
+    assert (again.returncode, again.stdout) == (0, f"pgw is not running (home {home})\n")
