@@ -269,13 +269,15 @@ def choose_root():
 
 
 def bootstrap(callers_umask):
-    """shiv's bootstrap() with two of its module functions wrapped (shiv is pinned by the
-    dev lock; tests/test_pyz.py checks the names): extraction failures become one line,
-    and pgw's entry point runs under the caller's umask again. Imports stay under 077,
-    so the __pycache__ they write is private too."""
+    """shiv's bootstrap() with three of its module functions wrapped (shiv is pinned by
+    the dev lock; build.sh and tests/test_pyz.py check the names): an extraction failure
+    becomes one line, and whatever it hands over to (pgw's entry point, or the
+    SHIV_INTERPRETER) runs under the caller's umask again, so pgw's own children are
+    unaffected. Imports stay under 077, so the __pycache__ they write is private too."""
     import _bootstrap
     extract = _bootstrap.extract_site_packages
     run = _bootstrap.run
+    execute_interpreter = _bootstrap.execute_interpreter
 
     def extract_site_packages(archive, target_path, *args, **kwargs):
         try:
@@ -288,8 +290,13 @@ def bootstrap(callers_umask):
         os.umask(callers_umask)
         return run(module)
 
+    def execute_interpreter_with_callers_umask():
+        os.umask(callers_umask)
+        return execute_interpreter()
+
     _bootstrap.extract_site_packages = extract_site_packages
     _bootstrap.run = run_with_callers_umask
+    _bootstrap.execute_interpreter = execute_interpreter_with_callers_umask
     _bootstrap.bootstrap()
 
 
@@ -350,8 +357,9 @@ build_pyz() {
 import stat, sys, zipfile
 shiv_pyz, main_py, out_pyz = sys.argv[1:]
 bootstrap_source = zipfile.ZipFile(shiv_pyz).read("_bootstrap/__init__.py").decode()
-for hook in ("def extract_site_packages(", "def run(", "            extract_site_packages(", "            run(import_string("):
-    if hook not in bootstrap_source:  # the start code wraps these two: shiv changed under us
+for hook in ("def extract_site_packages(", "def run(", "from .interpreter import execute_interpreter",
+             "            extract_site_packages(", "            run(import_string(", "    execute_interpreter()"):
+    if hook not in bootstrap_source:  # the start code wraps these three: shiv changed under us
         sys.exit(f"build.sh: shiv's _bootstrap no longer has {hook.strip()!r}; fix start_code's bootstrap()")
 with open(shiv_pyz, "rb") as shiv_file, open(out_pyz, "wb") as out_file:
     out_file.write(shiv_file.readline())  # the shebang
