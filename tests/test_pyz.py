@@ -406,6 +406,21 @@ def test_missing_home_unpacks_into_a_private_dir_under_the_temp_dir(pyz, tmp_pat
     assert_private_tree(fallback)
 
 
+def test_a_shiv_dir_owned_by_someone_else_is_passed_over_for_the_private_dir(pyz, home, tmp_path):
+    """`sudo` keeping HOME: ~/.shiv belongs to the user, who could plant code root would run."""
+    python = newest_python()
+    (home / ".shiv").mkdir(mode=0o755)
+    os.chown(home / ".shiv", NOBODY_UID, NOBODY_UID)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+
+    done = run_start([python, str(pyz), "--version"], {"PATH": MINIMAL_PATH, "HOME": str(home), "TMPDIR": str(temp)}, home)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert list((home / ".shiv").iterdir()) == []
+    assert list((temp / f"pgw-shiv-{os.geteuid()}").glob("pgw.pyz_*/site-packages/pgw.py"))
+
+
 def _runs_as_nobody(python: str) -> bool:
     try:
         return subprocess.run(
