@@ -354,9 +354,10 @@ build_pyz() {
 # Copy shiv's zip entry by entry, in its order and with its timestamps (so the build stays
 # reproducible), with our __main__.py instead of shiv's and no group/other bits on
 # site-packages: shiv's extraction chmods each file to its mode in the zip.
-import stat, sys, zipfile
+import sys, zipfile
 shiv_pyz, main_py, out_pyz = sys.argv[1:]
-bootstrap_source = zipfile.ZipFile(shiv_pyz).read("_bootstrap/__init__.py").decode()
+with zipfile.ZipFile(shiv_pyz) as shiv_zip:
+    bootstrap_source = shiv_zip.read("_bootstrap/__init__.py").decode()
 for hook in ("def extract_site_packages(", "def run(", "from .interpreter import execute_interpreter",
              "            extract_site_packages(", "            run(import_string(", "    execute_interpreter()"):
     if hook not in bootstrap_source:  # the start code wraps these three: shiv changed under us
@@ -367,7 +368,8 @@ with open(shiv_pyz, "rb") as shiv_file, open(out_pyz, "wb") as out_file:
         for entry in shiv_zip.infolist():
             data, mode = shiv_zip.read(entry), entry.external_attr >> 16
             if entry.filename == "__main__.py":
-                data = open(main_py, "rb").read()
+                with open(main_py, "rb") as start_code:
+                    data = start_code.read()
             elif entry.filename.startswith("site-packages/"):
                 mode &= ~0o077
             copy = zipfile.ZipInfo(entry.filename, date_time=entry.date_time)
