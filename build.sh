@@ -31,7 +31,288 @@ ensure_venv() {
   echo "$stamp" >"$VENV/.dev-lock-stamp" # written last: a failed install retries next time
 }
 
-# Stage the runtime deps plus pgw.py in build/site, then zip it with shiv.
+# The pyz's own start code: shiv's zip runs `__main__.py` before it extracts anything and
+# before any dependency is imported, so this is the one place that can tell a user on an
+# old Python what to do, pick an extraction root HOME cannot give, and make the extraction
+# private. It must parse on any Python 3 (no f-strings). build_pyz puts it in the zip in
+# place of shiv's two-line `__main__.py`; this heredoc is its only copy.
+start_code() {
+  cat <<'PY'
+# -*- coding: utf-8 -*-
+# pgw.pyz start code (written by build.sh). Runs before shiv's bootstrap, on whatever
+# Python started the pyz, so it parses on any Python 3: no f-strings, no annotations.
+#   1. Older than 3.10: re-exec under the newest python3.1x on PATH that really runs;
+#      none: one line saying what to install.
+#   2. Where shiv unpacks: $SHIV_ROOT, else ~/.shiv, else a private per-user directory
+#      under $XDG_RUNTIME_DIR or the temp directory (exported as SHIV_ROOT).
+#   3. Unpack under umask 077 (dirs 0700, files 0600/0700: the zip holds no group or
+#      other bits), then hand pgw the caller's umask back.
+import os
+import stat
+import sys
+
+# cattrs imports inspect.get_annotations, new in 3.10; the runtime lock is resolved for 3.10.
+MIN_PYTHON = (3, 10)
+# Newest first: the re-exec takes the first that runs and is new enough.
+NEWER_PYTHONS = ("python3.13", "python3.12", "python3.11", "python3.10")
+# Set across the re-exec so the second process never looks again: no exec loop.
+REEXEC_MARKER = "PGW_PYZ_REEXEC"
+# A candidate that cannot print its version in this long is taken as broken; a pyenv
+# shim takes about 0.1 s, a cold interpreter on a slow disk a few seconds.
+PROBE_TIMEOUT_S = 30
+# Anyone who can write into the extraction root can plant code the next pgw runs.
+OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
+
+
+def fail(message):
+    sys.stderr.write(message + "\n")
+    sys.exit(1)
+
+
+##############################################################################
+# 1. A Python new enough
+##############################################################################
+
+
+def probe(candidate):
+    """The interpreter behind `candidate` (a pyenv shim may refuse to run) if it is new enough."""
+    import subprocess
+    code = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys.executable)"
+    try:
+        output = subprocess.check_output(
+            [candidate, "-c", code], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            universal_newlines=True, timeout=PROBE_TIMEOUT_S,
+        )
+        major, minor = output.splitlines()[0].split(".")
+        version = (int(major), int(minor))
+        real = output.splitlines()[1]
+    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+        return None
+    if version < MIN_PYTHON:
+        return None
+    return real if real and os.access(real, os.X_OK) else candidate
+
+
+def newer_python():
+    """The newest python3.1x (>= 3.10) on PATH that really runs, resolved past any shim."""
+    directories = [d for d in os.environ.get("PATH", os.defpath).split(os.pathsep) if d]
+    for name in NEWER_PYTHONS:
+        for directory in directories:
+            candidate = os.path.join(directory, name)
+            if os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+                real = probe(candidate)
+                if real:
+                    return real
+    return None
+
+
+def ensure_new_python():
+    if sys.version_info >= MIN_PYTHON:
+        os.environ.pop(REEXEC_MARKER, None)  # pgw's own children start afresh
+        return
+    here = sys.executable or "python3"
+    pyz = sys.argv[0]
+    if REEXEC_MARKER not in os.environ:
+        newer = newer_python()
+        if newer:
+            os.environ[REEXEC_MARKER] = here
+            try:
+                os.execv(newer, [newer, pyz] + sys.argv[1:])
+            except OSError:
+                pass
+    fail(
+        "pgw needs Python 3.10 or newer; %s is %s. Install python3.11 (RHEL 9: dnf install "
+        "python3.11) or run: python3.11 %s" % (here, "%d.%d.%d" % tuple(sys.version_info[:3]), pyz)
+    )
+
+
+##############################################################################
+# 2. Where to unpack
+##############################################################################
+
+
+def why(error):
+    return error.strerror or str(error)
+
+
+def secure(path, info):
+    """Whether directory `path` (stat `info`) was open to other writers, dropping their
+    write bits if it is ours; None if they can write it and that is not ours to change
+    (another user's directory, or a shared sticky one like /tmp)."""
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & OTHERS_WRITE:
+        return False
+    if info.st_uid != os.geteuid() or mode & stat.S_ISVTX:
+        return None
+    os.chmod(path, mode & ~OTHERS_WRITE)
+    return True
+
+
+def drop_untrusted_extraction(root):
+    """Others could write into `root` until now: remove this build's extraction, its
+    half-done `.tmp` and its lock (a planted symlink there would be truncated)."""
+    import json
+    import shutil
+    import zipfile
+    with zipfile.ZipFile(sys.argv[0]) as archive:
+        build_id = json.loads(archive.read("environment.json").decode())["build_id"]
+    name = "%s_%s" % (os.path.basename(os.path.realpath(sys.argv[0])), build_id)
+    for path in (os.path.join(root, name), os.path.join(root, name + ".tmp"), os.path.join(root, "." + name + "_lock")):
+        try:
+            if os.path.isdir(path) and not os.path.islink(path):
+                shutil.rmtree(path)
+            elif os.path.lexists(path):
+                os.unlink(path)
+        except OSError as error:
+            fail("pgw: %s was writable by other users and cannot be removed (%s): remove it, "
+                 "or set SHIV_ROOT to a directory only you can write" % (path, why(error)))
+
+
+def configured_root(value):
+    """$SHIV_ROOT, as shiv reads it: made if missing; refused if others can write it."""
+    path = os.path.expanduser(os.environ.get(value[1:], value[1:]) if value.startswith("$") else value)
+    try:
+        os.makedirs(path, 0o700, exist_ok=True)
+        loose = secure(path, os.stat(path))
+    except OSError as error:
+        fail("pgw: cannot unpack pgw.pyz into SHIV_ROOT=%s (%s): set SHIV_ROOT to a directory "
+             "you can write" % (value, why(error)))
+    if loose is None:
+        fail("pgw: SHIV_ROOT=%s is writable by other users and not yours to change: set "
+             "SHIV_ROOT to a directory only you can write" % value)
+    if not os.access(path, os.W_OK | os.X_OK):
+        fail("pgw: cannot unpack pgw.pyz into SHIV_ROOT=%s (not writable): set SHIV_ROOT to a "
+             "directory you can write" % value)
+    if loose:
+        drop_untrusted_extraction(path)
+
+
+def home_root():
+    """~/.shiv if it is ours (or we can make it) and writable; (None, why) if not."""
+    path = os.path.expanduser(os.path.join("~", ".shiv"))
+    if path.startswith("~"):
+        return None, "~/.shiv: no home directory"
+    try:
+        try:
+            os.mkdir(path, 0o700)  # the home itself must exist: never made here
+        except FileExistsError:
+            pass
+        info = os.stat(path)  # a symlinked ~/.shiv is the user's own choice
+        if not stat.S_ISDIR(info.st_mode):
+            return None, "%s: not a directory" % path
+        if info.st_uid != os.geteuid():
+            return None, "%s: owned by uid %d, not by you" % (path, info.st_uid)
+        loose = secure(path, info)
+    except OSError as error:
+        return None, "%s: %s" % (path, why(error))
+    if loose is None:
+        return None, "%s: writable by other users" % path
+    if not os.access(path, os.W_OK | os.X_OK):
+        return None, "%s: not writable" % path
+    if loose:
+        drop_untrusted_extraction(path)
+    return path, None
+
+
+def private_root(base):
+    """base/pgw-shiv-UID: a real directory of ours, mode 0700 (on a shared host another
+    user could have made it first); (None, why) if not."""
+    path = os.path.join(base, "pgw-shiv-%d" % os.geteuid())
+    try:
+        try:
+            os.mkdir(path, 0o700)
+        except FileExistsError:
+            pass
+        info = os.lstat(path)
+    except OSError as error:
+        return None, "%s: %s" % (path, why(error))
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return None, "%s: a symlink or not a directory (refused)" % path
+    if info.st_uid != os.geteuid():
+        return None, "%s: owned by uid %d, not by you (refused)" % (path, info.st_uid)
+    if stat.S_IMODE(info.st_mode) != 0o700:
+        return None, "%s: mode %04o, not 0700 (refused)" % (path, stat.S_IMODE(info.st_mode))
+    if not os.access(path, os.W_OK | os.X_OK):
+        return None, "%s: not writable" % path
+    return path, None
+
+
+def choose_root():
+    if os.environ.get("SHIV_ROOT"):
+        configured_root(os.environ["SHIV_ROOT"])
+        return
+    path, reason = home_root()
+    if path:
+        return  # shiv's own default: nothing to tell it
+    reasons = [reason]
+    bases = []
+    runtime = os.environ.get("XDG_RUNTIME_DIR", "")
+    if os.path.isabs(runtime) and os.path.isdir(runtime):
+        bases.append(runtime)
+    try:
+        import tempfile
+        bases.append(tempfile.gettempdir())
+    except OSError as error:
+        reasons.append("no temp directory (%s)" % why(error))
+    for base in bases:
+        path, reason = private_root(base)
+        if path:
+            os.environ["SHIV_ROOT"] = path  # shiv's bootstrap and pgw read it from here
+            return
+        reasons.append(reason)
+    fail("pgw: cannot unpack pgw.pyz: %s; set SHIV_ROOT to a directory you can write" % "; ".join(reasons))
+
+
+##############################################################################
+# 3. Hand over to shiv, privately
+##############################################################################
+
+
+def bootstrap(callers_umask):
+    """shiv's bootstrap() with three of its module functions wrapped (shiv is pinned by
+    the dev lock; build.sh and tests/test_pyz.py check the names): an extraction failure
+    becomes one line, and whatever it hands over to (pgw's entry point, or the
+    SHIV_INTERPRETER) runs under the caller's umask again, so pgw's own children are
+    unaffected. Imports stay under 077, so the __pycache__ they write is private too."""
+    import _bootstrap
+    extract = _bootstrap.extract_site_packages
+    run = _bootstrap.run
+    execute_interpreter = _bootstrap.execute_interpreter
+
+    def extract_site_packages(archive, target_path, *args, **kwargs):
+        try:
+            return extract(archive, target_path, *args, **kwargs)
+        except OSError as error:
+            fail("pgw: cannot unpack pgw.pyz into %s (%s): set SHIV_ROOT to a directory "
+                 "you can write" % (target_path, why(error)))
+
+    def run_with_callers_umask(module):
+        os.umask(callers_umask)
+        return run(module)
+
+    def execute_interpreter_with_callers_umask():
+        os.umask(callers_umask)
+        return execute_interpreter()
+
+    _bootstrap.extract_site_packages = extract_site_packages
+    _bootstrap.run = run_with_callers_umask
+    _bootstrap.execute_interpreter = execute_interpreter_with_callers_umask
+    _bootstrap.bootstrap()
+
+
+def main():
+    ensure_new_python()
+    callers_umask = os.umask(0o077)
+    choose_root()
+    bootstrap(callers_umask)
+
+
+main()
+PY
+}
+
+# Stage the runtime deps plus pgw.py in build/site, zip it with shiv, then put
+# our start code in the zip.
 build_pyz() {
   rm -rf build/site
   mkdir -p build/site
@@ -67,7 +348,35 @@ build_pyz() {
   epoch=$(git log -1 --format=%ct 2>/dev/null || echo 315532800) # commit time, else 1980-01-01
   SOURCE_DATE_EPOCH=$epoch "$VENV/bin/python" -m shiv --reproducible \
     --site-packages build/site --entry-point pgw:main --python '/usr/bin/env python3' \
-    --output-file build/pgw.pyz.tmp
+    --output-file build/pgw.pyz.shiv
+  start_code >build/__main__.py
+  "$VENV/bin/python" - build/pgw.pyz.shiv build/__main__.py build/pgw.pyz.tmp <<'PY'
+# Copy shiv's zip entry by entry, in its order and with its timestamps (so the build stays
+# reproducible), with our __main__.py instead of shiv's and no group/other bits on
+# site-packages: shiv's extraction chmods each file to its mode in the zip.
+import sys, zipfile
+shiv_pyz, main_py, out_pyz = sys.argv[1:]
+with zipfile.ZipFile(shiv_pyz) as shiv_zip:
+    bootstrap_source = shiv_zip.read("_bootstrap/__init__.py").decode()
+for hook in ("def extract_site_packages(", "def run(", "from .interpreter import execute_interpreter",
+             "            extract_site_packages(", "            run(import_string(", "    execute_interpreter()"):
+    if hook not in bootstrap_source:  # the start code wraps these three: shiv changed under us
+        sys.exit(f"build.sh: shiv's _bootstrap no longer has {hook.strip()!r}; fix start_code's bootstrap()")
+with open(shiv_pyz, "rb") as shiv_file, open(out_pyz, "wb") as out_file:
+    out_file.write(shiv_file.readline())  # the shebang
+    with zipfile.ZipFile(shiv_file) as shiv_zip, zipfile.ZipFile(out_file, "w") as out_zip:
+        for entry in shiv_zip.infolist():
+            data, mode = shiv_zip.read(entry), entry.external_attr >> 16
+            if entry.filename == "__main__.py":
+                with open(main_py, "rb") as start_code:
+                    data = start_code.read()
+            elif entry.filename.startswith("site-packages/"):
+                mode &= ~0o077
+            copy = zipfile.ZipInfo(entry.filename, date_time=entry.date_time)
+            copy.compress_type, copy.external_attr = entry.compress_type, mode << 16
+            out_zip.writestr(copy, data)
+PY
+  chmod 0755 build/pgw.pyz.tmp
   mv build/pgw.pyz.tmp pgw.pyz
   echo "pgw.pyz: $(stat -c %s pgw.pyz) bytes, sha256 $(sha256sum pgw.pyz | cut -d' ' -f1)"
 }

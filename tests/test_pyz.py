@@ -309,6 +309,262 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
 
 
 ##############################################################################
+# The pyz's own start code (build.sh's start_code): before shiv and any dependency
+##############################################################################
+
+OLD_MINORS = (6, 7, 8, 9)
+OLD_PYTHONS = {minor: find_python(minor) for minor in OLD_MINORS}
+NOBODY_UID = 65534  # nobody/nogroup on Debian and RHEL alike
+
+
+def newest_python() -> str:
+    python = PYTHONS[13] or PYTHONS[12] or PYTHONS[11] or PYTHONS[10]
+    if python is None:
+        pytest.skip("no Python 3.10+ on this machine")
+    return python
+
+
+@pytest.fixture(params=OLD_MINORS, ids=[f"py3.{minor}" for minor in OLD_MINORS])
+def old_python(request) -> str:
+    executable = OLD_PYTHONS[request.param]
+    if executable is None:
+        pytest.skip(f"no Python 3.{request.param} on this machine (not on PATH, not under pyenv)")
+    return executable
+
+
+def run_start(command: list[str], env: dict[str, str], cwd: Path, umask: int | None = None) -> subprocess.CompletedProcess[str]:
+    """Run `command` with exactly `env`; under `umask` if given (via sh: no preexec_fn)."""
+    if umask is not None:
+        command = ["/bin/sh", "-c", f'umask {umask:03o} && exec "$@"', "sh", *command]
+    return subprocess.run(command, env=env, cwd=cwd, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=False)
+
+
+def assert_one_line_naming(done: subprocess.CompletedProcess[str], fix: str) -> None:
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "Traceback" not in done.stderr
+    assert len(done.stderr.splitlines()) == 1 and done.stderr.endswith("\n"), done.stderr
+    assert fix in done.stderr
+
+
+def assert_private_tree(root: Path) -> None:
+    """root and everything under it: no group or other bits, owned by us, no symlinks."""
+    for path in [root, *root.rglob("*")]:
+        info = path.lstat()
+        assert not stat.S_ISLNK(info.st_mode), path
+        assert stat.S_IMODE(info.st_mode) & 0o077 == 0, f"{path} has mode {stat.S_IMODE(info.st_mode):04o}"
+        assert info.st_uid == os.geteuid(), path
+
+
+REFUSING_SHIM = "#!/bin/sh\necho 'pyenv: {name}: command not found' >&2\nexit 127\n"
+
+
+def test_old_python_reexecs_under_the_newest_python_on_path_that_runs(old_python, pyz, home, tmp_path):
+    """A pyenv-like shim for python3.13 that refuses to run is passed over for python3.11."""
+    newer = newest_python()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3.13").write_text(REFUSING_SHIM.format(name="python3.13"))
+    (bin_dir / "python3.13").chmod(0o755)
+    (bin_dir / "python3.11").symlink_to(newer)
+
+    done = run_start([old_python, str(pyz), "--version"], {"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, home)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert f"Python {python_version(newer)} ({bin_dir / 'python3.11'})" in done.stdout
+
+
+def test_old_python_without_a_newer_one_exits_with_one_line_naming_the_fix(old_python, pyz, home, tmp_path):
+    """PATH holds a refusing shim and a `python3.12` that is really this old Python: no exec loop."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3.13").write_text(REFUSING_SHIM.format(name="python3.13"))
+    (bin_dir / "python3.13").chmod(0o755)
+    (bin_dir / "python3.12").symlink_to(old_python)
+
+    done = run_start([old_python, str(pyz), "--version"], {"PATH": str(bin_dir), "HOME": str(home)}, home)
+
+    assert_one_line_naming(done, "pgw needs Python 3.10 or newer;")
+    assert f"{old_python} is {python_version(old_python)}." in done.stderr
+    assert f"python3.11 {pyz}" in done.stderr
+    assert not (home / ".shiv").exists()
+
+
+def test_missing_home_unpacks_into_a_private_dir_under_the_temp_dir(pyz, tmp_path):
+    python = newest_python()
+    home = tmp_path / "nonexistent"
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+
+    done = run_start([python, str(pyz), "--version"], {"PATH": MINIMAL_PATH, "HOME": str(home), "TMPDIR": str(temp)}, tmp_path)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert f"pgw {pgw_version()}" in done.stdout
+    assert not home.exists()
+    fallback = temp / f"pgw-shiv-{os.geteuid()}"
+    assert stat.S_IMODE(fallback.lstat().st_mode) == 0o700
+    assert list(fallback.glob("pgw.pyz_*/site-packages/pgw.py"))
+    assert_private_tree(fallback)
+
+
+def test_a_shiv_dir_owned_by_someone_else_is_passed_over_for_the_private_dir(pyz, home, tmp_path):
+    """`sudo` keeping HOME: ~/.shiv belongs to the user, who could plant code root would run."""
+    python = newest_python()
+    (home / ".shiv").mkdir(mode=0o755)
+    os.chown(home / ".shiv", NOBODY_UID, NOBODY_UID)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+
+    done = run_start([python, str(pyz), "--version"], {"PATH": MINIMAL_PATH, "HOME": str(home), "TMPDIR": str(temp)}, home)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert list((home / ".shiv").iterdir()) == []
+    assert list((temp / f"pgw-shiv-{os.geteuid()}").glob("pgw.pyz_*/site-packages/pgw.py"))
+
+
+def _runs_as_nobody(python: str) -> bool:
+    try:
+        return subprocess.run(
+            ["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups", python, "-c", "pass"],
+            env={"PATH": MINIMAL_PATH}, cwd="/", capture_output=True, timeout=RUN_TIMEOUT_S, check=False,
+        ).returncode == 0
+    except OSError:
+        return False
+
+
+def test_unwritable_home_unpacks_into_a_private_dir_as_an_unprivileged_user(pyz):
+    """Root ignores permissions, so this runs as nobody: a home it cannot write, a shared /tmp."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root and setpriv to run as nobody")
+    system_pythons = [shutil.which(f"python3.{minor}", path=MINIMAL_PATH) for minor in SUPPORTED_MINORS]
+    python = next((p for p in [*system_pythons, *PYTHONS.values()] if p and _runs_as_nobody(p)), None)
+    if python is None:
+        pytest.skip("no Python 3.10+ that nobody can run (pyenv's usually live under root's home)")
+    import tempfile
+
+    shared = Path(tempfile.mkdtemp(prefix="pgw-test-nobody-"))  # pytest's tmp_path is root-only
+    try:
+        shared.chmod(0o755)
+        shutil.copy(pyz, shared / "pgw.pyz")
+        (shared / "home").mkdir(mode=0o755)  # root's: nobody cannot write it
+        (shared / "tmp").mkdir()
+        (shared / "tmp").chmod(0o1777)
+        env = {"PATH": MINIMAL_PATH, "HOME": str(shared / "home"), "TMPDIR": str(shared / "tmp")}
+
+        done = run_start(
+            ["setpriv", f"--reuid={NOBODY_UID}", f"--regid={NOBODY_UID}", "--clear-groups",
+             python, str(shared / "pgw.pyz"), "--version"], env, shared,
+        )
+
+        assert (done.returncode, done.stderr) == (0, "")
+        assert f"pgw {pgw_version()}" in done.stdout
+        fallback = shared / "tmp" / f"pgw-shiv-{NOBODY_UID}"
+        info = fallback.lstat()
+        assert (info.st_uid, stat.S_IMODE(info.st_mode)) == (NOBODY_UID, 0o700)
+        assert list(fallback.glob("pgw.pyz_*/site-packages/pgw.py"))
+        assert not (shared / "home" / ".shiv").exists()
+    finally:
+        shutil.rmtree(shared)
+
+
+@pytest.mark.parametrize("planted", ["mode 0777", "another user's", "a symlink"])
+def test_a_fallback_dir_someone_else_could_write_is_refused_with_one_line(pyz, tmp_path, planted):
+    """On a shared host another user may make /tmp/pgw-shiv-UID first, to plant code in it."""
+    python = newest_python()
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    fallback = temp / f"pgw-shiv-{os.geteuid()}"
+    if planted == "a symlink":
+        (tmp_path / "elsewhere").mkdir(mode=0o700)
+        fallback.symlink_to(tmp_path / "elsewhere")
+    else:
+        fallback.mkdir()
+        fallback.chmod(0o777 if planted == "mode 0777" else 0o700)
+        if planted == "another user's":
+            os.chown(fallback, NOBODY_UID, NOBODY_UID)
+    env = {"PATH": MINIMAL_PATH, "HOME": str(tmp_path / "nonexistent"), "TMPDIR": str(temp)}
+
+    done = run_start([python, str(pyz), "--version"], env, tmp_path)
+
+    assert_one_line_naming(done, "set SHIV_ROOT to a directory you can write")
+    assert f"{fallback}: " in done.stderr and "(refused)" in done.stderr
+    assert list(tmp_path.rglob("pgw.pyz_*")) == []
+
+
+def test_umask_000_unpacks_privately_and_hands_pgw_the_callers_umask(pyz, home, tmp_path):
+    """Under umask 000 shiv made its tree 0777: another user could swap in code that the next
+    pgw (root's, under cron) would run. pgw itself, and so its stages, keep the caller's umask."""
+    python = newest_python()
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home)}
+
+    done = run_start([python, str(pyz), "--version"], env, home, umask=0o000)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    root = home / ".shiv"
+    assert_private_tree(root)
+    [pgw_py] = root.glob("pgw.pyz_*/site-packages/pgw.py")
+    assert pgw_py.stat().st_mode & 0o022 == 0
+    # The entry point runs under the caller's umask: a stand-in for pgw:main prints it.
+    probe_dir = tmp_path / "probe"
+    probe_dir.mkdir()
+    (probe_dir / "umask_probe.py").write_text("import os\ndef main():\n    print(oct(os.umask(0)))\n    return 0\n")
+    env.update(SHIV_ENTRY_POINT="umask_probe:main", SHIV_PREPEND_PYTHONPATH=str(probe_dir))
+    probed = run_start([python, str(pyz)], env, home, umask=0o027)
+    assert (probed.returncode, probed.stdout) == (0, "0o27\n"), probed.stderr
+
+
+def test_an_old_loose_extraction_root_is_tightened_and_its_planted_files_dropped(pyz, home, tmp_path):
+    """A ~/.shiv left 0777 by an older pgw under umask 000: another user may have planted this
+    build's extraction (its name is predictable) and a lock symlink that shiv would truncate."""
+    python = newest_python()
+    root = home / ".shiv"
+    root.mkdir()
+    root.chmod(0o777)
+    with zipfile.ZipFile(pyz) as archive:
+        build_id = json.loads(archive.read("environment.json"))["build_id"]
+    planted = root / f"pgw.pyz_{build_id}" / "site-packages"
+    planted.mkdir(parents=True)
+    (planted / "pgw.py").write_text("def main():\n    print('planted code ran')\n")
+    victim = tmp_path / "victim"
+    victim.write_text("keep me")
+    (root / f".pgw.pyz_{build_id}_lock").symlink_to(victim)
+
+    done = run_start([python, str(pyz), "--version"], {"PATH": MINIMAL_PATH, "HOME": str(home)}, home)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert "planted code ran" not in done.stdout and f"pgw {pgw_version()}" in done.stdout
+    assert victim.read_text() == "keep me"
+    assert stat.S_IMODE(root.stat().st_mode) & 0o022 == 0
+    assert_private_tree(root / f"pgw.pyz_{build_id}")
+
+
+def test_shiv_root_writable_by_others_and_not_ours_to_change_is_refused(pyz, home, tmp_path):
+    python = newest_python()
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)  # like /tmp: tightening it is not ours to do
+
+    done = run_start([python, str(pyz), "--version"], {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shared)}, home)
+
+    assert_one_line_naming(done, "set SHIV_ROOT to a directory only you can write")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+    assert list(shared.iterdir()) == []
+
+
+def test_start_code_wraps_functions_shivs_bootstrap_still_calls(pyz):
+    """The start code replaces three module functions of shiv's (pinned) _bootstrap:
+    bootstrap() must still look them up by these names, or the wrapping does nothing."""
+    with zipfile.ZipFile(pyz) as archive:
+        tree = ast.parse(archive.read("_bootstrap/__init__.py"))
+        start_code = archive.read("__main__.py").decode()
+    [bootstrap] = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "bootstrap"]
+    called = {node.func.id for node in ast.walk(bootstrap) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
+    for name in ("extract_site_packages", "run", "execute_interpreter"):
+        assert name in called
+        assert f"_bootstrap.{name} = " in start_code
+    assert "_bootstrap.bootstrap()" in start_code
+
+
+##############################################################################
 # What the pyz holds
 ##############################################################################
 
