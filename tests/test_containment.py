@@ -1,0 +1,250 @@
+"""Containment: nothing a stage starts outlives the stage, whatever it does.
+
+Each escape kind is a stub CLI that starts a stubborn process (it ignores
+SIGTERM and SIGHUP) meant to outlive it: in a new session or process group,
+with an emptied environment, after a double fork, through `nohup … & disown`,
+or as a "hopper" that forks and exits every 3 ms so its pid never stays the
+same.  Each is ended every way a stage ends: its CLI exits, a cancel, its
+timeout, the connection's loss, the daemon's SIGTERM, and the daemon's
+SIGKILL (then a restart).  The escapees carry a marker in their argv, the one
+thing an emptied environment does not remove, and the checks scan
+/proc/*/cmdline for it.  Linux only: elsewhere pgw kills the process group.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+import trio
+
+import pgw
+from backend import open_backend
+from conftest import write_stub_cli
+from test_faults import is_alive, pgw_daemon, pyz_pgw  # noqa: F401 - pyz_pgw is a fixture
+from test_run import cancel, connected, environ, request  # noqa: F401 - environ is a fixture
+
+pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the subreaper and /proc are Linux's")
+
+# The escapee: it outlives everything it can, touching its ready file as it
+# goes (the file's mtime moving is the proof of life that no pid gives a hopper).
+ESCAPEE = (
+    "import os, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    "open(sys.argv[2], 'w').close()\n"
+    "while True:\n"
+    "    os.utime(sys.argv[2])\n"
+    "    time.sleep(0.01)\n"
+)
+# The hopper: a new pid every 3 ms, so one pass over the processes may not see it at all.
+HOPPER = (
+    "import os, signal, sys, time\n"
+    "signal.signal(signal.SIGTERM, signal.SIG_IGN); signal.signal(signal.SIGHUP, signal.SIG_IGN)\n"
+    "open(sys.argv[2], 'w').close()\n"
+    "while True:\n"
+    "    if os.fork():\n"
+    "        os._exit(0)\n"
+    "    os.utime(sys.argv[2])\n"
+    "    time.sleep(0.003)\n"
+)
+
+DETACHED = """
+def detached(code, leave):
+    # A double fork; the grandchild leaves the stage's session or group, drops
+    # its pipes and execs with an empty environment.
+    if os.fork() == 0:
+        if os.fork() == 0:
+            leave()
+            null = os.open(os.devnull, os.O_RDWR)
+            for fd in (0, 1, 2):
+                os.dup2(null, fd)
+            os.execve(sys.executable, [sys.executable, "-c", code, MARKER, READY], {})
+        os._exit(0)
+    os.wait()
+"""
+
+ESCAPES = {
+    "setsid-empty-env": "detached(ESCAPEE, os.setsid)",
+    "setpgid-empty-env": "detached(ESCAPEE, lambda: os.setpgid(0, 0))",
+    "nohup-disown": (
+        "subprocess.run(['/bin/bash', '-c', f'{shutil.which(\"nohup\")} {sys.executable} -c {shlex.quote(ESCAPEE)} "
+        "{MARKER} {READY} >/dev/null 2>&1 & disown'], env={}, check=True)"
+    ),
+    "hopper": "detached(HOPPER, os.setsid)",
+}
+
+STUB = """
+import os, shlex, shutil, subprocess, sys, time
+MARKER = {marker!r}
+READY = os.environ["ESCAPEE_READY"]  # outside the scratch dir: it outlives the stage
+ESCAPEE = {escapee!r}
+HOPPER = {hopper!r}
+{detached}
+{escape}
+for _ in range(500):
+    if os.path.exists(READY):
+        break
+    time.sleep(0.01)
+print("ready", flush=True)
+if sys.argv[1] != "exit":
+    time.sleep(120)
+"""
+
+ENDINGS_IN_PROCESS = ("exit", "cancel", "timeout", "disconnect")
+ENDINGS_OF_THE_DAEMON = ("daemon-sigterm", "daemon-sigkill")
+
+
+def marked_processes(marker: str) -> list[int]:
+    """Live pids whose argv carries `marker`."""
+    needle = marker.encode()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            cmdline = (entry / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if needle in cmdline and is_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
+def kill_marked(marker: str) -> None:
+    """Test cleanup: whatever pgw failed to kill must not outlive the test (hoppers need several passes)."""
+    for _ in range(200):
+        pids = marked_processes(marker)
+        if not pids:
+            return
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+
+
+async def still_running(ready: Path) -> bool:
+    """Whether the escapee still touches its ready file: a pid-free proof of life."""
+    before = ready.stat().st_mtime_ns
+    await trio.sleep(0.25)
+    return ready.stat().st_mtime_ns != before
+
+
+async def assert_none_left(tmp_path: Path, marker: str, within_s: float = 3.0) -> None:
+    ready = tmp_path / f"{marker}.ready"
+    with trio.move_on_after(within_s):
+        while marked_processes(marker) or await still_running(ready):
+            pass
+    assert not await still_running(ready), "an escapee outlived its stage"
+    assert marked_processes(marker) == [], "an escapee outlived its stage"
+
+
+def escapee_env(tmp_path: Path, marker: str) -> dict[str, str]:
+    """The request's env: where the escapee says it ran (the CLI waits for that before "ready")."""
+    return {"ESCAPEE_READY": str(tmp_path / f"{marker}.ready")}
+
+
+def assert_escapee_ran(tmp_path: Path, marker: str) -> None:
+    assert (tmp_path / f"{marker}.ready").exists(), "precondition: the escapee never ran"
+
+
+def write_escaping_cli(stub_bin: Path, kind: str, marker: str) -> None:
+    write_stub_cli(stub_bin, "claude", STUB.format(
+        marker=marker, escapee=ESCAPEE, hopper=HOPPER, detached=DETACHED, escape=ESCAPES[kind],
+    ))
+
+
+@pytest.mark.parametrize("ending", ENDINGS_IN_PROCESS)
+@pytest.mark.parametrize("kind", ESCAPES)
+async def test_no_escapee_outlives_a_stage_that_ends(tmp_path, environ, stub_bin, kind, ending):
+    marker = f"pgw-escapee-{uuid.uuid4().hex}"
+    write_escaping_cli(stub_bin, kind, marker)
+    timing = pgw.Timing(cancel_grace_s=1.0)
+    try:
+        with trio.fail_after(30):
+            async with connected(tmp_path, environ, timing=timing) as (backend, _, connection):
+                fields = {"timeout_s": 2} if ending == "timeout" else {}
+                await connection.send(request("s1", cli_args=[ending], env=escapee_env(tmp_path, marker), **fields))
+                assert (await connection.receive("stage.stdout", "s1"))["data"] == "ready\n"
+                assert_escapee_ran(tmp_path, marker)
+                if ending != "exit":
+                    assert await still_running(tmp_path / f"{marker}.ready"), "precondition: it runs beside its stage"
+                if ending == "cancel":
+                    await connection.send(cancel("s1"))
+                if ending == "disconnect":
+                    await connection.abort()
+                    await (await backend.next_connection()).receive("hello")
+                else:
+                    result = await connection.stage_result("s1")
+                await assert_none_left(tmp_path, marker)
+    finally:
+        kill_marked(marker)
+    if ending != "disconnect":
+        expected = {
+            "exit": (0, None),
+            "cancel": (-15, "cancelled by the server (SIGTERM)"),
+            "timeout": (-15, "timed out after 2 s"),
+        }[ending]
+        assert (result.returncode, result.error) == expected
+
+
+@pytest.mark.parametrize("ending", ENDINGS_OF_THE_DAEMON)
+@pytest.mark.parametrize("kind", ESCAPES)
+async def test_no_escapee_outlives_the_daemon(tmp_path, stub_bin, pyz_pgw, kind, ending):  # noqa: F811
+    marker = f"pgw-escapee-{uuid.uuid4().hex}"
+    write_escaping_cli(stub_bin, kind, marker)
+    home = tmp_path / "home"
+    try:
+        with trio.fail_after(40):
+            async with open_backend() as backend:
+                async with pgw_daemon(pyz_pgw, home, stub_bin, server=backend.url, token=backend.token) as daemon:
+                    connection = await backend.next_connection()
+                    await connection.send(request("s1", cli_args=["wait"], env=escapee_env(tmp_path, marker)))
+                    assert (await connection.receive("stage.stdout", "s1"))["data"] == "ready\n"
+                    assert_escapee_ran(tmp_path, marker)
+                    assert await still_running(tmp_path / f"{marker}.ready"), "precondition: it runs beside its stage"
+                    if ending == "daemon-sigterm":
+                        daemon.send_signal(signal.SIGTERM)
+                        result = await connection.stage_result("s1")
+                        assert await daemon.wait() == 0
+                        assert result.error == "worker shutting down"
+                    else:
+                        daemon.kill()
+                        await daemon.wait()
+                await assert_none_left(tmp_path, marker)
+                if ending == "daemon-sigkill":
+                    async with pgw_daemon(pyz_pgw, home, stub_bin, server=backend.url, token=backend.token):
+                        await (await backend.next_connection()).receive("hello")
+                        assert list((home / "scratch").iterdir()) == []
+    finally:
+        kill_marked(marker)
+
+
+async def test_a_pid_hopper_survives_none_of_ten_cancels(tmp_path, environ, stub_bin):
+    markers = {f"h{number}": f"pgw-escapee-{uuid.uuid4().hex}" for number in range(10)}
+    try:
+        with trio.fail_after(60):
+            async with connected(tmp_path, environ, timing=pgw.Timing(cancel_grace_s=0.5)) as (_, _, connection):
+                for stage_run_id, marker in markers.items():
+                    write_escaping_cli(stub_bin, "hopper", marker)
+                    await connection.send(request(stage_run_id, cli_args=["wait"], env=escapee_env(tmp_path, marker)))
+                    assert (await connection.receive("stage.stdout", stage_run_id))["data"] == "ready\n"
+                    assert await still_running(tmp_path / f"{marker}.ready"), "precondition: it hops beside its stage"
+                for stage_run_id in markers:
+                    await connection.send(cancel(stage_run_id, "SIGKILL"))
+                for stage_run_id in markers:
+                    await connection.stage_result(stage_run_id)
+                survivors = []
+                for stage_run_id, marker in markers.items():
+                    try:
+                        await assert_none_left(tmp_path, marker, within_s=1.0)
+                    except AssertionError:
+                        survivors.append(stage_run_id)
+    finally:
+        for marker in markers.values():
+            kill_marked(marker)
+    assert survivors == [], f"hoppers survived {len(survivors)} of 10 cancels"
