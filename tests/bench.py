@@ -856,6 +856,9 @@ class Setup:
 ##############################################################################
 
 
+IDLE_SETTLE_S = 5.0
+
+
 def run_round(setup: Setup, number: int, names: list[str], expected_stream: tuple[int, int],
               expected_lines: Callable[[int, str], tuple[int, int]]) -> dict[str, dict[str, Any]]:
     args, backend = setup.args, setup.backend
@@ -878,10 +881,18 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
         for name in names:
             results[name]["hello_warm_s"] = workers[name].start(backend)
         say(f"{' and '.join(names)} connected; idle for {args.idle_s:g} s")
+        # Idle CPU is counted from a few seconds after the last hello (start-up
+        # work done) to the end of the idle time, per minute.
+        time.sleep(IDLE_SETTLE_S)
+        idle_from = {name: (time.time(), cpu_seconds(workers[name].pid)) for name in names}
         for name in names:
             time.sleep(max(0.0, workers[name].hello_t + args.idle_s - time.time()))
             if not args.profile:
                 results[name]["idle_rss_mb"] = status_kib(workers[name].pid, "VmRSS") * 1024 / MB
+                since, cpu = idle_from[name]
+                if time.time() - since >= IDLE_SETTLE_S:
+                    per_s = (cpu_seconds(workers[name].pid) - cpu) / (time.time() - since)
+                    results[name]["idle_cpu_ms_per_min"] = per_s * 60_000
         for name in names:
             worker, tag = workers[name], f"{name}-r{number}"
             if not args.profile:
@@ -926,9 +937,10 @@ METRICS = [
     ("lat_p99_ms", "line latency p99 (ms)", "{:.2f}", ("ratio<=", 1.0)),
     ("lat_intact", "line latency: every line arrived (rounds)", None, ("all", None)),
     ("conc_wall_s", "{stages} stages x {lines} lines: wall (s)", "{:.2f}", None),
-    ("conc_cpu_s", "{stages} stages x {lines} lines: worker CPU (s)", "{:.2f}", None),
+    ("conc_cpu_s", "{stages} stages x {lines} lines: worker CPU (s)", "{:.2f}", ("ratio<=", 1.0)),
     ("conc_intact", "{stages} stages x {lines} lines: all intact (rounds)", None, ("all", None)),
     ("idle_rss_mb", "idle RSS after {idle} s connected (MB)", "{:.1f}", ("ratio<=", 1.0)),
+    ("idle_cpu_ms_per_min", "idle CPU while connected (ms per minute)", "{:.1f}", ("ratio<=", 1.0)),
     ("hello_warm_s", "start to hello, warm (s)", "{:.3f}", ("pgw<=", 0.3)),
     ("hello_fresh_s", "start to hello, first run after extraction (s)", "{:.3f}", None),
 ]
