@@ -97,6 +97,7 @@ import attrs
 import cattrs
 import trio
 import trio_websocket
+import wsproto.utilities
 from cattrs.errors import ClassValidationError, IterableValidationError
 
 __version__ = "0.1.0"
@@ -142,6 +143,9 @@ ENV_CAFILE = "PGW_CAFILE"
 
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
+# How much of a server-supplied string (an id, a bad field) is quoted back in a
+# log line or an exit's error: a 5 MiB field must not become a 5 MB log line.
+SHOWN_MAX_CHARS = 200
 
 # PROTOCOL.md: requests carry up to 50 MiB of files as base64 (~67 MiB).
 MESSAGE_MAX_BYTES = 128 * 1024 * 1024
@@ -181,6 +185,9 @@ STAGE_ID_MAX_CHARS = 200
 # PROTOCOL.md: codex rollouts older than this are not read.
 CODEX_ROLLOUT_MAX_AGE_S = 3600.0
 CODEX_TRACE_HEADER = "=== CODEX TRACE (rollout extract) ==="
+# Of a rollout, only its last 4 MiB are read: a long session's file grows to
+# hundreds of MiB, and the trace is for the end of it (memory stays flat).
+CODEX_ROLLOUT_TAIL_BYTES = 4 * 1024 * 1024
 
 # Files of the daemon's in the pgw home, beside config.json and run.log.
 RUN_LOG_FILENAME = "run.log"
@@ -406,7 +413,8 @@ def _strict_converter() -> cattrs.Converter:
     def structure_literal(value: Any, literal: type) -> Any:
         allowed = typing.get_args(literal)
         if not isinstance(value, str) or value not in allowed:
-            raise ValueError(f"{value!r} is not one of {', '.join(allowed)}")
+            quoted = shown(value) if isinstance(value, str) else _json_kind(value)
+            raise ValueError(f"{quoted} is not one of {', '.join(allowed)}")
         return value
 
     converter.register_structure_hook(str, structure_str)
@@ -432,6 +440,14 @@ def _require_container(converter: cattrs.Converter, container: Any, kind: type) 
         return elements(value, container)
 
     converter.register_structure_hook_func(lambda t: t == container, structure)
+
+
+def shown(value: str) -> str:
+    """A server-supplied string as it may appear in a log line or an error: quoted
+    (a newline in it cannot forge a log line) and cut to SHOWN_MAX_CHARS."""
+    if len(value) <= SHOWN_MAX_CHARS:
+        return repr(value)
+    return f"{value[:SHOWN_MAX_CHARS]!r}... ({len(value)} characters)"
 
 
 def _json_kind(value: Any) -> str:
@@ -460,7 +476,8 @@ def _validation_messages(exc: BaseException, path: str = "") -> list[str]:
             if isinstance(exc, ClassValidationError):
                 where = f"{path}.{note.name}" if path else note.name
             else:
-                where = f"{path}[{note.index!r}]"
+                index = shown(note.index) if isinstance(note.index, str) else repr(note.index)
+                where = f"{path}[{index}]"
             messages.extend(_validation_messages(inner, where))
         for inner in without:
             messages.extend(_validation_messages(inner, path))
@@ -557,7 +574,8 @@ def decode(text: Union[str, bytes]) -> Record:
     tag = message["type"]
     record_type = RECORD_TYPES.get(tag) if isinstance(tag, str) else None
     if record_type is None:
-        raise ProtocolError(f"type: {tag!r} is not one of {', '.join(RECORD_TYPES)}", message)
+        quoted = shown(tag) if isinstance(tag, str) else _json_kind(tag)
+        raise ProtocolError(f"type: {quoted} is not one of {', '.join(RECORD_TYPES)}", message)
     try:
         return _converter.structure(message, record_type)
     except (ClassValidationError, IterableValidationError) as exc:
@@ -812,9 +830,9 @@ def check_stage_id(stage_run_id: str) -> None:
         or stage_run_id in (".", "..")
         or len(stage_run_id) > STAGE_ID_MAX_CHARS
         or any(bad in stage_run_id for bad in ("/", "\\", "\0"))
-        or not _fs_encodable(stage_run_id)
+        or not _utf8_encodable(stage_run_id)  # `é` and its surrogate-escaped bytes would name one directory
     ):
-        raise StageRejected(f"bad request: stage_run_id {stage_run_id[:60]!r} cannot name a scratch directory")
+        raise StageRejected(f"bad request: stage_run_id {shown(stage_run_id)} cannot name a scratch directory")
 
 
 def check_file_path(name: str) -> tuple[str, ...]:
@@ -1177,6 +1195,8 @@ def connection_failure(server: str, reason: BaseException) -> str:
             return f"the server refused the WebSocket (HTTP {current.status_code})"
         if isinstance(current, ConnectionLost):
             return str(current)
+        if isinstance(current, wsproto.utilities.RemoteProtocolError):
+            return f"the server's WebSocket handshake is not one pgw can accept: {current}"
     for current in chain:
         if isinstance(current, ConnectionRefusedError):
             return f"{host} refused the connection: is the server running, and is the port right?"
@@ -1344,7 +1364,8 @@ def descendants(root):
 
 def main():
     commands, reports = int(sys.argv[1]), int(sys.argv[2])
-    argv = sys.argv[3:]
+    umask = None if sys.argv[3] == "-" else int(sys.argv[3])
+    argv = sys.argv[4:]
     os.set_inheritable(commands, False)  # pgw's pipes are not the CLI's
     os.set_inheritable(reports, False)
     linux = sys.platform.startswith("linux")
@@ -1364,6 +1385,8 @@ def main():
             os.setsid()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(signum, signal.SIG_DFL)
+            if umask is not None:
+                os.umask(umask)
             os.execv(argv[0], argv)
         except OSError as exc:
             os.write(failed_w, b"%d" % exc.errno)
@@ -1482,14 +1505,15 @@ class StageRoot:
         self.returncode: Optional[int] = None
 
     @classmethod
-    async def spawn(cls, prepared: PreparedStage, stdin: int) -> "StageRoot":
+    async def spawn(cls, prepared: PreparedStage, stdin: int, umask: Optional[int]) -> "StageRoot":
         """Start the root (it starts the CLI); the caller owns the result at once
         (trio starts processes in a thread that a cancel does not abandon)."""
         commands_r, commands_w = os.pipe()
         reports_r, reports_w = os.pipe()
         try:
             process = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-S", "-c", STAGE_ROOT_SOURCE, str(commands_r), str(reports_w), *prepared.argv],
+                [sys.executable, "-I", "-S", "-c", STAGE_ROOT_SOURCE, str(commands_r), str(reports_w),
+                 "-" if umask is None else str(umask), *prepared.argv],
                 cwd=prepared.scratch_dir,
                 env=prepared.environ,
                 stdin=stdin,
@@ -1630,7 +1654,7 @@ class StageRun:
                 rejected = f"internal error in pgw: {type(exc).__name__}"
             finally:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(shutil.rmtree, self.prepared.scratch_dir, True)
+                    await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
                 del daemon.stages[self.id]
                 daemon.publish_state()
                 outcome = StageOutcome(
@@ -1663,7 +1687,7 @@ class StageRun:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
         stdin = subprocess.PIPE if self.request.stdin_mode == "stdin" else subprocess.DEVNULL
         try:
-            root = await StageRoot.spawn(prepared, stdin)
+            root = await StageRoot.spawn(prepared, stdin, self.daemon.stage_umask)
         except OSError as exc:
             raise StageRejected(f"cannot start the stage: {exc.strerror or exc}") from None
         self.root = root
@@ -1773,14 +1797,47 @@ def enlarge_pipe(pipe: Any) -> None:
         pass
 
 
+def private_dir(path: Path) -> Path:
+    """`path` as a real directory of pgw's, mode 0700, never followed through a
+    symlink: a stage can swap scratch/ for a link to another directory, which a
+    later stage's cleanup would then empty.  What stands there instead is removed."""
+    try:
+        info: Optional[os.stat_result] = os.lstat(path)
+    except FileNotFoundError:
+        info = None
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        os.unlink(path)
+        info = None
+    if info is None:
+        os.mkdir(path, 0o700)
+    elif stat.S_IMODE(info.st_mode) != 0o700:
+        os.chmod(path, 0o700)
+    return path
+
+
 def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]]) -> None:
     """A fresh scratch dir holding the request's files."""
-    shutil.rmtree(scratch_dir, ignore_errors=True)
-    scratch_dir.mkdir(mode=0o700, parents=True)
+    remove_scratch(scratch_dir)
+    private_dir(scratch_dir.parent)
+    scratch_dir.mkdir(mode=0o700)
     for parts, content in files:
         target = scratch_dir.joinpath(*parts)
         target.parent.mkdir(parents=True, exist_ok=True)
         target.write_bytes(content)
+
+
+def remove_scratch(scratch_dir: Path) -> None:
+    """Remove a stage's scratch dir, unless its parent is no longer pgw's own directory."""
+    if is_real_dir(scratch_dir.parent):
+        shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def is_real_dir(path: Path) -> bool:
+    """A directory, and not through a symlink."""
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode)
+    except FileNotFoundError:
+        return False
 
 
 def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
@@ -1796,8 +1853,8 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
             candidates.append((modified, path))
     for _, path in sorted(candidates, reverse=True):
         try:
-            with path.open(encoding="utf-8", errors="replace") as rollout:
-                first = json.loads(rollout.readline() or "null")
+            with path.open("rb") as rollout:
+                first = json.loads(rollout.readline(CODEX_ROLLOUT_TAIL_BYTES) or b"null")
                 if not (
                     isinstance(first, dict)
                     and first.get("type") == "session_meta"
@@ -1805,7 +1862,12 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
                     and first["payload"].get("cwd") == wanted
                 ):
                     continue
-                return codex_trace(_json_lines(rollout), str(path))
+                start = os.fstat(rollout.fileno()).st_size - CODEX_ROLLOUT_TAIL_BYTES
+                if start > rollout.tell():  # a long session: its last records only
+                    rollout.seek(start - 1)
+                    rollout.readline()  # to the start of the next whole record
+                lines = (line.decode("utf-8", "replace") for line in rollout)
+                return codex_trace(_json_lines(lines), str(path))
         except (OSError, ValueError):
             continue
     return ""
@@ -2061,6 +2123,9 @@ class Connection:
                 text = await self.ws.get_message()
             except trio_websocket.ConnectionClosed as exc:
                 raise ConnectionLost(close_description(exc.reason)) from None
+            if isinstance(text, bytes):  # PROTOCOL.md: messages are text frames
+                log.warning("skipped a binary message of %d bytes: the protocol's messages are text", len(text))
+                continue
             try:
                 message = decode(text)
             except ProtocolError as exc:
@@ -2081,7 +2146,7 @@ class Connection:
         if raw.get("type") != "stage.request" or not isinstance(stage_run_id, str):
             return
         if stage_run_id in self.daemon.stages:
-            log.warning("stage %r: a bad duplicate request was ignored", stage_run_id)
+            log.warning("stage %s: a bad duplicate request was ignored", shown(stage_run_id))
             return
         self._send_soon(StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}"))
 
@@ -2091,12 +2156,12 @@ class Connection:
     async def _on_stage_request(self, request: StageRequest) -> None:
         daemon = self.daemon
         if request.stage_run_id in daemon.stages:
-            log.warning("stage %r: already running; the repeated request was ignored", request.stage_run_id)
+            log.warning("stage %s: already running; the repeated request was ignored", shown(request.stage_run_id))
             return
         try:
             prepared = daemon.prepare(request)
         except StageRejected as exc:
-            log.info("stage %r: refused cli=%s error=%r", request.stage_run_id, request.cli, str(exc))
+            log.info("stage %s: refused cli=%s error=%s", shown(request.stage_run_id), request.cli, shown(str(exc)))
             self._send_soon(StageExit(request.stage_run_id, -1, 0, str(exc)))
             return
         stage = StageRun(prepared, daemon)
@@ -2107,7 +2172,7 @@ class Connection:
     async def _on_stage_cancel(self, cancel: StageCancel) -> None:
         stage = self.daemon.stages.get(cancel.stage_run_id)
         if stage is None:
-            log.info("stage %r: cancel for no running stage ignored", cancel.stage_run_id)
+            log.info("stage %s: cancel for no running stage ignored", shown(cancel.stage_run_id))
             return
         log.info("stage %r: cancelled by the server with %s", stage.id, cancel.signal)
         grace_s = 0 if cancel.signal == "SIGKILL" else self.timing.cancel_grace_s
@@ -2175,8 +2240,13 @@ class Daemon:
         home: Path,
         environ: Optional[typing.Mapping[str, str]] = None,
         timing: Timing = Timing(),
+        reread: Optional[typing.Callable[[], Settings]] = None,
+        stage_umask: Optional[int] = None,
     ) -> None:
         self.settings, self.home, self.timing = settings, home, timing
+        self._reread = reread  # the settings as they are now (config.json may have changed)
+        self._reread_problem: Optional[str] = None
+        self.stage_umask = stage_umask  # None: the stages get pgw's own
         self.environ = dict(os.environ if environ is None else environ)
         self.scratch_root = home / "scratch"
         self.stages: dict[str, StageRun] = {}
@@ -2271,14 +2341,17 @@ class Daemon:
         log.info("stopped")
 
     def _empty_scratch(self) -> None:
-        shutil.rmtree(self.scratch_root, ignore_errors=True)
-        self.scratch_root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        if is_real_dir(self.scratch_root):
+            shutil.rmtree(self.scratch_root, ignore_errors=True)
+        private_dir(self.scratch_root)
 
     async def _reconnect_loop(self) -> None:
         backoff = Backoff(self.timing.reconnect_first_s, self.timing.reconnect_cap_s)
         last_failure = None
         while not self.shutdown.requested:
             self.link.since = None
+            self._read_settings_again()
             try:
                 with trio.CancelScope() as self._idle_scope:
                     await self._connect()
@@ -2305,6 +2378,25 @@ class Daemon:
             last_failure = failure if lasted is None else None
             with trio.CancelScope() as self._idle_scope:
                 await trio.sleep(delay)
+
+    def _read_settings_again(self) -> None:
+        """A user who pairs again while pgw runs must not have to restart it:
+        the server and token are read again before each connection attempt."""
+        if self._reread is None:
+            return
+        try:
+            fresh = self._reread()
+        except PgwError as exc:
+            if str(exc) != self._reread_problem:
+                log.warning("cannot read the settings again; keeping the ones in use: %s", exc)
+            self._reread_problem = str(exc)
+            return
+        self._reread_problem = None
+        current = self.settings
+        if fresh.token and (fresh.server, fresh.token) != (current.server, current.token):
+            redact_also(fresh.token)
+            log.info("the credentials changed (paired again?): now worker %s on %s", fresh.worker_id or "?", fresh.server)
+            self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
 
     async def _connect(self) -> None:
         """One connection, from TCP to its end; every stream opened here is closed here."""
@@ -2341,9 +2433,13 @@ class RedactToken(logging.Filter):
 
     def __init__(self, token: str) -> None:
         super().__init__()
+        self.secrets: list[str] = []
+        self.add(token)
+
+    def add(self, token: str) -> None:
         # A token too short to be a real secret would turn every log line to mush.
-        long_enough = token and len(token) >= REDACT_MIN_CHARS
-        self.secrets = list(dict.fromkeys([token, urllib.parse.quote(token, safe="")])) if long_enough else []
+        if token and len(token) >= REDACT_MIN_CHARS:
+            self.secrets = list(dict.fromkeys([*self.secrets, token, urllib.parse.quote(token, safe="")]))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "pgw_redacted", False):  # one record passes every handler
@@ -2360,16 +2456,53 @@ class RedactToken(logging.Filter):
         return True
 
 
+class LogFile(logging.handlers.RotatingFileHandler):
+    """run.log, rotated at 1 MB, mode 0600; reopened when the file at its path is
+    no longer the one open (logrotate moved it, or a user deleted it), as
+    logging's WatchedFileHandler does, so later lines are not lost."""
+
+    def _open(self) -> typing.TextIO:
+        stream = super()._open()
+        os.chmod(stream.fileno(), 0o600)  # a log made by pgworker may be world-readable
+        info = os.fstat(stream.fileno())
+        self._identity = (info.st_dev, info.st_ino)
+        return stream
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is not None:
+            try:
+                info = os.stat(self.baseFilename)
+                replaced = (info.st_dev, info.st_ino) != self._identity
+            except OSError:
+                replaced = True
+            if replaced:
+                self.stream.close()
+                self.stream = None  # type: ignore[assignment]  # emit opens it again
+        super().emit(record)
+
+
+def redact_also(token: str) -> None:
+    """Hide a new token (a re-pairing) in the log as the first one is."""
+    for handler in log.handlers:
+        for log_filter in handler.filters:
+            if isinstance(log_filter, RedactToken):
+                log_filter.add(token)
+
+
 def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     """run.log rotated at 1 MB (5 kept); stderr too when it is a terminal or -v."""
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
     path = home / RUN_LOG_FILENAME
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
-    handlers: list[logging.Handler] = [
-        logging.handlers.RotatingFileHandler(
+    try:
+        log_file = LogFile(
             path, maxBytes=LOG_MAX_BYTES, backupCount=LOG_BACKUPS, encoding="utf-8", errors="backslashreplace"
         )
-    ]
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot write the log {path}: {exc.strerror}; fix its permissions or set {ENV_HOME} to a directory you own"
+        ) from None
+    handlers: list[logging.Handler] = [log_file]
     if verbose or sys.stderr.isatty():
         handlers.append(logging.StreamHandler(sys.stderr))
     redact = RedactToken(token)
@@ -2981,11 +3114,38 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     return 0
 
 
+def _restart_without_token_in_ps(token: str) -> None:
+    """`--token` would stay in /proc/PID/cmdline, which every local user can
+    read, for the daemon's whole life: start again with the token in the
+    environment instead (readable by this user only; stages never get PGW_*)."""
+    arguments = sys.argv[1:]
+    if token not in arguments and f"--token={token}" not in arguments:
+        return  # not this process's command line (main called with its own argv)
+    kept, skip = [], False
+    for argument in arguments:
+        if skip or argument == "--token":
+            skip = not skip
+            continue
+        if not argument.startswith("--token="):
+            kept.append(argument)
+    interpreter = sys.orig_argv[: len(sys.orig_argv) - len(arguments)]
+    os.environ[ENV_TOKEN] = token
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [*interpreter, *kept])
+
+
 def _cmd_run(args: argparse.Namespace) -> int:
+    if args.token:
+        _restart_without_token_in_ps(args.token)
     home = pgw_home()
     _, _, settings = _load(args)
     if not settings.token:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
+    # Everything the daemon makes (home, lock, log, state, scratch) is private
+    # whatever the umask; its stages get the caller's umask back.
+    callers_umask = os.umask(0o077)
+    home_was_open = home.is_dir() and stat.S_IMODE(home.stat().st_mode) & 0o077
     try:
         lock_fd, holder = acquire_instance_lock(home)
     except OSError as exc:
@@ -2993,7 +3153,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
     if lock_fd is None:
         print(f"pgw already running (pid {holder or '?'})")
         return 0
+    if home_was_open:
+        os.chmod(home, 0o700)
     log_path = setup_logging(home, settings.token, args.verbose)
+    if home_was_open:
+        log.info("made %s private (mode 700): other users could read the log and the scratch files", home)
     log.info(
         "pgw %s started: server=%s name=%r max_stages=%s log=%s",
         __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
@@ -3002,7 +3166,8 @@ def _cmd_run(args: argparse.Namespace) -> int:
         make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw: %s", old)
-    trio.run(run_until_signalled, Daemon(settings, home))
+    daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask)
+    trio.run(run_until_signalled, daemon)
     return 0
 
 
@@ -3459,7 +3624,8 @@ def build_parser() -> argparse.ArgumentParser:
     pair.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
     pair.set_defaults(func=_cmd_pair)
 
-    run = commands.add_parser("run", help="connect to the server and run its stages until stopped")
+    # No abbreviations: `--tok T` would keep the token in the process list.
+    run = commands.add_parser("run", help="connect to the server and run its stages until stopped", allow_abbrev=False)
     run.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
     run.add_argument("--token", help=f"worker token (default: ${ENV_TOKEN}, the config)")
     run.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")

@@ -1,0 +1,264 @@
+"""Hostile hosts and odd peers: files, permissions, identity and input that
+misbehave around a running daemon, each answered as a user would want."""
+
+from __future__ import annotations
+
+import base64
+import functools
+import json
+import logging
+import os
+import stat
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import trio
+
+import pgw
+from backend import open_backend
+from conftest import ROOT, write_stub_cli
+from test_faults import pgw_daemon, pyz_pgw, script_pgw  # noqa: F401 - fixtures
+from test_run import connected, environ, request  # noqa: F401 - environ is a fixture
+
+##############################################################################
+# Files and permissions
+##############################################################################
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+async def test_everything_the_daemon_makes_is_private_under_umask_0_and_an_open_home_is_tightened(
+    tmp_path, stub_bin, script_pgw  # noqa: F811
+):
+    write_stub_cli(stub_bin, "claude", "import os; open('made-by-the-cli', 'w').close(); print(oct(os.umask(0)))")
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            pgw.write_config(home / "config.json", {"server": backend.url, "worker_id": "w", "token": backend.token})
+            home.chmod(0o755)  # as pgworker makes it
+            (home / "run.log").write_text("old line\n")
+            (home / "run.log").chmod(0o644)
+            async with pgw_daemon(
+                script_pgw, home, stub_bin, server=backend.url, token=backend.token, preexec_fn=lambda: os.umask(0)
+            ):
+                connection = await backend.next_connection()
+                await connection.send(request("s1"))
+                result = await connection.stage_result("s1")
+                await trio.sleep(0.7)  # the state file is written at most twice a second
+                modes = {name: mode(home / name) for name in ("", "run.log", "run.lock", "state.json", "scratch")}
+    assert modes == {"": 0o700, "run.log": 0o600, "run.lock": 0o600, "state.json": 0o600, "scratch": 0o700}
+    assert result.stdout == "0o0\n", "the stage gets the caller's umask back"
+    assert "made" in (home / "run.log").read_text() and "private (mode 700)" in (home / "run.log").read_text()
+
+
+async def test_a_deleted_run_log_is_made_again_for_later_lines(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    write_stub_cli(stub_bin, "claude", "print('hi')")
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with pgw_daemon(script_pgw, home, stub_bin, server=backend.url, token=backend.token):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                (home / "run.log").unlink()  # logrotate's move, or a user cleaning up
+                await connection.send(request("after-delete"))
+                await connection.stage_result("after-delete")
+                await trio.sleep(0.2)
+                assert "stage 'after-delete': ended" in (home / "run.log").read_text()
+
+
+def test_an_unwritable_run_log_is_one_line_not_a_traceback(tmp_path):
+    home = tmp_path / "home"
+    pgw.write_config(home / "config.json", {"server": "http://127.0.0.1:9", "worker_id": "w", "token": "tok-unwritable"})
+    (home / "run.log").mkdir()  # unwritable even for root
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "pgw.py"), "run"], env={"PGW_HOME": str(home), "PATH": "/usr/bin:/bin"},
+        capture_output=True, text=True, timeout=30, stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 1
+    assert done.stderr.startswith("pgw: cannot write the log ") and done.stderr.count("\n") == 1, done.stderr
+    assert "Traceback" not in done.stderr
+
+
+async def test_a_stage_that_swaps_scratch_for_a_symlink_cannot_make_pgw_delete_elsewhere(tmp_path, environ, stub_bin):
+    victim = tmp_path / "victim"
+    (victim / "later").mkdir(parents=True)
+    (victim / "later" / "precious.txt").write_text("keep me")
+    write_stub_cli(stub_bin, "claude", (
+        "import os, sys\n"
+        "scratch = os.path.dirname(os.getcwd())\n"
+        "os.rename(scratch, scratch + '-moved')\n"
+        f"os.symlink({str(victim)!r}, scratch)\n"
+        "print('swapped')"
+    ))
+    write_stub_cli(stub_bin, "codex", "print('fine')")
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("swapper"))
+            assert (await connection.stage_result("swapper")).stdout == "swapped\n"
+            await connection.send(request("later", cli="codex"))
+            later = await connection.stage_result("later")
+    assert (victim / "later" / "precious.txt").read_text() == "keep me"
+    assert later.stdout == "fine\n"
+    scratch = tmp_path / "home" / "scratch"
+    assert scratch.is_dir() and not scratch.is_symlink()
+
+
+def test_a_huge_codex_rollout_is_read_from_its_end_only(tmp_path):
+    scratch = tmp_path / "scratch" / "s1"
+    scratch.mkdir(parents=True)
+    day = tmp_path / "sessions" / "2026" / "11" / "27"
+    day.mkdir(parents=True)
+    filler = json.dumps({"type": "response_item", "payload": {"type": "message", "role": "assistant",
+                                                             "content": [{"text": "x" * 1000}]}})
+    with (day / "rollout-big.jsonl").open("w") as rollout:
+        rollout.write(json.dumps({"type": "session_meta", "payload": {"cwd": str(scratch.resolve())}}) + "\n")
+        for _ in range(30_000):  # about 30 MiB
+            rollout.write(filler + "\n")
+        for text in ("near the end", "the last"):
+            rollout.write(json.dumps({"type": "response_item", "payload": {
+                "type": "message", "role": "assistant", "content": [{"text": text}]}}) + "\n")
+    trace = pgw.read_codex_trace(scratch, tmp_path / "sessions", time.time())
+    assert "near the end" in trace and "the last" not in trace
+    assert len(trace) <= pgw.CODEX_ROLLOUT_TAIL_BYTES
+
+
+##############################################################################
+# Identity and input
+##############################################################################
+
+
+async def test_pairing_again_while_running_is_picked_up_at_the_next_attempt(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            pgw.write_config(home / "config.json", {"server": backend.url, "worker_id": "w-old", "token": "tok-revoked"})
+            async with pgw_daemon(script_pgw, home, stub_bin, server=backend.url, token="unused"):
+                while "rejected the token" not in ((home / "run.log").read_text() if (home / "run.log").exists() else ""):
+                    await trio.sleep(0.1)
+                pgw.write_config(home / "config.json", {"server": backend.url, "worker_id": "w-new", "token": backend.token})
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+    log_text = (home / "run.log").read_text()
+    assert "the credentials changed (paired again?): now worker w-new" in log_text
+    assert backend.token not in log_text and "tok-revoked" not in log_text
+
+
+async def test_a_token_given_on_the_command_line_leaves_the_process_list(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(30)")
+    home = tmp_path / "home"
+    home.mkdir()
+    with trio.fail_after(30):
+        async with open_backend(token="tok-on-the-command-line") as backend:
+            pgw.write_config(home / "config.json", {"server": backend.url, "worker_id": "w", "token": "tok-wrong"})
+            async with pgw_daemon(
+                script_pgw, home, stub_bin, "--token", backend.token, server=backend.url, token="tok-wrong"
+            ) as daemon:
+                connection = await backend.next_connection()  # the flag's token was used
+                await connection.send(request("s1"))
+                pid = (await connection.receive("stage.ack", "s1"))["pid"]
+                await connection.receive("stage.stdout", "s1")
+                processes = [daemon.pid, pid, *descendants_of(daemon.pid)]
+                cmdlines = {p: Path(f"/proc/{p}/cmdline").read_bytes() for p in processes}
+    assert all(b"tok-on-the-command-line" not in cmdline for cmdline in cmdlines.values()), cmdlines
+
+
+def descendants_of(pid: int) -> list[int]:
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                stat_line = (entry / "stat").read_text()
+            except OSError:
+                continue
+            children.setdefault(int(stat_line[stat_line.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        found += kids
+        todo += kids
+    return found
+
+
+async def test_two_ids_for_one_directory_are_not_both_accepted(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(2)")
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("é"))
+            await connection.receive("stage.stdout", "é")
+            # The same name as bytes decoded with surrogateescape: it names scratch/é too.
+            await connection.send(json.dumps(request("\udcc3\udca9")))
+            twin = await connection.stage_result("\udcc3\udca9")
+            first = await connection.stage_result("é")
+    assert twin.ack is None and "cannot name a scratch directory" in twin.error
+    assert first.returncode == 0
+
+
+async def test_ids_and_bad_fields_reach_the_log_quoted_and_cut(tmp_path, environ, stub_bin, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "print('ok')")
+    forged = "x\n2026-11-27 10:00:00 INFO connected to https://forged.example"
+    huge = "t" * (5 * 2**20)
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request(forged))
+            await connection.stage_result(forged)
+            await connection.send({"type": huge})
+            await connection.send(request("huge-cli", cli=huge))
+            bad = await connection.stage_result("huge-cli")
+    assert all("\n" not in record.getMessage() for record in caplog.records)
+    assert max(len(record.getMessage()) for record in caplog.records) < 2000
+    assert len(bad.error) < 1000 and "5242880 characters" in bad.error
+
+
+##############################################################################
+# Peers
+##############################################################################
+
+
+async def test_a_binary_frame_is_skipped_with_a_warning_not_run(tmp_path, environ, stub_bin, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(json.dumps(request("binary")).encode())
+            await connection.send(request("text"))
+            await connection.stage_result("text")
+            assert not any(m.get("stage_run_id") == "binary" for m in connection.received)
+    [warning] = [r.getMessage() for r in caplog.records if "binary" in r.getMessage()]
+    assert "skipped a binary message of" in warning
+
+
+async def test_a_handshake_with_an_extension_not_offered_is_refused_in_plain_words(tmp_path, environ, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request_text = b""
+        while b"\r\n\r\n" not in request_text:
+            request_text += await stream.receive_some(4096)
+        key = [line.split(b":", 1)[1].strip() for line in request_text.split(b"\r\n")
+               if line.lower().startswith(b"sec-websocket-key:")][0]
+        import hashlib
+        accept = base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept + b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"
+        )
+        await trio.sleep(5)
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            settings = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-ext", name="n")
+            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ)
+            nursery.start_soon(daemon.run)
+            while "cannot connect" not in caplog.text:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert "not one pgw can accept" in line and "extension" in line and "ExceptionGroup" not in line
