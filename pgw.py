@@ -191,7 +191,7 @@ CODEX_ROLLOUT_TAIL_BYTES = 4 * 1024 * 1024
 
 # Files of the daemon's in the pgw home, beside config.json and run.log.
 RUN_LOG_FILENAME = "run.log"
-LOCK_FILENAME = "run.lock"  # flock'ed by the one `pgw run` of this home
+LOCK_FILENAME = "run.lock"  # the pid of the one `pgw run` of this home (which flocks the home itself)
 STATE_FILENAME = "state.json"  # what `pgw status` shows
 
 # Tokens shorter than this are not hidden in the log (see RedactToken).
@@ -1242,28 +1242,34 @@ def _exception_chain(exc: BaseException) -> typing.Iterator[BaseException]:
 def acquire_instance_lock(home: Path) -> tuple[Optional[int], Optional[int]]:
     """(fd holding the lock, None), or (None, pid of the pgw that holds it).
 
-    flock is released by the kernel when pgw dies, however it dies, so a
-    stale lock file never blocks a restart.
+    The lock is flock on the home directory itself: a user or a clean-up can
+    unlink a lock file from under a running daemon (then a cron watchdog's
+    `pgw run` would lock a new one and run a second daemon on the same token),
+    but not the directory.  run.lock holds the daemon's pid for `status` and
+    `stop`.  flock is released by the kernel when pgw dies, however it dies.
     """
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    fd = os.open(home / LOCK_FILENAME, os.O_RDWR | os.O_CREAT, 0o600)
+    fd = os.open(home, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     if fcntl is None:
         return fd, None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
-        holder = _read_pid(fd)
         os.close(fd)
-        return None, holder
-    os.ftruncate(fd, 0)
-    os.write(fd, f"{os.getpid()}\n".encode())
+        return None, _read_pid_file(home / LOCK_FILENAME)
+    pid_fd = os.open(home / LOCK_FILENAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        os.write(pid_fd, f"{os.getpid()}\n".encode())
+    finally:
+        os.close(pid_fd)
     return fd, None
 
 
 def instance_lock_holder(home: Path) -> Optional[int]:
-    """The pid of the `pgw run` holding this home's lock, or None if none runs."""
+    """The pid of the `pgw run` holding this home's lock (-1 if it cannot be
+    read), or None if none runs."""
     try:
-        fd = os.open(home / LOCK_FILENAME, os.O_RDONLY)
+        fd = os.open(home, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     except OSError:
         return None
     if fcntl is None:
@@ -1272,10 +1278,21 @@ def instance_lock_holder(home: Path) -> Optional[int]:
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except OSError:
-        return _read_pid(fd) or -1
+        return _read_pid_file(home / LOCK_FILENAME) or -1
     finally:
         os.close(fd)
     return None
+
+
+def _read_pid_file(path: Path) -> Optional[int]:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return None
+    try:
+        return _read_pid(fd)
+    finally:
+        os.close(fd)
 
 
 def _read_pid(fd: int) -> Optional[int]:
@@ -3485,8 +3502,8 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         return 0
     if pid < 0:
         raise PgwError(
-            f"cannot tell which process holds {lock_path} (the pid in it is missing or not the holder's):"
-            f" nothing signalled; find it with `fuser {lock_path}`"
+            f"cannot tell which process holds the lock on {home} (the pid in {lock_path} is missing or not the"
+            f" holder's): nothing signalled; find it with `fuser -v {home}`"
         )
     try:
         os.kill(pid, signal.SIGTERM)
@@ -3515,14 +3532,14 @@ def lock_holder_to_signal(home: Path) -> Optional[int]:
     The file names the last pgw that took the lock; one that took it a moment
     ago has not written its own pid yet, and the old pid may be anyone's now.
     So the pid must read the same twice with the lock held in between, and,
-    where /proc shows it, have the lock file open.
+    where /proc shows it, have the home directory (the lock) open.
     """
     deadline = time.monotonic() + LOCK_PID_SETTLE_S
     while True:
         pid = instance_lock_holder(home)
         if pid is None:
             return None
-        if pid > 0 and _holds_open(pid, home / LOCK_FILENAME) is not False:
+        if pid > 0 and _holds_open(pid, home) is not False:
             time.sleep(STOP_POLL_S)
             if instance_lock_holder(home) == pid:
                 return pid

@@ -662,7 +662,7 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_lock(capsys, pgw_home, 
         assert run(capsys, "stop")[0] == 0
         fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test takes the lock ...
         try:
-            os.pwrite(fd, f"{bystander.pid}\n".encode().ljust(16), 0)  # ... before writing its own pid
+            (pgw_home / "run.lock").write_text(f"{bystander.pid}\n")  # ... before writing its own pid
             status, _, err = run(capsys, "stop")
         finally:
             os.close(fd)

@@ -70,6 +70,28 @@ async def test_a_deleted_run_log_is_made_again_for_later_lines(tmp_path, stub_bi
                 assert "stage 'after-delete': ended" in (home / "run.log").read_text()
 
 
+async def test_a_deleted_run_lock_does_not_let_a_second_daemon_in(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(3); print('done')")
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with pgw_daemon(script_pgw, home, stub_bin, server=backend.url, token=backend.token) as first:
+                connection = await backend.next_connection()
+                await connection.send(request("s1"))
+                await connection.receive("stage.stdout", "s1")
+                (home / "run.lock").unlink()  # what a clean-up script may do
+                second = await trio.run_process(
+                    [*script_pgw.argv, "run"], env={"PGW_HOME": str(home), "PATH": f"{stub_bin}:/usr/bin:/bin",
+                                                   **script_pgw.env},
+                    capture_stdout=True, capture_stderr=True, check=False,
+                )
+                result = await connection.stage_result("s1")
+                assert first.returncode is None
+    assert second.returncode == 0 and b"pgw already running" in second.stdout, second
+    assert (result.returncode, result.stdout) == (0, "ready\ndone\n")
+    assert len(backend.connections) == 1
+
+
 def test_an_unwritable_run_log_is_one_line_not_a_traceback(tmp_path):
     home = tmp_path / "home"
     pgw.write_config(home / "config.json", {"server": "http://127.0.0.1:9", "worker_id": "w", "token": "tok-unwritable"})
