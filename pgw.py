@@ -2790,15 +2790,46 @@ def _selftest_pair_server() -> tuple[Any, str]:
 
 async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None]) -> bool:
     """Run every step, reporting each with say(step, passed, detail); True if all passed."""
-    home, bin_dir = work_dir / "home", work_dir / "bin"
-    bin_dir.mkdir()
-    for cli in CLI_CAPABILITY_KEYS:
-        stub = bin_dir / cli
-        stub.write_text(SELFTEST_STUB.format(python=sys.executable, stream_bytes=SELFTEST_STREAM_BYTES))
-        stub.chmod(0o755)
-    results: list[bool] = []
+    return await Selftest(work_dir, say).run()
 
-    async def step(name: str, body: typing.Callable[[], typing.Awaitable[str]]) -> bool:
+
+class Selftest:
+    """The selftest's steps, in order, against one loopback backend and stub CLIs."""
+
+    def __init__(self, work_dir: Path, say: typing.Callable[[str, bool, str], None]) -> None:
+        self.home, self.bin_dir = work_dir / "home", work_dir / "bin"
+        self.say = say
+        self.backend = SelftestBackend()
+        self.server_url = self.pair_url = ""
+        self.nursery: trio.Nursery
+
+    async def run(self) -> bool:
+        self.bin_dir.mkdir()
+        for cli in CLI_CAPABILITY_KEYS:
+            stub = self.bin_dir / cli
+            stub.write_text(SELFTEST_STUB.format(python=sys.executable, stream_bytes=SELFTEST_STREAM_BYTES))
+            stub.chmod(0o755)
+        steps = (("pair", self.pair), ("connect", self.connect), ("echo", self.echo), ("stream", self.stream),
+                 ("cancel", self.cancel), ("timeout", self.timeout), ("bad request", self.bad_request))
+        results: list[bool] = []
+        pair_server, self.pair_url = _selftest_pair_server()
+        try:
+            async with trio.open_nursery() as self.nursery:
+                ws_server = await self.nursery.start(
+                    trio_websocket.serve_websocket, self.backend.handler, "127.0.0.1", 0, None
+                )
+                self.server_url = f"http://127.0.0.1:{ws_server.port}"
+                for name, body in steps:
+                    results.append(await self.step(name, body))
+                    if not results[-1] and name in ("pair", "connect"):
+                        break
+                self.nursery.cancel_scope.cancel()
+        finally:
+            pair_server.shutdown()
+            pair_server.server_close()
+        return len(results) == len(steps) and all(results)
+
+    async def step(self, name: str, body: typing.Callable[[], typing.Awaitable[str]]) -> bool:
         try:
             with trio.fail_after(SELFTEST_STEP_TIMEOUT_S):
                 detail = await body()
@@ -2807,93 +2838,74 @@ async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None])
             passed, detail = False, f"no answer within {SELFTEST_STEP_TIMEOUT_S:g} s"
         except (PgwError, OSError) as exc:
             passed, detail = False, str(exc) or type(exc).__name__
-        say(name, passed, detail)
-        results.append(passed)
+        self.say(name, passed, detail)
         return passed
 
-    pair_server, pair_url = _selftest_pair_server()
-    backend = SelftestBackend()
-    try:
-        async with trio.open_nursery() as nursery:
-            ws_server = await nursery.start(trio_websocket.serve_websocket, backend.handler, "127.0.0.1", 0, None)
-            server_url = f"http://127.0.0.1:{ws_server.port}"
+    async def request(self, stage_run_id: str, cli: str, *cli_args: str, **fields: Any) -> None:
+        await self.backend.send({"type": "stage.request", "stage_run_id": stage_run_id, "job_id": "selftest",
+                                 "cli": cli, "cli_args": list(cli_args), "stdin": "", **fields})
 
-            async def pair() -> str:
-                body = {"pair_code": "SELFTEST", "machine_name": "selftest", "capabilities": probe_capabilities(str(bin_dir))}
-                pairing = await trio.to_thread.run_sync(request_pairing, pair_url, body)
-                write_config(home / CONFIG_FILENAME, {"server": server_url, **pairing})
-                mode = stat.S_IMODE((home / CONFIG_FILENAME).stat().st_mode)
-                require(mode == 0o600, f"config.json is mode {mode:o}, not 600")
-                return f"paired with a loopback server; config.json mode 600 in {home}"
+    async def pair(self) -> str:
+        body = {"pair_code": "SELFTEST", "machine_name": "selftest", "capabilities": probe_capabilities(str(self.bin_dir))}
+        pairing = await trio.to_thread.run_sync(request_pairing, self.pair_url, body)
+        write_config(self.home / CONFIG_FILENAME, {"server": self.server_url, **pairing})
+        mode = stat.S_IMODE((self.home / CONFIG_FILENAME).stat().st_mode)
+        require(mode == 0o600, f"config.json is mode {mode:o}, not 600")
+        return f"paired with a loopback server; config.json mode 600 in {self.home}"
 
-            async def connect() -> str:
-                config = read_config(home / CONFIG_FILENAME)
-                settings = Settings(server=server_url, token=config["token"], name="selftest")
-                nursery.start_soon(Daemon(settings, home, environ={**os.environ, "PATH": str(bin_dir)}).run)
-                hello = await backend.wait_for("hello")
-                found = [key for key in ("claude_code", "codex", "deepseek_tui") if hello["capabilities"][key]["available"]]
-                require(len(found) == 3, f"stub CLIs not found: {hello['capabilities']}")
-                return "`pgw run` connected and said hello with 3 CLIs"
+    async def connect(self) -> str:
+        config = read_config(self.home / CONFIG_FILENAME)
+        settings = Settings(server=self.server_url, token=config["token"], name="selftest")
+        self.nursery.start_soon(Daemon(settings, self.home, environ={**os.environ, "PATH": str(self.bin_dir)}).run)
+        hello = await self.backend.wait_for("hello")
+        found = [key for key in ("claude_code", "codex", "deepseek_tui") if hello["capabilities"][key]["available"]]
+        require(len(found) == 3, f"stub CLIs not found: {hello['capabilities']}")
+        return "`pgw run` connected and said hello with 3 CLIs"
 
-            async def echo() -> str:
-                await backend.send({"type": "stage.request", "stage_run_id": "echo", "job_id": "selftest",
-                                    "cli": "claude", "cli_args": ["echo"], "stdin": "héllo ✓"})
-                end = await backend.wait_for("stage.exit", "echo")
-                text, _ = backend.output("echo")
-                require(end["returncode"] == 0 and text == "echo: héllo ✓", f"got {text!r}, exit {end}")
-                return "the prompt went in on stdin and came back"
+    async def echo(self) -> str:
+        await self.request("echo", "claude", "echo", stdin="héllo ✓")
+        end = await self.backend.wait_for("stage.exit", "echo")
+        text, _ = self.backend.output("echo")
+        require(end["returncode"] == 0 and text == "echo: héllo ✓", f"got {text!r}, exit {end}")
+        return "the prompt went in on stdin and came back"
 
-            async def stream() -> str:
-                started = trio.current_time()
-                await backend.send({"type": "stage.request", "stage_run_id": "stream", "job_id": "selftest",
-                                    "cli": "codex", "cli_args": ["stream"], "stdin": ""})
-                end = await backend.wait_for("stage.exit", "stream")
-                text, seqs = backend.output("stream")
-                require(end["returncode"] == 0 and len(text) == SELFTEST_STREAM_BYTES, f"{len(text)} bytes arrived")
-                require(seqs == list(range(1, len(seqs) + 1)), "frames out of order")
-                elapsed = trio.current_time() - started
-                return f"{SELFTEST_STREAM_BYTES // 2**20} MiB in {len(seqs)} frames, {SELFTEST_STREAM_BYTES / 2**20 / elapsed:.0f} MiB/s"
+    async def stream(self) -> str:
+        started = trio.current_time()
+        await self.request("stream", "codex", "stream")
+        end = await self.backend.wait_for("stage.exit", "stream")
+        text, seqs = self.backend.output("stream")
+        require(end["returncode"] == 0 and len(text) == SELFTEST_STREAM_BYTES, f"{len(text)} bytes arrived")
+        require(seqs == list(range(1, len(seqs) + 1)), "frames out of order")
+        elapsed = trio.current_time() - started
+        return f"{SELFTEST_STREAM_BYTES // 2**20} MiB in {len(seqs)} frames, {SELFTEST_STREAM_BYTES / 2**20 / elapsed:.0f} MiB/s"
 
-            async def cancel() -> str:
-                await backend.send({"type": "stage.request", "stage_run_id": "cancel", "job_id": "selftest",
-                                    "cli": "deepseek", "cli_args": ["sleep"], "stdin": ""})
-                pid = (await backend.wait_for("stage.ack", "cancel"))["pid"]
-                await backend.wait_for("stage.stdout", "cancel")
-                await backend.send({"type": "stage.cancel", "stage_run_id": "cancel", "signal": "SIGTERM"})
-                end = await backend.wait_for("stage.exit", "cancel")
-                require(end["returncode"] == -signal.SIGTERM, f"exit {end}")
-                try:
-                    os.killpg(pid, 0)
-                    alive = sys.platform != "linux" or _group_has_live_member(pid)
-                except ProcessLookupError:
-                    alive = False
-                require(not alive, f"process group {pid} survived the cancel")
-                return "SIGTERM reached the stage's process group; nothing left running"
+    async def cancel(self) -> str:
+        await self.request("cancel", "deepseek", "sleep")
+        pid = (await self.backend.wait_for("stage.ack", "cancel"))["pid"]
+        await self.backend.wait_for("stage.stdout", "cancel")
+        await self.backend.send({"type": "stage.cancel", "stage_run_id": "cancel", "signal": "SIGTERM"})
+        end = await self.backend.wait_for("stage.exit", "cancel")
+        require(end["returncode"] == -signal.SIGTERM, f"exit {end}")
+        try:
+            os.killpg(pid, 0)
+            alive = sys.platform != "linux" or _group_has_live_member(pid)
+        except ProcessLookupError:
+            alive = False
+        require(not alive, f"process group {pid} survived the cancel")
+        return "SIGTERM reached the stage's process group; nothing left running"
 
-            async def timeout() -> str:
-                await backend.send({"type": "stage.request", "stage_run_id": "timeout", "job_id": "selftest",
-                                    "cli": "claude", "cli_args": ["sleep"], "stdin": "", "timeout_s": 1})
-                end = await backend.wait_for("stage.exit", "timeout")
-                require(end["error"] == "timed out after 1 s", f"exit {end}")
-                return "a 1 s timeout stopped the stage"
+    async def timeout(self) -> str:
+        await self.request("timeout", "claude", "sleep", timeout_s=1)
+        end = await self.backend.wait_for("stage.exit", "timeout")
+        require(end["error"] == "timed out after 1 s", f"exit {end}")
+        return "a 1 s timeout stopped the stage"
 
-            async def bad_request() -> str:
-                await backend.send({"type": "stage.request", "stage_run_id": "bad", "job_id": "selftest",
-                                    "cli": "claude", "cli_args": [], "stdin": "", "files": {"../escape": "aGk="}})
-                end = await backend.wait_for("stage.exit", "bad")
-                require(end["returncode"] == -1 and "unsafe file path" in (end["error"] or ""), f"exit {end}")
-                require(not (home / "escape").exists(), "a file was written outside the scratch dir")
-                return "an unsafe file path was refused with an error exit"
-
-            for name, body in (("pair", pair), ("connect", connect), ("echo", echo), ("stream", stream),
-                               ("cancel", cancel), ("timeout", timeout), ("bad request", bad_request)):
-                if not await step(name, body) and name in ("pair", "connect"):
-                    break
-            nursery.cancel_scope.cancel()
-    finally:
-        pair_server.shutdown()
-        pair_server.server_close()
-    return len(results) == 7 and all(results)
+    async def bad_request(self) -> str:
+        await self.request("bad", "claude", files={"../escape": "aGk="})
+        end = await self.backend.wait_for("stage.exit", "bad")
+        require(end["returncode"] == -1 and "unsafe file path" in (end["error"] or ""), f"exit {end}")
+        require(not (self.home / "escape").exists(), "a file was written outside the scratch dir")
+        return "an unsafe file path was refused with an error exit"
 
 
 def _group_has_live_member(pgid: int) -> bool:

@@ -129,6 +129,17 @@ def test_selftest_fails_a_step_that_does_not_hold(capsys, monkeypatch):
     assert "selftest: 1 step(s) failed" in out
 
 
+def test_selftest_still_fails_a_step_under_python_O():
+    # `python -O` drops every `assert`: the steps' checks must not be asserts.
+    code = (
+        "import sys, pgw\n"
+        "pgw.check_file_path = lambda name: tuple(name.split('/'))\n"
+        "sys.exit(pgw.main(['selftest']))"
+    )
+    done = subprocess.run([sys.executable, "-O", "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1 and "FAIL  bad request" in done.stdout, done.stdout + done.stderr
+
+
 # install and uninstall ----------------------------------------------------------
 
 FAKE_CRONTAB = """#!/bin/sh
