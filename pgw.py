@@ -3634,37 +3634,31 @@ def build_parser() -> argparse.ArgumentParser:
         "--home", metavar="DIR",
         help=f"the pgw home to use, as ${ENV_HOME} does (default: ${ENV_HOME}, ~/{DEFAULT_HOME_DIRNAME})",
     )
-    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    commands = _Commands(parser.add_subparsers(dest="command", metavar="COMMAND"))
+    _add_setup_commands(commands)
+    _add_daemon_commands(commands)
+    _add_check_commands(commands)
+    return parser
 
-    class Commands:
-        """add_parser, with the one-line help shown as the command's own description too."""
 
-        @staticmethod
-        def add_parser(name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
-            kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
-            return subparsers.add_parser(name, help=help, **kwargs)
+class _Commands:
+    """add_parser, with the one-line help shown as the command's own description too."""
 
-    commands = Commands()
+    def __init__(self, subparsers: Any) -> None:
+        self._subparsers = subparsers
 
+    def add_parser(self, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
+        kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
+        return self._subparsers.add_parser(name, help=help, **kwargs)
+
+
+def _add_setup_commands(commands: _Commands) -> None:
     pair = commands.add_parser("pair", help="pair this machine with the server")
     pair.add_argument("code", help="the pairing code shown by the server")
     pair.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
     pair.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
     pair.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
     pair.set_defaults(func=_cmd_pair)
-
-    # No abbreviations: `--tok T` would keep the token in the process list.
-    run = commands.add_parser("run", help="connect to the server and run its stages until stopped", allow_abbrev=False)
-    run.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
-    run.add_argument("--token", help=f"worker token (default: ${ENV_TOKEN}, the config)")
-    run.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
-    run.add_argument(
-        "--max-stages", type=_count, metavar="N",
-        help="run at most N stages at once; later ones wait in arrival order (default: the config, 0: no limit)",
-    )
-    run.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
-    run.add_argument("-v", "--verbose", action="store_true", help="log frame-level detail, and to stderr too")
-    run.set_defaults(func=_cmd_run)
 
     config = commands.add_parser(
         "config",
@@ -3689,29 +3683,29 @@ def build_parser() -> argparse.ArgumentParser:
     uninstall.add_argument("kind", choices=INSTALL_KINDS)
     uninstall.set_defaults(func=_cmd_uninstall)
 
-    selftest_parser = commands.add_parser(
-        "selftest", help="prove pgw works on this host: a loopback server, stub CLIs, no network (exit 0 if all pass)"
+    revoke = commands.add_parser("revoke", help="delete the stored token")
+    revoke.set_defaults(func=_cmd_revoke)
+
+
+def _add_daemon_commands(commands: _Commands) -> None:
+    # No abbreviations: `--tok T` would keep the token in the process list.
+    run = commands.add_parser("run", help="connect to the server and run its stages until stopped", allow_abbrev=False)
+    run.add_argument("--server", help=f"server URL (default: ${ENV_SERVER}, the config, {DEFAULT_SERVER})")
+    run.add_argument("--token", help=f"worker token (default: ${ENV_TOKEN}, the config)")
+    run.add_argument("--name", help=f"machine name (default: ${ENV_NAME}, the config, the host name)")
+    run.add_argument(
+        "--max-stages", type=_count, metavar="N",
+        help="run at most N stages at once; later ones wait in arrival order (default: the config, 0: no limit)",
     )
-    selftest_parser.set_defaults(func=_cmd_selftest)
+    run.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
+    run.add_argument("-v", "--verbose", action="store_true", help="log frame-level detail, and to stderr too")
+    run.set_defaults(func=_cmd_run)
 
     status = commands.add_parser(
         "status", help="is `pgw run` running and connected? (exit 0 yes, 3 not connected, 1 not running)"
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of lines")
     status.set_defaults(func=_cmd_status)
-
-    capabilities = commands.add_parser("capabilities", help="print what this machine offers, as JSON")
-    capabilities.set_defaults(func=_cmd_capabilities)
-
-    doctor = commands.add_parser(
-        "doctor", help="check this host, the config, the CLIs and the server (exit 1 on any FAIL)"
-    )
-    doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
-    doctor.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
-    doctor.set_defaults(func=_cmd_doctor)
-
-    revoke = commands.add_parser("revoke", help="delete the stored token")
-    revoke.set_defaults(func=_cmd_revoke)
 
     logs = commands.add_parser("logs", help=f"print the end of the daemon's log, {RUN_LOG_FILENAME} in the pgw home")
     logs.add_argument(
@@ -3728,7 +3722,23 @@ def build_parser() -> argparse.ArgumentParser:
         "starts it again (systemd at once, cron within 5 minutes): `pgw uninstall KIND` stops it for good.",
     )
     stop.set_defaults(func=_cmd_stop)
-    return parser
+
+
+def _add_check_commands(commands: _Commands) -> None:
+    selftest_parser = commands.add_parser(
+        "selftest", help="prove pgw works on this host: a loopback server, stub CLIs, no network (exit 0 if all pass)"
+    )
+    selftest_parser.set_defaults(func=_cmd_selftest)
+
+    capabilities = commands.add_parser("capabilities", help="print what this machine offers, as JSON")
+    capabilities.set_defaults(func=_cmd_capabilities)
+
+    doctor = commands.add_parser(
+        "doctor", help="check this host, the config, the CLIs and the server (exit 1 on any FAIL)"
+    )
+    doctor.add_argument("--json", action="store_true", help="print JSON instead of lines")
+    doctor.add_argument("--cafile", help=f"PEM bundle of CAs for an https server (default: ${ENV_CAFILE}, the config)")
+    doctor.set_defaults(func=_cmd_doctor)
 
 
 def main(argv: Optional[list[str]] = None) -> int:
