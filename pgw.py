@@ -1413,7 +1413,14 @@ def main():
     for fd in (0, 1, 2):
         os.dup2(null, fd)  # the pipes' end of file is the stage's alone
     failure = os.read(failed_r, 16)
-    os.write(reports, b"error %s\n" % failure if failure else b"pid %d\n" % cli)
+
+    def report(line):
+        try:
+            os.write(reports, line)
+        except OSError:
+            pass  # pgw is gone: the stage is killed all the same
+
+    report(b"error %s\n" % failure if failure else b"pid %d\n" % cli)
 
     def reap():
         while True:
@@ -1424,10 +1431,13 @@ def main():
             if pid == 0:
                 return True
             if pid == cli and not failure:
-                os.write(reports, b"exit %d\n" % os.waitstatus_to_exitcode(status))
+                report(b"exit %d\n" % os.waitstatus_to_exitcode(status))
 
+    poller = select.poll()  # not select(): pgw's fd numbers pass through, and may exceed 1024
+    poller.register(commands, select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
-        ready = select.select([commands, wake_r], [], [])[0]
+        ready = [fd for fd, _ in poller.poll()]
         if wake_r in ready:
             os.read(wake_r, 512)
             reap()
