@@ -228,6 +228,11 @@ class Timing:
     reconnect_first_s: float = 1.0
     reconnect_cap_s: float = 60.0
     reconnect_reset_after_s: float = 60.0
+    # While pgw cannot connect, the log says so when the cause changes, then
+    # reminds at growing intervals (1 min, doubling to 1 h): a user reading the
+    # log hours later sees it still tries, not a screenful of retries.
+    reconnect_reminder_s: float = 60.0
+    reconnect_reminder_cap_s: float = 3600.0
     # SIGTERM, then SIGKILL this much later (cancel, timeout, loss) ...
     cancel_grace_s: float = 10.0
     # ... and at shutdown, where a user or systemd is waiting.
@@ -1311,6 +1316,15 @@ def read_state(home: Path) -> Optional[dict[str, Any]]:
     return state if isinstance(state, dict) else None
 
 
+def _duration(seconds: float) -> str:
+    """`45 s`, `9 min`, `3 h 20 min`: how long, as a person says it."""
+    if seconds < 90:
+        return f"{seconds:.0f} s"
+    if seconds < 5400:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds // 3600:.0f} h {seconds % 3600 / 60:.0f} min"
+
+
 def iso_time(stamp: Optional[float]) -> Optional[str]:
     if stamp is None:
         return None
@@ -2256,6 +2270,10 @@ class LinkState:
     since: Optional[float] = None  # trio clock: how long the connection lasted
     since_unix: Optional[float] = None  # for `pgw status`
     last_error: Optional[str] = None
+    tries: int = 0  # failed attempts since the last connection (or the start)
+    failing_since: Optional[float] = None  # trio clock, of the first of them
+    next_try_unix: Optional[float] = None  # while waiting to try again
+
 
 
 class Daemon:
@@ -2273,6 +2291,8 @@ class Daemon:
         self.settings, self.home, self.timing = settings, home, timing
         self._reread = reread  # the settings as they are now (config.json may have changed)
         self._reread_problem: Optional[str] = None
+        self._last_failure: Optional[str] = None  # the reconnect log's: said once per cause
+        self._reminder_s, self._next_reminder = self.timing.reconnect_reminder_s, math.inf
         self.stage_umask = stage_umask  # None: the stages get pgw's own
         self.environ = dict(os.environ if environ is None else environ)
         self.scratch_root = home / "scratch"
@@ -2331,6 +2351,8 @@ class Daemon:
             "connected": self.link.connected,
             "connected_since": iso_time(self.link.since_unix),
             "last_error": self.link.last_error,
+            "tries": self.link.tries,
+            "next_try_at": iso_time(self.link.next_try_unix),
             "stages_running": running,
             "stages_queued": len(self.stages) - running,
             "updated_at": iso_time(time.time()),
@@ -2375,7 +2397,6 @@ class Daemon:
 
     async def _reconnect_loop(self) -> None:
         backoff = Backoff(self.timing.reconnect_first_s, self.timing.reconnect_cap_s)
-        last_failure = None
         while not self.shutdown.requested:
             self.link.since = None
             self._read_settings_again()
@@ -2394,17 +2415,38 @@ class Daemon:
             if lasted is not None and trio.current_time() - lasted >= self.timing.reconnect_reset_after_s:
                 backoff.reset()
             delay = backoff.next_delay_s()
-            self.link.last_error = failure or self.link.last_error
-            self.publish_state()
-            if lasted is not None:
-                log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
-            elif failure != last_failure:
-                log.warning("cannot connect: %s; retrying in %.1f s", failure, delay)
-            else:
-                log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
-            last_failure = failure if lasted is None else None
+            self._note_failure(lasted is not None, failure, delay)
             with trio.CancelScope() as self._idle_scope:
                 await trio.sleep(delay)
+            self.link.next_try_unix = None
+
+    def _note_failure(self, was_connected: bool, failure: Optional[str], delay: float) -> None:
+        """Count and log a lost connection or a failed attempt, for the log and `status`."""
+        link, now = self.link, trio.current_time()
+        link.next_try_unix = time.time() + delay
+        if was_connected:
+            link.tries, link.failing_since, self._reminder_s = 0, now, self.timing.reconnect_reminder_s
+            link.last_error = failure or link.last_error
+            log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
+        else:
+            link.tries += 1
+            if link.failing_since is None:
+                link.failing_since = now
+            if failure != self._last_failure:
+                self._reminder_s, self._next_reminder = self.timing.reconnect_reminder_s, now + self.timing.reconnect_reminder_s
+                log.warning("cannot connect: %s; retrying in %.1f s", failure, delay)
+            elif now >= self._next_reminder:
+                self._reminder_s = min(self._reminder_s * 2, self.timing.reconnect_reminder_cap_s)
+                self._next_reminder = now + self._reminder_s
+                log.warning(
+                    "still cannot connect after %d tries over %s: %s; next try in %.0f s",
+                    link.tries, _duration(now - link.failing_since), failure, delay,
+                )
+            else:
+                log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
+            link.last_error = failure
+        self._last_failure = None if was_connected else failure
+        self.publish_state()
 
     def _read_settings_again(self) -> None:
         """A user who pairs again while pgw runs must not have to restart it:
@@ -2437,6 +2479,7 @@ class Daemon:
                 )
                 self.connection = Connection(self, ws, stream)
                 self.link.connected, self.link.since, self.link.since_unix = True, trio.current_time(), time.time()
+                self.link.tries, self.link.failing_since = 0, None
                 self.publish_state()
                 log.info("connected to %s as %r", settings.server + CONNECT_PATH, settings.name)
                 try:
@@ -2572,8 +2615,12 @@ async def run_until_signalled(daemon: Daemon) -> None:
 @attrs.frozen
 class Check:
     name: str
-    status: Literal["PASS", "WARN", "FAIL"]
+    status: Literal["PASS", "WARN", "FAIL", "SKIP"]
     detail: str
+
+
+# The network checks in order; after a failure the rest are listed as skipped.
+NETWORK_CHECKS = ("dns", "tcp", "tls", "websocket")
 
 
 def shiv_root(environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -2628,8 +2675,10 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
         checks.append(Check("config", "FAIL", config_error))
     elif settings is None or not settings.token:
         checks.append(Check("config", "FAIL", f"not paired: no token in {config_path}; run `pgw pair CODE --server URL`"))
+    elif not config_path.exists():
+        checks.append(Check("config", "PASS", f"no {config_path}: the token comes from ${ENV_TOKEN} or --token"))
     else:
-        mode = stat.S_IMODE(config_path.stat().st_mode) if config_path.exists() else 0o600
+        mode = stat.S_IMODE(config_path.stat().st_mode)
         if mode & 0o077:
             checks.append(Check("config", "WARN", f"{config_path} is mode {mode:o}: others may read the token; chmod 600 it"))
         else:
@@ -2645,18 +2694,28 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
         checks.append(Check(binary, "PASS" if version else "WARN", f"{cli['path']} ({version or problem})"))
     if not found:
         checks.append(Check("clis", "FAIL", "none of claude, codex, deepseek is on PATH: no stage can run"))
-    holder = instance_lock_holder(home)
-    state = read_state(home) or {}
+    holder, _, connected = daemon_report(home)
     if holder is None:
         checks.append(Check("daemon", "WARN", "`pgw run` is not running for this home"))
     else:
-        connected = "connected" if state.get("pid") == holder and state.get("connected") else "not connected"
-        checks.append(Check("daemon", "PASS", f"`pgw run` is running (pid {holder}), {connected}"))
+        checks.append(Check("daemon", "PASS", f"`pgw run` is running (pid {holder}), {'connected' if connected else 'not connected'}"))
     return checks
 
 
-async def network_checks(settings: Settings, timing: Timing = Timing()) -> list[Check]:
-    """DNS, TCP, TLS and the WebSocket handshake with the stored token; nothing is started."""
+async def network_checks(settings: Settings, timing: Timing = Timing(), daemon: Optional[str] = None) -> list[Check]:
+    """DNS, TCP, TLS and the WebSocket handshake with the stored token; nothing is
+    started.  `daemon` says a daemon runs for this home: no handshake then."""
+    checks = await _network_checks(settings, timing, daemon)
+    done = {check.name for check in checks}
+    failed = next((check.name for check in checks if check.status == "FAIL"), None)
+    for name in NETWORK_CHECKS:
+        if name not in done:
+            reason = f"not checked after the {failed} check failed" if failed else "not needed for an http:// server"
+            checks.append(Check(name, "SKIP", reason))
+    return sorted(checks, key=lambda check: NETWORK_CHECKS.index(check.name))
+
+
+async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[str]) -> list[Check]:
     parsed = urllib.parse.urlsplit(settings.server)
     host, secure = parsed.hostname or "", parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
@@ -2686,7 +2745,10 @@ async def network_checks(settings: Settings, timing: Timing = Timing()) -> list[
                 if "certificate" in detail and not settings.cafile:
                     detail += "; if the server uses an internal CA: `pgw config set cafile FILE`"
                 return checks + [Check("tls", "FAIL", detail)]
-        checks.append(await _websocket_check(stream, settings, timeout_s))
+        if daemon is not None:
+            checks.append(Check("websocket", "SKIP", f"{daemon}: its connection says more than a second one would"))
+        else:
+            checks.append(await _websocket_check(stream, settings, timeout_s))
     finally:
         await trio.aclose_forcefully(stream)
     return checks
@@ -3174,21 +3236,60 @@ def _restart_without_token_in_ps(token: str) -> None:
     os.execv(sys.executable, [*interpreter, *kept])
 
 
-def _cmd_run(args: argparse.Namespace) -> int:
-    if args.token:
-        _restart_without_token_in_ps(args.token)
+def run_preflight(args: argparse.Namespace) -> Settings:
+    """What `pgw run` checks before it starts; `doctor` runs the same, so that
+    when doctor finds nothing wrong, run starts.  PgwError says what is wrong."""
     home = pgw_home()
     _, _, settings = _load(args)
     if not settings.token:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
+    if settings.cafile:
+        make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
+    try:
+        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConfigError(f"cannot make the pgw home {home}: {exc.strerror}; set {ENV_HOME} to a directory you own") from None
+    if not os.access(home, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to the pgw home {home}; set {ENV_HOME} to a directory you own")
+    return settings
+
+
+def _cmd_run(args: argparse.Namespace) -> int:
+    if args.token:
+        _restart_without_token_in_ps(args.token)
+    home = pgw_home()
+    try:
+        return _start_daemon(args, home)
+    except PgwError as exc:
+        leave_reason(home, str(exc))
+        raise
+
+
+def leave_reason(home: Path, reason: str) -> None:
+    """Why `run` refused to start, in run.log and the state file where they can
+    be written: under cron nobody sees stderr, and `status` and `logs` read these."""
+    if instance_lock_holder(home) is not None:
+        return  # a running daemon's files are its own
+    stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
+    try:
+        fd = os.open(home / RUN_LOG_FILENAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        with os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace") as log_file:
+            log_file.write(f"{stamp} ERROR pgw {__version__} did not start: {reason}\n")
+        write_json_atomically(home / STATE_FILENAME, {"pid": None, "last_error": reason, "updated_at": iso_time(time.time())})
+    except OSError:
+        pass  # stderr has it; nothing else can be written
+
+
+def _start_daemon(args: argparse.Namespace, home: Path) -> int:
+    settings = run_preflight(args)
     # Everything the daemon makes (home, lock, log, state, scratch) is private
     # whatever the umask; its stages get the caller's umask back.
     callers_umask = os.umask(0o077)
-    home_was_open = home.is_dir() and stat.S_IMODE(home.stat().st_mode) & 0o077
+    home_was_open = stat.S_IMODE(home.stat().st_mode) & 0o077
     try:
         lock_fd, holder = acquire_instance_lock(home)
     except OSError as exc:
-        raise ConfigError(f"cannot lock {home / LOCK_FILENAME}: {exc.strerror}") from None
+        raise ConfigError(f"cannot lock {home}: {exc.strerror}") from None
     if lock_fd is None:
         print(f"pgw already running (pid {holder or '?'})")
         return 0
@@ -3201,8 +3302,6 @@ def _cmd_run(args: argparse.Namespace) -> int:
         "pgw %s started: server=%s name=%r max_stages=%s log=%s",
         __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
     )
-    if settings.cafile:
-        make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw: %s", old)
     daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask)
@@ -3334,36 +3433,54 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
 def _cmd_status(args: argparse.Namespace) -> int:
     """Exit 0: running and connected; 3: running, not connected; 1: not running."""
     home = pgw_home()
-    pid = instance_lock_holder(home)
-    state = read_state(home) or {}
-    connected = bool(pid and state.get("pid") == pid and state.get("connected"))
+    pid, state, connected = daemon_report(home)
+    try:
+        paired: Optional[bool] = bool(resolve_settings({}, os.environ, read_config(home / CONFIG_FILENAME), "").token)
+    except ConfigError:
+        paired = None  # the config cannot be read: `pgw doctor` says why
     report = {
+        "version": __version__,
         "running": pid is not None,
         "pid": pid,
         "started_at": state.get("started_at") if pid else None,
         "connected": connected,
         "connected_since": state.get("connected_since") if connected else None,
         "server": state.get("server"),
+        "tries": state.get("tries", 0) if pid and not connected else 0,
+        "next_try_at": state.get("next_try_at") if pid and not connected else None,
         "stages_running": state.get("stages_running", 0) if pid else 0,
         "stages_queued": state.get("stages_queued", 0) if pid else 0,
         "last_error": state.get("last_error"),
+        "paired": paired,
         "home": str(home),
+        "log": str(home / RUN_LOG_FILENAME),
     }
     if args.json:
         _print_json(report)
-    elif pid is None:
-        print(f"pgw is not running (home {home})")
-        if report["last_error"]:
-            print(f"last error: {report['last_error']}")
+        return 1 if pid is None else 0 if connected else 3
+    if pid is None:
+        print(f"running    no (pgw is not running for {home})")
     else:
         print(f"running    yes, pid {pid}, since {report['started_at'] or '?'}")
         if connected:
             print(f"connected  yes, to {report['server']} since {report['connected_since']}")
         else:
-            print(f"connected  no (server {report['server'] or '?'})")
+            tries = f"; {report['tries']} failed tries, next at {report['next_try_at'] or 'once the current try ends'}"
+            print(f"connected  no (server {report['server'] or '?'}{tries if report['tries'] else ''})")
         print(f"stages     {report['stages_running']} running, {report['stages_queued']} queued")
-        print(f"last error {report['last_error'] or '-'}")
+    print(f"last error {report['last_error'] or '-'}")
+    print(f"paired     {'yes' if paired else 'no: run `pgw pair CODE --server URL`' if paired is False else 'cannot tell: the config cannot be read (see `pgw doctor`)'}")
+    print(f"log        {report['log']}")
+    print(f"version    pgw {__version__}")
     return 1 if pid is None else 0 if connected else 3
+
+
+def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], bool]:
+    """(pid of the running daemon or None, its state file, whether it is connected):
+    the one place that judges "connected", for `status` and `doctor`."""
+    pid = instance_lock_holder(home)
+    state = read_state(home) or {}
+    return pid, state, bool(pid and state.get("pid") == pid and state.get("connected"))
 
 
 def _count(text: str) -> int:
@@ -3397,8 +3514,19 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         if problem:
             capabilities[key]["problem"] = problem
     checks = local_checks(home, path, settings, config_problem, capabilities, versions)
-    if settings is not None:
-        checks += trio.run(network_checks, settings)
+    try:
+        run_preflight(args)
+        checks.append(Check("run", "PASS", "`pgw run` would start: paired, CA file and home usable"))
+    except PgwError as exc:
+        checks.append(Check("run", "FAIL", f"`pgw run` would refuse to start: {exc}"))
+    holder, _, connected = daemon_report(home)
+    if settings is None:
+        checks += [Check(name, "SKIP", "the config cannot be read") for name in NETWORK_CHECKS]
+    else:
+        # A second WebSocket with the daemon's own token may look to the server
+        # like the worker reconnecting, and cost the daemon its connection.
+        beside = f"the running pgw (pid {holder}) is {'connected' if connected else 'not connected'}" if holder else None
+        checks += trio.run(network_checks, settings, Timing(), beside)
     failed = any(check.status == "FAIL" for check in checks)
     if args.json:
         _print_json({

@@ -283,3 +283,71 @@ async def test_a_handshake_with_an_extension_not_offered_is_refused_in_plain_wor
             nursery.cancel_scope.cancel()
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert "not one pgw can accept" in line and "extension" in line and "ExceptionGroup" not in line
+
+
+##############################################################################
+# The daemon's own reasons: reconnect reminders, refusals under cron, doctor
+##############################################################################
+
+
+async def test_a_long_outage_is_reminded_at_growing_intervals_and_counted_for_status(tmp_path, environ, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    timing = pgw.Timing(reconnect_first_s=0.02, reconnect_cap_s=0.05, reconnect_reminder_s=0.3)
+    with trio.fail_after(20):
+        async with open_backend() as backend:
+            port = backend.port
+        daemon = pgw.Daemon(pgw.Settings(server=f"http://127.0.0.1:{port}", token="t", name="n"), tmp_path / "h",
+                            environ=environ, timing=timing)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.run)
+            await trio.sleep(2.5)
+            state = daemon.state()
+            nursery.cancel_scope.cancel()
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings[0].startswith("cannot connect: 127.0.0.1:") and "refused" in warnings[0]
+    reminders = [w for w in warnings if w.startswith("still cannot connect after ")]
+    assert 2 <= len(reminders) <= 4, warnings  # 0.3 s, then 0.6, 1.2: growing, not one per try
+    assert state["tries"] > 10 and state["next_try_at"] is not None and "refused" in state["last_error"]
+
+
+def test_run_refusing_to_start_under_cron_leaves_its_reason_for_status_and_logs(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    env = {"PGW_HOME": str(home), "PATH": "/usr/bin:/bin"}  # cron's: no terminal, nobody reads stderr
+    done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), "run"], env=env, capture_output=True, text=True,
+                          timeout=30, stdin=subprocess.DEVNULL)
+    assert done.returncode == 1 and "not paired" in done.stderr
+    assert "did not start: not paired yet" in (home / "run.log").read_text()
+    status = subprocess.run([sys.executable, str(ROOT / "pgw.py"), "status"], env=env, capture_output=True,
+                            text=True, timeout=30)
+    assert "last error not paired yet" in status.stdout and "paired     no" in status.stdout
+
+
+def test_doctor_fails_what_run_would_refuse(tmp_path, capsys, monkeypatch):
+    home = tmp_path / "home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no CLI, no network needed for this
+    pgw.write_config(home / "config.json", {"server": "http://127.0.0.1:9", "worker_id": "w", "token": "tok-ca",
+                                            "cafile": str(tmp_path / "missing-ca.pem")})
+    assert pgw.main(["doctor"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  run        `pgw run` would refuse to start: CA file" in out
+    for name in ("tls", "websocket"):
+        assert f"SKIP  {name}" in out
+
+
+async def test_doctor_beside_a_running_daemon_does_not_open_a_second_connection(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with pgw_daemon(script_pgw, home, stub_bin, server=backend.url, token=backend.token):
+                await (await backend.next_connection()).receive("hello")
+                await trio.sleep(0.7)  # the state file says connected
+                doctor = await trio.run_process(
+                    [*script_pgw.argv, "doctor"], env={"PGW_HOME": str(home), "PATH": f"{stub_bin}:/usr/bin:/bin",
+                                                      **script_pgw.env},
+                    capture_stdout=True, capture_stderr=True, check=False,
+                )
+                assert len(backend.connections) == 1 and len(backend.handshakes) == 1
+    out = doctor.stdout.decode()
+    assert "SKIP  websocket  the running pgw (pid" in out and "is connected" in out, out
