@@ -674,3 +674,15 @@ async def test_verbose_log_shows_frames_but_no_contents(tmp_path, environ, stub_
     assert "received stage.request s1 cli=claude" in caplog.text
     assert "sent stage.stdout s1 seq=1" in caplog.text
     assert "secret" not in caplog.text and "tok-test" not in caplog.text
+
+
+async def test_trio_websocket_still_has_the_lock_pgw_writes_under():
+    # FrameWriter writes pgw's own frames under trio-websocket's private
+    # stream lock; an upgrade that renames or drops it must fail here, by name.
+    import trio_websocket
+
+    assert "trio-websocket==0.12.2" in (ROOT / "requirements.lock").read_text()
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{backend.port}/api/local-worker/connect?token={backend.token}") as ws:
+                assert isinstance(getattr(ws, pgw.TRIO_WEBSOCKET_STREAM_LOCK), trio.StrictFIFOLock)
