@@ -418,8 +418,7 @@ def _strict_converter() -> cattrs.Converter:
     def structure_literal(value: Any, literal: type) -> Any:
         allowed = typing.get_args(literal)
         if not isinstance(value, str) or value not in allowed:
-            quoted = shown(value) if isinstance(value, str) else _json_kind(value)
-            raise ValueError(f"{quoted} is not one of {', '.join(allowed)}")
+            raise ValueError(f"{shown(value)} is not one of {', '.join(allowed)}")
         return value
 
     converter.register_structure_hook(str, structure_str)
@@ -447,12 +446,13 @@ def _require_container(converter: cattrs.Converter, container: Any, kind: type) 
     converter.register_structure_hook_func(lambda t: t == container, structure)
 
 
-def shown(value: str) -> str:
-    """A server-supplied string as it may appear in a log line or an error: quoted
-    (a newline in it cannot forge a log line) and cut to SHOWN_MAX_CHARS."""
-    if len(value) <= SHOWN_MAX_CHARS:
-        return repr(value)
-    return f"{value[:SHOWN_MAX_CHARS]!r}... ({len(value)} characters)"
+def shown(value: Any) -> str:
+    """A server-supplied value as it may appear in a log line or an error: its
+    repr (a newline in it cannot forge a log line), cut to SHOWN_MAX_CHARS."""
+    if isinstance(value, str) and len(value) > SHOWN_MAX_CHARS:
+        return f"{value[:SHOWN_MAX_CHARS]!r}... ({len(value)} characters)"
+    text = repr(value)
+    return text if len(text) <= SHOWN_MAX_CHARS else f"{text[:SHOWN_MAX_CHARS]}... ({len(text)} characters)"
 
 
 def _json_kind(value: Any) -> str:
@@ -481,8 +481,7 @@ def _validation_messages(exc: BaseException, path: str = "") -> list[str]:
             if isinstance(exc, ClassValidationError):
                 where = f"{path}.{note.name}" if path else note.name
             else:
-                index = shown(note.index) if isinstance(note.index, str) else repr(note.index)
-                where = f"{path}[{index}]"
+                where = f"{path}[{shown(note.index)}]"
             messages.extend(_validation_messages(inner, where))
         for inner in without:
             messages.extend(_validation_messages(inner, path))
@@ -579,8 +578,7 @@ def decode(text: Union[str, bytes]) -> Record:
     tag = message["type"]
     record_type = RECORD_TYPES.get(tag) if isinstance(tag, str) else None
     if record_type is None:
-        quoted = shown(tag) if isinstance(tag, str) else _json_kind(tag)
-        raise ProtocolError(f"type: {quoted} is not one of {', '.join(RECORD_TYPES)}", message)
+        raise ProtocolError(f"type: {shown(tag)} is not one of {', '.join(RECORD_TYPES)}", message)
     try:
         return _converter.structure(message, record_type)
     except (ClassValidationError, IterableValidationError) as exc:
