@@ -1,4 +1,4 @@
-"""Benchmark pgw against the reference worker, pgworker 0.1.2 (issue 6).
+"""Benchmark pgw against the reference worker, pgworker 0.1.2.
 
 Run it with ``./build.sh bench [ARGS]`` (which builds pgw.pyz first); it is
 not part of ``./build.sh test`` and pytest does not collect it (the name is
@@ -1038,7 +1038,7 @@ def git_head() -> str:
 
 def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
-        prog="bench.py", description="Benchmark pgw against pgworker 0.1.2 on a loopback backend (issue 6).",
+        prog="bench.py", description="Benchmark pgw against pgworker 0.1.2 on a loopback backend.",
     )
     parser.add_argument("--rounds", type=int, help="rounds, alternating the order (default 3; 1 with --quick)")
     parser.add_argument("--only", choices=["pgw", "pgworker"], help="run one worker only")

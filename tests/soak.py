@@ -1,6 +1,6 @@
 """Soak pgw: many stages over one daemon with random cancels, timeouts and forced disconnects.
 
-    .venv/bin/python tests/soak.py --stages 1000          # the full soak (issue 5)
+    .venv/bin/python tests/soak.py --stages 1000          # the full soak
     .venv/bin/python tests/soak.py --seconds 100          # the CI version (tests/test_soak.py)
 
 One `pgw run` process (the built pgw.pyz with --pyz, else `python pgw.py`)
@@ -52,7 +52,7 @@ sys.path[:0] = [str(ROOT), str(TESTS)]
 
 from backend import Backend, BackendConnection, ConnectionGone, Proxy, open_backend, open_proxy  # noqa: E402
 
-RSS_DRIFT_LIMIT_BYTES = 10_000_000  # issue 5: RSS flat within 10 MB
+RSS_DRIFT_LIMIT_BYTES = 10_000_000  # RSS stays flat: within 10 MB over the soak
 WARM_UP_STAGES = 20
 # No stage may wait this long for its exit on a connection that is up: the
 # longest (a silent path: 30 s to notice, 10 s grace, a retry) takes ~45 s.

@@ -1,6 +1,6 @@
 """Faults: a backend that breaks, children that misbehave, a daemon that dies.
 
-Issue 5. Whatever breaks, pgw must end every stage in bounded time with
+Whatever breaks, pgw must end every stage in bounded time with
 exactly one `stage.exit` (when the connection that carries it survives),
 leave no process of the stage running (its group, its grandchildren, and
 setsid escapees: every process of the stage carries `PGW_STAGE_ID=<id>` in
@@ -564,7 +564,7 @@ def numbered_lines(start, stop, width, filler):
 for start in range(0, {BIG_LINES}, {BIG_BATCH}):
     sys.stdout.write(numbered_lines(start, start + {BIG_BATCH}, 1024, "."))
 """
-THROTTLE_BYTES_PER_S = 1_000_000  # issue 5: "the test proxy throttles to 1 MB/s"
+THROTTLE_BYTES_PER_S = 1_000_000  # a slow home uplink
 RSS_LIMIT_BYTES = 100_000_000
 HEARTBEAT_GAP_LIMIT_S = 31.0  # an app ping every 30 s, on time
 
@@ -593,7 +593,7 @@ def expected_big_output_digest() -> str:
 
 
 async def test_slow_backend_gets_200_mib_in_order_with_bounded_memory_and_a_timely_heartbeat(tmp_path, stub_bin, pyz_pgw):
-    """About 210 s: 200 MiB through a 1 MB/s proxy. CI runs it (issue 5 asks for it)."""
+    """About 210 s: 200 MiB through a 1 MB/s proxy. CI runs it."""
     write_stub_cli(stub_bin, "claude", BIG_WRITER)
     home = tmp_path / "home"
     rss: list[int] = []

@@ -1,6 +1,6 @@
 """Hostile input: fuzzed messages, path attacks, size limits, and the token.
 
-Issue 5. Whatever the server sends, pgw must not crash, must not drop the
+Whatever the server sends, pgw must not crash, must not drop the
 connection, and must answer every `stage.request` that carries a string
 `stage_run_id` with exactly one `stage.exit`. File paths in a request must
 never write outside the stage's scratch dir. The token must never show up in
@@ -36,7 +36,7 @@ from test_run import connected, environ, request, running_worker  # noqa: F401 -
 ##############################################################################
 # Fuzzing one running daemon
 ##############################################################################
-# One backend and one pgw Worker serve every hypothesis example: state that
+# One backend and one pgw Daemon serve every hypothesis example: state that
 # a bad message corrupts (the stage table, the outbox, the connection) is
 # then seen by all the examples after it. They run in a trio loop on a
 # thread of their own, so that the test body can stay synchronous and
@@ -47,7 +47,7 @@ EXIT_WAIT_S = 30.0
 
 
 class ThreadedDaemon:
-    """A backend plus a connected in-process pgw Worker, in a trio loop on a thread."""
+    """A backend plus a connected in-process pgw Daemon, in a trio loop on a thread."""
 
     def __init__(self, home: Path, environ: dict[str, str]) -> None:
         self.home = home
