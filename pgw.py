@@ -1693,7 +1693,8 @@ class StageRun:
                 rejected = f"internal error in pgw: {type(exc).__name__}"
             finally:
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
+                    if not remove_empty_scratch(self.prepared.scratch_dir):
+                        await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
                 del daemon.stages[self.id]
                 daemon.publish_state()
                 outcome = StageOutcome(
@@ -1721,7 +1722,10 @@ class StageRun:
         """Write the files, start the root, relay the output until the CLI and its pipes are done."""
         prepared, timing = self.prepared, self.daemon.timing
         try:
-            await trio.to_thread.run_sync(write_scratch, prepared.scratch_dir, prepared.files)
+            if prepared.files:
+                await trio.to_thread.run_sync(write_scratch, prepared.scratch_dir, prepared.files)
+            else:  # a mkdir or two: not worth a thread's round trip
+                write_scratch(prepared.scratch_dir, [])
         except OSError as exc:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
         stdin = subprocess.PIPE if self.request.stdin_mode == "stdin" else subprocess.DEVNULL
@@ -1785,17 +1789,20 @@ class StageRun:
             while True:
                 chunk = await pipe.receive_some(PIPE_READ_BYTES)
                 self.bytes_out += len(chunk)
+                ended = not chunk
                 if chunk.isascii() and not decoder.getstate()[0]:
                     text = chunk.decode("ascii")
                 else:
-                    text = decoder.decode(chunk, final=not chunk)
-                for data in escaped_output(text) if text else ():
+                    text = decoder.decode(chunk, final=ended)
+                pieces = escaped_output(text) if text else []
+                del chunk, text  # only the escaped pieces wait for the outbox: memory while parked
+                for data in pieces:
                     self.pumps_waiting_on_server += 1
                     try:
                         await outbox.put(lambda data=data: output_message(record_type, self.id, self.next_seq(), data))
                     finally:
                         self.pumps_waiting_on_server -= 1
-                if not chunk:
+                if ended:
                     return
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return
@@ -1869,6 +1876,19 @@ def remove_scratch(scratch_dir: Path) -> None:
     """Remove a stage's scratch dir, unless its parent is no longer pgw's own directory."""
     if is_real_dir(scratch_dir.parent):
         shutil.rmtree(scratch_dir, ignore_errors=True)
+
+
+def remove_empty_scratch(scratch_dir: Path) -> bool:
+    """Remove the scratch dir if the stage left nothing in it: one rmdir, no thread."""
+    if not is_real_dir(scratch_dir.parent):
+        return True  # not pgw's own directory any more: nothing of it to remove
+    try:
+        os.rmdir(scratch_dir)
+    except FileNotFoundError:
+        return True
+    except OSError:
+        return False
+    return True
 
 
 def is_real_dir(path: Path) -> bool:
