@@ -1528,7 +1528,8 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
         error = outcome.stop_error or f"timed out after {outcome.timeout_s} s"
         if not outcome.started and outcome.stop_error is not None:
             error += ", before it started"
-    returncode = outcome.returncode if outcome.returncode is not None else -1
+    # A CLI that never got its ack reports -1, as PROTOCOL.md says of one that did not run.
+    returncode = outcome.returncode if outcome.started and outcome.returncode is not None else -1
     return StageExit(stage_run_id, returncode, outcome.duration_ms, error)
 
 
@@ -1729,6 +1730,7 @@ class StageRun:
         except OSError as exc:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
         stdin = subprocess.PIPE if self.request.stdin_mode == "stdin" else subprocess.DEVNULL
+        await trio.lowlevel.checkpoint_if_cancelled()  # a stage stopped (or out of time) by now never starts
         try:
             root = await StageRoot.spawn(prepared, stdin, self.daemon.stage_umask)
         except OSError as exc:

@@ -237,3 +237,23 @@ def test_log_filter_leaves_a_degenerate_short_token_alone():
     record = logging.LogRecord("pgw", logging.INFO, __file__, 1, "started: server=http://h", (), None)
     pgw.RedactToken("t").filter(record)
     assert record.getMessage() == "started: server=http://h"
+
+
+# The exit a stage owes -----------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("outcome", "expected"),
+    [
+        (dict(returncode=0, started=True), (0, None)),
+        (dict(returncode=-15, started=True, stopped=True, stop_error="cancelled by the server (SIGTERM)"),
+         (-15, "cancelled by the server (SIGTERM)")),
+        (dict(returncode=-9, started=True, stopped=True), (-9, "timed out after 30 s")),
+        (dict(stopped=True, stop_error="worker shutting down"), (-1, "worker shutting down, before it started")),
+        (dict(returncode=-9, stopped=True), (-1, "timed out after 30 s")),  # killed before its ack: -1
+        (dict(rejected="CLI not found: 'codex' is not on PATH (/bin)"), (-1, "CLI not found: 'codex' is not on PATH (/bin)")),
+    ],
+)
+def test_stage_exit_says_what_happened(outcome, expected):
+    record = pgw.stage_exit("s1", pgw.StageOutcome(timeout_s=30, duration_ms=5, **outcome))
+    assert (record.returncode, record.error) == expected and record.duration_ms == 5
