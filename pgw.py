@@ -3111,6 +3111,7 @@ def launchd_plist(launch: Launch, home: Path) -> str:
 
 
 def install_target(kind: str) -> Optional[Path]:
+    """The file `install KIND` writes; None for cron, which lives in the crontab."""
     if kind == "systemd":
         config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
         return config_home / "systemd" / "user" / SYSTEMD_UNIT
@@ -3403,7 +3404,8 @@ def _cmd_install(args: argparse.Namespace) -> int:
         write_crontab(replace_cron_block(read_crontab(), text))
         print("installed pgw's @reboot and */5 watchdog lines in your crontab")
         return 0
-    assert target is not None
+    if target is None:
+        raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")
     target.parent.mkdir(parents=True, exist_ok=True)
     target.write_text(text, encoding="utf-8")
     print(f"wrote {target}")
@@ -3430,7 +3432,8 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
         print("removed pgw's lines from your crontab")
         return 0
     target = install_target(args.kind)
-    assert target is not None
+    if target is None:
+        raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")
     if not target.exists():
         print(f"nothing to remove: no {target}")
         return 0
