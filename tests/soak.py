@@ -102,7 +102,8 @@ class Kind:
     fields: Callable[[random.Random], dict] = lambda rng: {}
     cancel: Optional[str] = None  # "SIGTERM" / "SIGKILL" after a random delay
     # (returncode, error) pairs this kind may end with; a cancel or a timeout
-    # that comes after the child's own end leaves the natural outcome.
+    # that comes after the child's own end leaves the natural outcome, and a
+    # cancel that comes before the CLI started ends it unstarted (-1).
     allowed: Callable[[int, Optional[str]], bool] = lambda rc, error: (rc, error) == (0, None)
 
 
@@ -119,11 +120,11 @@ KINDS = [
     Kind("fail", 5, lambda rng: ["fail", "0"], allowed=lambda rc, error: (rc, error) == (3, None)),
     Kind("sleep", 15, lambda rng: ["sleep", f"{rng.uniform(0.05, 1.5):.2f}"]),
     Kind("cancel-term", 10, lambda rng: ["sleep", "30"], cancel="SIGTERM",
-         allowed=lambda rc, error: _finished_or(rc, error, (-15, "cancelled by the server (SIGTERM)"))),
+         allowed=lambda rc, error: _finished_or(rc, error, (-15, "cancelled by the server (SIGTERM)"), (-1, "cancelled by the server (SIGTERM), before it started"))),
     Kind("cancel-kill", 6, lambda rng: ["stubborn", "30"], cancel="SIGKILL",
-         allowed=lambda rc, error: _finished_or(rc, error, (-9, "cancelled by the server (SIGKILL)"))),
+         allowed=lambda rc, error: _finished_or(rc, error, (-9, "cancelled by the server (SIGKILL)"), (-1, "cancelled by the server (SIGKILL), before it started"))),
     Kind("tree-cancelled", 6, lambda rng: ["tree", "30"], cancel="SIGTERM",
-         allowed=lambda rc, error: _finished_or(rc, error, (-15, "cancelled by the server (SIGTERM)"))),
+         allowed=lambda rc, error: _finished_or(rc, error, (-15, "cancelled by the server (SIGTERM)"), (-1, "cancelled by the server (SIGTERM), before it started"))),
     Kind("tree", 4, lambda rng: ["tree", f"{rng.uniform(0.1, 1.0):.2f}"]),
     Kind("timeout", 8, lambda rng: ["sleep", "30"], lambda rng: {"timeout_s": 1},
          allowed=lambda rc, error: (rc, error) == (-15, "timed out after 1 s")),
