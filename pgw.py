@@ -171,6 +171,11 @@ OUTBOX_MAX_FRAMES = 4
 PIPE_BUFFER_BYTES = 1024 * 1024
 F_SETPIPE_SZ = 1031
 
+# The spawner reads each request at once; one it has not taken in this long is dead.
+SPAWNER_SEND_TIMEOUT_S = 10.0
+# At the end of file on its socket the spawner exits at once; this only bounds a stuck one.
+SPAWNER_EXIT_WAIT_S = 2.0
+
 # Every process a stage starts carries its stage's id, for the CLI's own use
 # and for anyone reading `ps e` (pgw itself finds them as the stage root's
 # descendants, whatever their environment).
@@ -1335,24 +1340,43 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # A stage is prepared (every check, no I/O but the CLI lookup), then waits for
 # a slot, then runs under its stage root, then its outcome becomes its exit.
 #
-# The stage root is a tiny process of pgw's own (this Python, `-I -S`, the
-# code below) between pgw and the CLI.  On Linux it is a child subreaper
-# (PR_SET_CHILD_SUBREAPER, which survives execve), so every orphan of the
-# stage -- double-forked, setsid'd, its environment emptied -- is reparented
-# to the root instead of to init: the stage's processes are exactly the
-# root's descendants, whatever they do.  The root forks the CLI in a session
-# of its own, reports its pid and its exit on a pipe, reaps every orphan,
-# and relays pgw's SIGTERM to the CLI's group.  When its command pipe closes
-# -- pgw ending the stage, or pgw dying, however it dies -- it kills its
-# descendants until a pass finds none, then exits.  Elsewhere (macOS) there
-# is no subreaper: the root kills the CLI's process group.
+# The stage root is a tiny process of pgw's own between pgw and the CLI.  On
+# Linux it is a child subreaper (PR_SET_CHILD_SUBREAPER, which survives
+# execve), so every orphan of the stage -- double-forked, setsid'd, its
+# environment emptied -- is reparented to the root instead of to init: the
+# stage's processes are exactly the root's descendants, whatever they do.
+# The root forks the CLI in a session of its own, reports its pid and its
+# exit on a pipe, reaps every orphan, and relays pgw's SIGTERM to the CLI's
+# group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
+# however it dies -- it kills its descendants until a pass finds none, then
+# exits.  Elsewhere (macOS) there is no subreaper: the root kills the CLI's
+# process group.
 #
-# Commands, pgw -> root: b"T" (SIGTERM the CLI's group); end of file (kill
-# everything and exit).  Reports, root -> pgw, one line each: `pid N` or
-# `error ERRNO` (the exec failed), then `exit RETURNCODE`.
+# Roots are forked by the spawner, one process per daemon (this Python,
+# `-I -S`, the code below), started at the first stage.  pgw sends it one
+# request per stage on a Unix socket: the stage's argv, environment,
+# directory and umask, with the stage's five pipe ends attached (SCM_RIGHTS).
+# Forking a small, single-threaded process costs well under a millisecond;
+# starting a Python per stage cost about 15 ms of CPU, and forking pgw itself
+# (trio does it from a worker thread) about 1 ms of pgw's.  A root forked
+# from the spawner holds only its own stage's pipes, so the end of its
+# command pipe still means exactly "pgw is done with this stage".
+#
+# Requests, pgw -> spawner: a 4-byte big-endian length, then that much JSON
+# {"argv", "env", "cwd", "umask"}, with the fds [commands, reports, stdin,
+# stdout, stderr] on its first byte; end of file: the spawner exits (roots
+# live on until their own command pipe closes).  Commands, pgw -> root: b"T"
+# (SIGTERM the CLI's group); end of file (kill everything and exit).
+# Reports, root -> pgw, one line each: `pid N` or `error ERRNO` (the CLI
+# could not be started), then `exit RETURNCODE`.
 
-STAGE_ROOT_SOURCE = r"""
-import os, select, signal, sys, time
+STAGE_SPAWNER_SOURCE = r"""
+import json, os, select, signal, socket, struct, sys, time
+
+LINUX = sys.platform.startswith("linux")
+if LINUX:
+    import ctypes
+    PRCTL = ctypes.CDLL(None, use_errno=True).prctl
 
 def descendants(root):
     # The kernel's list of each task's children where it keeps one, else every
@@ -1391,18 +1415,10 @@ def descendants(root):
         todo += kids
     return found
 
-def main():
-    commands, reports = int(sys.argv[1]), int(sys.argv[2])
-    umask = None if sys.argv[3] == "-" else int(sys.argv[3])
-    argv = sys.argv[4:]
-    os.set_inheritable(commands, False)  # pgw's pipes are not the CLI's
-    os.set_inheritable(reports, False)
-    linux = sys.platform.startswith("linux")
-    if linux:
-        import ctypes
-        ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)  # only the command pipe ends the root
+def stage_root(request, commands, reports, stdio):
+    # In the root, forked from the spawner; never returns.
+    if LINUX:
+        PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w)
@@ -1414,16 +1430,20 @@ def main():
             os.setsid()
             for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(signum, signal.SIG_DFL)
-            if umask is not None:
-                os.umask(umask)
-            os.execv(argv[0], argv)
+            signal.set_wakeup_fd(-1)
+            for fd, target in zip(stdio, (0, 1, 2)):
+                os.dup2(fd, target)  # inheritable: the CLI's own
+            if request["umask"] is not None:
+                os.umask(request["umask"])
+            os.chdir(request["cwd"])
+            argv = request["argv"]
+            os.execve(argv[0], argv, request["env"])
         except OSError as exc:
             os.write(failed_w, b"%d" % exc.errno)
         os._exit(127)
     os.close(failed_w)
-    null = os.open(os.devnull, os.O_RDWR)
-    for fd in (0, 1, 2):
-        os.dup2(null, fd)  # the pipes' end of file is the stage's alone
+    for fd in stdio:
+        os.close(fd)  # the pipes' end of file is the stage's alone
     failure = os.read(failed_r, 16)
 
     def report(line):
@@ -1464,18 +1484,55 @@ def main():
                     pass
     deadline = time.monotonic() + 5.0  # pgw's own wait for the root: a process stuck in the kernel is left
     while reap() and time.monotonic() < deadline:
-        pids = descendants(os.getpid()) if linux else []
+        pids = descendants(os.getpid()) if LINUX else []
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        if not linux:
+        if not LINUX:
             try:
                 os.killpg(cli, signal.SIGKILL)
             except OSError:
                 pass
         time.sleep(0.001)
+    os._exit(0)
+
+def receive(control):
+    # One request and its fds, or None at end of file.
+    header, fds, _, _ = socket.recv_fds(control, 4, 5)
+    for fd in fds:
+        os.set_inheritable(fd, False)  # until a CLI takes its own as 0, 1, 2
+    while header and len(header) < 4:
+        more = control.recv(4 - len(header))
+        header = header + more if more else b""
+    if len(header) < 4 or len(fds) != 5:
+        for fd in fds:
+            os.close(fd)
+        return None
+    size, body = struct.unpack("!I", header)[0], b""
+    while len(body) < size:
+        chunk = control.recv(min(size - len(body), 1 << 20))
+        if not chunk:
+            return None
+        body += chunk
+    return json.loads(body), fds
+
+def main():
+    control = socket.socket(fileno=int(sys.argv[1]))
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner and its roots
+    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # roots that end are reaped by the kernel: no zombies
+    while True:
+        received = receive(control)
+        if received is None:
+            return
+        request, (commands, reports, *stdio) = received
+        if os.fork() == 0:
+            control.close()
+            stage_root(request, commands, reports, stdio)
+        for fd in (commands, reports, *stdio):
+            os.close(fd)
 
 main()
 """
@@ -1533,48 +1590,102 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
     return StageExit(stage_run_id, returncode, outcome.duration_ms, error)
 
 
-class StageRoot:
-    """pgw's end of a stage root: its process, and its command and report pipes."""
+class StageSpawner:
+    """pgw's end of the spawner: started at the first stage, again if it died."""
 
-    def __init__(self, process: trio.Process, commands: int, reports: trio.lowlevel.FdStream) -> None:
-        self.process = process
+    def __init__(self) -> None:
+        self._process: Optional[subprocess.Popen[bytes]] = None
+        self._control: Optional[trio.socket.SocketType] = None
+        self._lock = trio.Lock()  # one request at a time on the stream
+
+    def _start(self) -> trio.socket.SocketType:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            # Started once, between stages: a plain fork here costs less than trio's thread
+            # hop, and close_fds keeps every pipe of a running stage out of it.
+            self._process = subprocess.Popen(
+                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno())],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                start_new_session=True,  # a terminal's Ctrl-C is pgw's to handle, not the stages'
+            )
+        self._control = trio.socket.from_stdlib_socket(ours)
+        return self._control
+
+    async def spawn(self, prepared: PreparedStage, with_stdin: bool, umask: Optional[int]) -> "StageRoot":
+        """A new stage root running `prepared`; the caller owns the result at once."""
+        body = json.dumps(
+            {"argv": prepared.argv, "env": prepared.environ, "cwd": str(prepared.scratch_dir), "umask": umask}
+        ).encode("utf-8", "surrogateescape")
+        message = struct.pack("!I", len(body)) + body
+        commands_r, commands_w = os.pipe()
+        reports_r, reports_w = os.pipe()
+        stdin_r, stdin_w = os.pipe() if with_stdin else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None)
+        stdout_r, stdout_w = os.pipe()
+        stderr_r, stderr_w = os.pipe()
+        theirs = [commands_r, reports_w, stdin_r, stdout_w, stderr_w]
+        root = StageRoot(commands_w, reports_r, stdin_w, stdout_r, stderr_r)
+        try:
+            # Shielded: half a request would leave the stream out of step for every later stage.
+            with trio.CancelScope(shield=True):
+                async with self._lock:
+                    await self._send(message, theirs)
+        except BaseException:
+            await root.close_pipes()
+            root.close_commands()
+            await root.close_reports()
+            raise
+        finally:
+            for fd in theirs:
+                os.close(fd)
+        return root
+
+    async def _send(self, message: bytes, fds: list[int]) -> None:
+        for attempt in (1, 2):  # a spawner that died (killed by hand, OOM) is started again, once
+            control = self._control or self._start()
+            try:
+                with trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
+                    sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+                    while sent < len(message):
+                        sent += await control.send(message[sent:])
+                return
+            except (OSError, trio.TooSlowError) as exc:
+                self.close()
+                if attempt == 2 or not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
+                    raise OSError(getattr(exc, "errno", None) or 0, f"the stage spawner does not answer ({exc or 'timed out'})") from None
+
+    def close(self) -> None:
+        """End the spawner (running roots live on until their stage ends)."""
+        if self._control is not None:
+            self._control.close()
+            self._control = None
+        if self._process is not None:
+            try:
+                self._process.wait(SPAWNER_EXIT_WAIT_S)  # it exits at end of file on its socket
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+            self._process = None
+
+
+class StageRoot:
+    """pgw's end of a stage root: its command and report pipes, the CLI's stdio pipes."""
+
+    def __init__(self, commands: int, reports: int, stdin: Optional[int], stdout: int, stderr: int) -> None:
         self._commands: Optional[int] = commands
-        self._reports = reports
+        self._reports = trio.lowlevel.FdStream(reports)
+        self.stdin = trio.lowlevel.FdStream(stdin) if stdin is not None else None
+        self.stdout = trio.lowlevel.FdStream(stdout)
+        self.stderr = trio.lowlevel.FdStream(stderr)
         self._pending = b""
+        self._ended = False  # the report pipe's end of file: the root is gone
         self.cli_pid: Optional[int] = None
         self.returncode: Optional[int] = None
 
-    @classmethod
-    async def spawn(cls, prepared: PreparedStage, stdin: int, umask: Optional[int]) -> "StageRoot":
-        """Start the root (it starts the CLI); the caller owns the result at once
-        (trio starts processes in a thread that a cancel does not abandon)."""
-        commands_r, commands_w = os.pipe()
-        reports_r, reports_w = os.pipe()
-        try:
-            process = await trio.lowlevel.open_process(
-                [sys.executable, "-I", "-S", "-c", STAGE_ROOT_SOURCE, str(commands_r), str(reports_w),
-                 "-" if umask is None else str(umask), *prepared.argv],
-                cwd=prepared.scratch_dir,
-                env=prepared.environ,
-                stdin=stdin,
-                stdout=subprocess.PIPE,
-                stderr=subprocess.PIPE,
-                start_new_session=True,
-                pass_fds=(commands_r, reports_w),
-            )
-        except BaseException:
-            for fd in (commands_w, reports_r):
-                os.close(fd)
-            raise
-        finally:
-            for fd in (commands_r, reports_w):
-                os.close(fd)
-        return cls(process, commands_w, trio.lowlevel.FdStream(reports_r))
-
     async def _report(self) -> Optional[bytes]:
         while b"\n" not in self._pending:
-            chunk = await self._reports.receive_some(4096)
+            chunk = await self._reports.receive_some(4096) if not self._ended else b""
             if not chunk:
+                self._ended = True
                 return None
             self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
@@ -1608,25 +1719,31 @@ class StageRoot:
             except OSError:
                 pass
 
+    def close_commands(self) -> None:
+        if self._commands is not None:
+            os.close(self._commands)
+            self._commands = None
+
     async def kill(self, wait_s: float) -> None:
         """Kill everything the stage started and wait for the root to go (once)."""
         if self._commands is None:
             return
-        os.close(self._commands)
-        self._commands = None
+        self.close_commands()
         with trio.move_on_after(wait_s):
             await self.exited()
-            await self.process.wait()
-        if self.process.returncode is None:
-            self.process.kill()  # a root that does not answer: it must not hold pgw
-            await self.process.wait()
+            while await self._report() is not None:
+                pass
+        if not self._ended:
+            log.warning("a stage root did not end within %.0f s; it goes on killing the stage's processes", wait_s)
+        await self.close_reports()
+
+    async def close_reports(self) -> None:
         await self._reports.aclose()
 
     async def close_pipes(self) -> None:
-        for pipe in (self.process.stdin, self.process.stdout, self.process.stderr):
+        for pipe in (self.stdin, self.stdout, self.stderr):
             if pipe is not None:
                 await pipe.aclose()
-
 
 
 class StageRun:
@@ -1729,25 +1846,24 @@ class StageRun:
                 write_scratch(prepared.scratch_dir, [])
         except OSError as exc:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
-        stdin = subprocess.PIPE if self.request.stdin_mode == "stdin" else subprocess.DEVNULL
         await trio.lowlevel.checkpoint_if_cancelled()  # a stage stopped (or out of time) by now never starts
         try:
-            root = await StageRoot.spawn(prepared, stdin, self.daemon.stage_umask)
+            root = await self.daemon.spawner.spawn(prepared, self.request.stdin_mode == "stdin", self.daemon.stage_umask)
         except OSError as exc:
             raise StageRejected(f"cannot start the stage: {exc.strerror or exc}") from None
         self.root = root
         try:
             pid = await root.started(self.request.cli)
-            for pipe in (root.process.stdout, root.process.stderr):
+            for pipe in (root.stdout, root.stderr):
                 enlarge_pipe(pipe)
             self.daemon.publish_state()
             log.info("stage %r: started cli=%s pid=%d", self.id, self.request.cli, pid)
             await outbox.put(lambda: wire(StageAck(self.id, pid)))
             async with trio.open_nursery() as pumps:
-                if root.process.stdin is not None:
-                    pumps.start_soon(feed_stdin, root.process.stdin, self.request.stdin.encode("utf-8"))
+                if root.stdin is not None:
+                    pumps.start_soon(feed_stdin, root.stdin, self.request.stdin.encode("utf-8"))
                 self.pumps_running = 2
-                for pipe, record_type in ((root.process.stdout, StageStdout), (root.process.stderr, StageStderr)):
+                for pipe, record_type in ((root.stdout, StageStdout), (root.stderr, StageStderr)):
                     pumps.start_soon(self._pump, pipe, record_type, outbox)
                 await root.exited()
                 await self._drain(root)
@@ -2317,6 +2433,7 @@ class Daemon:
         self.environ = dict(os.environ if environ is None else environ)
         self.scratch_root = home / "scratch"
         self.stages: dict[str, StageRun] = {}
+        self.spawner = StageSpawner()
         self.slots = trio.Semaphore(settings.max_stages) if settings.max_stages > 0 else None
         self.shutdown = Shutdown()
         self.link = LinkState()
@@ -2405,6 +2522,7 @@ class Daemon:
                 await self._reconnect_loop()
                 nursery.cancel_scope.cancel()
         finally:
+            self.spawner.close()
             self.link.connected, self.link.since_unix = False, None
             self._write_state(self.state())
         log.info("stopped")

@@ -114,6 +114,19 @@ def marked_processes(marker: str) -> list[int]:
     return found
 
 
+def children_of(pid: int) -> list[int]:
+    """Live pids whose parent is `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_bytes() if entry.name.isdigit() else b""
+        except OSError:
+            continue
+        if stat and int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid and is_alive(int(entry.name)):
+            found.append(int(entry.name))
+    return found
+
+
 def kill_marked(marker: str) -> None:
     """Test cleanup: whatever pgw failed to kill must not outlive the test (hoppers need several passes)."""
     for _ in range(200):
@@ -207,6 +220,8 @@ async def test_no_escapee_outlives_the_daemon(tmp_path, stub_bin, pyz_pgw, kind,
                     assert (await connection.receive("stage.stdout", "s1"))["data"] == "ready\n"
                     assert_escapee_ran(tmp_path, marker)
                     assert await still_running(tmp_path / f"{marker}.ready"), "precondition: it runs beside its stage"
+                    spawner = children_of(daemon.pid)
+                    assert len(spawner) == 1, "precondition: pgw's one child is the stage spawner"
                     if ending == "daemon-sigterm":
                         daemon.send_signal(signal.SIGTERM)
                         result = await connection.stage_result("s1")
@@ -216,6 +231,10 @@ async def test_no_escapee_outlives_the_daemon(tmp_path, stub_bin, pyz_pgw, kind,
                         daemon.kill()
                         await daemon.wait()
                 await assert_none_left(tmp_path, marker)
+                with trio.move_on_after(3):
+                    while is_alive(spawner[0]):
+                        await trio.sleep(0.05)
+                assert not is_alive(spawner[0]), "the stage spawner outlived pgw"
                 if ending == "daemon-sigkill":
                     async with pgw_daemon(pyz_pgw, home, stub_bin, server=backend.url, token=backend.token):
                         await (await backend.next_connection()).receive("hello")
@@ -248,3 +267,50 @@ async def test_a_pid_hopper_survives_none_of_ten_cancels(tmp_path, environ, stub
         for marker in markers.values():
             kill_marked(marker)
     assert survivors == [], f"hoppers survived {len(survivors)} of 10 cancels"
+
+
+# The stage spawner ---------------------------------------------------------
+
+FD_LISTER = """
+import os, sys, time
+open_fds = []
+for fd in range(3, 1024):
+    try:
+        os.fstat(fd)
+    except OSError:
+        continue
+    open_fds.append(fd)
+print(open_fds, flush=True)
+if sys.argv[1:] == ["wait"]:
+    time.sleep(60)
+"""
+
+
+async def test_a_cli_holds_no_descriptor_but_its_stdio(tmp_path, environ, stub_bin):
+    # pgw passes each stage's pipes to the spawner; none may reach another stage's CLI.
+    write_stub_cli(stub_bin, "claude", FD_LISTER)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli_args=["wait"]))
+            assert (await connection.receive("stage.stdout", "s1"))["data"] == "[]\n"
+            await connection.send(request("s2", stdin="a prompt"))
+            assert (await connection.receive("stage.stdout", "s2"))["data"] == "[]\n"
+            assert (await connection.stage_result("s2")).returncode == 0
+            await connection.send(cancel("s1"))
+            assert (await connection.stage_result("s1")).returncode == -15
+
+
+async def test_a_killed_spawner_is_started_again_and_running_stages_go_on(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", FD_LISTER)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, worker, connection):
+            await connection.send(request("s1", cli_args=["wait"]))
+            await connection.receive("stage.stdout", "s1")
+            first = worker.spawner._process
+            first.kill()
+            first.wait()
+            await connection.send(request("s2"))
+            assert (await connection.stage_result("s2")).returncode == 0
+            assert worker.spawner._process.pid != first.pid
+            await connection.send(cancel("s1"))
+            assert (await connection.stage_result("s1")).returncode == -15

@@ -16,7 +16,7 @@ import trio
 import pgw
 from backend import open_backend
 from conftest import ROOT, write_stub_cli
-from test_run import SLEEPER, assert_group_gone, daemon_process, live_group_members, request, wait_ready
+from test_run import SLEEPER, assert_group_gone, daemon_process, request, wait_ready
 
 PGW = [sys.executable, str(ROOT / "pgw.py")]
 
