@@ -4,42 +4,98 @@ Run it with ``./build.sh bench [ARGS]`` (which builds pgw.pyz first); it is
 not part of ``./build.sh test`` and pytest does not collect it (the name is
 not ``test_*``, and importing it runs nothing).
 
-    ./build.sh bench                  the full run: 3 rounds, about 7 minutes on 2 cores
-    ./build.sh bench --quick          a sanity run in a few seconds (small sizes, 1 round)
+    ./build.sh bench                  the full run: 3 rounds, about 8-9 minutes on 2 cores
+    ./build.sh bench --quick          a sanity run in about 25 s (small sizes, 1 round)
     ./build.sh bench --only pgw       pgw alone, for quick iterations
     ./build.sh bench --pgw-source     run pgw.py with .venv's python instead of pgw.pyz
     ./build.sh bench --pgw-cmd CMD    run `CMD run` as pgw, e.g. a script that patches pgw and calls main
     ./build.sh bench --profile F.svg  py-spy (pip install py-spy into .venv) on pgw.py relaying the stream
     ./build.sh bench --json out.json  also save every figure of every round
+    ./build.sh bench --link-mb-s 1    the uvicorn rows over a 1 MB/s link (default 4; 0: no link rows)
+    ./build.sh bench --files-mib 8 --json-mib 16   smaller payloads for the uvicorn rows (default 16, 32)
+    ./build.sh bench --no-uvicorn     only the websockets backend's rows (about 1.7 minutes less)
 
 How it works
 ------------
-Three kinds of process, so that no CPU is mixed up between them:
+Separate processes, so that no CPU is mixed up between them:
 
 * the driver (this file, under .venv's python): starts everything, sends
-  commands to the backend, samples the worker's /proc files, prints the table;
-* the backend (``bench.py --serve``, under the pgworker venv's python): a
-  WebSocket server on 127.0.0.1 written for the benchmark with the
-  ``websockets`` library.  It sends the ``stage.request``s it is told to,
-  answers ``ping`` with ``pong`` as the real server may, and checks and times
+  commands to the backends, samples the worker's /proc files, prints the table;
+* two backends (``bench.py --serve``, each in its own process under the
+  pgworker venv's python), WebSocket servers on 127.0.0.1 written for the
+  benchmark.  They send the ``stage.request``s they are told to, answer
+  ``ping`` with ``pong`` as the real server may, and check and time
   everything the workers send (seq order, byte counts and CRC-32 of each
   stage's output, arrival time of each message), reporting events to the
-  driver as JSON lines;
+  driver as JSON lines.  All of that is one piece of code (``serve``); only
+  the transport differs:
+
+  - the ``websockets`` backend: the ``websockets`` library's own server, with
+    no extension (no permessage-deflate unless ``--deflate``);
+  - the ``uvicorn`` backend, what the real prove-graph backend runs (FastAPI
+    is Starlette): a Starlette app with one ``WebSocketRoute`` at
+    /api/local-worker/connect, served by
+    ``uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0,
+    log_level="warning"))`` and nothing else changed, on Starlette and
+    uvicorn at the dev lock's versions (installed into the pgworker venv).
+    uvicorn's default ``ws="auto"`` picks its websockets-based protocol when
+    ``websockets`` is importable (here ``websockets_sansio_impl``, on
+    pgworker's websockets), and ``ws_per_message_deflate=True`` is its
+    default: it accepts permessage-deflate from any client that offers it,
+    with ``server_max_window_bits=12``, ``client_max_window_bits=12`` and
+    ``memLevel=5`` (uvicorn 0.54's source), so a compressing worker
+    deflates in a 4 KiB window.  The backend checks both facts when it
+    starts (the bench stops if either is not so) and the header of the
+    table names the implementation.  Its endpoint reads raw ASGI messages
+    (``websocket.receive()``) and hands their text to the same accounting,
+    re-encoded as UTF-8 bytes, a copy the other backend does not make: its
+    CPU is shown beside its rows.  Without uvloop and httptools (not in the
+    lock) uvicorn runs on asyncio and h11;
+
+* the link (``bench.py --link``, in its own process under .venv's python),
+  used for the uvicorn rows "over the link": a TCP proxy in front of the
+  uvicorn backend that lets ``--link-mb-s`` (4) MB per second through each
+  way, a home uplink or a VPN rather than loopback.  One token bucket per
+  direction, shared by all connections as a host's link is; reads of
+  16 KiB and bursts of at most 64 KiB (16 ms at 4 MB/s), so a large
+  message trickles through at the link's rate instead of in bursts.  It
+  adds no delay of its own beyond the rate (no round-trip time is
+  modelled).  It counts the bytes it forwards each way per worker (the
+  token in the request line): TCP payload, that is the HTTP handshake and
+  the WebSocket frames, not TCP/IP headers;
 * the worker under test, with the stub CLI ``claude`` on PATH.  The stub
   reads its prompt (standard input) to the end before it writes, as a real
   CLI does (pgworker fails a stage whose CLI exits before its prompt is
   written: "ConnectionResetError").
 
-Why the backend is neutral: it is neither side's code (not pgw's, not
-tests/backend.py), it speaks plain RFC 6455 with no extension (no
-permessage-deflate unless ``--deflate``, so both workers send the same
-uncompressed frames), and it does the same work for both.  ``websockets`` is
-what a Python backend most likely runs in production (uvicorn's default).
-Its cost while a stream runs is kept well below either worker's (C-accelerated
-unmasking; large messages are copied aside and parsed after the stage's exit,
-see ``serve``) and is shown in the table, so it can be judged: on 2 cores it
-shares the machine with the worker and the stub.  It runs in its own process,
-so none of its CPU is counted as the worker's.
+Why the websockets backend is neutral: it is neither side's code (not
+pgw's, not tests/backend.py), it speaks plain RFC 6455 with no extension
+(so both workers send the same uncompressed frames), and it does the same
+work for both.  ``websockets`` is what a Python backend most likely runs in
+production (under uvicorn by default).  Its cost while a stream runs is kept
+well below either worker's (C-accelerated unmasking; large messages are
+copied aside and parsed after the stage's exit, see ``serve``) and is shown
+in the table, so it can be judged: on 2 cores it shares the machine with the
+worker and the stub.  It runs in its own process, so none of its CPU is
+counted as the worker's.  The uvicorn backend is neutral the same way, but
+deliberately not compression-blind: it compresses with whichever worker
+offers permessage-deflate, as the real one does, so its rows compare what
+users see (today pgworker offers it and pgw does not).
+
+The text the uvicorn rows carry is generated once per run, from a fixed
+seed, so both workers get identical bytes: text files (Lean sources, TeX
+drafts, Markdown notes of 8-256 KiB) and codex-like ``exec --json`` event
+lines (reasoning, agent messages, command runs with compiler output).  It
+is made-up prose, not one repeated line: a Zipf vocabulary of 3,000 words,
+a topic that wanders through it (a seeded random walk), sentences quoted
+again a little later, and varying numbers, ids, paths, mathematics and
+some non-ASCII (``∀ ℕ → ≤ ⟨⟩``, as Lean writes).  It compresses about
+3.8x (files) and 4.3x (JSON lines) with zlib at its default level and
+window, 3.0x and 3.3x in uvicorn's 4 KiB window; the bench prints these
+ratios for the data it generated.  The stub's ``files`` mode prints one
+line naming every file in its working directory (count, size, CRC-32 of
+each path and contents), which the driver knows in advance; its ``cat``
+mode writes the JSON lines from a file.
 
 Both workers run on the same interpreter (``--python``, default python3,
 resolved past pyenv shims): pgworker in its own venv
@@ -47,9 +103,9 @@ resolved past pyenv shims): pgworker in its own venv
 so that neither pays for packages or .pth files of the base site-packages.
 Their environment has no PYTHON* variables (PYTHONDONTWRITEBYTECODE would
 keep pgw's extracted pyz from ever caching its bytecode), no PGW_* or
-SHIV_* variables, a HOME of their own, and the stub first on PATH.  pgw.pyz
-and pgw.py are copied at the start, so a rebuild during the run changes
-nothing.
+SHIV_* variables, no *_proxy variables (the only proxy is the bench's
+link), a HOME of their own, and the stub first on PATH.  pgw.pyz and pgw.py
+are copied at the start, so a rebuild during the run changes nothing.
 
 The workers run one after the other, never at once under load, and the order
 alternates every round.  Per round: pgw is started once in a fresh
@@ -60,7 +116,15 @@ worker uses no CPU, so sharing that wait costs the other nothing and saves
 several minutes.  Then, one worker at a time: line latency, 50 concurrent
 stages, and the big stream, started just before the worker's next heartbeat
 is due so that the heartbeat gap says whether a ping gets out while the
-stream runs.
+stream runs.  Those two workers are then stopped, and for each worker in
+the same order, one process at a time: a worker connected to the uvicorn
+backend through the link (the files request, then the JSON lines), stopped;
+then one connected to it directly (the loopback stream), stopped.
+
+The uvicorn rows add about 30 s a round at the default sizes (pgw's 22 MB
+request and 35 MB of output take about 6 and 9 s through 4 MB/s; pgworker,
+compressing, about half that) and about 12 s once to generate the data and
+its ratios: about 1.7 minutes of the full run, 8 s of ``--quick``.
 
 Measurements
 ------------
@@ -85,11 +149,37 @@ Measurements
 * idle RSS: VmRSS after ``--idle-s`` (60) seconds connected, before any stage.
 * start to hello: from just before the process is spawned to the backend
   receiving ``hello``; pgw both warm (already extracted) and fresh.
+
+Against the uvicorn backend (``--no-uvicorn`` leaves these out):
+
+* over the link, files request: one ``stage.request`` carrying
+  ``--files-mib`` (16) MiB of text files (as base64, a third more), whose
+  stub prints the line naming them; time from the backend starting to send
+  the request to the ``stage.exit`` arriving, and the bytes through the link
+  in that window, both ways (and of them, to the worker).  Intact: the
+  stub's line names exactly the files sent, with an ack and returncode 0.
+* over the link, JSON lines: ``--json-mib`` (32) MiB of the JSON lines
+  written by the stub; time to the exit and bytes, as above (and of them,
+  from the worker).  Intact: byte count and CRC-32 of the output, seq order,
+  ack, returncode 0.
+* on loopback (no link): the JSON lines 4 times over (128 MiB); throughput,
+  worker CPU per GiB, the backend's CPU per GiB and peak RSS, as for the
+  main stream, and whether the worker offered permessage-deflate (its
+  handshake's ``Sec-WebSocket-Extensions``).  A worker that offers it
+  compresses its output here, as it would for the real backend.
+
+Every check of the output also counts U+FFFD, which the stubs never write.
+pgworker 0.1.2 decodes each pipe read on its own (``errors="replace"``), so
+a character cut between two reads arrives as U+FFFD: with the non-ASCII of
+the generated JSON lines its output is usually not intact.  The "all"
+targets judge pgw only; a list under the table says what was wrong with
+any output, whichever worker's.
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
 import hashlib
 import json
 import os
@@ -102,13 +192,16 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.parse
 import zlib
+from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 ROOT = Path(__file__).resolve().parent.parent
 PGWORKER_REQUIREMENT = "pgworker==0.1.2"
 PGWORKER_VENV = ROOT / "build" / "bench-pgworker-venv"
+BACKEND_PACKAGES = ("starlette", "uvicorn")  # installed into PGWORKER_VENV for the uvicorn backend
 # pgw.pyz runs on this empty venv's python, not on the base interpreter: a
 # base site-packages may run .pth files at every start (this machine's adds
 # ~40 ms by importing certifi), which pgworker's venv would not pay.
@@ -122,11 +215,21 @@ EVENT_TIMEOUT_S = 600.0
 MB = 1_000_000
 DEFER_BYTES = 4096  # the backend parses larger messages later (see serve)
 GIB = 1 << 30
+CONNECT_PATH = "/api/local-worker/connect"  # PROTOCOL.md; the uvicorn backend routes only this path
+# The link: reads of 16 KiB (4 ms at 4 MB/s) and a bucket of 64 KiB, so a
+# message crosses it as a steady trickle (no second-long bursts and pauses)
+# and a sleep that overshoots by a few ms loses no tokens.
+LINK_CHUNK_BYTES = 16 * 1024
+LINK_BURST_BYTES = 64 * 1024
+# The uvicorn loopback stream is the JSON lines this many times over: 128 MiB
+# by default, enough for /proc's 10 ms CPU ticks to be about 1% of pgw's CPU.
+LOOPBACK_REPEATS = 4
+DATA_SEED = 13  # the generated files and JSON lines; both workers get the same bytes
 
 # The stub CLI, written to a temp bin/ as `claude`.  The driver exec()s the
 # same source to know what each stage's output must be.
 STUB_SOURCE = r'''
-import os, sys, time
+import os, sys, time, zlib
 
 FLOOD_LINE = '{"type":"item.delta","seq":%08d,"text":"lorem ipsum dolor sit amet, consectetur adipiscing elit, sed do eiusmod"}\n'
 
@@ -154,6 +257,35 @@ def line_chunks(count, tag):
         yield b"%s line %05d the quick brown fox jumps over the lazy dog\n" % (tag.encode(), i)
 
 
+def cat_chunks(data, repeats):
+    """`data` (bytes) `repeats` times over, in pieces of at most 1 MiB."""
+    view = memoryview(data)
+    for _ in range(repeats):
+        for start in range(0, len(view), 1 << 20):
+            yield view[start:start + (1 << 20)]
+
+
+def files_digest(files):
+    """One line naming (relative path, contents) pairs: their count, total size and a
+    CRC-32 over each path, a NUL and its contents, in path order."""
+    crc, size = 0, 0
+    for path, data in sorted(files):
+        crc = zlib.crc32(data, zlib.crc32(path.encode() + b"\0", crc))
+        size += len(data)
+    return b"files %d %d %08x\n" % (len(files), size, crc)
+
+
+def scratch_files(root):
+    """Every file under `root` as (path relative to it, with /, contents)."""
+    found = []
+    for directory, _, names in os.walk(root):
+        for name in names:
+            path = os.path.join(directory, name)
+            with open(path, "rb") as source:
+                found.append((os.path.relpath(path, root).replace(os.sep, "/"), source.read()))
+    return found
+
+
 def write_all(chunk):
     view = memoryview(chunk)
     while view:
@@ -178,6 +310,13 @@ def main(argv):
     elif mode == "lines":
         for chunk in line_chunks(int(argv[1]), argv[2]):
             write_all(chunk)
+    elif mode == "cat":
+        with open(argv[1], "rb") as source:
+            data = source.read()
+        for chunk in cat_chunks(data, int(argv[2])):
+            write_all(chunk)
+    elif mode == "files":
+        write_all(files_digest(scratch_files(".")))
     elif mode == "tick":
         count, interval = int(argv[1]), float(argv[2])
         start = time.monotonic()
@@ -202,19 +341,213 @@ def _stub_namespace() -> dict[str, Any]:
 
 
 ##############################################################################
-# The backend (bench.py --serve, under the pgworker venv's python)
+# Text that compresses like real work: proof drafts, Lean files, agent output
 ##############################################################################
 
 
-def serve(deflate: bool, arena_bytes: int) -> int:
-    """A WebSocket server on 127.0.0.1:0; commands on stdin, events on stdout."""
+class Prose:
+    """Deterministic made-up prose from one seed, compressing about as well as
+    real English with zlib: no repeated line, but a Zipf vocabulary of a few
+    thousand words, a topic that wanders through it (a seeded random walk: the
+    same rare words come back for a while, then others do), and sentences
+    quoted again a little later, as drafts and agents repeat themselves.
+    Numbers, ids, paths and bits of mathematics vary throughout."""
+
+    VOCABULARY_WORDS = 3000
+    COMMON_WORDS = 100  # drawn by rank; the others come from around the topic
+    TOPIC_WIDTH = 60  # the rare words within reach of the topic at a time
+    TOPIC_STEP = 20  # how far the topic may move per sentence
+    REQUOTE = 0.25  # share of sentences that repeat one of the last 64
+
+    SYLLABLES = ("ka", "ri", "to", "ne", "sa", "mo", "lu", "pe", "di", "an", "or", "el", "is", "um", "ex", "co",
+                 "ver", "tra", "pro", "gra", "ph", "th", "st", "ion", "al", "ed", "ing", "er", "ic", "ent")
+    FUNCTION_WORDS = ("the of and a to in is that for it as with be by this we on are from at which if then so "
+                      "let there not an or all any its each hence since thus where").split()
+    VARIABLES = "abcfghkmnpqrstxyz"
+
+    def __init__(self, seed: int) -> None:
+        import itertools
+        import random
+
+        self.rng = random.Random(seed)
+        vocabulary = list(self.FUNCTION_WORDS)
+        known = set(vocabulary)
+        while len(vocabulary) < self.VOCABULARY_WORDS:
+            word = "".join(self.rng.choice(self.SYLLABLES) for _ in range(self.rng.choice((1, 2, 2, 3, 3, 4))))
+            if word not in known:
+                known.add(word)
+                vocabulary.append(word)
+        self.vocabulary = vocabulary
+        self.cumulative = list(itertools.accumulate(1.0 / rank for rank in range(1, len(vocabulary) + 1)))
+        self.topic = 0
+        self.recent: list[str] = []
+        self.spare: list[str] = []
+
+    def words(self, count: int) -> list[str]:
+        rng, vocabulary = self.rng, self.vocabulary
+        self.topic = (self.topic + rng.randint(-self.TOPIC_STEP, self.TOPIC_STEP)) % len(vocabulary)
+        ranks = rng.choices(range(len(vocabulary)), cum_weights=self.cumulative, k=count)
+        near = rng.choices(range(self.TOPIC_WIDTH), k=count)
+        return [vocabulary[rank] if rank < self.COMMON_WORDS else vocabulary[(self.topic + step) % len(vocabulary)]
+                for rank, step in zip(ranks, near)]
+
+    def word(self) -> str:
+        """One word for a name or a path (drawn 1024 at a time: one call each is slow)."""
+        if not self.spare:
+            self.spare = self.words(1024)
+        return self.spare.pop()
+
+    def name(self) -> str:
+        return f"{self.word()}_{self.word()}"
+
+    def math(self) -> str:
+        rng, v = self.rng, self.VARIABLES
+        return rng.choice((
+            lambda: f"${rng.choice(v)}_{{{rng.randint(0, 99)}}} \\le {rng.choice(v)}^{{{rng.randint(2, 9)}}}$",
+            lambda: f"∀ {rng.choice(v)} ∈ ℕ, {self.word()} {rng.choice(v)} → {self.word()} {rng.choice(v)}",
+            lambda: f"`{self.name()} (h{rng.randint(0, 20)} : {rng.choice(v)} ≤ {rng.randint(2, 999)})`",
+            lambda: f"$\\sum_{{i=1}}^{{{rng.choice(v)}}} {rng.choice(v)}_i = {rng.randint(0, 9999)}$",
+        ))()
+
+    def sentence(self) -> str:
+        rng = self.rng
+        if self.recent and rng.random() < self.REQUOTE:
+            return rng.choice(self.recent)
+        words = self.words(rng.randint(4, 22))
+        roll = rng.random()
+        if roll < 0.15:
+            words.insert(rng.randrange(len(words)), str(rng.randint(0, 99999)))
+        elif roll < 0.3:
+            words.insert(rng.randrange(len(words)), self.math())
+        text = " ".join(words)
+        text = text[0].upper() + text[1:] + rng.choice(".....,;:?")
+        self.recent.append(text)
+        del self.recent[:-64]
+        return text
+
+    def paragraph(self) -> str:
+        return " ".join(self.sentence() for _ in range(self.rng.randint(1, 6)))
+
+    def tactic(self) -> str:
+        rng, v = self.rng, self.VARIABLES
+        return rng.choice((
+            lambda: f"intro {rng.choice(v)}",
+            lambda: f"simp [{self.name()}, {self.name()}]",
+            lambda: "omega",
+            lambda: f"exact {self.name()} h{rng.randint(0, 9)}",
+            lambda: "constructor",
+            lambda: "ring_nf",
+            lambda: f"rcases h{rng.randint(0, 9)} with ⟨{rng.choice(v)}, h{rng.randint(0, 9)}⟩",
+            lambda: f"-- {self.sentence()}",
+        ))()
+
+    def lean(self, size: int) -> str:
+        rng, parts, length = self.rng, [f"import Graph.{self.word().capitalize()}\n\nnamespace Graph\n\n"], 0
+        while length < size:
+            x, n = rng.choice(self.VARIABLES), rng.randint(0, 999)
+            tactics = [self.tactic() for _ in range(rng.randint(2, 12))]
+            block = (f"/-- {self.sentence()} -/\ntheorem {self.name()}_{n} ({x} : ℕ) (h{n % 10} : {x} ≤ {n}) :\n"
+                     f"    {x} + {rng.randint(0, 99)} ≥ {rng.randint(0, 99)} := by\n  " + "\n  ".join(tactics) + "\n\n")
+            parts.append(block)
+            length += len(block.encode())
+        return "".join(parts)
+
+    def tex(self, size: int) -> str:
+        rng, parts, length = self.rng, ["\\section{" + self.sentence() + "}\n\n"], 0
+        while length < size:
+            label = f"{self.word()}-{rng.randint(0, 999)}"
+            block = (f"\\begin{{lemma}}\\label{{lem:{label}}}\n{self.paragraph()}\n\\end{{lemma}}\n"
+                     f"\\begin{{proof}}\n{self.paragraph()}\n\n{self.paragraph()}\n\\end{{proof}}\n\n")
+            parts.append(block)
+            length += len(block.encode())
+        return "".join(parts)
+
+    def markdown(self, size: int) -> str:
+        rng, parts, length = self.rng, [], 0
+        while length < size:
+            block = (f"## {self.sentence()}\n\n{self.paragraph()}\n\n"
+                     + "".join(f"- {self.sentence()}\n" for _ in range(rng.randint(0, 5))) + "\n")
+            parts.append(block)
+            length += len(block.encode())
+        return "".join(parts)
+
+
+def project_files(size: int, seed: int = DATA_SEED) -> dict[str, bytes]:
+    """Text files of 8-256 KiB, `size` bytes in all (the last one cut to fit): Lean
+    sources, TeX drafts and Markdown notes, as a stage.request's `files` carries."""
+    prose, files, total = Prose(seed), {}, 0
+    while total < size:
+        kind = prose.rng.choice(("lean", "lean", "tex", "md"))
+        length = min(prose.rng.randint(8 << 10, 256 << 10), size - total)
+        index = len(files)
+        path, text = {
+            "lean": lambda: (f"Graph/{prose.word().capitalize()}{index:04d}.lean", prose.lean(length)),
+            "tex": lambda: (f"drafts/lemma_{index:04d}.tex", prose.tex(length)),
+            "md": lambda: (f"notes/{prose.word()}-{index:04d}.md", prose.markdown(length)),
+        }[kind]()
+        data = text.encode()[:length]
+        files[path] = data
+        total += len(data)
+    return files
+
+
+def agent_json_lines(size: int, seed: int = DATA_SEED + 1) -> bytes:
+    """Codex-like `exec --json` events, whole lines, `size` bytes or a line more:
+    reasoning, agent messages and command runs with their output, UTF-8 unescaped
+    as codex writes it, quotes and newlines escaped inside the JSON."""
+    prose, lines, total, item = Prose(seed), [], 0, 0
+    rng = prose.rng
+    while total < size:
+        item += 1
+        roll = rng.random()
+        if roll < 0.35:
+            record: dict[str, Any] = {"type": "item.completed", "item": {
+                "id": f"item_{item}", "type": "reasoning", "text": f"**{prose.sentence()}**\n\n{prose.paragraph()}"}}
+        elif roll < 0.6:
+            text = "\n\n".join(prose.paragraph() for _ in range(rng.randint(1, 3)))
+            record = {"type": "item.completed", "item": {"id": f"item_{item}", "type": "agent_message", "text": text}}
+        elif roll < 0.95:
+            module = f"Graph/{prose.word().capitalize()}{rng.randint(0, 9999):04d}"
+            output = "\n".join(
+                f"{rng.choice(('info', 'warning', 'error'))}: ./{module}.lean:{rng.randint(1, 900)}:{rng.randint(0, 80)}: "
+                f"{prose.sentence()}" for _ in range(rng.randint(1, 12)))
+            record = {"type": "item.completed", "item": {
+                "id": f"item_{item}", "type": "command_execution", "command": f"bash -lc 'lake build {module}'",
+                "aggregated_output": output, "exit_code": rng.choice((0, 0, 0, 1)), "status": "completed"}}
+        else:
+            record = {"type": "turn.completed", "usage": {
+                "input_tokens": rng.randint(1000, 200000), "cached_input_tokens": rng.randint(0, 100000),
+                "output_tokens": rng.randint(10, 9000)}}
+        line = (json.dumps(record, ensure_ascii=False, separators=(",", ":")) + "\n").encode()
+        lines.append(line)
+        total += len(line)
+    return b"".join(lines)
+
+
+def zlib_ratio(data: bytes, window_bits: int = 15, mem_level: int = 8) -> float:
+    """Size before / after raw deflate at zlib's default level, one stream as
+    permessage-deflate with context takeover keeps it."""
+    compressor = zlib.compressobj(zlib.Z_DEFAULT_COMPRESSION, zlib.DEFLATED, -window_bits, mem_level)
+    return len(data) / max(1, len(compressor.compress(data)) + len(compressor.flush()))
+
+
+##############################################################################
+# The backends (bench.py --serve, under the pgworker venv's python)
+##############################################################################
+
+
+def serve(transport: str, deflate: bool, arena_bytes: int) -> int:
+    """A WebSocket server on 127.0.0.1 (a free port); commands on stdin, events on stdout.
+
+    The transport is the only thing that differs between the two backends:
+    `websockets` (the library's own server) or `uvicorn` (a Starlette
+    WebSocket endpoint under uvicorn at its defaults).  Each hands every
+    message it receives, as bytes, to the same `on_message`, and sends what
+    `commands` and `on_message` give it through one `send(text)`.
+    """
     import asyncio
-    import urllib.parse
 
-    from websockets.asyncio.server import serve as ws_serve
-    from websockets.exceptions import ConnectionClosed
-
-    connections: dict[str, Any] = {}
+    connections: dict[str, Callable[[str], Any]] = {}  # label -> its transport's send(text)
     stages: dict[tuple[str, str], dict[str, Any]] = {}
 
     def emit(event: dict[str, Any]) -> None:
@@ -225,7 +558,7 @@ def serve(deflate: bool, arena_bytes: int) -> int:
         key = (label, stage_id)
         if key not in stages:
             stages[key] = {
-                "frames": 0, "bytes": 0, "crc": 0, "stderr_bytes": 0, "seq": 0, "seq_ok": True,
+                "frames": 0, "bytes": 0, "crc": 0, "replaced": 0, "stderr_bytes": 0, "seq": 0, "seq_ok": True,
                 "ack": False, "lat": [] if stage_id.startswith("lat-") else None, "partial": "",
             }
         return stages[key]
@@ -245,7 +578,7 @@ def serve(deflate: bool, arena_bytes: int) -> int:
     arena_used = 0
     pending: list[tuple[str, Any, float]] = []  # (label, message or (offset, length), arrival)
 
-    def on_message(label: str, raw: bytes, arrived: float) -> Optional[bytes]:
+    def on_message(label: str, raw: bytes, arrived: float) -> Optional[str]:
         nonlocal arena_used
         if len(raw) > DEFER_BYTES:
             if arena_used + len(raw) > arena_bytes:
@@ -265,7 +598,7 @@ def serve(deflate: bool, arena_bytes: int) -> int:
             return None
         if kind == "ping":
             emit({"ev": "ping", "worker": label, "t": arrived})
-            return b'{"type":"pong"}'
+            return '{"type":"pong"}'
         if kind == "hello":
             emit({"ev": "hello", "worker": label, "t": arrived})
             return None
@@ -315,6 +648,7 @@ def serve(deflate: bool, arena_bytes: int) -> int:
                 return
             state["bytes"] += len(encoded)
             state["crc"] = zlib.crc32(encoded, state["crc"])
+            state["replaced"] += data.count("\ufffd")  # the stubs never write one (free on an ASCII str)
             if state["lat"] is not None:
                 lines = (state["partial"] + data).split("\n")
                 state["partial"] = lines.pop()
@@ -330,21 +664,24 @@ def serve(deflate: bool, arena_bytes: int) -> int:
         else:
             emit({"ev": "bad", "worker": label, "t": arrived, "what": f"unexpected {kind}"})
 
-    async def handler(ws: Any) -> None:
-        query = urllib.parse.parse_qs(urllib.parse.urlsplit(ws.request.path).query)
-        label = query.get("token", ["?"])[0]
-        connections[label] = ws
-        emit({"ev": "connect", "worker": label, "t": time.time(), "path": urllib.parse.urlsplit(ws.request.path).path})
+    async def session(target: str, offered: str, receive: Callable[[], Any], send: Callable[[str], Any],
+                      closed: tuple[type[BaseException], ...]) -> None:
+        """One worker's connection: `receive()` gives each message as bytes, None once
+        closed; `target` is the request's path and query, `offered` its extensions header."""
+        path, _, query = target.partition("?")
+        label = urllib.parse.parse_qs(query).get("token", ["?"])[0]
+        connections[label] = send
+        emit({"ev": "connect", "worker": label, "t": time.time(), "path": path,
+              "deflate_offered": "permessage-deflate" in offered})
         try:
-            while True:
-                raw = await ws.recv(decode=False)
+            while (raw := await receive()) is not None:
                 reply = on_message(label, raw, time.time())
                 if reply is not None:
-                    await ws.send(reply, text=True)
-        except ConnectionClosed:
+                    await send(reply)
+        except closed:
             pass
         finally:
-            if connections.get(label) is ws:
+            if connections.get(label) is send:
                 del connections[label]
             emit({"ev": "closed", "worker": label, "t": time.time()})
 
@@ -354,16 +691,84 @@ def serve(deflate: bool, arena_bytes: int) -> int:
             if not line:
                 return
             command = json.loads(line)
-            ws = connections.get(command["worker"])
-            if ws is None:
+            send = connections.get(command["worker"])
+            if send is None:
                 emit({"ev": "bad", "worker": command["worker"], "t": time.time(), "what": "not connected"})
                 continue
             texts = [json.dumps(request) for request in command["requests"]]
             started, cpu = time.time(), time.process_time()
             for text in texts:
-                await ws.send(text)
+                await send(text)
             emit({"ev": "sent", "worker": command["worker"], "t": started, "t_last": time.time(), "id": command["id"],
                   "backend_cpu_s": cpu})
+
+    async def websockets_transport(queue: asyncio.Queue) -> None:
+        from websockets.asyncio.server import serve as ws_serve
+        from websockets.exceptions import ConnectionClosed
+
+        async def handler(ws: Any) -> None:
+            async def receive() -> Optional[bytes]:
+                try:
+                    return await ws.recv(decode=False)
+                except ConnectionClosed:
+                    return None
+
+            offered = ws.request.headers.get("Sec-WebSocket-Extensions", "")
+            await session(ws.request.path, offered, receive, ws.send, (ConnectionClosed,))
+
+        async with ws_serve(
+            handler, "127.0.0.1", 0,
+            compression="deflate" if deflate else None,
+            max_size=None,
+            ping_interval=None,  # the workers keep the connection alive themselves
+        ) as server:
+            port = server.sockets[0].getsockname()[1]
+            emit({"ev": "listening", "port": port, "server": f"websockets {metadata.version('websockets')}, "
+                  + ("permessage-deflate accepted" if deflate else "no compression")})
+            await commands(queue)
+
+    async def uvicorn_transport(queue: asyncio.Queue) -> None:
+        import uvicorn
+        from starlette.applications import Starlette
+        from starlette.routing import WebSocketRoute
+        from starlette.websockets import WebSocket, WebSocketDisconnect
+
+        async def endpoint(websocket: WebSocket) -> None:
+            await websocket.accept()
+
+            async def receive() -> Optional[bytes]:
+                message = await websocket.receive()  # a raw ASGI message
+                if message["type"] == "websocket.disconnect":
+                    return None
+                text = message.get("text")
+                return text.encode() if text is not None else message.get("bytes") or b""
+
+            target = f"{websocket.url.path}?{websocket.url.query}"
+            offered = websocket.headers.get("sec-websocket-extensions", "")
+            await session(target, offered, receive, websocket.send_text, (WebSocketDisconnect,))
+
+        app = Starlette(routes=[WebSocketRoute(CONNECT_PATH, endpoint)])
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")  # its defaults otherwise
+        config.load()  # picks the ws implementation ("auto"), as serve() would
+        ws_class = config.ws_protocol_class
+        ws_impl = f"{ws_class.__module__}.{ws_class.__qualname__}" if ws_class else "none"
+        server = uvicorn.Server(config)
+        serving = asyncio.create_task(server.serve())
+        while not server.started:
+            if serving.done():
+                serving.result()
+                raise SystemExit("uvicorn stopped before it started")
+            await asyncio.sleep(0.01)
+        port = server.servers[0].sockets[0].getsockname()[1]
+        emit({"ev": "listening", "port": port, "ws_impl": ws_impl, "ws_per_message_deflate": config.ws_per_message_deflate,
+              "server": f"Starlette {metadata.version('starlette')} on uvicorn {metadata.version('uvicorn')} at its defaults "
+                        f"(ws {ws_impl.rpartition('.')[0].rpartition('.')[2]} on websockets {metadata.version('websockets')}, "
+                        f"ws_per_message_deflate={config.ws_per_message_deflate})"})
+        try:
+            await commands(queue)
+        finally:
+            server.should_exit = True
+            await serving
 
     async def main() -> None:
         loop = asyncio.get_running_loop()
@@ -375,15 +780,96 @@ def serve(deflate: bool, arena_bytes: int) -> int:
             loop.call_soon_threadsafe(queue.put_nowait, "")
 
         threading.Thread(target=read_stdin, daemon=True).start()
-        async with ws_serve(
-            handler, "127.0.0.1", 0,
-            compression="deflate" if deflate else None,
-            max_size=None,
-            ping_interval=None,  # the workers keep the connection alive themselves
-        ) as server:
-            port = server.sockets[0].getsockname()[1]
-            emit({"ev": "listening", "port": port})
-            await commands(queue)
+        await (uvicorn_transport if transport == "uvicorn" else websockets_transport)(queue)
+
+    asyncio.run(main())
+    return 0
+
+
+def serve_link(target_port: int, rate_bytes_s: float) -> int:
+    """bench.py --link: a TCP proxy from 127.0.0.1 (a free port) to `target_port`
+    that lets through at most `rate_bytes_s` each way, as one host's link does,
+    and counts the bytes each way per worker (the token in its request line).
+    Commands on stdin ({"id": N}) get the counts so far on stdout."""
+    import asyncio
+
+    counts: dict[str, list[int]] = {}  # label -> [to the backend, to the worker]
+
+    def emit(event: dict[str, Any]) -> None:
+        sys.stdout.write(json.dumps(event) + "\n")
+        sys.stdout.flush()
+
+    class TokenBucket:
+        """Bytes may pass at `rate_bytes_s`, bursting to LINK_BURST_BYTES after a pause."""
+
+        def __init__(self) -> None:
+            self.tokens = float(LINK_BURST_BYTES)
+            self.refilled = time.monotonic()
+
+        async def take(self, size: int) -> None:
+            while True:
+                now = time.monotonic()
+                self.tokens = min(LINK_BURST_BYTES, self.tokens + (now - self.refilled) * rate_bytes_s)
+                self.refilled = now
+                if self.tokens >= size:
+                    self.tokens -= size
+                    return
+                await asyncio.sleep((size - self.tokens) / rate_bytes_s)
+
+    # One bucket per direction for all connections: the host's link, shared.
+    to_backend, to_worker = TokenBucket(), TokenBucket()
+
+    async def pump(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, bucket: TokenBucket,
+                   tally: list[int], direction: int) -> None:
+        try:
+            while chunk := await reader.read(LINK_CHUNK_BYTES):
+                await bucket.take(len(chunk))
+                tally[direction] += len(chunk)  # counted before it can arrive
+                writer.write(chunk)
+                await writer.drain()
+            writer.write_eof()
+        except OSError:
+            writer.close()
+
+    async def on_connect(worker_reader: asyncio.StreamReader, worker_writer: asyncio.StreamWriter) -> None:
+        writers = [worker_writer]
+        try:
+            request_line = await worker_reader.readuntil(b"\r\n")  # GET /...?token=LABEL HTTP/1.1
+            target = request_line.split(b" ")[1].decode("latin-1") if request_line.count(b" ") >= 2 else ""
+            label = urllib.parse.parse_qs(target.partition("?")[2]).get("token", ["?"])[0]
+            tally = counts.setdefault(label, [0, 0])
+            backend_reader, backend_writer = await asyncio.open_connection("127.0.0.1", target_port)
+            writers.append(backend_writer)
+            await to_backend.take(len(request_line))
+            tally[0] += len(request_line)
+            backend_writer.write(request_line)
+            await asyncio.gather(
+                pump(worker_reader, backend_writer, to_backend, tally, 0),
+                pump(backend_reader, worker_writer, to_worker, tally, 1),
+            )
+        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError):
+            pass
+        finally:
+            for writer in writers:
+                writer.close()
+
+    async def main() -> None:
+        loop = asyncio.get_running_loop()
+        done = asyncio.Event()
+
+        def report(command_id: Any) -> None:
+            emit({"ev": "counts", "id": command_id, "counts": counts})
+
+        def read_stdin() -> None:
+            for line in sys.stdin:
+                loop.call_soon_threadsafe(report, json.loads(line)["id"])
+            loop.call_soon_threadsafe(done.set)
+
+        server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+        threading.Thread(target=read_stdin, daemon=True).start()
+        emit({"ev": "listening", "port": server.sockets[0].getsockname()[1]})
+        await done.wait()
+        server.close()
 
     asyncio.run(main())
     return 0
@@ -394,19 +880,22 @@ def serve(deflate: bool, arena_bytes: int) -> int:
 ##############################################################################
 
 
-class Backend:
-    """The backend process: commands in, events out (read by a thread)."""
+class Helper:
+    """A helper process (a backend, the link): JSON lines of commands on its
+    stdin, of events on its stdout (read by a thread); its first event says
+    which port it listens on."""
 
-    def __init__(self, python: Path, deflate: bool, arena_mib: int, log_dir: Path) -> None:
-        argv = [str(python), str(Path(__file__).resolve()), "--serve", f"--arena-mib={arena_mib}"]
-        argv += ["--deflate"] if deflate else []
-        self.stderr = open(log_dir / "backend.stderr", "wb")
+    what = "helper"
+
+    def __init__(self, argv: list[str], stderr_path: Path) -> None:
+        self.stderr = open(stderr_path, "wb")
         self.proc = subprocess.Popen(argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.stderr, text=True)
         self.events: list[dict[str, Any]] = []
         self.cond = threading.Condition()
         self._ids = 0
         threading.Thread(target=self._read, daemon=True).start()
-        self.port = self.wait_for(lambda e: e["ev"] == "listening", 30)["port"]
+        self.listening = self.wait_for(lambda e: e["ev"] == "listening", 30)
+        self.port: int = self.listening["port"]
 
     def _read(self) -> None:
         assert self.proc.stdout is not None
@@ -416,7 +905,7 @@ class Backend:
                 self.events.append(event)
                 self.cond.notify_all()
         with self.cond:
-            self.events.append({"ev": "backend-died", "worker": None, "t": time.time()})
+            self.events.append({"ev": "helper-died", "worker": None, "t": time.time()})
             self.cond.notify_all()
 
     def wait_for(self, match: Callable[[dict[str, Any]], bool], timeout_s: float, start: int = 0) -> dict[str, Any]:
@@ -426,12 +915,12 @@ class Backend:
                 for event in self.events[start:]:
                     if match(event):
                         return event
-                    if event["ev"] == "backend-died":
-                        raise BenchError(f"the backend died (see {self.stderr.name})")
+                    if event["ev"] == "helper-died":
+                        raise BenchError(f"the {self.what} died (see {self.stderr.name})")
                 start = len(self.events)
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise BenchError("timed out waiting for the backend")
+                    raise BenchError(f"timed out waiting for the {self.what}")
                 self.cond.wait(left)
 
     def mark(self) -> int:
@@ -442,18 +931,13 @@ class Backend:
         with self.cond:
             return [event for event in self.events[start:] if match(event)]
 
-    def send(self, worker: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
-        """Have the backend send `requests`; its `sent` event (backend's clock)."""
+    def command(self, command: dict[str, Any]) -> int:
+        """Write `command` with a fresh "id"; that id."""
         self._ids += 1
-        command_id = self._ids
-        start = self.mark()
         assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps({"worker": worker, "requests": requests, "id": command_id}) + "\n")
+        self.proc.stdin.write(json.dumps({**command, "id": self._ids}) + "\n")
         self.proc.stdin.flush()
-        return self.wait_for(
-            lambda e: (e["ev"] == "sent" and e.get("id") == command_id) or (e["ev"] == "bad" and e["worker"] == worker),
-            30, start,
-        )
+        return self._ids
 
     def close(self) -> None:
         try:
@@ -464,6 +948,47 @@ class Backend:
             self.proc.kill()
             self.proc.wait()
         self.stderr.close()
+
+
+class Backend(Helper):
+    """A backend process (``bench.py --serve``) with one transport."""
+
+    def __init__(self, python: Path, transport: str, deflate: bool, arena_mib: int, log_dir: Path) -> None:
+        self.what = f"{transport} backend"
+        argv = [str(python), str(Path(__file__).resolve()), "--serve", f"--transport={transport}",
+                f"--arena-mib={arena_mib}"]
+        argv += ["--deflate"] if deflate else []
+        super().__init__(argv, log_dir / f"backend-{transport}.stderr")
+        self.description: str = self.listening["server"]
+
+    def send(self, worker: str, requests: list[dict[str, Any]]) -> dict[str, Any]:
+        """Have the backend send `requests`; its `sent` event (backend's clock)."""
+        start = self.mark()
+        command_id = self.command({"worker": worker, "requests": requests})
+        # A large request over a slow link may take a while to be written.
+        return self.wait_for(
+            lambda e: (e["ev"] == "sent" and e.get("id") == command_id) or (e["ev"] == "bad" and e["worker"] == worker),
+            EVENT_TIMEOUT_S, start,
+        )
+
+
+class Link(Helper):
+    """The throttling TCP proxy (``bench.py --link``) in front of a backend."""
+
+    what = "link proxy"
+
+    def __init__(self, target_port: int, rate_mb_s: float, log_dir: Path) -> None:
+        argv = [sys.executable, str(Path(__file__).resolve()), "--link", f"--link-target={target_port}",
+                f"--link-mb-s={rate_mb_s}"]
+        super().__init__(argv, log_dir / "link.stderr")
+
+    def counts(self, label: str) -> tuple[int, int]:
+        """Bytes through the link so far for worker `label`: (to the backend, to the worker)."""
+        start = self.mark()
+        command_id = self.command({})
+        event = self.wait_for(lambda e: e["ev"] == "counts" and e["id"] == command_id, 30, start)
+        up, down = event["counts"].get(label, (0, 0))
+        return up, down
 
 
 class BenchError(Exception):
@@ -655,6 +1180,9 @@ def stage_problems(exit_event: dict[str, Any], expected: tuple[int, int]) -> lis
         problems.append(f"{exit_event['bytes']} bytes of stdout, expected {expected[0]}")
     elif exit_event["crc"] != expected[1]:
         problems.append("stdout differs from what the stub wrote")
+    if exit_event.get("replaced"):
+        problems.append(f"{exit_event['replaced']} U+FFFD in stdout, which the stub never writes "
+                        "(a UTF-8 character cut between two reads and decoded in halves?)")
     if not exit_event["seq_ok"]:
         problems.append("seq not 1, 2, 3, ...")
     if not exit_event["ack"]:
@@ -702,8 +1230,8 @@ def measure_floor(pgw_dir: Path) -> dict[str, float]:
     return json.loads(out)
 
 
-def measure_stream(backend: Backend, worker: Worker, tag: str, size: int, expected: tuple[int, int],
-                   align: bool) -> dict[str, Any]:
+def measure_stream(backend: Backend, worker: Worker, tag: str, size: int, cli_args: list[str],
+                   expected: tuple[int, int], align: bool) -> dict[str, Any]:
     def pings() -> list[float]:
         return [worker.hello_t] + [
             e["t"] for e in backend.since(0, lambda e: e["ev"] == "ping" and e["worker"] == worker.label)
@@ -721,7 +1249,7 @@ def measure_stream(backend: Backend, worker: Worker, tag: str, size: int, expect
     sampler = RssSampler(worker.pid)
     cpu0 = cpu_times(worker.pid)
     start = backend.mark()
-    sent = backend.send(worker.label, [stage_request(stage_id, ["flood", str(size)])])
+    sent = backend.send(worker.label, [stage_request(stage_id, cli_args)])
     event = wait_exits(backend, worker, {stage_id}, start, EVENT_TIMEOUT_S)[stage_id]
     cpu1 = cpu_times(worker.pid)
     peak = sampler.stop()
@@ -761,6 +1289,97 @@ def measure_stream(backend: Backend, worker: Worker, tag: str, size: int, expect
     }
 
 
+class RealisticData:
+    """The generated text files (for one stage.request) and JSON lines (a file
+    the stub writes out), and what the backend must see of each."""
+
+    def __init__(self, tmp: Path, files_mib: int, json_mib: int) -> None:
+        stub = _stub_namespace()
+        files = project_files(files_mib << 20)
+        self.files_b64 = {path: base64.b64encode(data).decode() for path, data in files.items()}
+        digest = stub["files_digest"](list(files.items()))
+        self.files_expected = (len(digest), zlib.crc32(digest))  # the stub's one line of stdout
+        lines = agent_json_lines(json_mib << 20)
+        self.json_path = tmp / "agent-output.jsonl"
+        self.json_path.write_bytes(lines)
+        self.json_bytes = len(lines)
+        self.json_expected = (len(lines), zlib.crc32(lines))
+        self.loopback_bytes = len(lines) * LOOPBACK_REPEATS
+        crc = 0
+        for chunk in stub["cat_chunks"](lines, LOOPBACK_REPEATS):
+            crc = zlib.crc32(chunk, crc)
+        self.loopback_expected = (self.loopback_bytes, crc)
+        text = b"".join(files.values())
+        request = json.dumps(self.files_b64).encode()
+        self.description = (
+            f"{files_mib} MiB of text files ({len(files)} files; zlib {zlib_ratio(text):.1f}x, "
+            f"{zlib_ratio(text, 12, 5):.1f}x in uvicorn's 4 KiB window, {zlib_ratio(request, 12, 5):.1f}x as the "
+            f"request's base64), {len(lines) / (1 << 20):.0f} MiB of JSON lines (zlib {zlib_ratio(lines):.1f}x, "
+            f"{zlib_ratio(lines, 12, 5):.1f}x in the 4 KiB window)"
+        )
+
+
+def measure_link(backend: Backend, link: Link, worker: Worker, tag: str, data: RealisticData) -> dict[str, Any]:
+    """The files request, then the JSON lines, through the link: time from the
+    backend sending the request to the exit arriving, and the bytes each way."""
+    results: dict[str, Any] = {}
+    for kind, cli_args, files, expected in (
+        ("files", ["files"], data.files_b64, data.files_expected),
+        ("json", ["cat", str(data.json_path), "1"], {}, data.json_expected),
+    ):
+        stage_id = f"link-{kind}-{tag}"
+        up0, down0 = link.counts(worker.label)
+        start = backend.mark()
+        sent = backend.send(worker.label, [{**stage_request(stage_id, cli_args), "files": files}])
+        event = wait_exits(backend, worker, {stage_id}, start, EVENT_TIMEOUT_S)[stage_id]
+        up1, down1 = link.counts(worker.label)
+        problems = stage_problems(event, expected)
+        results.update({
+            f"link_{kind}_s": event["t"] - sent["t"],
+            f"link_{kind}_wire_mb": (up1 - up0 + down1 - down0) / MB,
+            f"link_{kind}_down_mb": (down1 - down0) / MB,
+            f"link_{kind}_up_mb": (up1 - up0) / MB,
+            f"link_{kind}_intact": not problems,
+            f"link_{kind}_problems": problems,
+        })
+    return results
+
+
+def measure_uvicorn(setup: Setup, name: str, number: int, say: Callable[[str], None]) -> dict[str, Any]:
+    """One worker against the uvicorn backend: over the link (a worker of its
+    own, connected through it), then on loopback (another, connected directly)."""
+    uvicorn_backend, link, data = setup.uvicorn, setup.link, setup.data
+    assert uvicorn_backend is not None and data is not None
+    results: dict[str, Any] = {}
+    tag = f"{name}-r{number}"
+    if link is not None:
+        say(f"{name}: uvicorn backend over a {setup.args.link_mb_s:g} MB/s link: {setup.args.files_mib} MiB of files, "
+            f"{setup.args.json_mib} MiB of JSON lines")
+        worker = setup.worker(name, f"{name}-link-r{number}", f"http://127.0.0.1:{link.port}")
+        try:
+            worker.start(uvicorn_backend)
+            results.update(measure_link(uvicorn_backend, link, worker, tag, data))
+        finally:
+            worker.stop()
+    say(f"{name}: uvicorn backend on loopback: {data.loopback_bytes >> 20} MiB of JSON lines")
+    worker = setup.worker(name, f"{name}-uv-r{number}", f"http://127.0.0.1:{uvicorn_backend.port}")
+    try:
+        worker.start(uvicorn_backend)
+        connects = uvicorn_backend.since(0, lambda e: e["ev"] == "connect" and e["worker"] == worker.label)
+        results["uv_deflate_offered"] = bool(connects) and connects[-1]["deflate_offered"]
+        stream = measure_stream(uvicorn_backend, worker, f"uv-{tag}", data.loopback_bytes,
+                                ["cat", str(data.json_path), str(LOOPBACK_REPEATS)], data.loopback_expected, False)
+        if worker.proc is not None and worker.proc.poll() is not None:
+            raise BenchError(f"{name} died (see {worker.log})")
+    finally:
+        worker.stop()
+    for key in ("throughput_mb_s", "cpu_s_per_gib", "cpu_user_s_per_gib", "cpu_sys_s_per_gib",
+                "backend_cpu_s_per_gib", "peak_rss_mb"):
+        results[f"uv_{key}"] = stream[key]
+    results["uv_intact"], results["uv_problems"] = stream["stream_intact"], stream["stream_problems"]
+    return results
+
+
 ##############################################################################
 # Setup: the pgworker venv, homes, the stub CLI
 ##############################################################################
@@ -775,19 +1394,40 @@ def real_python(python: str) -> str:
     return subprocess.run([found, "-c", BASE_PYTHON_CODE], capture_output=True, text=True, check=True).stdout.strip()
 
 
+def backend_requirements() -> str:
+    """The dev lock's starlette and uvicorn lines, markers kept, hashes dropped:
+    pip picks the line for the venv's Python, and the rest of what they need
+    (anyio, h11, websockets) is pgworker's own or resolved by pip."""
+    lines = [line.rstrip("\\ ").strip() for line in (ROOT / "requirements-dev.lock").read_text().splitlines()
+             if line.startswith(tuple(f"{name}==" for name in BACKEND_PACKAGES))]
+    if not lines:
+        raise BenchError(f"requirements-dev.lock pins none of {', '.join(BACKEND_PACKAGES)}")
+    return "\n".join(lines) + "\n"
+
+
 def ensure_pgworker_venv(python: str) -> Path:
+    """pgworker 0.1.2 in its own venv on `python`, plus what the backends run on
+    (Starlette and uvicorn at the dev lock's versions; websockets is pgworker's)."""
     venv_python = PGWORKER_VENV / "bin" / "python"
     check = [str(venv_python), "-c", f"import importlib.metadata as m, websockets; print(m.version('pgworker')); {BASE_PYTHON_CODE}"]
-    if venv_python.exists():
-        found = subprocess.run(check, capture_output=True, text=True)
-        if found.returncode == 0 and found.stdout.split() == [PGWORKER_REQUIREMENT.split("==")[1], python]:
-            return PGWORKER_VENV
-    print(f"bench: installing {PGWORKER_REQUIREMENT} into {PGWORKER_VENV.relative_to(ROOT)}", file=sys.stderr)
-    shutil.rmtree(PGWORKER_VENV, ignore_errors=True)
-    subprocess.run([python, "-m", "venv", str(PGWORKER_VENV)], check=True)
-    subprocess.run([str(venv_python), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
-                    PGWORKER_REQUIREMENT], check=True)
-    subprocess.run(check, check=True, capture_output=True)
+    found = subprocess.run(check, capture_output=True, text=True) if venv_python.exists() else None
+    if not (found and found.returncode == 0 and found.stdout.split() == [PGWORKER_REQUIREMENT.split("==")[1], python]):
+        print(f"bench: installing {PGWORKER_REQUIREMENT} into {PGWORKER_VENV.relative_to(ROOT)}", file=sys.stderr)
+        shutil.rmtree(PGWORKER_VENV, ignore_errors=True)
+        subprocess.run([python, "-m", "venv", str(PGWORKER_VENV)], check=True)
+        subprocess.run([str(venv_python), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
+                        PGWORKER_REQUIREMENT], check=True)
+        subprocess.run(check, check=True, capture_output=True)
+    wanted = backend_requirements()
+    stamp = PGWORKER_VENV / "bench-backend-requirements.txt"  # written once they are installed
+    if not stamp.exists() or stamp.read_text() != wanted:
+        print(f"bench: installing {' and '.join(BACKEND_PACKAGES)} (the dev lock's versions) into "
+              f"{PGWORKER_VENV.relative_to(ROOT)}", file=sys.stderr)
+        requirements = PGWORKER_VENV / "bench-backend-requirements.in"
+        requirements.write_text(wanted)
+        subprocess.run([str(venv_python), "-m", "pip", "install", "-qq", "--disable-pip-version-check",
+                        "-r", str(requirements)], check=True)
+        stamp.write_text(wanted)
     return PGWORKER_VENV
 
 
@@ -811,7 +1451,8 @@ def write_config(path: Path, server: str, token: str) -> None:
 
 
 def base_env(stub_bin: Path, home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("PGW_", "SHIV_", "PYTHON", "VIRTUAL_ENV"))}
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PGW_", "SHIV_", "PYTHON", "VIRTUAL_ENV")) and not k.lower().endswith("_proxy")}
     env["PATH"] = f"{stub_bin}{os.pathsep}{env.get('PATH', os.defpath)}"
     env["HOME"] = str(home)
     home.mkdir(parents=True, exist_ok=True)
@@ -819,10 +1460,13 @@ def base_env(stub_bin: Path, home: Path) -> dict[str, str]:
 
 
 class Setup:
-    def __init__(self, args: argparse.Namespace, tmp: Path, backend: Backend, python: str) -> None:
+    def __init__(self, args: argparse.Namespace, tmp: Path, backend: Backend, python: str,
+                 uvicorn: Optional[Backend] = None, link: Optional[Link] = None,
+                 data: Optional[RealisticData] = None) -> None:
         self.args = args
         self.tmp = tmp
         self.backend = backend
+        self.uvicorn, self.link, self.data = uvicorn, link, data  # None: no uvicorn rows (or no link rows)
         self.python = python
         self.server = f"http://127.0.0.1:{backend.port}"
         self.stub_bin = tmp / "bin"
@@ -837,9 +1481,12 @@ class Setup:
                 shutil.copy2(ROOT / name, tmp / name)
         self.pyz_sha256 = hashlib.sha256((tmp / "pgw.pyz").read_bytes()).hexdigest() if (tmp / "pgw.pyz").exists() else "-"
 
-    def pgw(self, label: str, shiv_root: Path) -> Worker:
+    def worker(self, name: str, label: str, server: str) -> Worker:
+        return self.pgw(label, self.warm_shiv, server) if name == "pgw" else self.pgworker(label, server)
+
+    def pgw(self, label: str, shiv_root: Path, server: Optional[str] = None) -> Worker:
         home = self.tmp / label
-        write_config(home / "pgworker-home" / "config.json", self.server, label)
+        write_config(home / "pgworker-home" / "config.json", server or self.server, label)
         env = base_env(self.stub_bin, home / "user")
         env["PGW_HOME"] = str(home / "pgworker-home")
         env["SHIV_ROOT"] = str(shiv_root)
@@ -856,9 +1503,9 @@ class Setup:
             argv = [spy, "record", "--rate", "200", "--format", fmt, "--output", str(out), "--", *argv]
         return Worker("pgw", label, argv, env, self.tmp / f"{label}.log")
 
-    def pgworker(self, label: str) -> Worker:
+    def pgworker(self, label: str, server: Optional[str] = None) -> Worker:
         home = self.tmp / label
-        write_config(home / ".pgworker" / "config.json", self.server, label)
+        write_config(home / ".pgworker" / "config.json", server or self.server, label)
         env = base_env(self.stub_bin, home)
         argv = [str(PGWORKER_VENV / "bin" / "pgworker"), "run"]
         return Worker("pgworker", label, argv, env, self.tmp / f"{label}.log")
@@ -922,7 +1569,8 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
             else:
                 say(f"{name}: {args.stream_mib} MiB stream under py-spy")
             results[name].update(measure_stream(
-                backend, worker, tag, args.stream_mib << 20, expected_stream, not args.no_align,
+                backend, worker, tag, args.stream_mib << 20, ["flood", str(args.stream_mib << 20)], expected_stream,
+                not args.no_align,
             ))
             if worker.proc is not None and worker.proc.poll() is not None:
                 raise BenchError(f"{name} died (see {worker.log})")
@@ -931,6 +1579,9 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
     finally:
         for worker in workers.values():
             worker.stop()
+    if setup.uvicorn is not None:
+        for name in names:
+            results[name].update(measure_uvicorn(setup, name, number, say))
     return results
 
 
@@ -956,6 +1607,23 @@ METRICS = [
     ("idle_cpu_ms_per_min", "idle CPU while connected (ms per minute)", "{:.1f}", ("ratio<=", 1.0)),
     ("hello_warm_s", "start to hello, warm (s)", "{:.3f}", ("pgw<=", 0.3)),
     ("hello_fresh_s", "start to hello, first run after extraction (s)", "{:.3f}", None),
+    # Against Starlette on uvicorn at its defaults (permessage-deflate when offered):
+    ("link_files_s", "uvicorn, {link} MB/s link: {files} MiB files request, to exit (s)", "{:.2f}", ("ratio<=", 1.0)),
+    ("link_files_wire_mb", "  bytes on the wire, both ways (MB)", "{:.1f}", ("ratio<=", 1.0)),
+    ("link_files_down_mb", "  of which to the worker (MB)", "{:.1f}", None),
+    ("link_files_intact", "  files arrived intact (rounds)", None, ("all", None)),
+    ("link_json_s", "uvicorn, {link} MB/s link: {json} MiB of JSON lines, to exit (s)", "{:.2f}", ("ratio<=", 1.0)),
+    ("link_json_wire_mb", "  bytes on the wire, both ways (MB)", "{:.1f}", ("ratio<=", 1.0)),
+    ("link_json_up_mb", "  of which from the worker (MB)", "{:.1f}", None),
+    ("link_json_intact", "  output arrived intact (rounds)", None, ("all", None)),
+    ("uv_throughput_mb_s", "uvicorn, loopback: relay throughput, {loop} MiB of JSON lines (MB/s)", "{:.1f}",
+     ("ratio>=", 1.0)),
+    ("uv_cpu_s_per_gib", "  worker CPU per GiB relayed (s)", "{:.2f}", ("ratio<=", 1.0)),
+    ("uv_cpu_user_s_per_gib", "    of which user (s)", "{:.2f}", None),
+    ("uv_backend_cpu_s_per_gib", "  (backend's CPU per GiB, for scale) (s)", "{:.2f}", None),
+    ("uv_peak_rss_mb", "  peak RSS while streaming (MB)", "{:.1f}", None),
+    ("uv_intact", "  output arrived intact (rounds)", None, ("all", None)),
+    ("uv_deflate_offered", "  worker offered permessage-deflate (rounds)", None, None),
 ]
 
 
@@ -981,7 +1649,9 @@ def table(summary: dict[str, dict[str, Any]], names: list[str], args: argparse.N
     header += ["target"]
     rows = [header]
     for key, label, fmt, target in METRICS:
-        cells = [label.format(stream=args.stream_mib, stages=args.stages, lines=f"{args.lines:,}", idle=f"{args.idle_s:g}")]
+        cells = [label.format(stream=args.stream_mib, stages=args.stages, lines=f"{args.lines:,}", idle=f"{args.idle_s:g}",
+                              link=f"{args.link_mb_s:g}", files=args.files_mib, json=args.json_mib,
+                              loop=args.json_mib * LOOPBACK_REPEATS)]
         figures = summary.get(key, {})
         if not figures:
             continue
@@ -1004,6 +1674,26 @@ def table(summary: dict[str, dict[str, Any]], names: list[str], args: argparse.N
     lines = ["  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip() for row in rows]
     lines.insert(1, "  ".join("-" * width for width in widths))
     return "\n".join(lines)
+
+
+PROBLEM_KEYS = {
+    "stream_problems": "the stream",
+    "conc_problems": "the concurrent stages",
+    "link_files_problems": "uvicorn, the files request over the link",
+    "link_json_problems": "uvicorn, the JSON lines over the link",
+    "uv_problems": "uvicorn, the JSON lines on loopback",
+}
+
+
+def problem_notes(rounds: list[dict[str, dict[str, Any]]]) -> list[str]:
+    """What was wrong with each output that did not arrive intact, round by round."""
+    notes = []
+    for number, figures in enumerate(rounds, 1):
+        for name, results in figures.items():
+            for key, what in PROBLEM_KEYS.items():
+                if results.get(key):
+                    notes.append(f"round {number}, {name}, {what}: {'; '.join(results[key][:3])}")
+    return notes
 
 
 def verdict(target: Optional[tuple[str, Any]], figures: dict[str, Any], ratio: Optional[float]) -> str:
@@ -1057,7 +1747,8 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--only", choices=["pgw", "pgworker"], help="run one worker only")
     parser.add_argument("--json", type=Path, metavar="FILE", help="also write every round's figures to FILE")
     parser.add_argument("--quick", action="store_true",
-                        help="a sanity run: 1 round, 5 s idle, 32 MiB, 100 ticks, 10 x 500 lines, no heartbeat alignment")
+                        help="a sanity run: 1 round, 5 s idle, 32 MiB, 100 ticks, 10 x 500 lines, no heartbeat alignment, "
+                             "2 MiB of files and 4 MiB of JSON lines for uvicorn")
     parser.add_argument("--idle-s", type=float, help="seconds connected before idle RSS is read (default 60)")
     parser.add_argument("--stream-mib", type=int, help="MiB written by the stream stage (default 200)")
     parser.add_argument("--latency-lines", type=int, help="timestamped lines, one every 20 ms (default 1000)")
@@ -1065,6 +1756,16 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--lines", type=int, help="lines per concurrent stage (default 2000)")
     parser.add_argument("--no-align", action="store_true",
                         help="do not wait for a heartbeat to be due during the stream (heartbeat gap may be missing)")
+    parser.add_argument("--files-mib", type=int,
+                        help="MiB of text files in the stage.request sent over the link (default 16)")
+    parser.add_argument("--json-mib", type=int,
+                        help=f"MiB of JSON lines written over the link; {LOOPBACK_REPEATS} times that on loopback "
+                             "(default 32)")
+    parser.add_argument("--link-mb-s", type=float, default=4.0,
+                        help="the link's rate each way, in MB/s, for the uvicorn rows over a link (default 4; 0: "
+                             "no link rows)")
+    parser.add_argument("--no-uvicorn", action="store_true",
+                        help="no uvicorn backend: none of its rows (link or loopback)")
     parser.add_argument("--deflate", action="store_true",
                         help="the backend accepts permessage-deflate (pgworker then compresses; pgw does not offer it)")
     parser.add_argument("--pgw-source", action="store_true",
@@ -1081,12 +1782,17 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
     parser.add_argument("--python", default="python3",
                         help="interpreter for pgw.pyz and the pgworker venv (default: python3, resolved past shims)")
     parser.add_argument("--serve", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--transport", choices=["websockets", "uvicorn"], default="websockets", help=argparse.SUPPRESS)
+    parser.add_argument("--link", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--link-target", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--arena-mib", type=int, default=256, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    quick = {"rounds": 1, "idle_s": 5.0, "stream_mib": 32, "latency_lines": 100, "stages": 10, "lines": 500}
+    quick = {"rounds": 1, "idle_s": 5.0, "stream_mib": 32, "latency_lines": 100, "stages": 10, "lines": 500,
+             "files_mib": 2, "json_mib": 4}
     # 1000 ticks (20 s) give p99 ten samples to stand on, and still end with
     # the 50 stages before the heartbeat the stream waits for is due.
-    full = {"rounds": 3, "idle_s": 60.0, "stream_mib": 200, "latency_lines": 1000, "stages": 50, "lines": 2000}
+    full = {"rounds": 3, "idle_s": 60.0, "stream_mib": 200, "latency_lines": 1000, "stages": 50, "lines": 2000,
+            "files_mib": 16, "json_mib": 32}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
             setattr(args, key, value)
@@ -1094,6 +1800,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
         args.no_align = True
     if args.profile:
         args.only, args.rounds, args.idle_s, args.no_align, args.pgw_source = "pgw", 1, 0.0, True, True
+        args.no_uvicorn = True
+    if args.link_mb_s < 0 or args.files_mib < 1 or args.json_mib < 1:
+        parser.error("--link-mb-s must be 0 or more, --files-mib and --json-mib 1 or more")
         args.profile = args.profile.resolve()
     return args
 
@@ -1101,7 +1810,9 @@ def parse_args(argv: Optional[list[str]]) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> int:
     args = parse_args(argv)
     if args.serve:
-        return serve(args.deflate, args.arena_mib << 20)
+        return serve(args.transport, args.deflate, args.arena_mib << 20)
+    if args.link:
+        return serve_link(args.link_target, args.link_mb_s * MB)
     if not sys.platform.startswith("linux"):
         print("bench: needs Linux (/proc)", file=sys.stderr)
         return 2
@@ -1125,12 +1836,30 @@ def main(argv: Optional[list[str]] = None) -> int:
         return len(data), zlib.crc32(data)
 
     tmp = Path(tempfile.mkdtemp(prefix="pgw-bench-"))
-    # Room for the whole stream as JSON (escapes make it ~10% larger).
-    backend = Backend(venv / "bin" / "python", args.deflate, args.stream_mib * 5 // 4 + 16, tmp)
-    failed = True
     started = time.monotonic()
+    data: Optional[RealisticData] = None
+    if not args.no_uvicorn:
+        print(f"bench: generating {args.files_mib} MiB of text files and {args.json_mib} MiB of JSON lines",
+              file=sys.stderr, flush=True)
+        data = RealisticData(tmp, args.files_mib, args.json_mib)
+        print(f"bench: data: {data.description}", file=sys.stderr, flush=True)
+    # Room for the whole stream as JSON (escapes make it ~10% larger).
+    backend = Backend(venv / "bin" / "python", "websockets", args.deflate, args.stream_mib * 5 // 4 + 16, tmp)
+    uvicorn_backend: Optional[Backend] = None
+    link: Optional[Link] = None
+    failed = True
     try:
-        setup = Setup(args, tmp, backend, clean_python)
+        if data is not None:
+            uvicorn_backend = Backend(venv / "bin" / "python", "uvicorn", False,
+                                      (data.loopback_bytes >> 20) * 5 // 4 + 16, tmp)
+            impl = uvicorn_backend.listening
+            if "websockets" not in impl["ws_impl"].split(".")[-2] or not impl["ws_per_message_deflate"]:
+                raise BenchError(f"uvicorn's default WebSocket here is {impl['ws_impl']} with ws_per_message_deflate="
+                                 f"{impl['ws_per_message_deflate']}, not websockets with permessage-deflate: "
+                                 "the uvicorn rows would not measure what the real backend runs")
+            if args.link_mb_s > 0:
+                link = Link(uvicorn_backend.port, args.link_mb_s, tmp)
+        setup = Setup(args, tmp, backend, clean_python, uvicorn_backend, link, data)
         # Warm-ups, not measured: extract pgw.pyz into the warm SHIV_ROOT and
         # bring both workers' files into the page cache.
         warmups = []
@@ -1150,7 +1879,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"bench: {exc}; logs kept in {tmp}", file=sys.stderr)
         return 1
     finally:
-        backend.close()
+        for helper in (link, uvicorn_backend, backend):
+            if helper is not None:
+                helper.close()
         if not failed:
             shutil.rmtree(tmp, ignore_errors=True)
 
@@ -1163,12 +1894,22 @@ def main(argv: Optional[list[str]] = None) -> int:
             else f"pgw.pyz sha256 {setup.pyz_sha256[:16]}")
     print(f"pgw: {what} at {git_head()}; pgworker: {PGWORKER_REQUIREMENT}; backend: websockets, "
           f"{'permessage-deflate offered' if args.deflate else 'no compression'}")
+    if uvicorn_backend is not None and data is not None:
+        print(f"uvicorn backend: {uvicorn_backend.description}; "
+              + (f"link: {args.link_mb_s:g} MB/s each way (a throttling TCP proxy)" if link else "no link rows"))
+        print(f"data: {data.description}")
     print(f"{args.rounds} round(s), median [min-max]; MB = 10^6 bytes; took {time.monotonic() - started:.0f} s")
     print()
     print(table(summary, names, args))
+    notes = problem_notes(rounds)
+    if notes:
+        print("\nnot intact:")
+        print("\n".join(f"  {note}" for note in notes))
     if args.json:
         args.json.write_text(json.dumps({
             "command": command, "machine": machine, "pgw": what, "git": git_head(),
+            "uvicorn_backend": uvicorn_backend.description if uvicorn_backend else None,
+            "data": data.description if data else None,
             "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
             "rounds": rounds, "summary": summary,
         }, indent=2) + "\n")
