@@ -70,6 +70,23 @@ async def test_a_deleted_run_log_is_made_again_for_later_lines(tmp_path, stub_bi
                 assert "stage 'after-delete': ended" in (home / "run.log").read_text()
 
 
+def test_run_log_rotates_at_its_size_and_keeps_its_backups(tmp_path):
+    handler = pgw.LogFile(tmp_path / "run.log", maxBytes=1000, backupCount=2, encoding="utf-8")
+    logger = logging.getLogger("pgw-rotation-test")
+    logger.addHandler(handler)
+    try:
+        for number in range(100):
+            logger.warning("line %03d %s", number, "x" * 40)
+    finally:
+        logger.removeHandler(handler)
+        handler.close()
+    assert sorted(path.name for path in tmp_path.iterdir()) == ["run.log", "run.log.1", "run.log.2"]
+    for path in tmp_path.iterdir():
+        assert path.stat().st_size <= 1000 + 60, f"{path.name} grew past its size"
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert "line 099" in (tmp_path / "run.log").read_text()
+
+
 async def test_a_deleted_run_lock_does_not_let_a_second_daemon_in(tmp_path, stub_bin, script_pgw):  # noqa: F811
     write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(3); print('done')")
     home = tmp_path / "home"
