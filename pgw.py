@@ -25,6 +25,7 @@ The daemon is a tree of tasks, one class for each kind of node::
     run_until_signalled      signals: the first stops with a grace, the second at once
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
        ├─ state writer       state.json for `pgw status`, at most twice a second
+       ├─ stage spawner      a process of its own: forks each stage's root (see "Stage")
        └─ one connection     Daemon._connect: TCP/TLS + WebSocket handshake
           ├─ trio-websocket  its own reader task (pongs, close)
           └─ Connection.serve
