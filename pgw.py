@@ -141,6 +141,9 @@ PAIRING_KEYS = ("server", "worker_id", "token")
 ENV_SERVER, ENV_TOKEN, ENV_NAME, ENV_HOME = "PGW_SERVER", "PGW_TOKEN", "PGW_NAME", "PGW_HOME"
 ENV_CAFILE = "PGW_CAFILE"
 
+# The config's `proxy` value that turns proxies off whatever the environment says.
+PROXY_NONE = "none"
+
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
 # How much of a server-supplied string (an id, a bad field) is quoted back in a
@@ -620,6 +623,117 @@ def websocket_url(server: str, token: str) -> str:
 
 
 @attrs.frozen
+class Proxy:
+    """An HTTP proxy to reach the server through, with a CONNECT tunnel."""
+
+    host: str
+    port: int
+    source: str  # where it was named, for messages: "the config's `proxy`", "https_proxy in the environment"
+    # The Proxy-Authorization value when the URL carries USER:PASSWORD.  It is
+    # as good as the password: out of repr, so no message or traceback shows it.
+    authorization: Optional[str] = attrs.field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """http://HOST:PORT: the only form of the proxy pgw ever shows."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def parse_proxy_url(text: str, source: str) -> Proxy:
+    """An http://[USER:PASSWORD@]HOST[:PORT] proxy, or ConfigError naming
+    `source`.  No message quotes the URL: it may carry a password."""
+    expected = "expected http://[USER:PASSWORD@]HOST:PORT"
+    cleaned = text.strip()
+    # A bare HOST:PORT is an http:// proxy to urllib and curl alike.
+    parsed = urllib.parse.urlsplit(cleaned if "://" in cleaned else "http://" + cleaned)
+    if parsed.scheme != "http":
+        raise ConfigError(
+            f"{source}: the proxy is {parsed.scheme}://, but pgw talks to proxies in plain HTTP only: {expected}"
+        )
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ConfigError(f"{source}: the proxy's port is not a number from 0 to 65535: {expected}") from None
+    if not parsed.hostname:
+        raise ConfigError(f"{source}: the proxy URL names no host: {expected}")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ConfigError(f"{source}: a proxy URL has no path, `?` or `#`: {expected}")
+    authorization = None
+    if parsed.username is not None:
+        # Percent-decoded, as urllib and curl do: `p%40ss` is the password `p@ss`.
+        credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+    return Proxy(parsed.hostname, 80 if port is None else port, source, authorization)
+
+
+def environment_proxies(environ: typing.Mapping[str, str]) -> dict[str, str]:
+    """`scheme -> proxy URL` from the *_proxy variables (`no`: no_proxy), read
+    as urllib's getproxies_environment reads os.environ (it takes no mapping):
+    lower case wins over upper case, an empty lower-case one unsets both, and
+    under CGI (REQUEST_METHOD set) HTTP_PROXY may come from a client's header."""
+    proxies: dict[str, str] = {}
+    for name, value in environ.items():
+        if value and name[-6:].lower() == "_proxy":
+            proxies[name[:-6].lower()] = value
+    if "REQUEST_METHOD" in environ:
+        proxies.pop("http", None)
+    for name, value in environ.items():
+        if name[-6:] == "_proxy":
+            if value:
+                proxies[name[:-6].lower()] = value
+            else:
+                proxies.pop(name[:-6].lower(), None)
+    return proxies
+
+
+def choose_proxy(server: str, setting: Optional[str], environ: typing.Mapping[str, str]) -> Optional[Proxy]:
+    """The HTTP proxy to reach `server` through; None: connect directly.
+
+    The config's `proxy` wins: a URL is always used, `none` never.  Else the
+    environment, as urllib and curl read it: https_proxy for an https://
+    server, http_proxy for http://, all_proxy for either; no_proxy (`*`, a
+    host, a domain suffix with or without its leading dot, host:port, an IP
+    address) names the servers reached directly, matched by urllib itself.
+    """
+    if setting == PROXY_NONE:
+        return None
+    if setting:
+        return parse_proxy_url(setting, "the config's `proxy`")
+    parsed = urllib.parse.urlsplit(server)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    proxies = environment_proxies(environ)
+    # With the port always given, a no_proxy entry host:443 matches https://host too.
+    if urllib.request.proxy_bypass_environment(f"{parsed.hostname}:{port}", proxies):
+        return None
+    for scheme in (parsed.scheme, "all"):
+        if proxies.get(scheme):
+            return parse_proxy_url(proxies[scheme], f"{scheme}_proxy in the environment")
+    return None
+
+
+def proxy_setting(value: str) -> str:
+    """`pgw config set proxy VALUE`: `none`, or a proxy URL as stored (scheme included)."""
+    cleaned = value.strip()
+    if cleaned.lower() == PROXY_NONE:
+        return PROXY_NONE
+    try:
+        parse_proxy_url(cleaned, "proxy")
+    except ConfigError as exc:
+        raise UsageError(f"{exc} (or `none` to connect directly)") from None
+    return cleaned if "://" in cleaned else "http://" + cleaned
+
+
+def without_password(setting: str) -> str:
+    """A proxy setting as `config show` prints it: the password hidden."""
+    parsed = urllib.parse.urlsplit(setting if "://" in setting else "http://" + setting)
+    if parsed.password is None:
+        return setting
+    netloc = f"{parsed.username}:<hidden>@{parsed.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+
+
+@attrs.frozen
 class Settings:
     """What a command runs with, resolved from flags, environment, config and defaults."""
 
@@ -630,6 +744,9 @@ class Settings:
     cafile: Optional[str] = None
     max_stages: int = 0
     stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`, under each request's own
+    # config `proxy`: a proxy URL, `none`, or None to follow the environment (see
+    # choose_proxy).  It may carry a password: out of repr.
+    proxy: Optional[str] = attrs.field(default=None, repr=False)
 
 
 def cli_search_path(stage_env: typing.Mapping[str, str], environ: typing.Mapping[str, str]) -> str:
@@ -662,6 +779,7 @@ def resolve_settings(
         cafile=pick("cafile", ENV_CAFILE),
         max_stages=pick("max_stages", None) or 0,
         stage_env=dict(config.get("env") or {}),
+        proxy=config.get("proxy"),
     )
 
 
@@ -674,9 +792,11 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {fix}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object: {fix}")
-    for key in PAIRING_KEYS + ("name", "cafile"):
+    for key in PAIRING_KEYS + ("name", "cafile", "proxy"):
         if key in config and not isinstance(config[key], str):
             raise ConfigError(f"{path}: {key!r} must be a string: {fix}")
+    if config.get("proxy", PROXY_NONE) != PROXY_NONE:
+        parse_proxy_url(config["proxy"], f"{path}: 'proxy'")
     max_stages = config.get("max_stages", 0)
     if type(max_stages) is not int or max_stages < 0:
         raise ConfigError(f"{path}: 'max_stages' must be a whole number >= 0: {fix}")
@@ -687,7 +807,7 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
 
 
 # `pgw config set KEY VALUE`: the per-host settings and how each is checked.
-HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "env.NAME")
+HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "proxy", "env.NAME")
 
 
 def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, Any]:
@@ -706,6 +826,8 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         if not value.isdigit():
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
         updated["max_stages"] = int(value)
+    elif key == "proxy":
+        updated["proxy"] = proxy_setting(value)
     elif key.startswith("env."):
         check_stage_env_name(key[4:])
         if "\0" in value:
@@ -741,7 +863,7 @@ def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
         updated["env"] = {k: v for k, v in config.get("env", {}).items() if k != key[4:]}
         if updated["env"] == config.get("env", {}):
             return config
-    elif key in ("server", "name", "cafile", "max_stages", "env"):
+    elif key in ("server", "name", "cafile", "max_stages", "proxy", "env"):
         updated.pop(key, None)
     else:
         raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
@@ -3334,7 +3456,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     path = pgw_home() / CONFIG_FILENAME
     config = read_config(path)
     if args.action == "show":
-        shown = {key: ("<hidden>" if key == "token" else value) for key, value in config.items()}
+        shown = {
+            key: "<hidden>" if key == "token" else without_password(value) if key == "proxy" else value
+            for key, value in config.items()
+        }
         _print_json(shown)
         return 0
     if args.action == "set":
