@@ -62,6 +62,7 @@ import collections
 import concurrent.futures
 import datetime
 import functools
+import http
 import json
 import logging
 import logging.handlers
@@ -143,6 +144,10 @@ ENV_CAFILE = "PGW_CAFILE"
 
 # The config's `proxy` value that turns proxies off whatever the environment says.
 PROXY_NONE = "none"
+# An HTTP proxy's answer to CONNECT is a status line and a few headers, a few
+# hundred bytes.  Past 64 KiB (http.client's limit for one header line) it is
+# not a proxy answering: pgw stops reading rather than hold more.
+PROXY_REPLY_MAX_BYTES = 64 * 1024
 
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
@@ -295,6 +300,11 @@ class StageRejected(PgwError):
 
 class ConnectionLost(PgwError):
     """The WebSocket is gone or unusable; the worker reconnects."""
+
+
+class ProxyError(PgwError):
+    """The HTTP proxy cannot be reached or refused the tunnel; the worker retries.
+    The message names the proxy as http://HOST:PORT, never its credentials."""
 
 
 ##############################################################################
@@ -1318,7 +1328,7 @@ def connection_failure(server: str, reason: BaseException) -> str:
                     "run `pgw pair CODE --server URL` again"
                 )
             return f"the server refused the WebSocket (HTTP {current.status_code})"
-        if isinstance(current, ConnectionLost):
+        if isinstance(current, (ConnectionLost, ProxyError, ConfigError)):
             return str(current)
         if isinstance(current, wsproto.utilities.RemoteProtocolError):
             return f"the server's WebSocket handshake is not one pgw can accept: {current}"
@@ -2199,23 +2209,166 @@ class ActivityStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def open_stream(server: str, cafile: Optional[str], timeout_s: float) -> ActivityStream:
-    """TCP (and TLS for https) to the server, within `timeout_s`."""
+async def open_stream(
+    server: str, cafile: Optional[str], timeout_s: float, proxy: Optional[Proxy] = None
+) -> ActivityStream:
+    """TCP to the server, or a tunnel to it through `proxy`, then TLS for https;
+    all within `timeout_s`."""
     parsed = urllib.parse.urlsplit(server)
-    secure = parsed.scheme == "https"
+    host, secure = parsed.hostname or "", parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
-    with trio.fail_after(timeout_s):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(parsed.hostname, port)
-        try:
-            if secure:
-                stream = trio.SSLStream(
-                    stream, make_ssl_context(cafile), server_hostname=parsed.hostname, https_compatible=True
-                )
+    deadline = trio.current_time() + timeout_s
+    stream: trio.abc.Stream
+    if proxy is None:
+        with trio.fail_at(deadline):
+            stream = await trio.open_tcp_stream(host, port)
+    else:
+        stream = await reach_proxy(proxy, deadline)
+    try:
+        if proxy is not None:
+            stream = await request_tunnel(stream, proxy, host, port, deadline)
+        if secure:
+            stream = trio.SSLStream(stream, make_ssl_context(cafile), server_hostname=host, https_compatible=True)
+            with trio.fail_at(deadline):
                 await stream.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     return ActivityStream(stream)
+
+
+# The tunnel: TCP to the proxy, CONNECT, its answer --------------------------
+# Each step raises ProxyError naming the proxy, so that the reconnect log and
+# doctor say which hop failed.  The backend's name goes to the proxy as it is:
+# resolving it is the proxy's job (it may be a name only the proxy knows).
+
+
+async def reach_proxy(proxy: Proxy, deadline: float) -> trio.SocketStream:
+    """TCP to the proxy by `deadline`, or ProxyError."""
+    with trio.move_on_at(deadline):
+        try:
+            return await trio.open_tcp_stream(proxy.host, proxy.port)
+        except OSError as exc:
+            raise ProxyError(f"cannot reach the proxy {proxy.url}: {_os_reason(exc)}") from None
+    raise ProxyError(f"cannot reach the proxy {proxy.url}: no answer in time")
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's words for a failed connect ("Connection refused"), without
+    trio's wrapping of them; a name that does not resolve says so."""
+    for current in _exception_chain(exc):
+        if isinstance(current, socket.gaierror):
+            return f"cannot resolve its name ({current.strerror})"
+        if isinstance(current, OSError) and current.errno:
+            return os.strerror(current.errno)
+    return str(exc)
+
+
+async def request_tunnel(
+    stream: trio.abc.Stream, proxy: Proxy, host: str, port: int, deadline: float
+) -> trio.abc.Stream:
+    """CONNECT host:port over `stream`, open to the proxy, by `deadline`: the
+    tunnel, or ProxyError.  The caller closes `stream` on failure."""
+    target = tunnel_target(host, port)
+    with trio.move_on_at(deadline):
+        try:
+            await stream.send_all(connect_request(proxy, target))
+            head, early = await _read_reply_head(stream, proxy)
+        except trio.BrokenResourceError:
+            raise ProxyError(f"the proxy {proxy.url} broke the connection before answering CONNECT") from None
+        check_proxy_reply(head, proxy, target)
+        # Bytes after the reply's blank line are the server's: keep them.
+        return UnreadStream(early, stream) if early else stream
+    raise ProxyError(f"the proxy {proxy.url} did not answer CONNECT in time")
+
+
+def tunnel_target(host: str, port: int) -> str:
+    """host:port as CONNECT names it (RFC 9110): brackets for IPv6, IDNA for other scripts."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host if host.isascii() else host.encode('idna').decode('ascii')}:{port}"
+
+
+def connect_request(proxy: Proxy, target: str) -> bytes:
+    """The CONNECT request for `target`, with the proxy's credentials when it has some."""
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}", f"User-Agent: pgw/{__version__}"]
+    if proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+async def _read_reply_head(stream: trio.abc.Stream, proxy: Proxy) -> tuple[bytes, bytes]:
+    """The proxy's reply up to its blank line, and the bytes after it; at most
+    PROXY_REPLY_MAX_BYTES are held, and a reply that is not HTTP fails at once."""
+    buffer = bytearray()
+    while True:
+        searched = max(0, len(buffer) - 3)
+        data = await stream.receive_some(PROXY_REPLY_MAX_BYTES)
+        if not data:
+            raise ProxyError(f"the proxy {proxy.url} closed the connection without answering CONNECT")
+        buffer += data
+        if not b"HTTP/".startswith(bytes(buffer[:5])):
+            raise ProxyError(f"the proxy {proxy.url} does not answer in HTTP: is it an HTTP proxy?")
+        end = buffer.find(b"\r\n\r\n", searched)
+        if end >= 0:
+            return bytes(buffer[:end]), bytes(buffer[end + 4:])
+        if len(buffer) > PROXY_REPLY_MAX_BYTES:
+            raise ProxyError(
+                f"the proxy {proxy.url} sent over {PROXY_REPLY_MAX_BYTES // 1024} KiB without ending its reply to CONNECT"
+            )
+
+
+def check_proxy_reply(head: bytes, proxy: Proxy, target: str) -> None:
+    """Nothing when the reply head opens the tunnel (2xx); else ProxyError with
+    the status and what a user can do about it."""
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    version, _, rest = status_line.partition(" ")
+    code = rest[:3]
+    if version not in ("HTTP/1.0", "HTTP/1.1") or not (code.isascii() and code.isdigit()) or rest[3:4] not in ("", " "):
+        raise ProxyError(f"the proxy {proxy.url} does not answer in HTTP: is it an HTTP proxy?")
+    status = int(code)
+    if 200 <= status < 300:
+        return
+    if status == 407 and proxy.authorization:
+        hint = "it did not accept the user and password in the proxy URL"
+    elif status == 407:
+        hint = "it wants a user and password: give the proxy as http://USER:PASSWORD@HOST:PORT"
+    elif status == 403:
+        hint = f"it does not allow tunnels to {target}: ask its administrators to allow it"
+    elif status in (502, 503, 504):
+        hint = f"it could not reach {target}: check the server's name and that it is up"
+    else:
+        hint = ""
+    try:
+        phrase = " " + http.HTTPStatus(status).phrase  # the standard one: the proxy's own text is not shown
+    except ValueError:
+        phrase = ""
+    raise ProxyError(f"the proxy {proxy.url} refused the tunnel to {target}: HTTP {status}{phrase}" + (f"; {hint}" if hint else ""))
+
+
+class UnreadStream(trio.abc.Stream):
+    """A stream some of whose bytes were read already (a proxy's reply may
+    carry the server's first bytes): they come out first."""
+
+    def __init__(self, unread: bytes, inner: trio.abc.Stream) -> None:
+        self.unread, self.inner = unread, inner
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        if not self.unread:
+            return await self.inner.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self.unread) if max_bytes is None else max_bytes
+        data, self.unread = self.unread[:size], self.unread[size:]
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def open_websocket(
@@ -2608,11 +2761,15 @@ class Daemon:
             redact_also(fresh.token)
             log.info("the credentials changed (paired again?): now worker %s on %s", fresh.worker_id or "?", fresh.server)
             self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
+        if fresh.proxy != current.proxy:  # a proxy that refuses us is fixed without a restart
+            log.info("the config's proxy setting changed: connecting with the new one")
+            self.settings = attrs.evolve(self.settings, proxy=fresh.proxy)
 
     async def _connect(self) -> None:
         """One connection, from TCP to its end; every stream opened here is closed here."""
         settings, timing = self.settings, self.timing
-        stream = await open_stream(settings.server, settings.cafile, timing.connect_timeout_s)
+        proxy = choose_proxy(settings.server, settings.proxy, self.environ)
+        stream = await open_stream(settings.server, settings.cafile, timing.connect_timeout_s, proxy)
         try:
             async with trio.open_nursery() as nursery:
                 ws = await open_websocket(
@@ -2623,7 +2780,10 @@ class Daemon:
                 self.link.connected, self.link.since, self.link.since_unix = True, trio.current_time(), time.time()
                 self.link.tries, self.link.failing_since = 0, None
                 self.publish_state()
-                log.info("connected to %s as %r", settings.server + CONNECT_PATH, settings.name)
+                log.info(
+                    "connected to %s as %r%s", settings.server + CONNECT_PATH, settings.name,
+                    f" through the proxy {proxy.url}" if proxy else "",
+                )
                 try:
                     await self.connection.serve()
                 finally:
@@ -3388,6 +3548,7 @@ def run_preflight(args: argparse.Namespace) -> Settings:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
     if settings.cafile:
         make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
+    choose_proxy(settings.server, settings.proxy, os.environ)  # so is a proxy URL pgw cannot use
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:

@@ -9,16 +9,27 @@ proxy, or that resolves the name itself, cannot reach the backend at all.
 
 from __future__ import annotations
 
+import argparse
 import base64
+import functools
 import json
+import logging
 import os
 import urllib.parse
 import urllib.request
+from contextlib import asynccontextmanager
 
+import attrs
 import pytest
+import trio
+import trio.testing
 
 import pgw
-from test_cli import assert_one_line_error, run
+import test_run
+from backend import open_backend
+from conftest import write_stub_cli
+from test_cli import assert_one_line_error, free_port, run
+from test_run import request, running_worker
 
 BACKEND_NAME = "backend.invalid"
 # A password with every character a URL must escape; it must never be shown.
@@ -33,6 +44,117 @@ FAST_RETRIES = pgw.Timing(reconnect_first_s=0.05, reconnect_cap_s=0.1)
 def assert_no_secret(text: str) -> None:
     for secret in SECRETS:
         assert secret not in text
+
+
+##############################################################################
+# A CONNECT proxy
+##############################################################################
+
+environ = test_run.environ  # the worker's environment (a fixture): stub CLIs on PATH, no proxy
+
+
+class ConnectProxy:
+    """A CONNECT-only HTTP proxy on 127.0.0.1, port 0.
+
+    It resolves `backend.invalid` and IP addresses (as themselves) only;
+    anything else gets 502. With `credentials` (user, password) it answers
+    407 to a CONNECT without them; with `answer` it answers every CONNECT
+    with that status. `accepted` counts TCP connections; `requests` holds each
+    CONNECT's target and headers (names in lower case).
+    """
+
+    def __init__(self, credentials: tuple[str, str] | None = None, answer: int | None = None) -> None:
+        self.credentials, self.answer = credentials, answer
+        self.port = 0
+        self.accepted = 0
+        self.requests: list[tuple[str, dict[str, str]]] = []
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def url_with_credentials(self, user: str = USER, password: str = PASSWORD) -> str:
+        return f"http://{urllib.parse.quote(user, safe='')}:{urllib.parse.quote(password, safe='')}@127.0.0.1:{self.port}"
+
+    @property
+    def targets(self) -> list[str]:
+        return [target for target, _ in self.requests]
+
+    def _refusal(self, target: str, headers: dict[str, str]) -> int | None:
+        if self.answer is not None:
+            return self.answer
+        if self.credentials is not None:
+            expected = "Basic " + base64.b64encode(":".join(self.credentials).encode()).decode()
+            if headers.get("proxy-authorization") != expected:
+                return 407
+        return None
+
+    async def serve(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
+        async with client:
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await client.receive_some(4096)
+                if not data:
+                    return
+                head += data
+            request_line, *lines = head.split(b"\r\n\r\n")[0].decode("utf-8").split("\r\n")
+            _, target, _ = request_line.split(" ")
+            headers = {name.strip().lower(): value.strip() for name, _, value in (line.partition(":") for line in lines)}
+            self.requests.append((target, headers))
+            status = self._refusal(target, headers)
+            host, _, port = target.rpartition(":")
+            address = "127.0.0.1" if host == BACKEND_NAME else host.strip("[]")
+            upstream = None
+            if status is None:
+                try:
+                    upstream = await trio.open_tcp_stream(address, int(port))
+                except OSError:
+                    status = 502
+            if upstream is None:
+                challenge = 'Proxy-Authenticate: Basic realm="test"\r\n' if status == 407 else ""
+                await client.send_all(f"HTTP/1.1 {status} Nope\r\n{challenge}Content-Length: 0\r\n\r\n".encode())
+                return
+            async with upstream:
+                await client.send_all(b"HTTP/1.1 200 Connection established\r\n\r\n")
+                await relay(client, upstream)
+
+
+async def relay(one: trio.abc.Stream, other: trio.abc.Stream) -> None:
+    """Copy both ways until either side ends."""
+    async with trio.open_nursery() as nursery:
+
+        async def pipe(source: trio.abc.Stream, sink: trio.abc.Stream) -> None:
+            try:
+                while data := await source.receive_some(65536):
+                    await sink.send_all(data)
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(pipe, one, other)
+        nursery.start_soon(pipe, other, one)
+
+
+@asynccontextmanager
+async def open_connect_proxy(**options):
+    proxy = ConnectProxy(**options)
+    async with trio.open_nursery() as nursery:
+        [listener] = await nursery.start(functools.partial(trio.serve_tcp, proxy.serve, 0, host="127.0.0.1"))
+        proxy.port = listener.socket.getsockname()[1]
+        yield proxy
+        nursery.cancel_scope.cancel()
+
+
+async def say_hello(backend, home, environ, server, **settings) -> None:
+    """Run a worker until the backend has its hello, then stop it."""
+    async with running_worker(backend, home, environ, server=server, **settings):
+        connection = await backend.next_connection()
+        await connection.receive("hello")
+
+
+def backend_url(backend) -> str:
+    return f"http://{BACKEND_NAME}:{backend.port}"
 
 
 ##############################################################################
@@ -183,3 +305,253 @@ def test_a_bad_proxy_in_the_config_file_is_a_one_line_error(capsys, pgw_home, co
     assert status == 1
     assert_one_line_error(err, fragment)
     assert_no_secret(err)
+
+
+##############################################################################
+# The tunnel, against a scripted proxy on a memory stream
+##############################################################################
+
+def scripted_proxy(authorization: str | None = None) -> pgw.Proxy:
+    """The proxy on the other end of a memory stream."""
+    return pgw.Proxy("proxy.test", 3128, "test", authorization)
+
+
+def test_connect_request_names_the_target_and_carries_the_credentials():
+    assert pgw.connect_request(scripted_proxy(BASIC), "backend.invalid:443") == (
+        f"CONNECT backend.invalid:443 HTTP/1.1\r\nHost: backend.invalid:443\r\nUser-Agent: pgw/{pgw.__version__}\r\n"
+        f"Proxy-Authorization: {BASIC}\r\n\r\n"
+    ).encode()
+    assert b"Proxy-Authorization" not in pgw.connect_request(scripted_proxy(), "h:1")
+    assert pgw.tunnel_target("::1", 8000) == "[::1]:8000"
+    assert pgw.tunnel_target("bücher.example", 443) == "xn--bcher-kva.example:443"
+
+
+@pytest.mark.parametrize(
+    "head, authorization, fragments",
+    [
+        (b"HTTP/1.1 407 Proxy Authentication Required\r\nProxy-Authenticate: Basic", None,
+         ["refused the tunnel to h:1: HTTP 407 Proxy Authentication Required", "give the proxy as http://USER:PASSWORD@HOST:PORT"]),
+        (b"HTTP/1.1 407 x", BASIC, ["HTTP 407", "did not accept the user and password"]),
+        (b"HTTP/1.0 403 Forbidden", None, ["HTTP 403 Forbidden", "does not allow tunnels to h:1"]),
+        (b"HTTP/1.1 502 Bad Gateway", None, ["HTTP 502 Bad Gateway", "it could not reach h:1"]),
+        (b"HTTP/1.1 599 \x1b[31mforged\nline", None, ["HTTP 599"]),
+        (b"SSH-2.0-OpenSSH_9.6", None, ["does not answer in HTTP: is it an HTTP proxy?"]),
+        (b"HTTP/1.1 20 OK", None, ["does not answer in HTTP"]),
+        (b"HTTP/1.1 2000 OK", None, ["does not answer in HTTP"]),
+    ],
+)
+def test_a_refusal_names_the_proxy_and_the_status_and_nothing_the_proxy_wrote(head, authorization, fragments):
+    with pytest.raises(pgw.ProxyError) as caught:
+        pgw.check_proxy_reply(head, scripted_proxy(authorization), "h:1")
+    message = str(caught.value)
+    assert "http://proxy.test:3128" in message and all(fragment in message for fragment in fragments)
+    assert "forged" not in message and "\n" not in message and "Nope" not in message
+
+
+@pytest.mark.parametrize("head", [b"HTTP/1.1 200 Connection established", b"HTTP/1.0 200", b"HTTP/1.1 204 OK\r\nVia: x"])
+def test_a_2xx_opens_the_tunnel(head):
+    pgw.check_proxy_reply(head, scripted_proxy(), "h:1")
+
+
+async def tunnel_through(answer, deadline_s: float = 10.0):
+    """request_tunnel against `answer(proxy_side)`; (tunnel or ProxyError, proxy_side)."""
+    client, proxy_side = trio.testing.memory_stream_pair()
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(answer, proxy_side)
+        try:
+            outcome = await pgw.request_tunnel(client, scripted_proxy(), BACKEND_NAME, 443, trio.current_time() + deadline_s)
+        except pgw.ProxyError as exc:
+            outcome = exc
+        nursery.cancel_scope.cancel()
+    return outcome, proxy_side
+
+
+async def test_bytes_after_the_reply_are_the_first_bytes_of_the_tunnel():
+    async def answer(proxy_side):
+        await proxy_side.receive_some()
+        await proxy_side.send_all(b"HTTP/1.1 200 Connection established\r\nVia: 1.1 test\r\n\r\n\x16\x03early")
+
+    with trio.fail_after(5):
+        tunnel, proxy_side = await tunnel_through(answer)
+        assert await tunnel.receive_some(3) == b"\x16\x03e"
+        assert await tunnel.receive_some() == b"arly"
+        await proxy_side.send_all(b"later")
+        assert await tunnel.receive_some() == b"later"
+        await tunnel.send_all(b"up")
+        assert await proxy_side.receive_some() == b"up"
+
+
+async def test_a_proxy_sending_endless_headers_is_cut_off_at_the_limit():
+    sent = 0
+
+    async def answer(proxy_side):
+        nonlocal sent
+        await proxy_side.send_all(b"HTTP/1.1 200 OK\r\n")
+        while True:
+            await proxy_side.send_all(b"X-Padding: " + b"a" * 1000 + b"\r\n")
+            sent += 1012
+
+    with trio.fail_after(5):
+        failure, _ = await tunnel_through(answer)
+    assert isinstance(failure, pgw.ProxyError) and "sent over 64 KiB without ending its reply" in str(failure)
+    assert sent < 4 * pgw.PROXY_REPLY_MAX_BYTES
+
+
+async def test_a_proxy_that_is_not_http_fails_at_once():
+    async def answer(proxy_side):
+        await proxy_side.send_all(b"SSH-2.0-OpenSSH_9.6\r\n")
+        await trio.sleep_forever()
+
+    with trio.fail_after(1):  # well before the 10 s deadline
+        failure, _ = await tunnel_through(answer)
+    assert "the proxy http://proxy.test:3128 does not answer in HTTP" in str(failure)
+
+
+async def test_a_silent_proxy_fails_at_the_deadline(autojump_clock):
+    async def answer(proxy_side):
+        await trio.sleep_forever()
+
+    started = trio.current_time()
+    failure, _ = await tunnel_through(answer, deadline_s=15)
+    assert str(failure) == "the proxy http://proxy.test:3128 did not answer CONNECT in time"
+    assert trio.current_time() - started == pytest.approx(15)
+
+
+async def test_a_proxy_that_hangs_up_is_named():
+    async def answer(proxy_side):
+        await proxy_side.send_all(b"HTTP/1.1 200")
+        await proxy_side.aclose()
+
+    with trio.fail_after(5):
+        failure, _ = await tunnel_through(answer)
+    assert "the proxy http://proxy.test:3128 closed the connection without answering CONNECT" in str(failure)
+
+
+##############################################################################
+# `pgw run` behind a proxy
+##############################################################################
+
+async def test_stage_runs_through_the_proxy_to_a_name_only_it_resolves(tmp_path, environ, stub_bin, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "import sys; print('echo: ' + sys.stdin.read())")
+    with trio.fail_after(10):
+        async with open_backend() as backend, open_connect_proxy() as proxy:
+            env = {**environ, "http_proxy": proxy.url}
+            async with running_worker(backend, tmp_path / "home", env, server=backend_url(backend)):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await connection.send(request("s1", stdin="héllo ✓"))
+                result = await connection.stage_result("s1")
+    assert result.returncode == 0 and result.stdout == "echo: héllo ✓\n"
+    [(target, headers)] = proxy.requests
+    assert target == headers["host"] == f"{BACKEND_NAME}:{backend.port}"
+    assert "proxy-authorization" not in headers
+    assert f"through the proxy {proxy.url}" in caplog.text
+
+
+@pytest.mark.parametrize("where", ["environment", "config"])
+async def test_credentials_in_the_proxy_url_reach_the_proxy_as_basic_auth(tmp_path, environ, caplog, where):
+    caplog.set_level(logging.DEBUG, logger="pgw")
+    with trio.fail_after(10):
+        async with open_backend() as backend, open_connect_proxy(credentials=(USER, PASSWORD)) as proxy:
+            if where == "environment":
+                env, setting = {**environ, "HTTP_PROXY": proxy.url_with_credentials()}, {}
+            else:
+                env, setting = environ, {"proxy": proxy.url_with_credentials()}
+            await say_hello(backend, tmp_path / "home", env, backend_url(backend), **setting)
+    [(_, headers)] = proxy.requests
+    assert headers["proxy-authorization"] == BASIC
+    assert_no_secret(caplog.text)
+
+
+async def test_no_proxy_sends_the_hosts_it_names_around_the_proxy(tmp_path, environ):
+    with trio.fail_after(10):
+        async with open_backend() as backend, open_connect_proxy() as proxy:
+            env = {**environ, "HTTP_PROXY": proxy.url, "NO_PROXY": "example.org, 127.0.0.1"}
+            await say_hello(backend, tmp_path / "home", env, backend_url(backend))  # not named: through the proxy
+            assert proxy.accepted == 1
+            await say_hello(backend, tmp_path / "home", env, backend.url)  # 127.0.0.1: around it
+    assert proxy.accepted == 1
+
+
+async def test_the_config_proxy_wins_over_the_environment_and_none_turns_proxies_off(tmp_path, environ):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    with trio.fail_after(10):
+        async with open_backend() as backend, open_connect_proxy() as proxy:
+            env = {**environ, "http_proxy": nowhere}
+            await say_hello(backend, tmp_path / "home", env, backend_url(backend), proxy=proxy.url)
+            assert proxy.accepted == 1
+            env = {**environ, "http_proxy": proxy.url}
+            await say_hello(backend, tmp_path / "home", env, backend.url, proxy="none")
+    assert proxy.accepted == 1
+
+
+async def test_a_proxy_answering_407_is_logged_once_without_the_password_and_retried(
+    tmp_path, environ, caplog, capsys, monkeypatch
+):
+    caplog.set_level(logging.DEBUG, logger="pgw")
+    home = tmp_path / "home"
+    with trio.fail_after(10):
+        async with open_backend() as backend, open_connect_proxy(credentials=(USER, "the right one")) as proxy:
+            env = {**environ, "http_proxy": proxy.url_with_credentials()}
+            async with running_worker(backend, home, env, server=backend_url(backend), timing=FAST_RETRIES):
+                while proxy.accepted < 4:
+                    await trio.sleep(0.01)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1, warnings
+    assert f"the proxy {proxy.url} refused the tunnel" in warnings[0] and "HTTP 407" in warnings[0]
+    assert "did not accept the user and password" in warnings[0]
+    assert_no_secret(caplog.text)
+    state = (home / "state.json").read_text()
+    assert "HTTP 407" in state
+    assert_no_secret(state)
+    monkeypatch.setenv("PGW_HOME", str(home))
+    for argv in (["status"], ["status", "--json"]):
+        _, out, _ = run(capsys, *argv)
+        assert "HTTP 407" in out
+        assert_no_secret(out)
+
+
+async def test_an_unreachable_proxy_is_named_in_one_log_line_and_retried(tmp_path, environ, caplog):
+    caplog.set_level(logging.DEBUG, logger="pgw")
+    port = free_port()
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            env = {**environ, "http_proxy": f"http://{PROXY_USERINFO}@127.0.0.1:{port}"}
+            async with running_worker(backend, tmp_path / "home", env, server=backend_url(backend), timing=FAST_RETRIES):
+                while caplog.text.count("cannot connect") < 3:
+                    await trio.sleep(0.01)
+    warnings = [record.getMessage() for record in caplog.records if record.levelno >= logging.WARNING]
+    assert len(warnings) == 1
+    assert f"cannot reach the proxy http://127.0.0.1:{port}: Connection refused" in warnings[0]
+    assert_no_secret(caplog.text)
+
+
+async def test_a_proxy_fixed_in_the_config_is_used_without_a_restart(tmp_path, environ, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    with trio.fail_after(10):
+        async with open_backend() as backend, open_connect_proxy() as proxy:
+            config = {"proxy": f"http://127.0.0.1:{free_port()}"}
+            settings = pgw.Settings(server=backend_url(backend), token=backend.token, name="n", proxy=config["proxy"])
+            worker = pgw.Daemon(
+                settings, tmp_path / "home", environ=environ, timing=FAST_RETRIES,
+                reread=lambda: attrs.evolve(settings, proxy=config["proxy"]),
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.run)
+                while "cannot reach the proxy" not in caplog.text:
+                    await trio.sleep(0.01)
+                config["proxy"] = proxy.url  # `pgw config set proxy URL` while it runs
+                await (await backend.next_connection()).receive("hello")
+                worker.hurry_shutdown()
+    assert "the config's proxy setting changed" in caplog.text
+
+
+def test_run_refuses_to_start_with_an_environment_proxy_it_cannot_use(pgw_home, monkeypatch):
+    pgw.write_config(pgw_home / "config.json", {"server": "https://pg.example", "worker_id": "w", "token": "t"})
+    monkeypatch.setenv("ALL_PROXY", f"socks5h://{PROXY_USERINFO}@127.0.0.1:1080")
+    with pytest.raises(pgw.ConfigError, match=r"^all_proxy in the environment: the proxy is socks5h://") as caught:
+        pgw.run_preflight(argparse.Namespace())
+    assert_no_secret(str(caught.value))
+    pgw.write_config(pgw_home / "config.json", {"server": "https://pg.example", "token": "t", "proxy": "none"})
+    assert pgw.run_preflight(argparse.Namespace()).proxy == "none"  # `proxy none` is the way out
