@@ -2922,7 +2922,8 @@ class Check:
 
 
 # The network checks in order; after a failure the rest are listed as skipped.
-NETWORK_CHECKS = ("dns", "tcp", "tls", "websocket")
+# Through a proxy, `tcp` is its CONNECT tunnel to the server.
+NETWORK_CHECKS = ("proxy", "dns", "tcp", "tls", "websocket")
 
 
 def shiv_root(environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -3004,10 +3005,19 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
     return checks
 
 
-async def network_checks(settings: Settings, timing: Timing = Timing(), daemon: Optional[str] = None) -> list[Check]:
-    """DNS, TCP, TLS and the WebSocket handshake with the stored token; nothing is
-    started.  `daemon` says a daemon runs for this home: no handshake then."""
-    checks = await _network_checks(settings, timing, daemon)
+async def network_checks(
+    settings: Settings, timing: Timing = Timing(), daemon: Optional[str] = None,
+    environ: typing.Mapping[str, str] = os.environ,
+) -> list[Check]:
+    """The proxy `run` would use (from the config or `environ`), DNS, TCP (through
+    a proxy: its tunnel), TLS and the WebSocket handshake with the stored token;
+    nothing is started.  `daemon` says a daemon runs for this home: no handshake then."""
+    try:
+        proxy = choose_proxy(settings.server, settings.proxy, environ)
+    except ConfigError as exc:
+        checks = [Check("proxy", "FAIL", str(exc))]
+    else:
+        checks = await _network_checks(settings, timing, daemon, proxy)
     done = {check.name for check in checks}
     failed = next((check.name for check in checks if check.status == "FAIL"), None)
     for name in NETWORK_CHECKS:
@@ -3017,24 +3027,19 @@ async def network_checks(settings: Settings, timing: Timing = Timing(), daemon: 
     return sorted(checks, key=lambda check: NETWORK_CHECKS.index(check.name))
 
 
-async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[str]) -> list[Check]:
+async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[str], proxy: Optional[Proxy]) -> list[Check]:
     parsed = urllib.parse.urlsplit(settings.server)
     host, secure = parsed.hostname or "", parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
     timeout_s = timing.connect_timeout_s
-    checks: list[Check] = []
-    try:
-        with trio.fail_after(timeout_s):
-            addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        checks.append(Check("dns", "PASS", f"{host} is {addresses[0][4][0]}"))
-    except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("dns", "FAIL", connection_failure(settings.server, exc))]
-    try:
-        with trio.fail_after(timeout_s):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        checks.append(Check("tcp", "PASS", f"connected to {host}:{port}"))
-    except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("tcp", "FAIL", connection_failure(settings.server, exc))]
+    if proxy is None:
+        checks, stream = await _reach_directly(settings.server, host, port, timeout_s)
+        why = "`proxy none` in the config" if settings.proxy == PROXY_NONE else f"no proxy for {host} in the config or the environment"
+        checks.append(Check("proxy", "SKIP", f"{why}: connecting directly"))
+    else:
+        checks, stream = await _reach_through_proxy(proxy, host, port, timeout_s)
+    if stream is None:
+        return checks
     try:
         if secure:
             try:
@@ -3054,6 +3059,45 @@ async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[s
     finally:
         await trio.aclose_forcefully(stream)
     return checks
+
+
+async def _reach_directly(server: str, host: str, port: int, timeout_s: float) -> tuple[list[Check], Optional[trio.abc.Stream]]:
+    """The DNS and TCP checks, and the stream when both pass."""
+    checks: list[Check] = []
+    try:
+        with trio.fail_after(timeout_s):
+            addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        checks.append(Check("dns", "PASS", f"{host} is {addresses[0][4][0]}"))
+    except (OSError, trio.TooSlowError) as exc:
+        return checks + [Check("dns", "FAIL", connection_failure(server, exc))], None
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_tcp_stream(host, port)
+        checks.append(Check("tcp", "PASS", f"connected to {host}:{port}"))
+    except (OSError, trio.TooSlowError) as exc:
+        return checks + [Check("tcp", "FAIL", connection_failure(server, exc))], None
+    return checks, stream
+
+
+async def _reach_through_proxy(proxy: Proxy, host: str, port: int, timeout_s: float) -> tuple[list[Check], Optional[trio.abc.Stream]]:
+    """The proxy and its tunnel to the server (the `tcp` check), and the tunnel
+    when both pass; DNS for the server is the proxy's."""
+    try:
+        stream: trio.abc.Stream = await reach_proxy(proxy, trio.current_time() + timeout_s)
+    except ProxyError as exc:
+        return [Check("proxy", "FAIL", str(exc))], None
+    checks = [
+        Check("proxy", "PASS", f"{proxy.url} ({proxy.source}) is reachable"),
+        Check("dns", "SKIP", f"the proxy resolves {host}, not this host"),
+    ]
+    try:
+        stream = await request_tunnel(stream, proxy, host, port, trio.current_time() + timeout_s)
+    except BaseException as exc:
+        await trio.aclose_forcefully(stream)
+        if isinstance(exc, ProxyError):
+            return checks + [Check("tcp", "FAIL", str(exc))], None
+        raise
+    return checks + [Check("tcp", "PASS", f"the proxy opened a tunnel to {tunnel_target(host, port)}")], stream
 
 
 async def _websocket_check(stream: trio.abc.Stream, settings: Settings, timeout_s: float) -> Check:

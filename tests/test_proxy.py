@@ -30,6 +30,7 @@ from backend import open_backend
 from conftest import write_stub_cli
 from test_cli import assert_one_line_error, free_port, run
 from test_run import request, running_worker
+from test_tls import by_name, self_signed_certificate, tls_backend
 
 BACKEND_NAME = "backend.invalid"
 # A password with every character a URL must escape; it must never be shown.
@@ -555,3 +556,66 @@ def test_run_refuses_to_start_with_an_environment_proxy_it_cannot_use(pgw_home, 
     assert_no_secret(str(caught.value))
     pgw.write_config(pgw_home / "config.json", {"server": "https://pg.example", "token": "t", "proxy": "none"})
     assert pgw.run_preflight(argparse.Namespace()).proxy == "none"  # `proxy none` is the way out
+
+
+##############################################################################
+# doctor behind a proxy
+##############################################################################
+
+@pytest.fixture
+def backend_certificate(tmp_path):
+    """A certificate for backend.invalid, its own CA: TLS checks the name the proxy resolved."""
+    return self_signed_certificate(tmp_path, BACKEND_NAME, f"DNS:{BACKEND_NAME}")
+
+
+async def test_https_server_through_the_proxy_with_tls_to_the_servers_name(backend_certificate, tmp_path, environ):
+    with trio.fail_after(15):
+        async with tls_backend(backend_certificate) as (url, accepted), open_connect_proxy() as proxy:
+            port = urllib.parse.urlsplit(url).port
+            server = f"https://{BACKEND_NAME}:{port}"
+            settings = pgw.Settings(server=server, token="tok-tls", name="n", cafile=str(backend_certificate[0]))
+            worker = pgw.Daemon(settings, tmp_path / "h", environ={**environ, "https_proxy": proxy.url})
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.run)
+                while not accepted:
+                    await trio.sleep(0.02)
+                worker.hurry_shutdown()
+            # doctor, step by step through the same proxy, with credentials it ignores
+            proxy_env = {"HTTPS_PROXY": proxy.url_with_credentials()}
+            checks = by_name(await pgw.network_checks(settings, environ=proxy_env))
+    assert proxy.targets == [f"{BACKEND_NAME}:{port}"] * 2
+    assert {name: check.status for name, check in checks.items()} == {
+        "proxy": "PASS", "dns": "SKIP", "tcp": "PASS", "tls": "PASS", "websocket": "PASS"
+    }
+    assert checks["proxy"].detail == f"{proxy.url} (https_proxy in the environment) is reachable"
+    assert checks["dns"].detail == f"the proxy resolves {BACKEND_NAME}, not this host"
+    assert checks["tcp"].detail == f"the proxy opened a tunnel to {BACKEND_NAME}:{port}"
+    assert_no_secret(repr(checks))
+
+
+async def test_doctor_says_which_step_the_proxy_failed_without_the_password():
+    settings = pgw.Settings(server=f"http://{BACKEND_NAME}:8000", token="t", name="n")
+    with trio.fail_after(10):
+        async with open_connect_proxy(credentials=(USER, "the right one")) as proxy:
+            refused = by_name(await pgw.network_checks(settings, environ={"http_proxy": proxy.url_with_credentials()}))
+        closed = by_name(await pgw.network_checks(settings, environ={"http_proxy": proxy.url_with_credentials()}))
+    assert [refused[name].status for name in pgw.NETWORK_CHECKS] == ["PASS", "SKIP", "FAIL", "SKIP", "SKIP"]
+    assert f"the proxy {proxy.url} refused the tunnel to {BACKEND_NAME}:8000: HTTP 407" in refused["tcp"].detail
+    assert [closed[name].status for name in pgw.NETWORK_CHECKS] == ["FAIL", "SKIP", "SKIP", "SKIP", "SKIP"]
+    assert closed["proxy"].detail == f"cannot reach the proxy {proxy.url}: Connection refused"
+    assert closed["dns"].detail == "not checked after the proxy check failed"
+    assert_no_secret(repr(refused) + repr(closed))
+
+
+def test_doctor_command_names_the_config_proxy_and_hides_its_password(capsys, pgw_home, stub_bin, monkeypatch):
+    port = free_port()
+    monkeypatch.setenv("https_proxy", "socks5h://127.0.0.1:1080")  # the config's proxy wins over it
+    pgw.write_config(pgw_home / "config.json", {"server": "https://pg.example", "worker_id": "w", "token": "tok-secret"})
+    assert run(capsys, "config", "set", "proxy", f"http://{PROXY_USERINFO}@127.0.0.1:{port}")[0] == 0
+    status, out, _ = run(capsys, "doctor")
+    lines = {line.split()[1]: line for line in out.splitlines()}
+    assert status == 1 and lines["run"].startswith("PASS")
+    assert lines["proxy"] == f"FAIL  proxy      cannot reach the proxy http://127.0.0.1:{port}: Connection refused"
+    _, shown, _ = run(capsys, "config", "show")
+    assert json.loads(shown)["proxy"] == f"http://{urllib.parse.quote(USER, safe='')}:<hidden>@127.0.0.1:{port}"
+    assert_no_secret(out + shown)
