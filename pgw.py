@@ -1234,11 +1234,13 @@ def request_pairing(
     timeout_s: float = PAIR_TIMEOUT_S,
     cafile: Optional[str] = None,
     server_is_default: bool = False,
+    proxy: Optional[Proxy] = None,
 ) -> dict[str, str]:
     """POST pair-confirm; the server's {worker_id, token}, or PairingError.
 
     `server_is_default`: no --server, PGW_SERVER or config server was given,
     so a server that cannot be reached most likely means a missing flag.
+    `proxy`: the one `run` would use (choose_proxy); None: directly.
     """
     import http.client
 
@@ -1257,7 +1259,8 @@ def request_pairing(
             return PairingError(
                 f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})"
             )
-        return PairingError(f"pairing failed: {connection_failure(server, reason)}")
+        through = f" (through the proxy {proxy.url})" if proxy else ""
+        return PairingError(f"pairing failed: {connection_failure(server, reason)}{through}")
 
     request = urllib.request.Request(
         server + PAIR_PATH,
@@ -1265,9 +1268,16 @@ def request_pairing(
         headers={"Content-Type": "application/json", "User-Agent": f"pgw/{__version__}"},
         method="POST",
     )
+    if proxy is not None and proxy.authorization:
+        # urllib sends it to the proxy only: with the CONNECT of an https tunnel, or to the proxy forwarding http.
+        request.add_header("Proxy-Authorization", proxy.authorization)
+    # The proxy choice is pgw's (choose_proxy, shared with `run`), not urllib's own.
+    proxies = {urllib.parse.urlsplit(server).scheme: proxy.url} if proxy else {}
     try:
         context = make_ssl_context(cafile) if server.startswith("https:") else None
-        opener = urllib.request.build_opener(_RefuseRedirect, urllib.request.HTTPSHandler(context=context))
+        opener = urllib.request.build_opener(
+            _RefuseRedirect, urllib.request.HTTPSHandler(context=context), urllib.request.ProxyHandler(proxies)
+        )
         with opener.open(request, timeout=timeout_s) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
@@ -3273,7 +3283,8 @@ class Selftest:
 
     async def connect(self) -> str:
         config = read_config(self.home / CONFIG_FILENAME)
-        settings = Settings(server=self.server_url, token=config["token"], name="selftest")
+        # The backend is on this host's loopback, which no proxy can reach.
+        settings = Settings(server=self.server_url, token=config["token"], name="selftest", proxy=PROXY_NONE)
         self.nursery.start_soon(Daemon(settings, self.home, environ={**os.environ, "PATH": str(self.bin_dir)}).run)
         hello = await self.backend.wait_for("hello")
         found = [key for key in ("claude_code", "codex", "deepseek_tui") if hello["capabilities"][key]["available"]]
@@ -3550,7 +3561,8 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         functools.partial(
             trio.to_thread.run_sync,
             functools.partial(
-                request_pairing, settings.server, body, cafile=settings.cafile, server_is_default=server_is_default
+                request_pairing, settings.server, body, cafile=settings.cafile, server_is_default=server_is_default,
+                proxy=choose_proxy(settings.server, settings.proxy, os.environ),
             ),
             abandon_on_cancel=True,
         )

@@ -619,3 +619,24 @@ def test_doctor_command_names_the_config_proxy_and_hides_its_password(capsys, pg
     _, shown, _ = run(capsys, "config", "show")
     assert json.loads(shown)["proxy"] == f"http://{urllib.parse.quote(USER, safe='')}:<hidden>@127.0.0.1:{port}"
     assert_no_secret(out + shown)
+
+
+##############################################################################
+# pair and selftest
+##############################################################################
+
+def test_pair_with_proxy_none_ignores_the_environments_proxy(capsys, pgw_home, pair_server, monkeypatch):
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")  # nothing there
+    pgw.write_config(pgw_home / "config.json", {"proxy": "none"})
+    status, out, err = run(capsys, "pair", "123", "--server", pair_server.url)
+    assert (status, err) == (0, "") and "paired worker w-1" in out
+
+
+def test_selftest_keeps_to_the_loopback_when_a_proxy_is_set(capsys, monkeypatch):
+    nowhere = f"http://127.0.0.1:{free_port()}"
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "all_proxy"):
+        monkeypatch.setenv(name, nowhere)
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    status, out, _ = run(capsys, "selftest")
+    assert status == 0, out
