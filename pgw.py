@@ -25,7 +25,7 @@ The daemon is a tree of tasks, one class for each kind of node::
     run_until_signalled      signals: the first stops with a grace, the second at once
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
        ├─ state writer       state.json for `pgw status`, at most twice a second
-       └─ one connection     Daemon._connect: TCP/TLS + WebSocket handshake
+       └─ one connection     Daemon._connect: TCP or a proxy tunnel, TLS, WebSocket handshake
           ├─ trio-websocket  its own reader task (pongs, close)
           └─ Connection.serve
              ├─ sender       the only writer: Outbox -> FrameWriter
@@ -44,12 +44,16 @@ command pipe: the root kills every process the stage started (see "Stage").
 Settings resolve flag > environment (``PGW_SERVER``, ``PGW_TOKEN``,
 ``PGW_NAME``) > config file > default.  The config lives in ``PGW_HOME``
 (default ``~/.pgworker``), mode 0600 in a 0700 directory, written atomically.
+The HTTP proxy is the config's ``proxy``, else the one the environment names
+as urllib and curl read it (``choose_proxy``); ``run``, ``doctor`` and
+``pair`` all use that one choice.  The backend's name then goes to the proxy
+unresolved, in the CONNECT request.
 
 The module reads top to bottom: constants (and ``Timing``, every wait of the
-daemon), errors, protocol records, pure logic without I/O (URLs, settings,
-frames, stage requests), config files, CLI probing, pairing, housekeeping,
-the stage, the connection, the daemon, logging, doctor, selftest, install,
-and the command line, ``main`` last.
+daemon), errors, protocol records, pure logic without I/O (URLs, proxies,
+settings, frames, stage requests), config files, CLI probing, pairing,
+housekeeping, the stage, the connection (and the proxy tunnel), the daemon,
+logging, doctor, selftest, install, and the command line, ``main`` last.
 """
 
 from __future__ import annotations
