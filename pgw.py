@@ -26,7 +26,7 @@ The daemon is a tree of tasks, one class for each kind of node::
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
        ├─ state writer       state.json for `pgw status`, at most twice a second
        ├─ stage spawner      a process of its own: forks each stage's root (see "Stage")
-       └─ one connection     Daemon._connect: TCP/TLS + WebSocket handshake
+       └─ one connection     Daemon._connect: TCP or a proxy tunnel, TLS, WebSocket handshake
           ├─ trio-websocket  its own reader task (pongs, close)
           └─ Connection.serve
              ├─ sender       the only writer: Outbox -> FrameWriter
@@ -45,12 +45,16 @@ command pipe: the root kills every process the stage started (see "Stage").
 Settings resolve flag > environment (``PGW_SERVER``, ``PGW_TOKEN``,
 ``PGW_NAME``) > config file > default.  The config lives in ``PGW_HOME``
 (default ``~/.pgworker``), mode 0600 in a 0700 directory, written atomically.
+The HTTP proxy is the config's ``proxy``, else the one the environment names
+as urllib and curl read it (``choose_proxy``); ``run``, ``doctor`` and
+``pair`` all use that one choice.  The backend's name then goes to the proxy
+unresolved, in the CONNECT request.
 
 The module reads top to bottom: constants (and ``Timing``, every wait of the
-daemon), errors, protocol records, pure logic without I/O (URLs, settings,
-frames, stage requests), config files, CLI probing, pairing, housekeeping,
-the stage, the connection, the daemon, logging, doctor, selftest, install,
-and the command line, ``main`` last.
+daemon), errors, protocol records, pure logic without I/O (URLs, proxies,
+settings, frames, stage requests), config files, CLI probing, pairing,
+housekeeping, the stage, the connection (and the proxy tunnel), the daemon,
+logging, doctor, selftest, install, and the command line, ``main`` last.
 """
 
 from __future__ import annotations
@@ -63,6 +67,7 @@ import collections
 import concurrent.futures
 import datetime
 import functools
+import http
 import json
 import logging
 import logging.handlers
@@ -141,6 +146,13 @@ PAIRING_KEYS = ("server", "worker_id", "token")
 # Environment variables that override the config file.
 ENV_SERVER, ENV_TOKEN, ENV_NAME, ENV_HOME = "PGW_SERVER", "PGW_TOKEN", "PGW_NAME", "PGW_HOME"
 ENV_CAFILE = "PGW_CAFILE"
+
+# The config's `proxy` value that turns proxies off whatever the environment says.
+PROXY_NONE = "none"
+# An HTTP proxy's answer to CONNECT is a status line and a few headers, a few
+# hundred bytes.  Past 64 KiB (http.client's limit for one header line) it is
+# not a proxy answering: pgw stops reading rather than hold more.
+PROXY_REPLY_MAX_BYTES = 64 * 1024
 
 # How much of a server's error body is worth showing a user on one line.
 SERVER_MESSAGE_MAX_CHARS = 200
@@ -298,6 +310,11 @@ class StageRejected(PgwError):
 
 class ConnectionLost(PgwError):
     """The WebSocket is gone or unusable; the worker reconnects."""
+
+
+class ProxyError(PgwError):
+    """The HTTP proxy cannot be reached or refused the tunnel; the worker retries.
+    The message names the proxy as http://HOST:PORT, never its credentials."""
 
 
 ##############################################################################
@@ -626,6 +643,117 @@ def websocket_url(server: str, token: str) -> str:
 
 
 @attrs.frozen
+class Proxy:
+    """An HTTP proxy to reach the server through, with a CONNECT tunnel."""
+
+    host: str
+    port: int
+    source: str  # where it was named, for messages: "the config's `proxy`", "https_proxy in the environment"
+    # The Proxy-Authorization value when the URL carries USER:PASSWORD.  It is
+    # as good as the password: out of repr, so no message or traceback shows it.
+    authorization: Optional[str] = attrs.field(default=None, repr=False)
+
+    @property
+    def url(self) -> str:
+        """http://HOST:PORT: the only form of the proxy pgw ever shows."""
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}"
+
+
+def parse_proxy_url(text: str, source: str) -> Proxy:
+    """An http://[USER:PASSWORD@]HOST[:PORT] proxy, or ConfigError naming
+    `source`.  No message quotes the URL: it may carry a password."""
+    expected = "expected http://[USER:PASSWORD@]HOST:PORT"
+    cleaned = text.strip()
+    # A bare HOST:PORT is an http:// proxy to urllib and curl alike.
+    parsed = urllib.parse.urlsplit(cleaned if "://" in cleaned else "http://" + cleaned)
+    if parsed.scheme != "http":
+        raise ConfigError(
+            f"{source}: the proxy is {parsed.scheme}://, but pgw talks to proxies in plain HTTP only: {expected}"
+        )
+    try:
+        port = parsed.port
+    except ValueError:
+        raise ConfigError(f"{source}: the proxy's port is not a number from 0 to 65535: {expected}") from None
+    if not parsed.hostname:
+        raise ConfigError(f"{source}: the proxy URL names no host: {expected}")
+    if parsed.path not in ("", "/") or parsed.query or parsed.fragment:
+        raise ConfigError(f"{source}: a proxy URL has no path, `?` or `#`: {expected}")
+    authorization = None
+    if parsed.username is not None:
+        # Percent-decoded, as urllib and curl do: `p%40ss` is the password `p@ss`.
+        credentials = f"{urllib.parse.unquote(parsed.username)}:{urllib.parse.unquote(parsed.password or '')}"
+        authorization = "Basic " + base64.b64encode(credentials.encode("utf-8")).decode("ascii")
+    return Proxy(parsed.hostname, 80 if port is None else port, source, authorization)
+
+
+def environment_proxies(environ: typing.Mapping[str, str]) -> dict[str, str]:
+    """`scheme -> proxy URL` from the *_proxy variables (`no`: no_proxy), read
+    as urllib's getproxies_environment reads os.environ (it takes no mapping):
+    lower case wins over upper case, an empty lower-case one unsets both, and
+    under CGI (REQUEST_METHOD set) HTTP_PROXY may come from a client's header."""
+    proxies: dict[str, str] = {}
+    for name, value in environ.items():
+        if value and name[-6:].lower() == "_proxy":
+            proxies[name[:-6].lower()] = value
+    if "REQUEST_METHOD" in environ:
+        proxies.pop("http", None)
+    for name, value in environ.items():
+        if name[-6:] == "_proxy":
+            if value:
+                proxies[name[:-6].lower()] = value
+            else:
+                proxies.pop(name[:-6].lower(), None)
+    return proxies
+
+
+def choose_proxy(server: str, setting: Optional[str], environ: typing.Mapping[str, str]) -> Optional[Proxy]:
+    """The HTTP proxy to reach `server` through; None: connect directly.
+
+    The config's `proxy` wins: a URL is always used, `none` never.  Else the
+    environment, as urllib and curl read it: https_proxy for an https://
+    server, http_proxy for http://, all_proxy for either; no_proxy (`*`, a
+    host, a domain suffix with or without its leading dot, host:port, an IP
+    address) names the servers reached directly, matched by urllib itself.
+    """
+    if setting == PROXY_NONE:
+        return None
+    if setting:
+        return parse_proxy_url(setting, "the config's `proxy`")
+    parsed = urllib.parse.urlsplit(server)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    proxies = environment_proxies(environ)
+    # With the port always given, a no_proxy entry host:443 matches https://host too.
+    if urllib.request.proxy_bypass_environment(f"{parsed.hostname}:{port}", proxies):
+        return None
+    for scheme in (parsed.scheme, "all"):
+        if proxies.get(scheme):
+            return parse_proxy_url(proxies[scheme], f"{scheme}_proxy in the environment")
+    return None
+
+
+def proxy_setting(value: str) -> str:
+    """`pgw config set proxy VALUE`: `none`, or a proxy URL as stored (scheme included)."""
+    cleaned = value.strip()
+    if cleaned.lower() == PROXY_NONE:
+        return PROXY_NONE
+    try:
+        parse_proxy_url(cleaned, "proxy")
+    except ConfigError as exc:
+        raise UsageError(f"{exc} (or `none` to connect directly)") from None
+    return cleaned if "://" in cleaned else "http://" + cleaned
+
+
+def without_password(setting: str) -> str:
+    """A proxy setting as `config show` prints it: the password hidden."""
+    parsed = urllib.parse.urlsplit(setting if "://" in setting else "http://" + setting)
+    if parsed.password is None:
+        return setting
+    netloc = f"{parsed.username}:<hidden>@{parsed.netloc.rpartition('@')[2]}"
+    return urllib.parse.urlunsplit(parsed._replace(netloc=netloc))
+
+
+@attrs.frozen
 class Settings:
     """What a command runs with, resolved from flags, environment, config and defaults."""
 
@@ -636,6 +764,9 @@ class Settings:
     cafile: Optional[str] = None
     max_stages: int = 0
     stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`, under each request's own
+    # config `proxy`: a proxy URL, `none`, or None to follow the environment (see
+    # choose_proxy).  It may carry a password: out of repr.
+    proxy: Optional[str] = attrs.field(default=None, repr=False)
 
 
 def cli_search_path(stage_env: typing.Mapping[str, str], environ: typing.Mapping[str, str]) -> str:
@@ -668,6 +799,7 @@ def resolve_settings(
         cafile=pick("cafile", ENV_CAFILE),
         max_stages=pick("max_stages", None) or 0,
         stage_env=dict(config.get("env") or {}),
+        proxy=config.get("proxy"),
     )
 
 
@@ -680,9 +812,11 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {fix}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object: {fix}")
-    for key in PAIRING_KEYS + ("name", "cafile"):
+    for key in PAIRING_KEYS + ("name", "cafile", "proxy"):
         if key in config and not isinstance(config[key], str):
             raise ConfigError(f"{path}: {key!r} must be a string: {fix}")
+    if config.get("proxy", PROXY_NONE) != PROXY_NONE:
+        parse_proxy_url(config["proxy"], f"{path}: 'proxy'")
     max_stages = config.get("max_stages", 0)
     if type(max_stages) is not int or max_stages < 0:
         raise ConfigError(f"{path}: 'max_stages' must be a whole number >= 0: {fix}")
@@ -693,7 +827,7 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
 
 
 # `pgw config set KEY VALUE`: the per-host settings and how each is checked.
-HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "env.NAME")
+HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "proxy", "env.NAME")
 
 
 def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, Any]:
@@ -712,6 +846,8 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         if not value.isdigit():
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
         updated["max_stages"] = int(value)
+    elif key == "proxy":
+        updated["proxy"] = proxy_setting(value)
     elif key.startswith("env."):
         check_stage_env_name(key[4:])
         if "\0" in value:
@@ -747,7 +883,7 @@ def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
         updated["env"] = {k: v for k, v in config.get("env", {}).items() if k != key[4:]}
         if updated["env"] == config.get("env", {}):
             return config
-    elif key in ("server", "name", "cafile", "max_stages", "env"):
+    elif key in ("server", "name", "cafile", "max_stages", "proxy", "env"):
         updated.pop(key, None)
     else:
         raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
@@ -1108,11 +1244,13 @@ def request_pairing(
     timeout_s: float = PAIR_TIMEOUT_S,
     cafile: Optional[str] = None,
     server_is_default: bool = False,
+    proxy: Optional[Proxy] = None,
 ) -> dict[str, str]:
     """POST pair-confirm; the server's {worker_id, token}, or PairingError.
 
     `server_is_default`: no --server, PGW_SERVER or config server was given,
     so a server that cannot be reached most likely means a missing flag.
+    `proxy`: the one `run` would use (choose_proxy); None: directly.
     """
     import http.client
 
@@ -1131,7 +1269,8 @@ def request_pairing(
             return PairingError(
                 f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})"
             )
-        return PairingError(f"pairing failed: {connection_failure(server, reason)}")
+        through = f" (through the proxy {proxy.url})" if proxy else ""
+        return PairingError(f"pairing failed: {connection_failure(server, reason)}{through}")
 
     request = urllib.request.Request(
         server + PAIR_PATH,
@@ -1139,9 +1278,16 @@ def request_pairing(
         headers={"Content-Type": "application/json", "User-Agent": f"pgw/{__version__}"},
         method="POST",
     )
+    if proxy is not None and proxy.authorization:
+        # urllib sends it to the proxy only: with the CONNECT of an https tunnel, or to the proxy forwarding http.
+        request.add_header("Proxy-Authorization", proxy.authorization)
+    # The proxy choice is pgw's (choose_proxy, shared with `run`), not urllib's own.
+    proxies = {urllib.parse.urlsplit(server).scheme: proxy.url} if proxy else {}
     try:
         context = make_ssl_context(cafile) if server.startswith("https:") else None
-        opener = urllib.request.build_opener(_RefuseRedirect, urllib.request.HTTPSHandler(context=context))
+        opener = urllib.request.build_opener(
+            _RefuseRedirect, urllib.request.HTTPSHandler(context=context), urllib.request.ProxyHandler(proxies)
+        )
         with opener.open(request, timeout=timeout_s) as response:
             answer = response.read()
     except urllib.error.HTTPError as exc:
@@ -1202,7 +1348,7 @@ def connection_failure(server: str, reason: BaseException) -> str:
                     "run `pgw pair CODE --server URL` again"
                 )
             return f"the server refused the WebSocket (HTTP {current.status_code})"
-        if isinstance(current, ConnectionLost):
+        if isinstance(current, (ConnectionLost, ProxyError, ConfigError)):
             return str(current)
         if isinstance(current, wsproto.utilities.RemoteProtocolError):
             return f"the server's WebSocket handshake is not one pgw can accept: {current}"
@@ -2197,23 +2343,166 @@ class ActivityStream(trio.abc.Stream):
         await self.inner.aclose()
 
 
-async def open_stream(server: str, cafile: Optional[str], timeout_s: float) -> ActivityStream:
-    """TCP (and TLS for https) to the server, within `timeout_s`."""
+async def open_stream(
+    server: str, cafile: Optional[str], timeout_s: float, proxy: Optional[Proxy] = None
+) -> ActivityStream:
+    """TCP to the server, or a tunnel to it through `proxy`, then TLS for https;
+    all within `timeout_s`."""
     parsed = urllib.parse.urlsplit(server)
-    secure = parsed.scheme == "https"
+    host, secure = parsed.hostname or "", parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
-    with trio.fail_after(timeout_s):
-        stream: trio.abc.Stream = await trio.open_tcp_stream(parsed.hostname, port)
-        try:
-            if secure:
-                stream = trio.SSLStream(
-                    stream, make_ssl_context(cafile), server_hostname=parsed.hostname, https_compatible=True
-                )
+    deadline = trio.current_time() + timeout_s
+    stream: trio.abc.Stream
+    if proxy is None:
+        with trio.fail_at(deadline):
+            stream = await trio.open_tcp_stream(host, port)
+    else:
+        stream = await reach_proxy(proxy, deadline)
+    try:
+        if proxy is not None:
+            stream = await request_tunnel(stream, proxy, host, port, deadline)
+        if secure:
+            stream = trio.SSLStream(stream, make_ssl_context(cafile), server_hostname=host, https_compatible=True)
+            with trio.fail_at(deadline):
                 await stream.do_handshake()
-        except BaseException:
-            await trio.aclose_forcefully(stream)
-            raise
+    except BaseException:
+        await trio.aclose_forcefully(stream)
+        raise
     return ActivityStream(stream)
+
+
+# The tunnel: TCP to the proxy, CONNECT, its answer --------------------------
+# Each step raises ProxyError naming the proxy, so that the reconnect log and
+# doctor say which hop failed.  The backend's name goes to the proxy as it is:
+# resolving it is the proxy's job (it may be a name only the proxy knows).
+
+
+async def reach_proxy(proxy: Proxy, deadline: float) -> trio.SocketStream:
+    """TCP to the proxy by `deadline`, or ProxyError."""
+    with trio.move_on_at(deadline):
+        try:
+            return await trio.open_tcp_stream(proxy.host, proxy.port)
+        except OSError as exc:
+            raise ProxyError(f"cannot reach the proxy {proxy.url}: {_os_reason(exc)}") from None
+    raise ProxyError(f"cannot reach the proxy {proxy.url}: no answer in time")
+
+
+def _os_reason(exc: OSError) -> str:
+    """The system's words for a failed connect ("Connection refused"), without
+    trio's wrapping of them; a name that does not resolve says so."""
+    for current in _exception_chain(exc):
+        if isinstance(current, socket.gaierror):
+            return f"cannot resolve its name ({current.strerror})"
+        if isinstance(current, OSError) and current.errno:
+            return os.strerror(current.errno)
+    return str(exc)
+
+
+async def request_tunnel(
+    stream: trio.abc.Stream, proxy: Proxy, host: str, port: int, deadline: float
+) -> trio.abc.Stream:
+    """CONNECT host:port over `stream`, open to the proxy, by `deadline`: the
+    tunnel, or ProxyError.  The caller closes `stream` on failure."""
+    target = tunnel_target(host, port)
+    with trio.move_on_at(deadline):
+        try:
+            await stream.send_all(connect_request(proxy, target))
+            head, early = await _read_reply_head(stream, proxy)
+        except trio.BrokenResourceError:
+            raise ProxyError(f"the proxy {proxy.url} broke the connection before answering CONNECT") from None
+        check_proxy_reply(head, proxy, target)
+        # Bytes after the reply's blank line are the server's: keep them.
+        return UnreadStream(early, stream) if early else stream
+    raise ProxyError(f"the proxy {proxy.url} did not answer CONNECT in time")
+
+
+def tunnel_target(host: str, port: int) -> str:
+    """host:port as CONNECT names it (RFC 9110): brackets for IPv6, IDNA for other scripts."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host if host.isascii() else host.encode('idna').decode('ascii')}:{port}"
+
+
+def connect_request(proxy: Proxy, target: str) -> bytes:
+    """The CONNECT request for `target`, with the proxy's credentials when it has some."""
+    lines = [f"CONNECT {target} HTTP/1.1", f"Host: {target}", f"User-Agent: pgw/{__version__}"]
+    if proxy.authorization:
+        lines.append(f"Proxy-Authorization: {proxy.authorization}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
+async def _read_reply_head(stream: trio.abc.Stream, proxy: Proxy) -> tuple[bytes, bytes]:
+    """The proxy's reply up to its blank line, and the bytes after it; at most
+    PROXY_REPLY_MAX_BYTES are held, and a reply that is not HTTP fails at once."""
+    buffer = bytearray()
+    while True:
+        searched = max(0, len(buffer) - 3)
+        data = await stream.receive_some(PROXY_REPLY_MAX_BYTES)
+        if not data:
+            raise ProxyError(f"the proxy {proxy.url} closed the connection without answering CONNECT")
+        buffer += data
+        if not b"HTTP/".startswith(bytes(buffer[:5])):
+            raise ProxyError(f"the proxy {proxy.url} does not answer in HTTP: is it an HTTP proxy?")
+        end = buffer.find(b"\r\n\r\n", searched)
+        if end >= 0:
+            return bytes(buffer[:end]), bytes(buffer[end + 4:])
+        if len(buffer) > PROXY_REPLY_MAX_BYTES:
+            raise ProxyError(
+                f"the proxy {proxy.url} sent over {PROXY_REPLY_MAX_BYTES // 1024} KiB without ending its reply to CONNECT"
+            )
+
+
+def check_proxy_reply(head: bytes, proxy: Proxy, target: str) -> None:
+    """Nothing when the reply head opens the tunnel (2xx); else ProxyError with
+    the status and what a user can do about it."""
+    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    version, _, rest = status_line.partition(" ")
+    code = rest[:3]
+    if version not in ("HTTP/1.0", "HTTP/1.1") or not (code.isascii() and code.isdigit()) or rest[3:4] not in ("", " "):
+        raise ProxyError(f"the proxy {proxy.url} does not answer in HTTP: is it an HTTP proxy?")
+    status = int(code)
+    if 200 <= status < 300:
+        return
+    if status == 407 and proxy.authorization:
+        hint = "it did not accept the user and password in the proxy URL"
+    elif status == 407:
+        hint = "it wants a user and password: give the proxy as http://USER:PASSWORD@HOST:PORT"
+    elif status == 403:
+        hint = f"it does not allow tunnels to {target}: ask its administrators to allow it"
+    elif status in (502, 503, 504):
+        hint = f"it could not reach {target}: check the server's name and that it is up"
+    else:
+        hint = ""
+    try:
+        phrase = " " + http.HTTPStatus(status).phrase  # the standard one: the proxy's own text is not shown
+    except ValueError:
+        phrase = ""
+    raise ProxyError(f"the proxy {proxy.url} refused the tunnel to {target}: HTTP {status}{phrase}" + (f"; {hint}" if hint else ""))
+
+
+class UnreadStream(trio.abc.Stream):
+    """A stream some of whose bytes were read already (a proxy's reply may
+    carry the server's first bytes): they come out first."""
+
+    def __init__(self, unread: bytes, inner: trio.abc.Stream) -> None:
+        self.unread, self.inner = unread, inner
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        if not self.unread:
+            return await self.inner.receive_some(max_bytes)
+        await trio.lowlevel.checkpoint()
+        size = len(self.unread) if max_bytes is None else max_bytes
+        data, self.unread = self.unread[:size], self.unread[size:]
+        return data
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 async def open_websocket(
@@ -2608,11 +2897,15 @@ class Daemon:
             redact_also(fresh.token)
             log.info("the credentials changed (paired again?): now worker %s on %s", fresh.worker_id or "?", fresh.server)
             self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
+        if fresh.proxy != current.proxy:  # a proxy that refuses us is fixed without a restart
+            log.info("the config's proxy setting changed: connecting with the new one")
+            self.settings = attrs.evolve(self.settings, proxy=fresh.proxy)
 
     async def _connect(self) -> None:
         """One connection, from TCP to its end; every stream opened here is closed here."""
         settings, timing = self.settings, self.timing
-        stream = await open_stream(settings.server, settings.cafile, timing.connect_timeout_s)
+        proxy = choose_proxy(settings.server, settings.proxy, self.environ)
+        stream = await open_stream(settings.server, settings.cafile, timing.connect_timeout_s, proxy)
         try:
             async with trio.open_nursery() as nursery:
                 ws = await open_websocket(
@@ -2623,7 +2916,10 @@ class Daemon:
                 self.link.connected, self.link.since, self.link.since_unix = True, trio.current_time(), time.time()
                 self.link.tries, self.link.failing_since = 0, None
                 self.publish_state()
-                log.info("connected to %s as %r", settings.server + CONNECT_PATH, settings.name)
+                log.info(
+                    "connected to %s as %r%s", settings.server + CONNECT_PATH, settings.name,
+                    f" through the proxy {proxy.url}" if proxy else "",
+                )
                 try:
                     await self.connection.serve()
                 finally:
@@ -2771,7 +3067,8 @@ class Check:
 
 
 # The network checks in order; after a failure the rest are listed as skipped.
-NETWORK_CHECKS = ("dns", "tcp", "tls", "websocket")
+# Through a proxy, `tcp` is its CONNECT tunnel to the server.
+NETWORK_CHECKS = ("proxy", "dns", "tcp", "tls", "websocket")
 
 
 def shiv_root(environ: typing.Mapping[str, str] = os.environ) -> Path:
@@ -2853,10 +3150,19 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
     return checks
 
 
-async def network_checks(settings: Settings, timing: Timing = Timing(), daemon: Optional[str] = None) -> list[Check]:
-    """DNS, TCP, TLS and the WebSocket handshake with the stored token; nothing is
-    started.  `daemon` says a daemon runs for this home: no handshake then."""
-    checks = await _network_checks(settings, timing, daemon)
+async def network_checks(
+    settings: Settings, timing: Timing = Timing(), daemon: Optional[str] = None,
+    environ: typing.Mapping[str, str] = os.environ,
+) -> list[Check]:
+    """The proxy `run` would use (from the config or `environ`), DNS, TCP (through
+    a proxy: its tunnel), TLS and the WebSocket handshake with the stored token;
+    nothing is started.  `daemon` says a daemon runs for this home: no handshake then."""
+    try:
+        proxy = choose_proxy(settings.server, settings.proxy, environ)
+    except ConfigError as exc:
+        checks = [Check("proxy", "FAIL", str(exc))]
+    else:
+        checks = await _network_checks(settings, timing, daemon, proxy)
     done = {check.name for check in checks}
     failed = next((check.name for check in checks if check.status == "FAIL"), None)
     for name in NETWORK_CHECKS:
@@ -2866,24 +3172,19 @@ async def network_checks(settings: Settings, timing: Timing = Timing(), daemon: 
     return sorted(checks, key=lambda check: NETWORK_CHECKS.index(check.name))
 
 
-async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[str]) -> list[Check]:
+async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[str], proxy: Optional[Proxy]) -> list[Check]:
     parsed = urllib.parse.urlsplit(settings.server)
     host, secure = parsed.hostname or "", parsed.scheme == "https"
     port = parsed.port or (443 if secure else 80)
     timeout_s = timing.connect_timeout_s
-    checks: list[Check] = []
-    try:
-        with trio.fail_after(timeout_s):
-            addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
-        checks.append(Check("dns", "PASS", f"{host} is {addresses[0][4][0]}"))
-    except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("dns", "FAIL", connection_failure(settings.server, exc))]
-    try:
-        with trio.fail_after(timeout_s):
-            stream: trio.abc.Stream = await trio.open_tcp_stream(host, port)
-        checks.append(Check("tcp", "PASS", f"connected to {host}:{port}"))
-    except (OSError, trio.TooSlowError) as exc:
-        return checks + [Check("tcp", "FAIL", connection_failure(settings.server, exc))]
+    if proxy is None:
+        checks, stream = await _reach_directly(settings.server, host, port, timeout_s)
+        why = "`proxy none` in the config" if settings.proxy == PROXY_NONE else f"no proxy for {host} in the config or the environment"
+        checks.append(Check("proxy", "SKIP", f"{why}: connecting directly"))
+    else:
+        checks, stream = await _reach_through_proxy(proxy, host, port, timeout_s)
+    if stream is None:
+        return checks
     try:
         if secure:
             try:
@@ -2903,6 +3204,45 @@ async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[s
     finally:
         await trio.aclose_forcefully(stream)
     return checks
+
+
+async def _reach_directly(server: str, host: str, port: int, timeout_s: float) -> tuple[list[Check], Optional[trio.abc.Stream]]:
+    """The DNS and TCP checks, and the stream when both pass."""
+    checks: list[Check] = []
+    try:
+        with trio.fail_after(timeout_s):
+            addresses = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        checks.append(Check("dns", "PASS", f"{host} is {addresses[0][4][0]}"))
+    except (OSError, trio.TooSlowError) as exc:
+        return checks + [Check("dns", "FAIL", connection_failure(server, exc))], None
+    try:
+        with trio.fail_after(timeout_s):
+            stream = await trio.open_tcp_stream(host, port)
+        checks.append(Check("tcp", "PASS", f"connected to {host}:{port}"))
+    except (OSError, trio.TooSlowError) as exc:
+        return checks + [Check("tcp", "FAIL", connection_failure(server, exc))], None
+    return checks, stream
+
+
+async def _reach_through_proxy(proxy: Proxy, host: str, port: int, timeout_s: float) -> tuple[list[Check], Optional[trio.abc.Stream]]:
+    """The proxy and its tunnel to the server (the `tcp` check), and the tunnel
+    when both pass; DNS for the server is the proxy's."""
+    try:
+        stream: trio.abc.Stream = await reach_proxy(proxy, trio.current_time() + timeout_s)
+    except ProxyError as exc:
+        return [Check("proxy", "FAIL", str(exc))], None
+    checks = [
+        Check("proxy", "PASS", f"{proxy.url} ({proxy.source}) is reachable"),
+        Check("dns", "SKIP", f"the proxy resolves {host}, not this host"),
+    ]
+    try:
+        stream = await request_tunnel(stream, proxy, host, port, trio.current_time() + timeout_s)
+    except BaseException as exc:
+        await trio.aclose_forcefully(stream)
+        if isinstance(exc, ProxyError):
+            return checks + [Check("tcp", "FAIL", str(exc))], None
+        raise
+    return checks + [Check("tcp", "PASS", f"the proxy opened a tunnel to {tunnel_target(host, port)}")], stream
 
 
 async def _websocket_check(stream: trio.abc.Stream, settings: Settings, timeout_s: float) -> Check:
@@ -3078,7 +3418,8 @@ class Selftest:
 
     async def connect(self) -> str:
         config = read_config(self.home / CONFIG_FILENAME)
-        settings = Settings(server=self.server_url, token=config["token"], name="selftest")
+        # The backend is on this host's loopback, which no proxy can reach.
+        settings = Settings(server=self.server_url, token=config["token"], name="selftest", proxy=PROXY_NONE)
         self.nursery.start_soon(Daemon(settings, self.home, environ={**os.environ, "PATH": str(self.bin_dir)}).run)
         hello = await self.backend.wait_for("hello")
         found = [key for key in ("claude_code", "codex", "deepseek_tui") if hello["capabilities"][key]["available"]]
@@ -3355,7 +3696,8 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         functools.partial(
             trio.to_thread.run_sync,
             functools.partial(
-                request_pairing, settings.server, body, cafile=settings.cafile, server_is_default=server_is_default
+                request_pairing, settings.server, body, cafile=settings.cafile, server_is_default=server_is_default,
+                proxy=choose_proxy(settings.server, settings.proxy, os.environ),
             ),
             abandon_on_cancel=True,
         )
@@ -3397,6 +3739,7 @@ def run_preflight(args: argparse.Namespace) -> Settings:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
     if settings.cafile:
         make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
+    choose_proxy(settings.server, settings.proxy, os.environ)  # so is a proxy URL pgw cannot use
     try:
         home.mkdir(mode=0o700, parents=True, exist_ok=True)
     except OSError as exc:
@@ -3465,7 +3808,10 @@ def _cmd_config(args: argparse.Namespace) -> int:
     path = pgw_home() / CONFIG_FILENAME
     config = read_config(path)
     if args.action == "show":
-        shown = {key: ("<hidden>" if key == "token" else value) for key, value in config.items()}
+        shown = {
+            key: "<hidden>" if key == "token" else without_password(value) if key == "proxy" else value
+            for key, value in config.items()
+        }
         _print_json(shown)
         return 0
     if args.action == "set":
