@@ -68,6 +68,18 @@ class PairServer:
         self._httpd.server_close()
 
 
+PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
+
+
+@pytest.fixture(autouse=True)
+def no_proxy_from_the_host(monkeypatch):
+    """A proxy set on the machine running the tests (a CI runner's, say) must not
+    route the tests' loopback servers; the proxy tests set their own."""
+    for name in PROXY_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.upper(), raising=False)
+
+
 @pytest.fixture
 def pair_server():
     server = PairServer()
