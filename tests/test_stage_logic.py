@@ -43,6 +43,42 @@ def test_backoff_never_overflows_after_days_of_failures():
 # Frames ----------------------------------------------------------------------
 
 
+def read_in_pieces(data: bytes, cuts: list[int]) -> list[bytes]:
+    """`data` as escaped_read sends it when a pipe hands it over cut at `cuts`."""
+    cuts = sorted({cut for cut in cuts if 0 < cut < len(data)})  # an empty read is the end of the stream
+    reads = [data[start:end] for start, end in zip([0, *cuts], [*cuts, len(data)])] + [b""]
+    pieces, cut_off = [], b""
+    for read in reads:
+        escaped, cut_off = pgw.escaped_read(cut_off + read, ended=not read)
+        pieces += escaped
+    assert cut_off == b""
+    return pieces
+
+
+UTF8_EDGES = st.sampled_from([b"a", b'"', b"\\", b"\x00", b"\x1f", b"\x7f", "é".encode(), "∀".encode(), "🙂".encode(),
+                              b"\xff", b"\xc3", b"\xe2\x88", b"\xf0\x9f\x99", b"\xed\xa0\x80", b"\x80"])
+
+
+@given(st.lists(UTF8_EDGES | st.binary(max_size=8), max_size=60), st.data())
+def test_reads_escaped_as_bytes_carry_what_a_decoder_makes_of_the_whole(parts, draw):
+    data = b"".join(parts)
+    cuts = draw.draw(st.lists(st.integers(min_value=0, max_value=len(data)), max_size=20))
+    pieces = read_in_pieces(data, cuts)
+    assert "".join(json.loads(piece) for piece in pieces) == data.decode("utf-8", "replace")
+    for piece in pieces:
+        piece.decode("utf-8")  # every message is valid UTF-8
+
+
+@pytest.mark.parametrize("text", ["∀ x ≤ y → " * 40_000, "\x01é" * 150_000, "\"🙂" * 100_000])
+def test_a_read_escaped_as_bytes_stays_within_a_frame_and_a_message(text):
+    data = text.encode()
+    pieces = read_in_pieces(data, list(range(0, len(data), pgw.PIPE_READ_BYTES)))
+    assert "".join(json.loads(piece) for piece in pieces) == text
+    for piece in pieces:
+        assert len(json.loads(piece).encode()) <= pgw.FRAME_MAX_BYTES
+        assert len(piece) <= pgw.OUTPUT_DATA_MAX_ESCAPED_BYTES
+
+
 @given(st.text(alphabet=st.characters(codec="utf-8"), max_size=300), st.integers(min_value=4, max_value=64))
 def test_split_text_keeps_characters_whole_and_pieces_small(text, limit):
     pieces = pgw.split_text(text, limit)
