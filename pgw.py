@@ -2586,6 +2586,10 @@ class Connection:
         self.outbox = Outbox()
         self.frames = FrameWriter(ws, stream)
         self.reading = trio.CancelScope()  # cancelled by a shutdown: read no more requests
+        # When pgw last sent what the server answers: a WebSocket ping, or an
+        # application ping once the server has been seen answering one.
+        self.asked_at = -math.inf
+        self.server_answers_pings = False
         self._stages: trio.Nursery  # set by serve() before the reader starts
         self._handlers: dict[type, typing.Callable[[Any], typing.Awaitable[None]]] = {
             StageRequest: self._on_stage_request,
@@ -2623,22 +2627,25 @@ class Connection:
     async def _heartbeat(self) -> None:
         while True:
             self.outbox.put_urgent(wire(Ping(ts=time.time())))
+            if self.server_answers_pings:
+                self.asked_at = trio.current_time()
             await trio.sleep(self.timing.heartbeat_s)
 
     async def _watchdog(self, tasks: trio.Nursery) -> None:
-        """A WebSocket ping after a quiet spell; the connection is dead after the
-        silence limit.  It sleeps until the next moment either could be due, so
-        an idle connection costs a few wake-ups a minute."""
+        """A WebSocket ping after a quiet spell in which nothing was asked of the
+        server; the connection is dead after the silence limit.  It sleeps until
+        the next moment either could be due, so an idle connection costs a few
+        wake-ups a minute: to a server that answers the application ping, one
+        WebSocket ping between two heartbeats."""
         timing = self.timing
-        pinged_at = -math.inf
         while True:
             now, last = trio.current_time(), self.stream.last_receive
             if now - last >= timing.silence_limit_s:
                 raise ConnectionLost(f"nothing arrived from the server for {now - last:.0f} s")
-            if now - last >= timing.ws_ping_after_s and now - pinged_at >= timing.ws_ping_after_s:
-                pinged_at = now
+            if now - max(last, self.asked_at) >= timing.ws_ping_after_s:
+                self.asked_at = now
                 tasks.start_soon(self._ws_ping)
-            await trio.sleep_until(min(last + timing.silence_limit_s, max(last, pinged_at) + timing.ws_ping_after_s))
+            await trio.sleep_until(min(last + timing.silence_limit_s, max(last, self.asked_at) + timing.ws_ping_after_s))
 
     async def _ws_ping(self) -> None:
         with trio.move_on_after(self.timing.silence_limit_s):
@@ -2711,6 +2718,7 @@ class Connection:
 
     async def _on_pong(self, _: Pong) -> None:
         log.debug("pong")
+        self.server_answers_pings = True
 
 
 def describe_wire_text(text: Union[str, bytes]) -> str:

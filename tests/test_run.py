@@ -180,6 +180,33 @@ async def test_silent_path_is_replaced_within_the_silence_limit(tmp_path, enviro
                 assert trio.current_time() - started < 3.0 + 1.0 + 1.5
 
 
+@pytest.mark.parametrize("answer_pings", [True, False], ids=["answers-app-pings", "ignores-app-pings"])
+async def test_an_idle_connection_asks_the_server_once_between_heartbeats(tmp_path, environ, monkeypatch, answer_pings):
+    # A server that answers the application ping needs one WebSocket ping
+    # between two heartbeats to keep the silence under its limit; one that does
+    # not answer needs one after every quiet spell, and the connection stays up.
+    timing = pgw.Timing(heartbeat_s=1.0, ws_ping_after_s=0.5, silence_limit_s=1.0)
+    ws_pings = []
+    ws_ping = pgw.Connection._ws_ping
+
+    async def counted(self):
+        ws_pings.append(trio.current_time())
+        await ws_ping(self)
+
+    monkeypatch.setattr(pgw.Connection, "_ws_ping", counted)
+    with trio.fail_after(20):
+        async with open_backend(answer_pings=answer_pings) as backend:
+            async with running_worker(backend, tmp_path / "home", environ, timing=timing):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await trio.sleep(1.2)  # the first pong arrives: the server is known to answer
+                counted_from = len(ws_pings)
+                await trio.sleep(6.0)
+                pings = len(ws_pings) - counted_from
+    assert len(backend.connections) == 1, "the idle connection was dropped"
+    assert (4 <= pings <= 8) if answer_pings else (9 <= pings <= 14), f"{pings} WebSocket pings in 6 heartbeats"
+
+
 async def test_slow_but_live_link_is_not_dropped(tmp_path, environ, stub_bin):
     timing = pgw.Timing(silence_limit_s=2.0, ws_ping_after_s=0.5)
     write_stub_cli(stub_bin, "claude", "import os; print(os.path.getsize('big.bin'))")
