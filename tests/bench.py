@@ -1190,6 +1190,7 @@ def measure_concurrent(backend: Backend, worker: Worker, tag: str, stages: int, 
     cpu1 = own_cpu_run_seconds(worker.pid)
     problems = [f"{s}: {p}" for s, e in sorted(exits.items()) for p in stage_problems(e, expected(lines, s))]
     return {
+        "conc_frames": sum(e["frames"] for e in exits.values()),
         "conc_wall_s": max(e["t"] for e in exits.values()) - sent["t"],
         "conc_cpu_s": cpu1 - cpu0,
         "conc_intact": not problems,
@@ -1625,6 +1626,7 @@ METRICS = [
     ("lat_p99_ms", "line latency p99 (ms)", "{:.2f}", ("ratio<=", 1.0)),
     ("lat_intact", "line latency: every line arrived (rounds)", None, ("all", None)),
     ("conc_wall_s", "{stages} stages x {lines} lines: wall (s)", "{:.2f}", None),
+    ("conc_frames", "{stages} stages x {lines} lines: output messages", "{:.0f}", None),
     ("conc_cpu_s", "{stages} stages x {lines} lines: worker CPU (s)", "{:.2f}", ("ratio<=", 1.0)),
     ("conc_intact", "{stages} stages x {lines} lines: all intact (rounds)", None, ("all", None)),
     ("idle_rss_mb", "idle RSS after {idle} s connected (MB)", "{:.1f}", ("ratio<=", 1.0)),
