@@ -630,6 +630,7 @@ class Settings:
     cafile: Optional[str] = None
     max_stages: int = 0
     stage_env: dict[str, str] = attrs.field(factory=dict)  # config `env`, under each request's own
+    compression: bool = True  # offer permessage-deflate (config `compression`: on or off)
 
 
 def cli_search_path(stage_env: typing.Mapping[str, str], environ: typing.Mapping[str, str]) -> str:
@@ -662,6 +663,7 @@ def resolve_settings(
         cafile=pick("cafile", ENV_CAFILE),
         max_stages=pick("max_stages", None) or 0,
         stage_env=dict(config.get("env") or {}),
+        compression=config.get("compression", "on") == "on",
     )
 
 
@@ -683,11 +685,16 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
     env = config.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{path}: 'env' must be an object of strings: {fix}")
+    if config.get("compression", "on") not in COMPRESSION_VALUES:
+        raise ConfigError(f"{path}: 'compression' must be \"on\" or \"off\": {fix}")
     return config
 
 
 # `pgw config set KEY VALUE`: the per-host settings and how each is checked.
-HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "env.NAME")
+HOST_SETTINGS = ("server", "name", "cafile", "max_stages", "compression", "env.NAME")
+# `compression off` makes pgw offer no permessage-deflate, for a host whose
+# CPU is scarcer than its bandwidth.
+COMPRESSION_VALUES = ("on", "off")
 
 
 def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, Any]:
@@ -706,6 +713,10 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         if not value.isdigit():
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
         updated["max_stages"] = int(value)
+    elif key == "compression":
+        if value not in COMPRESSION_VALUES:
+            raise UsageError(f"compression: expected on or off, got {value!r}")
+        updated["compression"] = value
     elif key.startswith("env."):
         check_stage_env_name(key[4:])
         if "\0" in value:
@@ -741,7 +752,7 @@ def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
         updated["env"] = {k: v for k, v in config.get("env", {}).items() if k != key[4:]}
         if updated["env"] == config.get("env", {}):
             return config
-    elif key in ("server", "name", "cafile", "max_stages", "env"):
+    elif key in ("server", "name", "cafile", "max_stages", "compression", "env"):
         updated.pop(key, None)
     else:
         raise UsageError(f"unknown setting {key!r}: use one of {', '.join(HOST_SETTINGS)}")
