@@ -2268,9 +2268,19 @@ def describe_wire_text(text: Union[str, bytes]) -> str:
     return " ".join(part for part in parts if part) + f" ({len(text)} bytes)"
 
 
+# trio-websocket 0.12.2 closes the connection itself (1009) on a message
+# past max_message_size, counted after wsproto inflated it, with this reason.
+TRIO_WEBSOCKET_TOO_BIG_REASON = "Exceeded maximum message size: {} bytes"
+
+
 def close_description(reason: Any) -> str:
     if reason is None:
         return "the connection closed"
+    if reason.code == 1009 and reason.reason == TRIO_WEBSOCKET_TOO_BIG_REASON.format(MESSAGE_MAX_BYTES):
+        return (
+            f"pgw refused a message from the server of more than {MESSAGE_MAX_BYTES // 2**20} MiB "
+            "(the limit, counted after inflation) and closed the connection (1009)"
+        )
     text = f"the server closed the connection ({reason.code}"
     return text + (f": {reason.reason})" if reason.reason else ")")
 
