@@ -78,7 +78,7 @@ async def test_doctor_passes_with_the_ca_file_and_the_right_token(certificate):
             checks = by_name(await pgw.network_checks(settings))
             assert len(accepted) == 1
     assert [check.status for check in checks.values()] == ["PASS"] * 4
-    assert checks["websocket"].detail == "the server accepted the token"
+    assert checks["websocket"].detail == "the server accepted the token; uncompressed: the server declined permessage-deflate"
 
 
 async def test_doctor_fails_a_rejected_token(certificate):
