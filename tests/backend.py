@@ -25,6 +25,15 @@ backend hold the TCP stream itself: `abort()` needs it to send a reset and
 `pause_reading()` needs it to stop reading, and `WebSocketConnection` keeps
 its stream private.
 
+With `deflate=` (wsproto's PerMessageDeflate arguments, `{}` for its
+defaults) the backend accepts permessage-deflate (RFC 7692) when the worker
+offers it: wsproto then inflates what the worker sends and deflates what the
+backend sends. trio-websocket's `accept()` has no parameter for extensions,
+so that one accept sends wsproto's AcceptConnection itself, as `accept()`
+does, through trio-websocket's private `_send` and `_open_handshake`; the
+worker's offer is read from the private `_event` (wsproto takes the header
+out of the public `headers`).
+
 Every message is read as soon as it arrives and recorded in
 `BackendConnection.received`, so trio-websocket's queue never fills (it is
 unbounded as well). Waiting helpers park on a `trio.lowlevel.ParkingLot` that
@@ -50,7 +59,9 @@ from typing import TypeVar
 
 import attrs
 import trio
-from trio_websocket import ConnectionClosed, WebSocketConnection, wrap_server_stream
+from trio_websocket import ConnectionClosed, WebSocketConnection, WebSocketRequest, wrap_server_stream
+from wsproto.events import AcceptConnection
+from wsproto.extensions import PerMessageDeflate
 
 T = TypeVar("T")
 
@@ -237,7 +248,9 @@ class BackendConnection:
     `{"_raw": text}` for text that is not a JSON object, `{"_binary": data}`
     for a binary message. `close_code` is the code of the close frame that
     ended the connection (the backend's own from `close()`, or the worker's),
-    1006 when the TCP connection ended without one.
+    1006 when the TCP connection ended without one. `offered_extensions` is
+    the worker's Sec-WebSocket-Extensions header (None without one);
+    `deflate` the permessage-deflate in use, None when not negotiated.
     """
 
     def __init__(
@@ -249,8 +262,12 @@ class BackendConnection:
         path: str,
         answer_pings: bool,
         close_timeout_s: float,
+        offered_extensions: str | None = None,
+        deflate: PerMessageDeflate | None = None,
     ) -> None:
         self.path = path
+        self.offered_extensions = offered_extensions
+        self.deflate = deflate
         self.answer_pings = answer_pings
         self.received: list[dict] = []
         self.closed = trio.Event()
@@ -279,6 +296,16 @@ class BackendConnection:
         if isinstance(message, dict):
             message = json.dumps(message, ensure_ascii=False)
         await self._ws.send_message(message)
+
+    async def send_raw(self, data: bytes) -> None:
+        """Write `data` to the TCP stream as it is, beside trio-websocket: a
+        frame it would not make. Under trio-websocket's private `_stream_lock`,
+        which its own writes (a close frame answering the worker's) take."""
+        try:
+            async with self._ws._stream_lock:
+                await self._stream.send_all(data)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # the worker hung up: closed (and close_code) say how
 
     async def close(self, code: int = 1000, reason: str = "") -> None:
         """Close from the backend's side with `code`, and wait until closed.
@@ -436,9 +463,11 @@ class Backend:
         max_message_size: int = MAX_MESSAGE_BYTES,
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
+        deflate: dict | None = None,
     ) -> None:
         self.token = token
         self.answer_pings = answer_pings
+        self._deflate = deflate
         self.port = 0
         self.connections: list[BackendConnection] = []
         self.handshakes: list[str] = []
@@ -544,7 +573,8 @@ class Backend:
                     # trio-websocket's reader ends when the client hangs up.
                     nursery.cancel_scope.deadline = trio.current_time() + REJECT_LINGER_S
                     return
-                ws = await request.accept()
+                ws, deflate = await self._accept(request)
+                offered = request._event.extensions  # wsproto takes this header out of `headers`
                 connection = BackendConnection(
                     ws,
                     stream,
@@ -552,6 +582,8 @@ class Backend:
                     path=request.path,
                     answer_pings=self.answer_pings,
                     close_timeout_s=self._close_timeout_s,
+                    offered_extensions=", ".join(offered) if offered else None,
+                    deflate=deflate,
                 )
                 self.connections.append(connection)
                 self._arrivals.unpark_all()
@@ -561,12 +593,23 @@ class Backend:
                 await stream.aclose()
 
 
+    async def _accept(self, request: WebSocketRequest) -> tuple[WebSocketConnection, PerMessageDeflate | None]:
+        """`request.accept()`, with permessage-deflate when the backend has `deflate` and the worker offers it."""
+        if self._deflate is None:
+            return await request.accept(), None
+        extension = PerMessageDeflate(**self._deflate)
+        ws = request._connection
+        await ws._send(AcceptConnection(extensions=[extension]))
+        ws._open_handshake.set()
+        return ws, extension if extension.enabled() else None
+
+
 @asynccontextmanager
 async def open_backend(token: str = "tok-test", **kw: object) -> AsyncIterator[Backend]:
     """Run a Backend on 127.0.0.1 (port 0) for the duration of the block.
 
     Keyword arguments go to `Backend` (answer_pings, max_message_size,
-    handshake_timeout_s, close_timeout_s).
+    handshake_timeout_s, close_timeout_s, deflate).
     """
     backend = Backend(token, **kw)  # type: ignore[arg-type]
     async with trio.open_nursery() as nursery:

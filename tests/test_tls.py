@@ -84,7 +84,7 @@ async def test_doctor_passes_with_the_ca_file_and_the_right_token(certificate):
             assert len(accepted) == 1
     assert [checks[name].status for name in ("dns", "tcp", "tls", "websocket")] == ["PASS"] * 4
     assert checks["proxy"].status == "SKIP"  # none set: connected directly
-    assert checks["websocket"].detail == "the server accepted the token"
+    assert checks["websocket"].detail == "the server accepted the token; uncompressed: the server declined permessage-deflate"
 
 
 async def test_doctor_fails_a_rejected_token(certificate):
