@@ -2370,12 +2370,19 @@ _XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
 
 # RFC 6455 5.2: FIN and the text opcode; RFC 7692 6: RSV1 marks a deflated message.
 TEXT_FRAME, DEFLATED_TEXT_FRAME = 0x81, 0xC1
+# FIN and the ping opcode (RFC 6455 5.5.2); control frames are never deflated.
+PING_FRAME = 0x89
 
 
 def masked_text_frame(message: Union[bytes, memoryview], deflated: bool = False) -> bytearray:
     """`message` (UTF-8, or its deflated form) as one whole, masked client text
     frame (RFC 6455 5.2), with RSV1 set when `deflated` (RFC 7692 6)."""
-    size, first = len(message), DEFLATED_TEXT_FRAME if deflated else TEXT_FRAME
+    return masked_frame(DEFLATED_TEXT_FRAME if deflated else TEXT_FRAME, message)
+
+
+def masked_frame(first: int, message: Union[bytes, memoryview]) -> bytearray:
+    """A masked client frame: `first` (FIN, RSV, opcode), the length, a fresh key, `message`."""
+    size = len(message)
     if size < 126:
         header = bytes((first, 0x80 | size))
     elif size < 1 << 16:
@@ -2442,6 +2449,17 @@ class FrameWriter:
                 await self._stream.send_all(self._frame(message))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionLost(close_description(self._ws.closed) if self._ws.closed else "the connection broke") from exc
+
+    async def ping(self) -> None:
+        """A WebSocket ping, for its pong to prove the link alive.  trio-websocket's
+        reader drops a pong it did not ask for, so nothing waits for this one:
+        the bytes arriving are the watchdog's evidence."""
+        if self._ws.closed is None:
+            try:
+                async with self._lock:
+                    await self._stream.send_all(masked_frame(PING_FRAME, b""))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                pass  # the reader and the watchdog see the loss
 
     def _frame(self, message: bytes) -> bytearray:
         if self._compressor is None:
@@ -2765,11 +2783,8 @@ class Connection:
             await trio.sleep_until(min(last + timing.silence_limit_s, max(last, self.asked_at) + timing.ws_ping_after_s))
 
     async def _ws_ping(self) -> None:
-        with trio.move_on_after(self.timing.silence_limit_s):
-            try:
-                await self.ws.ping()
-            except (trio_websocket.ConnectionClosed, ValueError):
-                pass
+        with trio.move_on_after(self.timing.silence_limit_s):  # a send stuck behind a full socket
+            await self.frames.ping()
 
     async def _reader(self) -> None:
         """The only reader: each message to its handler, in arrival order."""
