@@ -3108,9 +3108,12 @@ class Daemon:
             redact_also(fresh.token)
             log.info("the credentials changed (paired again?): now worker %s on %s", fresh.worker_id or "?", fresh.server)
             self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
-        if fresh.proxy != current.proxy:  # a proxy that refuses us is fixed without a restart
-            log.info("the config's proxy setting changed: connecting with the new one")
-            self.settings = attrs.evolve(self.settings, proxy=fresh.proxy)
+        # How to connect is changed without a restart: a proxy that refuses us
+        # fixed, compression turned off on a host short of CPU.
+        for name in ("proxy", "compression"):
+            if getattr(fresh, name) != getattr(current, name):
+                log.info("the config's %s setting changed: connecting with the new one", name)
+                self.settings = attrs.evolve(self.settings, **{name: getattr(fresh, name)})
 
     async def _connect(self) -> None:
         """One connection, from TCP to its end; every stream opened here is closed here."""

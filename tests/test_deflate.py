@@ -693,6 +693,28 @@ async def test_compression_off_offers_nothing(tmp_path, environ, stub_bin):
     assert stage["stdout"] == "plain\n"
 
 
+async def test_compression_turned_off_while_running_is_used_from_the_next_connection(tmp_path, environ):
+    settings = {"compression": True}
+    with trio.fail_after(30):
+        async with open_backend(deflate={}) as backend:
+            worker_settings = pgw.Settings(server=backend.url, token=backend.token, name="test-box")
+            worker = pgw.Daemon(
+                worker_settings, tmp_path / "home", environ=environ,
+                timing=pgw.Timing(reconnect_first_s=0.05), reread=lambda: attrs.evolve(worker_settings, **settings),
+            )
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(worker.run)
+                first = await backend.next_connection()
+                await first.receive("hello")
+                assert first.deflate is not None
+                settings["compression"] = False  # `pgw config set compression off` while it runs
+                await first.close(1011)
+                second = await backend.next_connection()
+                await second.receive("hello")
+                assert (second.offered_extensions, second.deflate) == (None, None)
+                worker.hurry_shutdown()
+
+
 @pytest.mark.parametrize("deflate, compression, detail", [
     ({}, True, "compressed: permessage-deflate; client_max_window_bits=15; server_max_window_bits=15"),
     ({}, False, "uncompressed: compression is off"),
