@@ -211,9 +211,10 @@ def test_output_messages_never_exceed_a_mebibyte_whatever_escapes(text):
     assert "".join(json.loads(m)["data"] for m in messages) == text
 
 
-def unmask_text_frames(wire: bytes) -> list[str]:
-    """The text messages in `wire`, read as a server reads a client's frames (wsproto)."""
-    server = wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
+def unmask_text_frames(wire: bytes, server: "wsproto.connection.Connection | None" = None) -> list[str]:
+    """The text messages in `wire`, read as a server reads a client's frames
+    (wsproto; `server` when it must inflate as it agreed to)."""
+    server = server or wsproto.connection.Connection(wsproto.connection.ConnectionType.SERVER)
     server.receive_data(wire)
     messages, parts = [], []
     for event in server.events():
