@@ -2773,14 +2773,20 @@ class Connection:
         wake-ups a minute: to a server that answers the application ping, one
         WebSocket ping between two heartbeats."""
         timing = self.timing
+        # A heartbeat the server leaves unanswered (it may) must not put the
+        # WebSocket ping past the silence limit: whatever was asked, the ping
+        # goes at the latest halfway between its usual moment and the limit.
+        latest_ask_s = (timing.silence_limit_s - timing.ws_ping_after_s) / 2
         while True:
             now, last = trio.current_time(), self.stream.last_receive
             if now - last >= timing.silence_limit_s:
                 raise ConnectionLost(f"nothing arrived from the server for {now - last:.0f} s")
-            if now - max(last, self.asked_at) >= timing.ws_ping_after_s:
+            ping_at = min(max(last, self.asked_at), last + latest_ask_s) + timing.ws_ping_after_s
+            if now >= ping_at:
                 self.asked_at = now
                 tasks.start_soon(self._ws_ping)
-            await trio.sleep_until(min(last + timing.silence_limit_s, max(last, self.asked_at) + timing.ws_ping_after_s))
+                ping_at = now + timing.ws_ping_after_s
+            await trio.sleep_until(min(last + timing.silence_limit_s, ping_at))
 
     async def _ws_ping(self) -> None:
         with trio.move_on_after(self.timing.silence_limit_s):  # a send stuck behind a full socket

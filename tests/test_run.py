@@ -207,6 +207,42 @@ async def test_an_idle_connection_asks_the_server_once_between_heartbeats(tmp_pa
     assert (4 <= pings <= 8) if answer_pings else (9 <= pings <= 14), f"{pings} WebSocket pings in 6 heartbeats"
 
 
+def answer_heartbeats(monkeypatch, answers):
+    """The backend's application answers the heartbeats for which `answers(n)`
+    is a delay in seconds (n counts from 1), and leaves the others unanswered;
+    its WebSocket layer answers pings at once, as a busy server's would."""
+    import backend as backend_module
+
+    original = backend_module.BackendConnection._send_pong
+    count = [0]
+
+    async def send_pong(self):
+        count[0] += 1
+        delay = answers(count[0])
+        if delay is not None:
+            await trio.sleep(delay)
+            await original(self)
+
+    monkeypatch.setattr(backend_module.BackendConnection, "_send_pong", send_pong)
+
+
+@pytest.mark.parametrize("answers", [
+    lambda n: 0 if n == 1 else None,  # answers the first heartbeat, then never again
+    lambda n: None if n % 3 == 0 else 0,  # leaves one in three unanswered
+    lambda n: 0.8,  # answers each one late, after most of the silence limit
+], ids=["stops-answering", "one-in-three-unanswered", "answers-late"])
+async def test_a_live_server_that_answers_heartbeats_unreliably_is_not_dropped(tmp_path, environ, monkeypatch, answers):
+    # The daemon's timings divided by 30: heartbeat 30 s, ping after 15 s, 30 s of silence.
+    answer_heartbeats(monkeypatch, answers)
+    timing = pgw.Timing(heartbeat_s=1.0, ws_ping_after_s=0.5, silence_limit_s=1.0)
+    with trio.fail_after(20):
+        async with open_backend() as backend:
+            async with running_worker(backend, tmp_path / "home", environ, timing=timing):
+                await (await backend.next_connection()).receive("hello")
+                await trio.sleep(7)
+    assert len(backend.connections) == 1, "a live connection was dropped"
+
+
 async def test_slow_but_live_link_is_not_dropped(tmp_path, environ, stub_bin):
     timing = pgw.Timing(silence_limit_s=2.0, ws_ping_after_s=0.5)
     write_stub_cli(stub_bin, "claude", "import os; print(os.path.getsize('big.bin'))")
