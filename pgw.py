@@ -198,6 +198,10 @@ OUTBOX_MAX_FRAMES = 4
 PIPE_BUFFER_BYTES = 1024 * 1024
 F_SETPIPE_SZ = 1031
 
+# What execve takes in arguments and environment together (Linux: a quarter of
+# the stack limit, at least 128 KiB); a request past it is refused before a slot.
+EXEC_MAX_BYTES = os.sysconf("SC_ARG_MAX") if hasattr(os, "sysconf") else 256 * 1024
+
 # The spawner reads each request at once; one it has not taken in this long is dead.
 SPAWNER_SEND_TIMEOUT_S = 10.0
 # At the end of file on its socket the spawner exits at once; this only bounds a stuck one.
@@ -285,6 +289,10 @@ class Timing:
     pipe_drain_grace_s: float = 2.0
     # After SIGKILL a process is gone at once unless the kernel is stuck on it.
     kill_wait_s: float = 5.0
+    # A stage root reports its CLI's pid once the exec is done: a cold CLI on a
+    # slow disk takes seconds; a spawner that has not forked one in this long
+    # (stopped, stuck) is killed and the stage refused.
+    spawner_answer_s: float = 30.0
     # How stale `pgw status` may be, at most.
     state_write_interval_s: float = 0.5
 
@@ -1713,7 +1721,7 @@ def stage_root(request, commands, reports, stdio):
             if pid == cli and not failure:
                 report(b"exit %d\n" % os.waitstatus_to_exitcode(status))
 
-    poller = select.poll()  # not select(): pgw's fd numbers pass through, and may exceed 1024
+    poller = select.poll()  # not select(), which fails on a descriptor numbered over 1024
     poller.register(commands, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
     while True:
@@ -1758,7 +1766,7 @@ def receive(control):
         for fd in fds:
             os.close(fd)
         return None
-    size, body = struct.unpack("!I", header)[0], b""
+    size, body = struct.unpack("!I", header)[0], bytearray()
     while len(body) < size:
         chunk = control.recv(min(size - len(body), 1 << 20))
         if not chunk:
@@ -1810,6 +1818,14 @@ def prepare_stage(
         raise StageRejected(f"CLI not found: {request.cli!r} is not on PATH ({search_path})")
     argv = [binary, *request.cli_args] + ([request.stdin] if request.stdin_mode == "argv_last" else [])
     environ = stage_environment({**worker_environ, **stage_env}, request.env, request.stage_run_id)
+    exec_bytes = sum(len(os.fsencode(text)) + 1 for text in argv) + sum(
+        len(os.fsencode(name)) + len(os.fsencode(value)) + 2 for name, value in environ.items()
+    )
+    if exec_bytes > EXEC_MAX_BYTES:
+        raise StageRejected(
+            f"the arguments and environment come to {exec_bytes} bytes, more than the {EXEC_MAX_BYTES} "
+            "this system lets a program start with: send a long prompt on standard input"
+        )
     return PreparedStage(request, scratch_root / request.stage_run_id, argv, environ, files)
 
 
@@ -1855,6 +1871,9 @@ class StageSpawner:
                 [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # a terminal's Ctrl-C is pgw's to handle, not the stages'
+                # The roots it forks are the CLIs' parents: pgw's settings (the token) stay out
+                # of their environment, as out of the CLIs'.
+                env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
         self._control = trio.socket.from_stdlib_socket(ours)
         return self._control
@@ -1878,9 +1897,7 @@ class StageSpawner:
                 async with self._lock:
                     await self._send(message, theirs)
         except BaseException:
-            await root.close_pipes()
-            root.close_commands()
-            await root.close_reports()
+            root.discard()
             raise
         finally:
             for fd in theirs:
@@ -1889,17 +1906,25 @@ class StageSpawner:
 
     async def _send(self, message: bytes, fds: list[int]) -> None:
         for attempt in (1, 2):  # a spawner that died (killed by hand, OOM) is started again, once
-            control = self._control or self._start()
             try:
+                control = self._control or self._start()
                 with trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
                     sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+                    view = memoryview(message)
                     while sent < len(message):
-                        sent += await control.send(message[sent:])
+                        sent += await control.send(view[sent:])
                 return
             except (OSError, trio.TooSlowError) as exc:
-                self.close()
-                if attempt == 2 or not isinstance(exc, (BrokenPipeError, ConnectionResetError)):
-                    raise OSError(getattr(exc, "errno", None) or 0, f"the stage spawner does not answer ({exc or 'timed out'})") from None
+                self.discard()
+                if attempt == 2:
+                    reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "it took no request"
+                    raise StageRejected(f"cannot start the stage: the stage spawner ({sys.executable}) failed: {reason}") from None
+
+    def discard(self) -> None:
+        """Kill the spawner, which the next stage starts again (running roots live on)."""
+        if self._process is not None:
+            self._process.kill()  # SIGKILL: reaped at once, even when stopped
+        self.close()
 
     def close(self) -> None:
         """End the spawner (running roots live on until their stage ends)."""
@@ -1987,6 +2012,13 @@ class StageRoot:
 
     async def close_reports(self) -> None:
         await self._reports.aclose()
+
+    def discard(self) -> None:
+        """Close every pipe at once, without a checkpoint: a root never started."""
+        self.close_commands()
+        for pipe in (self._reports, self.stdin, self.stdout, self.stderr):
+            if pipe is not None:
+                pipe.close()
 
     async def close_pipes(self) -> None:
         for pipe in (self.stdin, self.stdout, self.stderr):
@@ -2101,7 +2133,13 @@ class StageRun:
             raise StageRejected(f"cannot start the stage: {exc.strerror or exc}") from None
         self.root = root
         try:
-            pid = await root.started(self.request.cli)
+            with trio.move_on_after(timing.spawner_answer_s) as waiting:
+                pid = await root.started(self.request.cli)
+            if waiting.cancelled_caught:  # it took the request but does nothing: stopped, or stuck
+                self.daemon.spawner.discard()
+                raise StageRejected(
+                    f"cannot start the stage: the stage spawner did not answer in {timing.spawner_answer_s:g} s"
+                )
             for pipe in (root.stdout, root.stderr):
                 enlarge_pipe(pipe)
             self.daemon.publish_state()
@@ -2153,7 +2191,8 @@ class StageRun:
         cut_off = b""
         try:
             while True:
-                chunk = await pipe.receive_some(PIPE_READ_BYTES)
+                # With a cut-off character in front, one frame still holds the read.
+                chunk = await pipe.receive_some(PIPE_READ_BYTES - len(cut_off))
                 self.bytes_out += len(chunk)
                 ended = not chunk
                 pieces, cut_off = escaped_read(cut_off + chunk if cut_off else chunk, ended)

@@ -314,3 +314,55 @@ async def test_a_killed_spawner_is_started_again_and_running_stages_go_on(tmp_pa
             assert worker.spawner._process.pid != first.pid
             await connection.send(cancel("s1"))
             assert (await connection.stage_result("s1")).returncode == -15
+
+
+PARENT_ENV_LISTER = """
+import os
+with open("/proc/%d/environ" % os.getppid(), "rb") as parent:
+    names = [entry.split(b"=", 1)[0].decode() for entry in parent.read().split(b"\\0") if entry]
+print(sorted(name for name in names if name.startswith("PGW_")), flush=True)
+"""
+
+
+async def test_the_token_is_not_in_the_environment_of_the_clis_parent(tmp_path, environ, stub_bin, monkeypatch):
+    # `pgw run --token` passes the token to itself in PGW_TOKEN; the stage
+    # roots are the CLIs' parents, and a CLI can read its parent's environment.
+    monkeypatch.setenv("PGW_TOKEN", "tok-in-pgw-environment")
+    write_stub_cli(stub_bin, "claude", PARENT_ENV_LISTER)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+    assert (result.returncode, result.stdout) == (0, "[]\n")
+
+
+async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ, timing=pgw.Timing(spawner_answer_s=1.0)) as (_, worker, connection):
+            await connection.send(request("s1"))
+            assert (await connection.stage_result("s1")).stdout == "ran\n"
+            stopped = worker.spawner._process
+            os.kill(stopped.pid, signal.SIGSTOP)
+            try:
+                await connection.send(request("s2"))
+                result = await connection.stage_result("s2")
+                assert (result.returncode, result.error) == (-1, "cannot start the stage: the stage spawner did not answer in 1 s")
+                await connection.send(request("s3"))
+                assert (await connection.stage_result("s3")).stdout == "ran\n"
+            finally:
+                if stopped.poll() is None:
+                    stopped.kill()
+                    stopped.wait()
+
+
+async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", stdin="p" * (pgw.EXEC_MAX_BYTES + 1), stdin_mode="argv_last"))
+            result = await connection.stage_result("s1")
+            await connection.send(request("s2", stdin="p" * 1000, stdin_mode="argv_last"))
+            assert (await connection.stage_result("s2")).stdout == "ran\n"
+    assert result.ack is None and result.returncode == -1
+    assert "send a long prompt on standard input" in result.error
