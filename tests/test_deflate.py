@@ -38,7 +38,7 @@ import wsproto.extensions
 import pgw
 from backend import open_backend, open_proxy
 from conftest import ROOT, write_stub_cli
-from test_faults import PgwCommand, pgw_daemon
+from test_faults import BINARY_BYTES, BINARY_SEED, BINARY_WRITER, PgwCommand, pgw_daemon
 from test_protocol import unmask_text_frames
 from test_run import request, running_worker
 
@@ -113,16 +113,8 @@ for start in range(0, len(data), step):
     os.write(1, data[start:start + step])
 """
 
-CONTROL_SEED, CONTROL_BYTES = 5, 1 << 20
-CONTROL_WRITER = f"""
-import os, random
-rng = random.Random({CONTROL_SEED})
-out, err = rng.randbytes({CONTROL_BYTES}), rng.randbytes({CONTROL_BYTES})
-step = 4093  # a prime: sequences cut everywhere
-for start in range(0, len(out), step):
-    os.write(1, out[start:start + step])
-    os.write(2, err[start:start + step])
-"""
+# Random bytes on both streams, cut everywhere: the fault suite's own writer.
+CONTROL_SEED, CONTROL_BYTES, CONTROL_WRITER = BINARY_SEED, BINARY_BYTES, BINARY_WRITER
 
 LINE_BYTES = 10_000_000
 LINE_WRITER = TEXT_SOURCE + f"""
