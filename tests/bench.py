@@ -149,6 +149,10 @@ Measurements
   the roots themselves, like the CLIs, are not counted), and whether every
   stage's output arrived whole, in seq order, after an ack, with returncode 0.
 * idle RSS: VmRSS after ``--idle-s`` (60) seconds connected, before any stage.
+* idle CPU: from a few seconds after hello to the end of the idle time, per
+  minute, read thread by thread (schedstat) so that a thread ending in
+  between (trio ends idle worker threads after 10 s) does not take its past
+  CPU out of the sum; pgw's stage spawner is counted as pgw's own.
 * start to hello: from just before the process is spawned to the backend
   receiving ``hello``; pgw both warm (already extracted) and fresh.
 
@@ -1009,17 +1013,17 @@ def cpu_seconds(pid: int) -> float:
     return sum(cpu_times(pid))
 
 
-def cpu_run_seconds(pid: int) -> float:
-    """The process's CPU time to the nanosecond (schedstat), all its threads: an
-    idle worker uses less than the 10 ms tick /proc/PID/stat counts in."""
-    total = 0
+def cpu_run_by_thread(pid: int) -> dict[str, int]:
+    """Each thread's CPU time in nanoseconds (schedstat): an idle worker uses
+    less than the 10 ms tick /proc/PID/stat counts in."""
+    times = {}
     for task in os.listdir(f"/proc/{pid}/task"):
         try:
             with open(f"/proc/{pid}/task/{task}/schedstat") as schedstat:
-                total += int(schedstat.read().split()[0])
+                times[f"{pid}/{task}"] = int(schedstat.read().split()[0])
         except OSError:  # a thread that ended meanwhile
             continue
-    return total / 1e9
+    return times
 
 
 # pgw forks its stage roots from a helper process of its own, the stage
@@ -1027,10 +1031,10 @@ def cpu_run_seconds(pid: int) -> float:
 SPAWNER_MARK = b"def stage_root("
 
 
-def own_cpu_run_seconds(pid: int) -> float:
-    """cpu_run_seconds of the worker and of its stage spawner, if it has one
+def own_threads(pid: int) -> dict[str, int]:
+    """cpu_run_by_thread of the worker and of its stage spawner, if it has one
     (not of the CLIs it runs)."""
-    total = cpu_run_seconds(pid)
+    times = cpu_run_by_thread(pid)
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat:
@@ -1038,10 +1042,17 @@ def own_cpu_run_seconds(pid: int) -> float:
             if parent == pid:
                 with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
                     if SPAWNER_MARK in cmdline.read():
-                        total += cpu_run_seconds(int(entry))
+                        times.update(cpu_run_by_thread(int(entry)))
         except (OSError, ValueError):  # not a pid, or gone meanwhile
             continue
-    return total
+    return times
+
+
+def cpu_run_since(before: dict[str, int], after: dict[str, int]) -> float:
+    """Seconds of CPU between two readings, thread by thread: a thread that
+    ended in between (trio ends idle worker threads after 10 s) takes its
+    whole past with it from a plain sum, which could then even fall."""
+    return sum(spent - before.get(thread, 0) for thread, spent in after.items()) / 1e9
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -1183,16 +1194,16 @@ def measure_latency(backend: Backend, worker: Worker, tag: str, lines: int) -> d
 def measure_concurrent(backend: Backend, worker: Worker, tag: str, stages: int, lines: int,
                        expected: Callable[[int, str], tuple[int, int]]) -> dict[str, Any]:
     stage_ids = [f"conc-{tag}-{i:02d}" for i in range(stages)]
-    cpu0 = own_cpu_run_seconds(worker.pid)
+    cpu0 = own_threads(worker.pid)
     start = backend.mark()
     sent = backend.send(worker.label, [stage_request(s, ["lines", str(lines), s]) for s in stage_ids])
     exits = wait_exits(backend, worker, set(stage_ids), start, 300)
-    cpu1 = own_cpu_run_seconds(worker.pid)
+    cpu1 = own_threads(worker.pid)
     problems = [f"{s}: {p}" for s, e in sorted(exits.items()) for p in stage_problems(e, expected(lines, s))]
     return {
         "conc_frames": sum(e["frames"] for e in exits.values()),
         "conc_wall_s": max(e["t"] for e in exits.values()) - sent["t"],
-        "conc_cpu_s": cpu1 - cpu0,
+        "conc_cpu_s": cpu_run_since(cpu0, cpu1),
         "conc_intact": not problems,
         "conc_problems": problems[:10],
     }
@@ -1569,14 +1580,14 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
         # Idle CPU is counted from a few seconds after the last hello (start-up
         # work done) to the end of the idle time, per minute.
         time.sleep(IDLE_SETTLE_S)
-        idle_from = {name: (time.time(), cpu_run_seconds(workers[name].pid)) for name in names}
+        idle_from = {name: (time.time(), own_threads(workers[name].pid)) for name in names}
         for name in names:
             time.sleep(max(0.0, workers[name].hello_t + args.idle_s - time.time()))
             if not args.profile:
                 results[name]["idle_rss_mb"] = status_kib(workers[name].pid, "VmRSS") * 1024 / MB
                 since, cpu = idle_from[name]
                 if time.time() - since >= IDLE_SETTLE_S:
-                    per_s = (cpu_run_seconds(workers[name].pid) - cpu) / (time.time() - since)
+                    per_s = cpu_run_since(cpu, own_threads(workers[name].pid)) / (time.time() - since)
                     results[name]["idle_cpu_ms_per_min"] = per_s * 60_000
         for name in names:
             worker, tag = workers[name], f"{name}-r{number}"
