@@ -3232,6 +3232,7 @@ class LogFile(logging.handlers.RotatingFileHandler):
         os.chmod(stream.fileno(), 0o600)  # a log made by pgworker may be world-readable
         info = os.fstat(stream.fileno())
         self._identity = (info.st_dev, info.st_ino)
+        self._regular = stat.S_ISREG(info.st_mode)  # /dev/null is never rolled over
         return stream
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -3248,12 +3249,11 @@ class LogFile(logging.handlers.RotatingFileHandler):
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 (logging's name)
         # The file's size, one lseek: logging's own check formats every record a
-        # second time and stats the path twice, a third of a log line's cost.
+        # second time and stats the path twice, a third of a log line's cost;
+        # whether it is a regular file is known since it was opened.
         if self.stream is None:
             self.stream = self._open()
-        return self.maxBytes > 0 and stat.S_ISREG(os.fstat(self.stream.fileno()).st_mode) and (
-            self.stream.seek(0, 2) >= self.maxBytes
-        )
+        return self.maxBytes > 0 and self._regular and self.stream.seek(0, 2) >= self.maxBytes
 
 
 def redact_also(token: str) -> None:

@@ -26,7 +26,7 @@ import pgw
 from backend import open_backend
 from conftest import write_stub_cli
 from test_faults import is_alive, pgw_daemon, pyz_pgw  # noqa: F401 - pyz_pgw is a fixture
-from test_run import cancel, connected, environ, request  # noqa: F401 - environ is a fixture
+from test_run import cancel, connected, environ, live_processes, request  # noqa: F401 - environ is a fixture
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the subreaper and /proc are Linux's")
 
@@ -116,15 +116,7 @@ def marked_processes(marker: str) -> list[int]:
 
 def children_of(pid: int) -> list[int]:
     """Live pids whose parent is `pid`."""
-    found = []
-    for entry in Path("/proc").iterdir():
-        try:
-            stat = (entry / "stat").read_bytes() if entry.name.isdigit() else b""
-        except OSError:
-            continue
-        if stat and int(stat[stat.rindex(b")") + 2 :].split()[1]) == pid and is_alive(int(entry.name)):
-            found.append(int(entry.name))
-    return found
+    return [child for child, parent, _ in live_processes() if parent == pid]
 
 
 def kill_marked(marker: str) -> None:

@@ -22,9 +22,9 @@ from conftest import ROOT, write_stub_cli
 # Helpers ---------------------------------------------------------------------
 
 
-def live_group_members(pgid: int) -> list[int]:
-    """Pids in process group `pgid` that are not zombies (Linux /proc)."""
-    members = []
+def live_processes() -> list[tuple[int, int, int]]:
+    """(pid, parent pid, process group) of every process but zombies (Linux /proc)."""
+    found = []
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
@@ -33,9 +33,14 @@ def live_group_members(pgid: int) -> list[int]:
         except OSError:
             continue
         fields = stat[stat.rindex(")") + 2 :].split()
-        if int(fields[2]) == pgid and fields[0] != "Z":
-            members.append(int(entry.name))
-    return members
+        if fields[0] != "Z":
+            found.append((int(entry.name), int(fields[1]), int(fields[2])))
+    return found
+
+
+def live_group_members(pgid: int) -> list[int]:
+    """Pids in process group `pgid` that are not zombies."""
+    return [pid for pid, _, group in live_processes() if group == pgid]
 
 
 async def assert_group_gone(pgid: int, within_s: float = 2.0) -> None:
