@@ -318,6 +318,9 @@ async def test_a_long_outage_is_reminded_at_growing_intervals_and_counted_for_st
         async with trio.open_nursery() as nursery:
             nursery.start_soon(daemon.run)
             await trio.sleep(2.5)
+            with trio.move_on_after(1):  # a moment between two tries, not during one
+                while daemon.link.next_try_unix is None:
+                    await trio.sleep(0.001)
             state = daemon.state()
             nursery.cancel_scope.cancel()
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
