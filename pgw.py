@@ -38,9 +38,8 @@ The daemon is a tree of tasks, one class for each kind of node::
           ├─ trio-websocket  its own reader task (pongs, close; wsproto inflates there)
           └─ Connection.serve
              ├─ sender       the only writer: Outbox -> FrameWriter
-             ├─ heartbeat    app ping every 30 s, ahead of queued output
-             ├─ watchdog     WebSocket ping when quiet; dead after 30 s of silence
-             │  └─ ws ping
+             ├─ keepalive    app ping every 30 s, ahead of queued output; a WebSocket
+             │               ping if 5 s pass with nothing arriving; dead 10 s later
              ├─ reader       the only reader: decode -> handler table
              └─ stages       StageRun.run, one cancel scope each
                 └─ pumps     feed stdin; stdout and stderr -> output messages
@@ -256,15 +255,19 @@ class Timing:
     # PROTOCOL.md: the server keeps a worker online for 45 s after each
     # application ping; one every 30 s leaves a 15 s margin.
     heartbeat_s: float = 30.0
-    # A silent path must be noticed and replaced within those 45 s.  Bytes,
-    # not pongs, are the evidence of life: a 30 MB request arriving at 1 MB/s
-    # delays the server's pong behind it but is plainly alive.  A WebSocket
-    # ping goes out after this long with nothing received (the server's answer
-    # to the application ping usually comes first: few wake-ups when idle) ...
-    ws_ping_after_s: float = 15.0
-    # ... and a connection on which nothing arrived for this long is dead:
-    # 30 s, plus the 10 s kill grace and a 1 s retry, stays under 45 s.
-    silence_limit_s: float = 30.0
+    # Each heartbeat also asks whether the path is alive: anything arriving
+    # after it is the answer.  Bytes, not pongs, are the evidence, since a 30 MB
+    # request arriving at 1 MB/s delays the server's pong behind it but is
+    # plainly alive.  An idle connection thus costs one exchange per heartbeat.
+    # The server may leave a heartbeat unanswered, so after this long with
+    # nothing arriving pgw sends a WebSocket ping, which must be answered ...
+    heartbeat_answer_s: float = 5.0
+    # ... and the connection is dead if this long after the ping nothing has
+    # arrived: a live server gets 15 s to answer a heartbeat, as many as a full
+    # socket buffer may take to drain ahead of it over a slow link.  A path that
+    # goes silent is noticed at most 30 + 5 + 10 = 45 s after the last byte
+    # that came through (pgworker: up to 80 s, its WebSocket pings' 20 + 60).
+    ws_pong_wait_s: float = 10.0
     # TCP+TLS and the WebSocket handshake.  Kept short: an untrusted
     # certificate or a black-holed port must not stall the reconnect loop.
     connect_timeout_s: float = 15.0
@@ -2490,13 +2493,13 @@ class FrameWriter:
     async def ping(self) -> None:
         """A WebSocket ping, for its pong to prove the link alive.  trio-websocket's
         reader drops a pong it did not ask for, so nothing waits for this one:
-        the bytes arriving are the watchdog's evidence."""
+        the bytes arriving are the keepalive's evidence."""
         if self._ws.closed is None:
             try:
                 async with self._lock:
                     await self._stream.send_all(masked_frame(PING_FRAME, b""))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
-                pass  # the reader and the watchdog see the loss
+                pass  # the reader and the keepalive see the loss
 
     def _frame(self, message: bytes) -> bytearray:
         if self._compressor is None:
@@ -2506,11 +2509,12 @@ class FrameWriter:
 
 
 class ActivityStream(trio.abc.Stream):
-    """A stream that notes when bytes last arrived: the watchdog's evidence of life."""
+    """A stream that notes when bytes last arrived: the keepalive's evidence of life."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self.last_receive = trio.current_time()
+        self._waiting = trio.lowlevel.ParkingLot()
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
         await self.inner.send_all(data)
@@ -2521,7 +2525,14 @@ class ActivityStream(trio.abc.Stream):
     async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
         data = await self.inner.receive_some(max_bytes)
         self.last_receive = trio.current_time()
+        if self._waiting:
+            self._waiting.unpark_all()
         return data
+
+    async def arrival_after(self, moment: float) -> None:
+        """Return once bytes have arrived after `moment` (trio's clock)."""
+        while self.last_receive <= moment:
+            await self._waiting.park()
 
     async def aclose(self) -> None:
         await self.inner.aclose()
@@ -2747,7 +2758,7 @@ async def open_websocket(
 
 
 class Connection:
-    """One WebSocket: the sender, the heartbeat, the watchdog and the single reader."""
+    """One WebSocket: the sender, the keepalive and the single reader."""
 
     def __init__(
         self, daemon: "Daemon", ws: trio_websocket.WebSocketConnection, stream: ActivityStream,
@@ -2758,10 +2769,6 @@ class Connection:
         self.outbox = Outbox()
         self.frames = FrameWriter(ws, stream, deflate)
         self.reading = trio.CancelScope()  # cancelled by a shutdown: read no more requests
-        # When pgw last sent what the server answers: a WebSocket ping, or an
-        # application ping once the server has been seen answering one.
-        self.asked_at = -math.inf
-        self.server_answers_pings = False
         self._stages: trio.Nursery  # set by serve() before the reader starts
         self._handlers: dict[type, typing.Callable[[Any], typing.Awaitable[None]]] = {
             StageRequest: self._on_stage_request,
@@ -2775,8 +2782,7 @@ class Connection:
         self.outbox.put_urgent(wire(Hello(machine_name=daemon.settings.name, capabilities=daemon.capabilities())))
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._sender)
-            tasks.start_soon(self._heartbeat)
-            tasks.start_soon(self._watchdog, tasks)
+            tasks.start_soon(self._keepalive)
             async with trio.open_nursery() as stages:
                 self._stages = stages
                 with self.reading:
@@ -2796,38 +2802,24 @@ class Connection:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("sent %s", describe_wire_text(message))
 
-    async def _heartbeat(self) -> None:
+    async def _keepalive(self) -> None:
+        """The heartbeat, each one also asking whether the path is alive.  Idle,
+        that is one wake-up per heartbeat: the answer wakes this task where the
+        reader already runs, instead of a timer of its own."""
+        timing, stream = self.timing, self.stream
         while True:
+            asked = trio.current_time()
             self.outbox.put_urgent(wire(Ping(ts=time.time())))
-            if self.server_answers_pings:
-                self.asked_at = trio.current_time()
-            await trio.sleep(self.timing.heartbeat_s)
-
-    async def _watchdog(self, tasks: trio.Nursery) -> None:
-        """A WebSocket ping after a quiet spell in which nothing was asked of the
-        server; the connection is dead after the silence limit.  It sleeps until
-        the next moment either could be due, so an idle connection costs a few
-        wake-ups a minute: to a server that answers the application ping, one
-        WebSocket ping between two heartbeats."""
-        timing = self.timing
-        # A heartbeat the server leaves unanswered (it may) must not put the
-        # WebSocket ping past the silence limit: whatever was asked, the ping
-        # goes at the latest halfway between its usual moment and the limit.
-        latest_ask_s = (timing.silence_limit_s - timing.ws_ping_after_s) / 2
-        while True:
-            now, last = trio.current_time(), self.stream.last_receive
-            if now - last >= timing.silence_limit_s:
-                raise ConnectionLost(f"nothing arrived from the server for {now - last:.0f} s")
-            ping_at = min(max(last, self.asked_at), last + latest_ask_s) + timing.ws_ping_after_s
-            if now >= ping_at:
-                self.asked_at = now
-                tasks.start_soon(self._ws_ping)
-                ping_at = now + timing.ws_ping_after_s
-            await trio.sleep_until(min(last + timing.silence_limit_s, ping_at))
-
-    async def _ws_ping(self) -> None:
-        with trio.move_on_after(self.timing.silence_limit_s):  # a send stuck behind a full socket
-            await self.frames.ping()
+            with trio.move_on_after(timing.heartbeat_answer_s):
+                await stream.arrival_after(asked)
+            if stream.last_receive <= asked:
+                with trio.move_on_after(timing.ws_pong_wait_s):  # the ping's send may wait for a full socket
+                    await self.frames.ping()
+                    await stream.arrival_after(asked)
+                if stream.last_receive <= asked:
+                    silent_s = trio.current_time() - stream.last_receive
+                    raise ConnectionLost(f"nothing arrived from the server for {silent_s:.0f} s")
+            await trio.sleep_until(asked + timing.heartbeat_s)
 
     async def _reader(self) -> None:
         """The only reader: each message to its handler, in arrival order."""
@@ -2893,7 +2885,6 @@ class Connection:
 
     async def _on_pong(self, _: Pong) -> None:
         log.debug("pong")
-        self.server_answers_pings = True
 
 
 def describe_wire_text(text: Union[str, bytes]) -> str:
