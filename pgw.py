@@ -1482,7 +1482,18 @@ def connection_failure(server: str, reason: BaseException) -> str:
     for current in chain:
         if isinstance(current, OSError) and current.strerror:
             return f"cannot reach {host}: {current.strerror}"
-    return f"cannot reach {host}: {type(reason).__name__}: {reason}"
+    for current in chain:
+        if isinstance(current, INTERNAL_ERRORS):
+            return f"{INTERNAL_FAILURE}: {type(current).__name__}: {current}"
+    # A group names only how many it holds: the first of them says more.
+    leaf = next((current for current in chain if not hasattr(current, "exceptions")), reason)
+    return f"cannot reach {host}: {type(leaf).__name__}: {leaf}"
+
+
+# What a mistake in pgw's own code raises, never the network: the log then
+# needs the traceback, and the user needs to know it is not their server.
+INTERNAL_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, NameError, TypeError)
+INTERNAL_FAILURE = "an internal error in pgw (its traceback is in run.log)"
 
 
 def _exception_chain(exc: BaseException) -> typing.Iterator[BaseException]:
@@ -3082,6 +3093,8 @@ class Daemon:
                 failure = None
             except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
                 failure = connection_failure(self.settings.server, exc)
+                if failure.startswith(INTERNAL_FAILURE):
+                    log.error("the connection ended on an internal error", exc_info=exc)
             finally:
                 self.connection = None
                 self.link.connected, self.link.since_unix = False, None

@@ -160,6 +160,30 @@ async def test_refused_port_is_logged_once_in_plain_words(tmp_path, environ, cap
     assert len(failures) == 1 and "refused the connection" in failures[0]
 
 
+async def test_an_internal_error_in_a_connection_is_named_so_with_its_traceback(tmp_path, environ, monkeypatch, caplog):
+    # A bug in pgw must neither read as a network problem ("cannot reach
+    # host: ExceptionGroup") nor lose its traceback; the daemon goes on.
+    caplog.set_level(logging.INFO, logger="pgw")
+    calls = []
+
+    async def broken(self):
+        calls.append(1)
+        if len(calls) == 1:
+            raise TypeError("a bug")
+        await trio.sleep_forever()
+
+    monkeypatch.setattr(pgw.Connection, "_keepalive", broken)
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            async with running_worker(backend, tmp_path / "home", environ, timing=pgw.Timing(reconnect_first_s=0.1)):
+                await backend.next_connection()  # ended by the bug, maybe before its hello
+                await (await backend.next_connection()).receive("hello")
+    [lost] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnected")]
+    assert "an internal error in pgw" in lost and "TypeError: a bug" in lost and "cannot reach" not in lost
+    [error] = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert error.exc_info and "raise TypeError" in logging.Formatter().formatException(error.exc_info)
+
+
 @pytest.mark.parametrize("code", [1000, 1011])
 async def test_server_close_is_followed_by_a_reconnect(tmp_path, environ, code):
     with trio.fail_after(10):
