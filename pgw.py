@@ -38,8 +38,9 @@ The daemon is a tree of tasks, one class for each kind of node::
           ├─ trio-websocket  its own reader task (pongs, close; wsproto inflates there)
           └─ Connection.serve
              ├─ sender       the only writer: Outbox -> FrameWriter
-             ├─ keepalive    app ping every 30 s, ahead of queued output; a WebSocket
-             │               ping if 5 s pass with nothing arriving; dead 10 s later
+             ├─ keepalive    app ping every 30 s, ahead of queued output; WebSocket
+             │  │            pings and the verdict on a silent path (keepalive_step)
+             │  └─ ws ping
              ├─ reader       the only reader: decode -> handler table
              └─ stages       StageRun.run, one cancel scope each
                 └─ pumps     feed stdin; stdout and stderr -> output messages
@@ -261,13 +262,20 @@ class Timing:
     # plainly alive.  An idle connection thus costs one exchange per heartbeat.
     # The server may leave a heartbeat unanswered, so after this long with
     # nothing arriving pgw sends a WebSocket ping, which must be answered ...
-    heartbeat_answer_s: float = 5.0
-    # ... and the connection is dead if this long after the ping nothing has
-    # arrived: a live server gets 15 s to answer a heartbeat, as many as a full
-    # socket buffer may take to drain ahead of it over a slow link.  A path that
-    # goes silent is noticed at most 30 + 5 + 10 = 45 s after the last byte
-    # that came through (pgworker: up to 80 s, its WebSocket pings' 20 + 60).
-    ws_pong_wait_s: float = 10.0
+    heartbeat_answer_s: float = 4.0
+    # ... and an idle connection is dead if nothing arrived this long after the
+    # ping.  A path that goes silent is noticed within 30 + 4 + 9 = 43 s and
+    # replaced within the 45 s the server keeps the worker online.
+    ws_pong_wait_s: float = 9.0
+    # While stages run, their kill grace comes before the reconnection, so the
+    # path is asked sooner: a WebSocket ping after this long with nothing
+    # arriving ...
+    ws_ping_after_s: float = 15.0
+    # ... and the connection is dead after this long: 30 s, plus the 10 s kill
+    # grace and a 1 s retry, stays under 45 s.  A falsely dead connection
+    # would kill the stages, so a live server gets 15 s to answer a ping, as
+    # long as a full socket buffer may take to drain ahead of it on a slow link.
+    silence_limit_s: float = 30.0
     # TCP+TLS and the WebSocket handshake.  Kept short: an untrusted
     # certificate or a black-holed port must not stall the reconnect loop.
     connect_timeout_s: float = 15.0
@@ -2768,6 +2776,28 @@ async def open_websocket(
     return ws, deflate if deflate is not None and deflate.enabled() else None
 
 
+def keepalive_step(
+    timing: Timing, now: float, last: float, heartbeat_at: float, pinged_at: float, busy: bool
+) -> tuple[str, float]:
+    """What the keepalive does at `now`: ("heartbeat" | "ping" | "dead", now), or
+    ("wait", until when).  `last` is when bytes last arrived; anything arriving
+    after a heartbeat or a WebSocket ping answers it.  `busy`: stages are running."""
+    next_heartbeat = heartbeat_at + timing.heartbeat_s
+    ping_at = dead_at = math.inf
+    if last <= heartbeat_at and pinged_at < heartbeat_at:
+        ping_at = heartbeat_at + timing.heartbeat_answer_s
+    if busy:
+        if pinged_at < last:
+            ping_at = min(ping_at, last + timing.ws_ping_after_s)
+        dead_at = last + timing.silence_limit_s
+    elif last <= pinged_at:
+        dead_at = pinged_at + timing.ws_pong_wait_s
+    for action, moment in (("dead", dead_at), ("heartbeat", next_heartbeat), ("ping", ping_at)):
+        if now >= moment:
+            return action, now
+    return "wait", min(next_heartbeat, ping_at, dead_at)
+
+
 class Connection:
     """One WebSocket: the sender, the keepalive and the single reader."""
 
@@ -2793,7 +2823,7 @@ class Connection:
         self.outbox.put_urgent(wire(Hello(machine_name=daemon.settings.name, capabilities=daemon.capabilities())))
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._sender)
-            tasks.start_soon(self._keepalive)
+            tasks.start_soon(self._keepalive, tasks)
             async with trio.open_nursery() as stages:
                 self._stages = stages
                 with self.reading:
@@ -2813,24 +2843,33 @@ class Connection:
             if log.isEnabledFor(logging.DEBUG):
                 log.debug("sent %s", describe_wire_text(message))
 
-    async def _keepalive(self) -> None:
-        """The heartbeat, each one also asking whether the path is alive.  Idle,
-        that is one wake-up per heartbeat: the answer wakes this task where the
-        reader already runs, instead of a timer of its own."""
+    async def _keepalive(self, tasks: trio.Nursery) -> None:
+        """The heartbeat, and the WebSocket pings and the verdict `keepalive_step`
+        decides.  Idle, that is one timer a heartbeat: the answer wakes this task
+        where the reader already runs."""
         timing, stream = self.timing, self.stream
+        heartbeat_at = pinged_at = -math.inf
         while True:
-            asked = trio.current_time()
-            self.outbox.put_urgent(wire(Ping(ts=time.time())))
-            with trio.move_on_after(timing.heartbeat_answer_s):
-                await stream.arrival_after(asked)
-            if stream.last_receive <= asked:
-                with trio.move_on_after(timing.ws_pong_wait_s):  # the ping's send may wait for a full socket
-                    await self.frames.ping()
-                    await stream.arrival_after(asked)
-                if stream.last_receive <= asked:
-                    silent_s = trio.current_time() - stream.last_receive
-                    raise ConnectionLost(f"nothing arrived from the server for {silent_s:.0f} s")
-            await trio.sleep_until(asked + timing.heartbeat_s)
+            now, last = trio.current_time(), stream.last_receive
+            action, wake_at = keepalive_step(timing, now, last, heartbeat_at, pinged_at, busy=bool(self.daemon.stages))
+            if action == "dead":
+                raise ConnectionLost(f"nothing arrived from the server for {now - last:.0f} s")
+            if action == "heartbeat":
+                heartbeat_at = now
+                self.outbox.put_urgent(wire(Ping(ts=time.time())))
+            elif action == "ping":
+                pinged_at = now
+                tasks.start_soon(self._ws_ping)
+            else:
+                with trio.move_on_at(wake_at):
+                    if last <= max(heartbeat_at, pinged_at):  # asked: an answer changes the plan
+                        await stream.arrival_after(last)
+                    else:
+                        await trio.sleep_forever()
+
+    async def _ws_ping(self) -> None:
+        with trio.move_on_after(self.timing.silence_limit_s):  # a send stuck behind a full socket
+            await self.frames.ping()
 
     async def _reader(self) -> None:
         """The only reader: each message to its handler, in arrival order."""

@@ -55,7 +55,7 @@ from backend import Backend, BackendConnection, ConnectionGone, Proxy, open_back
 RSS_DRIFT_LIMIT_BYTES = 10_000_000  # RSS stays flat: within 10 MB over the soak
 WARM_UP_STAGES = 20
 # No stage may wait this long for its exit on a connection that is up: the
-# longest (a silent path: up to 45 s to notice, 10 s grace, a retry) takes ~56 s.
+# longest (a silent path: 30 s to notice while stages run, 10 s grace, a retry) takes ~45 s.
 STAGE_LIMIT_S = 90.0
 SETTLE_S = 15.0  # after the last exit: time for the last kills to land (grace 10 s + SIGKILL)
 # A close (1000, 1011), a TCP reset from either side, a black-holed path.
@@ -214,7 +214,7 @@ class Soak:
                 await connection.abort()
             elif how == "proxy-reset":
                 self.proxy.reset_all()
-            else:  # silent: pgw must notice (45 s at most), kill its stages and come back by itself
+            else:  # silent: pgw must notice (30 s), kill its stages and come back by itself
                 self.silenced = [c for c in self.proxy.connections if not c.closed.is_set()]
                 self.proxy.go_silent(new_connections=False)
 
@@ -465,7 +465,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                         help="mean seconds a connection lives before it is broken (default 15)")
     parser.add_argument("--disconnects", type=lambda text: text.split(","), default=DISCONNECTS,
                         help=f"kinds of forced disconnect to pick from (default {','.join(DISCONNECTS)}; "
-                        "silent costs up to pgw's 45 s to notice each time)")
+                        "silent costs pgw's 30 s silence limit each time)")
     parser.add_argument("--give-up-after", type=float, default=900.0,
                         help="fail if the soak has not finished after this many seconds (default 900)")
     parser.add_argument("--seed", type=int, default=None, help="random seed (default: a new one, printed)")

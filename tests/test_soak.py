@@ -3,7 +3,7 @@
 The full soak (1,000 stages) is run by hand: `.venv/bin/python tests/soak.py
 --stages 1000 --pyz`. This runs the same script for 90 s of sending (with no
 stage count limit: about 1,100 stages), with a forced disconnect (a close or a
-reset; the silent path, up to 45 s, is left to the full soak and test_faults) about
+reset; the 30 s silent path is left to the full soak and test_faults) about
 every 30 s, and fails with its report if any of its checks fails. The seed is new each run and printed, so a failure can be
 replayed with `--seed`.
 """

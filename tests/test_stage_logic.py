@@ -293,3 +293,66 @@ def test_log_filter_leaves_a_degenerate_short_token_alone():
 def test_stage_exit_says_what_happened(outcome, expected):
     record = pgw.stage_exit("s1", pgw.StageOutcome(timeout_s=30, duration_ms=5, **outcome))
     assert (record.returncode, record.error) == expected and record.duration_ms == 5
+
+
+# The keepalive's decisions, on a simulated clock ----------------------------
+
+def simulate_keepalive(busy: bool, silent_from: float, answer_delay: dict[str, float], until: float = 300.0):
+    """Run `keepalive_step` against a server that answers heartbeats after
+    answer_delay["heartbeat"] seconds and WebSocket pings after
+    answer_delay["ping"] (None: never), on a path that carries nothing from
+    `silent_from` on.  Returns when the connection was found dead, or None."""
+    timing = pgw.Timing()
+    now, last, heartbeat_at, pinged_at = 0.0, 0.0, -float("inf"), -float("inf")
+    arrivals: list[float] = []
+    while now < until:
+        action, wake_at = pgw.keepalive_step(timing, now, last, heartbeat_at, pinged_at, busy)
+        if action == "dead":
+            return now
+        if action in ("heartbeat", "ping"):
+            if action == "heartbeat":
+                heartbeat_at = now
+            else:
+                pinged_at = now
+            delay = answer_delay[action]
+            if delay is not None and now + delay < silent_from:
+                arrivals.append(now + delay)
+            continue
+        assert wake_at > now, (action, wake_at, now)
+        pending = sorted(arrival for arrival in arrivals if arrival > now)
+        now = min([wake_at, *pending[:1]])
+        last = max([last, *(arrival for arrival in arrivals if arrival <= now)])
+    return None
+
+
+@given(
+    busy=st.booleans(),
+    heartbeat_answer=st.one_of(st.none(), st.floats(0.001, 3.9)),
+    ping_answer=st.floats(0.001, 8.9),
+)
+def test_a_live_server_is_never_judged_dead(busy, heartbeat_answer, ping_answer):
+    # It may leave every heartbeat unanswered, but answers WebSocket pings (RFC 6455 says it must).
+    assert simulate_keepalive(busy, float("inf"), {"heartbeat": heartbeat_answer, "ping": ping_answer}) is None
+
+
+@given(
+    busy=st.booleans(),
+    silent_from=st.floats(0.0, 120.0),
+    heartbeat_answer=st.one_of(st.none(), st.floats(0.001, 3.9)),
+    ping_answer=st.floats(0.001, 8.9),
+)
+def test_a_silent_path_is_found_dead_in_time_to_reconnect_within_45_s(busy, silent_from, heartbeat_answer, ping_answer):
+    # Idle, a reconnection follows at once (1 s retry); with stages, after their 10 s kill grace.
+    dead_at = simulate_keepalive(busy, silent_from, {"heartbeat": heartbeat_answer, "ping": ping_answer})
+    assert dead_at is not None
+    limit = 45 - 1 - (pgw.Timing().cancel_grace_s if busy else 0)
+    assert dead_at - silent_from <= limit, f"found dead {dead_at - silent_from:.1f} s after the path went silent"
+
+
+def test_an_idle_connection_whose_server_answers_heartbeats_is_woken_once_per_heartbeat():
+    timing = pgw.Timing()
+    # Answered heartbeat: nothing to do until the next one.
+    assert pgw.keepalive_step(timing, 0.1, 0.05, 0.0, -float("inf"), busy=False) == ("wait", timing.heartbeat_s)
+    # Unanswered: a WebSocket ping once its answer is overdue, and no sooner.
+    assert pgw.keepalive_step(timing, 0.1, -1.0, 0.0, -float("inf"), busy=False) == ("wait", timing.heartbeat_answer_s)
+    assert pgw.keepalive_step(timing, timing.heartbeat_answer_s, -1.0, 0.0, -float("inf"), busy=False)[0] == "ping"
