@@ -2810,6 +2810,7 @@ class Connection:
         self.outbox = Outbox()
         self.frames = FrameWriter(ws, stream, deflate)
         self.reading = trio.CancelScope()  # cancelled by a shutdown: read no more requests
+        self._keepalive_wait = trio.CancelScope()  # cancelled when the keepalive must think again
         self._stages: trio.Nursery  # set by serve() before the reader starts
         self._handlers: dict[type, typing.Callable[[Any], typing.Awaitable[None]]] = {
             StageRequest: self._on_stage_request,
@@ -2861,7 +2862,7 @@ class Connection:
                 pinged_at = now
                 tasks.start_soon(self._ws_ping)
             else:
-                with trio.move_on_at(wake_at):
+                with trio.CancelScope(deadline=wake_at) as self._keepalive_wait:
                     if last <= max(heartbeat_at, pinged_at):  # asked: an answer changes the plan
                         await stream.arrival_after(last)
                     else:
@@ -2921,6 +2922,8 @@ class Connection:
             return
         stage = StageRun(prepared, daemon)
         daemon.stages[stage.id] = stage
+        if len(daemon.stages) == 1:
+            self._keepalive_wait.cancel()  # the first stage: the path is watched more closely from now
         daemon.publish_state()
         await self._stages.start(stage.run, self.outbox)
 

@@ -338,6 +338,7 @@ async def test_silent_path_kills_the_stages_and_reconnects_within_the_limit(tmp_
             async with running_worker(backend, home, environ, server=proxy.url, timing=timing):
                 first = await backend.next_connection()
                 await first.receive("hello")
+                await trio.sleep(0.5)  # the first heartbeat answered: idle, pgw waits for the next one
                 pgids = await start_streaming(first, stages)
                 try:
                     proxy.go_silent(new_connections=False)
