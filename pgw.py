@@ -640,7 +640,7 @@ def utf8_cut_off(data: bytes) -> int:
 
 
 def _escape_bytes_into(piece: bytes, pieces: list[bytes]) -> None:
-    escaped = _encode_basestring(piece.decode("latin-1")).encode("latin-1")
+    escaped = json_string_bytes(piece)
     if len(escaped) <= OUTPUT_DATA_MAX_ESCAPED_BYTES or len(piece) < 8:
         pieces.append(escaped)
     else:  # control characters escape to six bytes each: halve until it fits
@@ -658,6 +658,29 @@ def output_message(record_type: type, stage_run_id: str, seq: int, data: bytes) 
 
 # json.dumps(text, ensure_ascii=False) without its per-call Python overhead.
 _encode_basestring = json.encoder.encode_basestring  # type: ignore[attr-defined]
+
+
+# The bytes JSON escapes as \u00XX (or \b, \f): rare in a CLI's output, unlike
+# the newline, the tab and the carriage return, which bytes.replace escapes.
+_RARE_CONTROLS = [bytes((byte,)) for byte in range(0x20) if byte not in b"\t\n\r"]
+# Below this the json module's loop is as fast as the 29 scans alone (measured).
+JSON_REPLACE_MIN_BYTES = 4096
+
+
+def json_string_bytes(data: bytes) -> bytes:
+    """`_encode_basestring(data.decode("latin-1")).encode("latin-1")`: `data` as a
+    JSON string literal, byte for byte (a test holds the two equal).
+
+    Without a rare control character, five bytes.replace and 29 memchr scans
+    do it in about a quarter of the time of the json module's per-character
+    loop (90 against 370 us for 120 KiB of lines).  The scans cost a few
+    microseconds whatever the size: short output goes the json module's way.
+    """
+    if len(data) < JSON_REPLACE_MIN_BYTES or any(control in data for control in _RARE_CONTROLS):
+        return _encode_basestring(data.decode("latin-1")).encode("latin-1")
+    escaped = data.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    escaped = escaped.replace(b"\n", b"\\n").replace(b"\r", b"\\r").replace(b"\t", b"\\t")
+    return b"".join((b'"', escaped, b'"'))
 
 
 def _utf8_encodable(text: str) -> bool:
