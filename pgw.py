@@ -656,6 +656,27 @@ def output_message(record_type: type, stage_run_id: str, seq: int, data: bytes) 
     return b"".join((head.encode("utf-8"), data, b"}"))
 
 
+def ack_message(stage_run_id: str, pid: int) -> bytes:
+    """`wire(StageAck(stage_run_id, pid))` without cattrs, a dict or json.dumps:
+    sent once per stage (a test holds the two equal)."""
+    if not _utf8_encodable(stage_run_id):  # json.dumps' other way, which escapes all non-ASCII
+        return wire(StageAck(stage_run_id, pid))
+    return f'{{"type":"stage.ack","stage_run_id":{_encode_basestring(stage_run_id)},"pid":{pid}}}'.encode("utf-8")
+
+
+def exit_message(record: StageExit) -> bytes:
+    """`wire(record)` without cattrs, a dict or json.dumps: sent once per stage
+    (a test holds the two equal)."""
+    error = record.error
+    if not (_utf8_encodable(record.stage_run_id) and (error is None or _utf8_encodable(error))):
+        return wire(record)
+    return (
+        f'{{"type":"stage.exit","stage_run_id":{_encode_basestring(record.stage_run_id)},'
+        f'"returncode":{record.returncode},"duration_ms":{record.duration_ms},'
+        f'"error":{"null" if error is None else _encode_basestring(error)}}}'
+    ).encode("utf-8")
+
+
 # json.dumps(text, ensure_ascii=False) without its per-call Python overhead.
 _encode_basestring = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
@@ -2132,7 +2153,7 @@ class StageRun:
                     "stage %r: ended cli=%s returncode=%d duration=%.1fs bytes_out=%d %s",
                     self.id, request.cli, exit_record.returncode, exit_record.duration_ms / 1000, self.bytes_out, ending,
                 )
-            await outbox.put(lambda: wire(exit_record))
+            await outbox.put(lambda: exit_message(exit_record))
         finally:
             if holds_slot and slots is not None:
                 slots.release()
@@ -2165,7 +2186,7 @@ class StageRun:
                 enlarge_pipe(pipe)
             self.daemon.publish_state()
             log.info("stage %r: started cli=%s pid=%d", self.id, self.request.cli, pid)
-            await outbox.put(lambda: wire(StageAck(self.id, pid)))
+            await outbox.put(lambda: ack_message(self.id, pid))
             async with trio.open_nursery() as pumps:
                 if root.stdin is not None:
                     pumps.start_soon(feed_stdin, root.stdin, self.request.stdin.encode("utf-8"))

@@ -192,6 +192,16 @@ def test_fast_output_frames_equal_the_generic_encoding(record_type, stage_run_id
     assert pgw.encode(record) == json.dumps(generic, ensure_ascii=False, separators=(",", ":"))
 
 
+@given(RECORDS[pgw.StageAck])
+def test_fast_ack_equals_the_generic_encoding(record):
+    assert pgw.ack_message(record.stage_run_id, record.pid) == pgw.wire(record)
+
+
+@given(RECORDS[pgw.StageExit])
+def test_fast_exit_equals_the_generic_encoding(record):
+    assert pgw.exit_message(record) == pgw.wire(record)
+
+
 # Long enough for bytes.replace's way; text with escapes, control characters and non-ASCII.
 long_output = st.lists(
     st.text(alphabet=st.characters(max_codepoint=0x2FF) | st.sampled_from('\n\t\r"\\\x01\x1f')), min_size=1, max_size=8
