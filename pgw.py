@@ -680,7 +680,6 @@ def exit_message(record: StageExit) -> bytes:
 # json.dumps(text, ensure_ascii=False) without its per-call Python overhead.
 _encode_basestring = json.encoder.encode_basestring  # type: ignore[attr-defined]
 
-
 # The bytes JSON escapes as \u00XX (or \b, \f): rare in a CLI's output, unlike
 # the newline, the tab and the carriage return, which bytes.replace escapes.
 _RARE_CONTROLS = [bytes((byte,)) for byte in range(0x20) if byte not in b"\t\n\r"]
@@ -1668,7 +1667,8 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # live on until their own command pipe closes).  Commands, pgw -> root: b"T"
 # (SIGTERM the CLI's group); end of file (kill everything and exit).
 # Reports, root -> pgw, one line each: `pid N` or `error ERRNO` (the CLI
-# could not be started), then `exit RETURNCODE`.
+# could not be started), then `exit RETURNCODE`.  (One socket pair for both
+# ways was tried: it costs pgw more CPU than these two pipes.)
 
 STAGE_SPAWNER_SOURCE = r"""
 import json, os, select, signal, socket, struct, sys, time
@@ -1904,6 +1904,7 @@ class StageSpawner:
     def __init__(self) -> None:
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._control: Optional[trio.socket.SocketType] = None
+        self._socket: Optional[socket.socket] = None  # the same socket, for a send that does not wait
         self._lock = trio.Lock()  # one request at a time on the stream
 
     def _start(self) -> trio.socket.SocketType:
@@ -1919,27 +1920,50 @@ class StageSpawner:
                 # of their environment, as out of the CLIs'.
                 env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
-        self._control = trio.socket.from_stdlib_socket(ours)
+        self._socket = ours
+        self._control = trio.socket.from_stdlib_socket(ours)  # which makes it non-blocking
         return self._control
 
-    async def spawn(self, prepared: PreparedStage, with_stdin: bool, umask: Optional[int]) -> "StageRoot":
-        """A new stage root running `prepared`; the caller owns the result at once."""
+    async def spawn(self, prepared: PreparedStage, prompt: Optional[bytes], umask: Optional[int]) -> "StageRoot":
+        """A new stage root running `prepared`, `prompt` on its standard input (None:
+        not connected); the caller owns the result at once."""
         body = json.dumps(
             {"argv": prepared.argv, "env": prepared.environ, "cwd": str(prepared.scratch_dir), "umask": umask}
         ).encode("utf-8", "surrogateescape")
         message = struct.pack("!I", len(body)) + body
         commands_r, commands_w = os.pipe()
         reports_r, reports_w = os.pipe()
-        stdin_r, stdin_w = os.pipe() if with_stdin else (os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC), None)
-        stdout_r, stdout_w = os.pipe()
-        stderr_r, stderr_w = os.pipe()
-        theirs = [commands_r, reports_w, stdin_r, stdout_w, stderr_w]
-        root = StageRoot(commands_w, reports_r, stdin_w, stdout_r, stderr_r)
+        theirs, ours = [commands_r, reports_w], [commands_w, reports_r]
+        stdin_w: Optional[int] = None
+        unwritten = b""
         try:
-            # Shielded: half a request would leave the stream out of step for every later stage.
-            with trio.CancelScope(shield=True):
-                async with self._lock:
-                    await self._send(message, theirs)
+            if prompt is None:
+                theirs.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
+            else:
+                stdin_r, stdin_w = os.pipe()
+                theirs.append(stdin_r)
+                unwritten = write_prompt(stdin_w, prompt)
+                if not unwritten:  # the whole prompt waits in the pipe: the CLI reads it, then end of file
+                    os.close(stdin_w)
+                    stdin_w = None
+            stdout_r, stdout_w = os.pipe()
+            ours.append(stdout_r)
+            theirs.append(stdout_w)
+            stderr_r, stderr_w = os.pipe()
+            ours.append(stderr_r)
+            theirs.append(stderr_w)
+        except BaseException:
+            for fd in [*theirs, *ours, *([stdin_w] if stdin_w is not None else [])]:
+                os.close(fd)
+            raise
+        root = StageRoot(commands_w, reports_r, stdin_w, unwritten, stdout_r, stderr_r)
+        try:
+            sent = self._send_now(message, theirs)
+            if sent < len(message):
+                # Shielded: half a request would leave the stream out of step for every later stage.
+                with trio.CancelScope(shield=True):
+                    async with self._lock:
+                        await self._send(message, theirs, sent)
         except BaseException:
             root.discard()
             raise
@@ -1948,17 +1972,30 @@ class StageSpawner:
                 os.close(fd)
         return root
 
-    async def _send(self, message: bytes, fds: list[int]) -> None:
+    def _send_now(self, message: bytes, fds: list[int]) -> int:
+        """As much of the request as the socket takes without waiting (nearly
+        always all of it: a task switch and two cancel scopes fewer per stage)."""
+        if self._socket is None or self._lock.locked():
+            return 0
+        try:
+            return self._socket.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+        except OSError:  # full (BlockingIOError), or the spawner died: `_send` waits, or starts it again
+            return 0
+
+    async def _send(self, message: bytes, fds: list[int], sent: int = 0) -> None:
+        """The request from byte `sent` on (its fds went with byte 0)."""
         for attempt in (1, 2):  # a spawner that died (killed by hand, OOM) is started again, once
             try:
                 control = self._control or self._start()
                 with trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
-                    sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+                    if sent == 0:
+                        sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
                     view = memoryview(message)
                     while sent < len(message):
                         sent += await control.send(view[sent:])
                 return
             except (OSError, trio.TooSlowError) as exc:
+                sent = 0  # a spawner started again has seen nothing of it
                 self.discard()
                 if attempt == 2:
                     reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "it took no request"
@@ -1974,7 +2011,7 @@ class StageSpawner:
         """End the spawner (running roots live on until their stage ends)."""
         if self._control is not None:
             self._control.close()
-            self._control = None
+            self._control = self._socket = None
         if self._process is not None:
             try:
                 self._process.wait(SPAWNER_EXIT_WAIT_S)  # it exits at end of file on its socket
@@ -1987,10 +2024,14 @@ class StageSpawner:
 class StageRoot:
     """pgw's end of a stage root: its command and report pipes, the CLI's stdio pipes."""
 
-    def __init__(self, commands: int, reports: int, stdin: Optional[int], stdout: int, stderr: int) -> None:
+    def __init__(
+        self, commands: int, reports: int, stdin: Optional[int], unwritten: bytes, stdout: int, stderr: int
+    ) -> None:
         self._commands: Optional[int] = commands
         self._reports = trio.lowlevel.FdStream(reports)
+        # The pipe of the part of the prompt that did not fit in it at the start, if any.
         self.stdin = trio.lowlevel.FdStream(stdin) if stdin is not None else None
+        self.unwritten = unwritten
         self.stdout = trio.lowlevel.FdStream(stdout)
         self.stderr = trio.lowlevel.FdStream(stderr)
         self._pending = b""
@@ -2132,8 +2173,8 @@ class StageRun:
                 log.exception("stage %r: internal error", self.id)
                 rejected = f"internal error in pgw: {type(exc).__name__}"
             finally:
-                with trio.CancelScope(shield=True):
-                    if not remove_empty_scratch(self.prepared.scratch_dir):
+                if not remove_empty_scratch(self.prepared.scratch_dir):
+                    with trio.CancelScope(shield=True):
                         await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
                 del daemon.stages[self.id]
                 daemon.publish_state()
@@ -2170,7 +2211,8 @@ class StageRun:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
         await trio.lowlevel.checkpoint_if_cancelled()  # a stage stopped (or out of time) by now never starts
         try:
-            root = await self.daemon.spawner.spawn(prepared, self.request.stdin_mode == "stdin", self.daemon.stage_umask)
+            prompt = self.request.stdin.encode("utf-8") if self.request.stdin_mode == "stdin" else None
+            root = await self.daemon.spawner.spawn(prepared, prompt, self.daemon.stage_umask)
         except OSError as exc:
             raise StageRejected(f"cannot start the stage: {exc.strerror or exc}") from None
         self.root = root
@@ -2189,7 +2231,7 @@ class StageRun:
             await outbox.put(lambda: ack_message(self.id, pid))
             async with trio.open_nursery() as pumps:
                 if root.stdin is not None:
-                    pumps.start_soon(feed_stdin, root.stdin, self.request.stdin.encode("utf-8"))
+                    pumps.start_soon(feed_stdin, root.stdin, root.unwritten)
                 self.pumps_running = 2
                 for pipe, record_type in ((root.stdout, StageStdout), (root.stderr, StageStderr)):
                     pumps.start_soon(self._pump, pipe, record_type, outbox)
@@ -2209,6 +2251,8 @@ class StageRun:
         """After the CLI's exit: what is left in the pipes gets a grace, then the
         stage's other processes die (one holding a pipe cannot hold the stage
         open), and what they left in the pipes is read while it keeps coming."""
+        if self.pumps_done.is_set():  # the usual case: no grace to wait out
+            return
         timing = self.daemon.timing
         with trio.move_on_after(timing.pipe_drain_grace_s):
             await self.pumps_done.wait()
@@ -2260,6 +2304,18 @@ class StageRun:
         )
         for data in escaped_output(trace) if trace else ():
             await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.next_seq(), data))
+
+
+def write_prompt(fd: int, prompt: bytes) -> bytes:
+    """Write what the new pipe `fd` takes of the prompt without waiting; the rest."""
+    os.set_blocking(fd, False)
+    view = memoryview(prompt)
+    while view:
+        try:
+            view = view[os.write(fd, view) :]
+        except BlockingIOError:
+            break
+    return bytes(view)
 
 
 async def feed_stdin(pipe: trio.abc.SendStream, prompt: bytes) -> None:
