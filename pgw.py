@@ -1649,7 +1649,9 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
 # however it dies -- it kills its descendants until a pass finds none, then
 # exits.  Elsewhere (macOS) there is no subreaper: the root kills the CLI's
-# process group.
+# process group.  A root left with no child at all (the CLI ended, and no
+# process of the stage is left to reparent to it) has nothing to kill: it
+# exits at once, and pgw reads its end of file without waiting for it.
 #
 # Roots are forked by the spawner, one process per daemon (this Python,
 # `-I -S`, the code below), started at the first stage.  pgw sends it one
@@ -1772,7 +1774,8 @@ def stage_root(request, commands, reports, stdio):
         ready = [fd for fd, _ in poller.poll()]
         if wake_r in ready:
             os.read(wake_r, 512)
-            reap()
+            if not reap():
+                break  # no process of the stage is left: nothing to kill, so pgw need not wait for one
         if commands in ready:
             command = os.read(commands, 64)
             if not command:
