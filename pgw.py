@@ -75,6 +75,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import errno
 import functools
 import http
 import json
@@ -2062,7 +2063,7 @@ class StageRoot:
 
     async def _report(self) -> Optional[bytes]:
         while b"\n" not in self._pending:
-            chunk = await self._reports.receive_some(4096) if not self._ended else b""
+            chunk = await receive_now(self._reports, 4096) if not self._ended else b""
             if not chunk:
                 self._ended = True
                 return None
@@ -2288,7 +2289,7 @@ class StageRun:
                 log.warning("stage %r: a process outside the stage holds its pipes; stopped reading", self.id)
                 return
 
-    async def _pump(self, pipe: trio.abc.ReceiveStream, record_type: type, outbox: Outbox) -> None:
+    async def _pump(self, pipe: trio.lowlevel.FdStream, record_type: type, outbox: Outbox) -> None:
         """Child output -> output messages, never splitting a character.
 
         Each read is escaped as bytes (`escaped_utf8`), without decoding it; a
@@ -2299,7 +2300,7 @@ class StageRun:
         try:
             while True:
                 # With a cut-off character in front, one frame still holds the read.
-                chunk = await pipe.receive_some(PIPE_READ_BYTES - len(cut_off))
+                chunk = await receive_now(pipe, PIPE_READ_BYTES - len(cut_off))
                 self.bytes_out += len(chunk)
                 ended = not chunk
                 pieces, cut_off = escaped_read(cut_off + chunk if cut_off else chunk, ended)
@@ -2337,6 +2338,24 @@ def write_prompt(fd: int, prompt: bytes) -> bytes:
         except BlockingIOError:
             break
     return bytes(view)
+
+
+async def receive_now(pipe: trio.lowlevel.FdStream, max_bytes: int) -> bytes:
+    """`pipe.receive_some(max_bytes)` without its schedule point when bytes are
+    waiting (a trip through trio's scheduler on every read, the price of a
+    task switch).  Cancellation still lands here, and a wait is a real one.
+    A producer cannot hog the loop: each read is queued in the outbox, which
+    parks it when full."""
+    await trio.lowlevel.checkpoint_if_cancelled()
+    while True:
+        try:
+            return os.read(pipe.fileno(), max_bytes)  # -1 once closed: EBADF
+        except BlockingIOError:
+            await trio.lowlevel.wait_readable(pipe.fileno())
+        except OSError as exc:
+            if exc.errno == errno.EBADF:
+                raise trio.ClosedResourceError("file was already closed") from None
+            raise trio.BrokenResourceError from exc
 
 
 async def feed_stdin(pipe: trio.abc.SendStream, prompt: bytes) -> None:
