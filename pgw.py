@@ -207,6 +207,8 @@ F_SETPIPE_SZ = 1031
 # What execve takes in arguments and environment together (Linux: a quarter of
 # the stack limit, at least 128 KiB); a request past it is refused before a slot.
 EXEC_MAX_BYTES = os.sysconf("SC_ARG_MAX") if hasattr(os, "sysconf") else 256 * 1024
+# os.fsencode's codec, for a string it encodes.
+FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
 # The spawner reads each request at once; one it has not taken in this long is dead.
 SPAWNER_SEND_TIMEOUT_S = 10.0
@@ -1889,9 +1891,10 @@ def prepare_stage(
         raise StageRejected(f"CLI not found: {request.cli!r} is not on PATH ({search_path})")
     argv = [binary, *request.cli_args] + ([request.stdin] if request.stdin_mode == "argv_last" else [])
     environ = stage_environment({**worker_environ, **stage_env}, request.env, request.stage_run_id)
-    exec_bytes = sum(len(os.fsencode(text)) + 1 for text in argv) + sum(
-        len(os.fsencode(name)) + len(os.fsencode(value)) + 2 for name, value in environ.items()
-    )
+    # What execve copies: each argument and each NAME=value with its NUL, encoded as
+    # os.fsencode does (one encode of it all: the same bytes, without a call per string).
+    strings = [*argv, *[f"{name}={value}" for name, value in environ.items()]]
+    exec_bytes = len("\0".join(strings).encode(FS_ENCODING, FS_ERRORS)) + 1
     if exec_bytes > EXEC_MAX_BYTES:
         raise StageRejected(
             f"the arguments and environment come to {exec_bytes} bytes, more than the {EXEC_MAX_BYTES} "
@@ -3048,7 +3051,12 @@ class Connection:
         stage = StageRun(prepared, daemon)
         daemon.stages[stage.id] = stage
         daemon.publish_state()
-        await self._stages.start(stage.run, self.outbox)
+        if daemon.slots is None:
+            # No queue for slots, whose order trio's shuffled start of tasks
+            # could change: start_soon, without start's temporary nursery.
+            self._stages.start_soon(stage.run, self.outbox)
+        else:
+            await self._stages.start(stage.run, self.outbox)
 
     async def _on_stage_cancel(self, cancel: StageCancel) -> None:
         stage = self.daemon.stages.get(cancel.stage_run_id)
