@@ -192,6 +192,28 @@ def test_fast_output_frames_equal_the_generic_encoding(record_type, stage_run_id
     assert pgw.encode(record) == json.dumps(generic, ensure_ascii=False, separators=(",", ":"))
 
 
+@given(RECORDS[pgw.StageAck])
+def test_fast_ack_equals_the_generic_encoding(record):
+    assert pgw.ack_message(record.stage_run_id, record.pid) == pgw.wire(record)
+
+
+@given(RECORDS[pgw.StageExit])
+def test_fast_exit_equals_the_generic_encoding(record):
+    assert pgw.exit_message(record) == pgw.wire(record)
+
+
+# Long enough for bytes.replace's way; text with escapes, control characters and non-ASCII.
+long_output = st.lists(
+    st.text(alphabet=st.characters(max_codepoint=0x2FF) | st.sampled_from('\n\t\r"\\\x01\x1f')), min_size=1, max_size=8
+).map(lambda parts: "".join(part * (pgw.JSON_REPLACE_MIN_BYTES // max(len(part), 1) + 1) for part in parts))
+
+
+@given(long_output | st.text() | st.binary(min_size=pgw.JSON_REPLACE_MIN_BYTES, max_size=3 * pgw.JSON_REPLACE_MIN_BYTES))
+def test_json_string_bytes_equals_the_json_module(data):
+    raw = data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data
+    assert pgw.json_string_bytes(raw) == json.encoder.encode_basestring(raw.decode("latin-1")).encode("latin-1")
+
+
 @given(st.sampled_from([pgw.StageStdout, pgw.StageStderr]), st.text(), ints, st.text())
 def test_output_messages_as_sent_carry_the_text_whole(record_type, stage_run_id, seq, data):
     pieces = pgw.escaped_output(data)
