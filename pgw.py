@@ -1691,7 +1691,11 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # starting a Python per stage cost about 15 ms of CPU, and forking pgw itself
 # (trio does it from a worker thread) about 1 ms of pgw's.  A root forked
 # from the spawner holds only its own stage's pipes, so the end of its
-# command pipe still means exactly "pgw is done with this stage".
+# command pipe still means exactly "pgw is done with this stage".  The
+# spawner is a subreaper too: a root killed early (by its own CLI, say)
+# hands the stage's processes to the spawner rather than to init, and the
+# spawner, woken by the root's SIGCHLD, kills every child of its that is not
+# a root, with its tree.
 #
 # Requests, pgw -> spawner: a 4-byte big-endian length, then that much JSON
 # {"argv", "env", "cwd", "umask"}, with the fds [commands, reports, stdin,
@@ -1863,25 +1867,83 @@ def receive(control):
         body += chunk
     return body, fds
 
+def children(pid):
+    try:
+        with open("/proc/%d/task/%d/children" % (pid, pid)) as f:
+            return [int(kid) for kid in f.read().split()]
+    except OSError:
+        return [kid for kid in descendants(pid) if parent(kid) == pid]
+
+def parent(pid):
+    try:
+        with open("/proc/%d/stat" % pid, "rb") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    return int(stat[stat.rindex(b")") + 2:].split()[1])
+
+def sweep(roots):
+    # The spawner is a subreaper as well: the processes of a stage whose root
+    # died early (its CLI killed it, or the OOM killer did) come here rather
+    # than to init, and die here, hoppers included.  Roots that ended are reaped.
+    deadline = time.monotonic() + 5.0
+    while time.monotonic() < deadline:
+        try:
+            while True:
+                pid, _ = os.waitpid(-1, os.WNOHANG)
+                if pid == 0:
+                    break
+                roots.discard(pid)
+        except ChildProcessError:
+            pass
+        strays = [pid for pid in children(os.getpid()) if pid not in roots] if LINUX else []
+        if not strays:
+            return
+        for pid in strays + [kid for stray in strays for kid in descendants(stray)]:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner and its roots
-    signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # roots that end are reaped by the kernel: no zombies
+    if LINUX:
+        PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    wake_r, wake_w = os.pipe()
+    os.set_blocking(wake_w, False)
+    signal.set_wakeup_fd(wake_w)
+    signal.signal(signal.SIGCHLD, lambda *_: None)  # a root ended: sweep
+    roots = set()
     # Every page the spawner writes after a fork is copied, at its expense,
     # while a root lives: the collector leaves the objects of the start alone,
     # and the request is parsed in the root, which writes to its pages anyway.
     # With the fds made close-on-exec by recvmsg itself, the spawner's CPU per
     # stage went from 0.64 to 0.47 ms (measured; the fork is most of the rest).
     gc.freeze()
+    poller = select.poll()
+    poller.register(control.fileno(), select.POLLIN)
+    poller.register(wake_r, select.POLLIN)
     while True:
+        ready = [fd for fd, _ in poller.poll()]
+        if wake_r in ready:
+            os.read(wake_r, 512)
+            sweep(roots)
+        if control.fileno() not in ready:
+            continue
         received = receive(control)
         if received is None:
             return
         body, (commands, reports, *stdio) = received
-        if os.fork() == 0:
+        root = os.fork()
+        if root == 0:
             control.close()
+            os.close(wake_r)
+            os.close(wake_w)
             stage_root(json.loads(body), commands, reports, stdio)
+        roots.add(root)
         for fd in (commands, reports, *stdio):
             os.close(fd)
 
@@ -1936,6 +1998,7 @@ class StageOutcome:
     stopped: bool = False  # its scope was cancelled: a stop or its timeout
     stop_error: Optional[str] = None  # why it was stopped, when not its timeout
     rejected: Optional[str] = None  # why it could not run
+    root_lost: bool = False  # its stage root was killed while the CLI ran
 
 
 def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
@@ -1945,6 +2008,8 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
         error = outcome.stop_error or f"timed out after {outcome.timeout_s} s"
         if not outcome.started and outcome.stop_error is not None:
             error += ", before it started"
+    if error is None and outcome.root_lost:
+        error = "its stage root was killed: the CLI's exit status is unknown, and every process of the stage was killed"
     # A CLI that never got its ack reports -1, as PROTOCOL.md says of one that did not run.
     returncode = outcome.returncode if outcome.started and outcome.returncode is not None else -1
     return StageExit(stage_run_id, returncode, outcome.duration_ms, error)
@@ -2090,6 +2155,7 @@ class StageRoot:
         self._ended = False  # the report pipe's end of file: the root is gone
         self.cli_pid: Optional[int] = None
         self.returncode: Optional[int] = None
+        self.lost = False  # the root died before the CLI's exit: killed from outside
 
     async def _report(self) -> Optional[bytes]:
         while b"\n" not in self._pending:
@@ -2116,7 +2182,7 @@ class StageRoot:
         while self.returncode is None:
             line = await self._report()
             if line is None:
-                self.returncode = -1  # the root died without saying: status unknown
+                self.returncode, self.lost = -1, True  # the root died without saying: status unknown
             elif line.startswith(b"exit "):
                 self.returncode = int(line[5:])
         return self.returncode
@@ -2238,6 +2304,7 @@ class StageRun:
                     stopped=self.scope.cancelled_caught,
                     stop_error=self.stop_error,
                     rejected=rejected,
+                    root_lost=self.root is not None and self.root.lost,
                 )
                 exit_record = stage_exit(self.id, outcome)
                 if exit_record.error is not None:

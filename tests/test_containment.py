@@ -358,3 +358,28 @@ async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path
             assert (await connection.stage_result("s2")).stdout == "ran\n"
     assert result.ack is None and result.returncode == -1
     assert "send a long prompt on standard input" in result.error
+
+
+@pytest.mark.parametrize("kind", ESCAPES)
+async def test_a_cli_that_kills_its_stage_root_takes_nothing_past_the_stage(tmp_path, environ, stub_bin, kind):
+    # The root is the stage's subreaper; killed, it would hand the stage's
+    # processes to init.  They go to the spawner instead, which kills them.
+    marker = f"pgw-escapee-{uuid.uuid4().hex}"
+    kill_root = "\nwhile not os.path.exists(READY):\n    time.sleep(0.01)\nos.kill(os.getppid(), 9)"
+    write_stub_cli(stub_bin, "claude", STUB.format(
+        marker=marker, escapee=ESCAPEE, hopper=HOPPER, detached=DETACHED, escape=ESCAPES[kind] + kill_root,
+    ))
+    try:
+        with trio.fail_after(30):
+            async with connected(tmp_path, environ) as (_, _, connection):
+                await connection.send(request("s1", cli_args=["wait"], env=escapee_env(tmp_path, marker)))
+                cli_pid = (await connection.receive("stage.ack", "s1"))["pid"]
+                started = trio.current_time()
+                result = await connection.stage_result("s1")
+                assert trio.current_time() - started < 3.0, "the stage outlived its killed root"
+                assert_escapee_ran(tmp_path, marker)
+                await assert_none_left(tmp_path, marker)
+                assert not is_alive(cli_pid), "the CLI outlived its stage"
+    finally:
+        kill_marked(marker)
+    assert result.returncode == -1 and "stage root" in (result.error or "")
