@@ -1757,7 +1757,7 @@ def stage_root(request, commands, reports, stdio):
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
     signal.signal(signal.SIGCHLD, lambda *_: None)
     failed_r, failed_w = os.pipe()
     cli = os.fork()
@@ -1914,7 +1914,7 @@ def main():
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
-    signal.set_wakeup_fd(wake_w)
+    signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a root ended: sweep
     roots = set()
     # Every page the spawner writes after a fork is copied, at its expense,
@@ -2118,6 +2118,22 @@ class StageSpawner:
                     reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "it took no request"
                     raise StageRejected(f"cannot start the stage: the stage spawner ({sys.executable}) failed: {reason}") from None
 
+    async def failure(self) -> Optional[str]:
+        """Why the spawner ended, if it did (the next stage starts it again).  Its
+        end of file comes before its exit status: it gets a moment to exit."""
+        process = self._process
+        if process is None:
+            return None
+        with trio.move_on_after(SPAWNER_EXIT_WAIT_S):
+            while process.poll() is None:
+                await trio.sleep(0.01)
+        if process.returncode is None:
+            return None
+        self.close()
+        why = f"the stage spawner ({sys.executable}) exited with status {process.returncode}"
+        log.warning("%s; what it said went to pgw's standard error", why)
+        return why
+
     def discard(self) -> None:
         """Kill the spawner, which the next stage starts again (running roots live on)."""
         if self._process is not None:
@@ -2167,9 +2183,11 @@ class StageRoot:
         line, self._pending = self._pending.split(b"\n", 1)
         return line
 
-    async def started(self, cli: str) -> int:
+    async def started(self, cli: str, spawner_failure: typing.Callable[[], typing.Awaitable[Optional[str]]]) -> int:
         """The CLI's pid, or StageRejected when it could not be started."""
-        line = await self._report() or b"error 0"
+        line = await self._report()
+        if line is None:  # the root never said a word: the spawner may have died before forking it
+            raise StageRejected(f"cannot start {cli}: {await spawner_failure() or 'the stage root failed'}")
         kind, value = line.split(b" ", 1)
         if kind == b"error":
             reason = os.strerror(int(value)) if int(value) else "the stage root failed"
@@ -2337,7 +2355,7 @@ class StageRun:
         self.root = root
         try:
             with trio.move_on_after(timing.spawner_answer_s) as waiting:
-                pid = await root.started(self.request.cli)
+                pid = await root.started(self.request.cli, self.daemon.spawner.failure)
             if waiting.cancelled_caught:  # it took the request but does nothing: stopped, or stuck
                 self.daemon.spawner.discard()
                 raise StageRejected(

@@ -13,6 +13,7 @@ thing an emptied environment does not remove, and the checks scan
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import sys
@@ -326,6 +327,24 @@ async def test_the_token_is_not_in_the_environment_of_the_clis_parent(tmp_path, 
             await connection.send(request("s1"))
             result = await connection.stage_result("s1")
     assert (result.returncode, result.stdout) == (0, "[]\n")
+
+
+async def test_a_spawner_that_dies_on_a_request_is_named_and_started_again(tmp_path, environ, stub_bin, monkeypatch, caplog):
+    # One that cannot run here (a broken interpreter, a library missing) must
+    # not leave every stage with "the stage root failed" and nothing more.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    working = pgw.STAGE_SPAWNER_SOURCE
+    monkeypatch.setattr(pgw, "STAGE_SPAWNER_SOURCE", "import os, socket, sys\nsocket.socket(fileno=int(sys.argv[1])).recv(1)\nos._exit(3)")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+            assert result.returncode == -1
+            assert result.error == f"cannot start claude: the stage spawner ({sys.executable}) exited with status 3"
+            monkeypatch.setattr(pgw, "STAGE_SPAWNER_SOURCE", working)
+            await connection.send(request("s2"))
+            assert (await connection.stage_result("s2")).stdout == "ran\n"
+    assert any("exited with status 3" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
 async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_path, environ, stub_bin):
