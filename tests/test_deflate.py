@@ -482,19 +482,27 @@ async def test_a_request_with_files_is_inflated_whole_from_the_websockets_server
     assert down < size / 2, f"{down} bytes on the wire for a {size}-byte request: not deflated"
 
 
+@asynccontextmanager
+async def deflating_through_a_proxy(tmp_path, environ):
+    """pgw connected to the wsproto backend with deflate, through a proxy that
+    counts the bytes; yields (backend, proxy, connection) after the hello."""
+    async with open_backend(deflate={}) as backend, open_proxy(backend.port) as proxy:
+        async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
+            connection = await backend.next_connection()
+            assert connection.deflate is not None, "permessage-deflate was not negotiated"
+            await connection.receive("hello")
+            yield backend, proxy, connection
+
+
 async def test_a_request_with_files_is_inflated_whole_from_the_wsproto_backend(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", FILES_DIGEST)
     message, printed, size = files_request("files")
     with trio.fail_after(120):
-        async with open_backend(deflate={}) as backend, open_proxy(backend.port) as proxy:
-            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
-                connection = await backend.next_connection()
-                assert connection.deflate is not None, "permessage-deflate was not negotiated"
-                await connection.receive("hello")
-                before = bytes_down(proxy)
-                await connection.send(message)
-                result = await connection.stage_result("files")
-                down = bytes_down(proxy) - before
+        async with deflating_through_a_proxy(tmp_path, environ) as (_, proxy, connection):
+            before = bytes_down(proxy)
+            await connection.send(message)
+            result = await connection.stage_result("files")
+            down = bytes_down(proxy) - before
     assert (result.returncode, result.error, result.stdout) == (0, None, printed)
     assert down < size / 2, f"{down} bytes on the wire for a {size}-byte request: not deflated"
 
@@ -506,18 +514,14 @@ async def test_a_small_message_inflating_to_120_mib_is_answered_on_the_same_conn
     write_stub_cli(stub_bin, "claude", SIZE_AND_DIGEST)
     prompt = "y" * (120 * 2**20 - 300)  # the whole message is about 120 MiB inflated, 120 KiB deflated
     with trio.fail_after(60):
-        async with open_backend(deflate={}) as backend, open_proxy(backend.port) as proxy:
-            async with running_worker(backend, tmp_path / "home", environ, server=proxy.url):
-                connection = await backend.next_connection()
-                assert connection.deflate is not None, "permessage-deflate was not negotiated"
-                await connection.receive("hello")
-                before = bytes_down(proxy)
-                await connection.send(request("huge", stdin=prompt))
-                huge = await connection.stage_result("huge")
-                down = bytes_down(proxy) - before
-                await connection.send(request("after", stdin="x"))
-                after = await connection.stage_result("after")
-                assert len(backend.connections) == 1 and not connection.closed.is_set()
+        async with deflating_through_a_proxy(tmp_path, environ) as (backend, proxy, connection):
+            before = bytes_down(proxy)
+            await connection.send(request("huge", stdin=prompt))
+            huge = await connection.stage_result("huge")
+            down = bytes_down(proxy) - before
+            await connection.send(request("after", stdin="x"))
+            after = await connection.stage_result("after")
+            assert len(backend.connections) == 1 and not connection.closed.is_set()
     assert (huge.returncode, huge.stdout.split()) == (0, [str(len(prompt)), hashlib.sha256(prompt.encode()).hexdigest()])
     assert after.returncode == 0
     assert down < 2**20, f"{down} bytes on the wire: the message was not deflated"
