@@ -15,10 +15,12 @@ Every message is one of the frozen attrs records below.  What comes in
 passes through one door, ``decode(text) -> record``: strict (no coercion,
 literals checked, every failure one ``ProtocolError`` saying what and where)
 but ignoring unknown extra keys, so a newer server does not break an older
-worker.  What goes out passes through one door too, ``FrameWriter.send``:
-the records pgw sends besides output are encoded by ``encode``; the stage
-output, nearly all pgw sends, is cut and escaped by ``escaped_output`` and
-wrapped by ``output_message`` without a record.
+worker.  What goes out passes through one door too, ``FrameWriter``
+(``send_batch`` for messages, ``ping`` for the keepalive's WebSocket ping):
+the records pgw sends are encoded by ``encode``, except the three every
+stage sends, built without a record and held equal to it by tests:
+``ack_message``, ``exit_message``, and the stage output, nearly all pgw
+sends, cut and escaped by ``escaped_read`` and wrapped by ``output_message``.
 
 ``open_websocket`` offers permessage-deflate (RFC 7692) in the opening
 handshake unless the ``compression`` setting is off.  When the server
@@ -2743,9 +2745,6 @@ class FrameWriter:
             # A full flush also forgets what came before: each message then
             # inflates on its own, as client_no_context_takeover asks.
             self._flush = zlib.Z_FULL_FLUSH if deflate.client_no_context_takeover else zlib.Z_SYNC_FLUSH
-
-    async def send(self, message: bytes) -> None:
-        await self.send_batch([message])
 
     async def send_batch(self, messages: list[bytes]) -> None:
         """Each message as its own frame, all in one write."""
