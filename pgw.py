@@ -35,7 +35,7 @@ The daemon is a tree of tasks, one class for each kind of node::
     run_until_signalled      signals: the first stops with a grace, the second at once
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
        ├─ state writer       state.json for `pgw status`, at most twice a second
-       ├─ stage spawner      a process of its own: forks each stage's root (see "Stage")
+       ├─ stage spawner      a process of its own: hands each stage to a stage root (see "Stage")
        └─ one connection     Daemon._connect: TCP or a proxy tunnel, TLS, WebSocket handshake (offers deflate)
           ├─ trio-websocket  its own reader task (pongs, close; wsproto inflates there)
           └─ Connection.serve
@@ -314,6 +314,10 @@ class Timing:
     # slow disk takes seconds; a spawner that has not forked one in this long
     # (stopped, stuck) is killed and the stage refused.
     spawner_answer_s: float = 30.0
+    # A stage root runs stage after stage (a fork per stage cost the spawner
+    # about 0.5 ms of CPU); one left without a stage this long exits, since its
+    # memory is the user's.
+    root_idle_s: float = 30.0
     # How stale `pgw status` may be, at most.
     state_write_interval_s: float = 0.5
 
@@ -1680,30 +1684,39 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # exit on a pipe, reaps every orphan, and relays pgw's SIGTERM to the CLI's
 # group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
 # however it dies -- it kills its descendants until a pass finds none, then
-# exits.  Elsewhere (macOS) there is no subreaper: the root kills the CLI's
-# process group.  A root left with no child at all (the CLI ended, and no
-# process of the stage is left to reparent to it) has nothing to kill: it
-# exits at once, and pgw reads its end of file without waiting for it.
+# closes the stage's pipes: their end of file tells pgw that nothing of the
+# stage is left.  Elsewhere (macOS) there is no subreaper: the root kills the
+# CLI's process group.  A root left with no child at all (the CLI ended, and
+# no process of the stage is left to reparent to it) has nothing to kill: it
+# ends the stage at once, and pgw reads its end of file without waiting.
 #
 # Roots are forked by the spawner, one process per daemon (this Python,
 # `-I -S`, the code below), started at the first stage.  pgw sends it one
 # request per stage on a Unix socket: the stage's argv, environment,
 # directory and umask, with the stage's five pipe ends attached (SCM_RIGHTS).
-# Forking a small, single-threaded process costs well under a millisecond;
-# starting a Python per stage cost about 15 ms of CPU, and forking pgw itself
-# (trio does it from a worker thread) about 1 ms of pgw's.  A root forked
-# from the spawner holds only its own stage's pipes, so the end of its
-# command pipe still means exactly "pgw is done with this stage".  The
-# spawner is a subreaper too: a root killed early (by its own CLI, say)
-# hands the stage's processes to the spawner rather than to init, and the
-# spawner, woken by the root's SIGCHLD, kills every child of its that is not
-# a root, with its tree.
+# The spawner hands it to a free root, or forks a new one.  A root runs
+# stage after stage, one at a time: a fork cost the spawner about 0.5 ms of
+# CPU per stage (starting a Python per stage cost about 15 ms, and forking
+# pgw itself, which trio does from a worker thread, about 1 ms of pgw's).
+# After each stage it tells the spawner it is free; one left free for
+# Timing.root_idle_s is ended by the spawner closing its socket.  A root
+# holds only the pipes of the stage it runs, and a stage's processes are
+# all dead before its root takes another, so the end of a command pipe still
+# means exactly "pgw is done with this stage", and no stage sees another's
+# processes.  A root that could not kill everything (a process stuck in the
+# kernel) exits instead of taking another stage.  The spawner is a
+# subreaper too: a root killed early (by its own CLI, say) hands the stage's
+# processes to the spawner rather than to init, and the spawner, woken by
+# the root's SIGCHLD, kills every child of its that is not a root, with its
+# tree.
 #
-# Requests, pgw -> spawner: a 4-byte big-endian length, then that much JSON
-# {"argv", "env", "cwd", "umask"}, with the fds [commands, reports, stdin,
-# stdout, stderr] on its first byte; end of file: the spawner exits (roots
-# live on until their own command pipe closes).  Commands, pgw -> root: b"T"
-# (SIGTERM the CLI's group); end of file (kill everything and exit).
+# Requests, pgw -> spawner -> root: a 4-byte big-endian length, then that
+# much JSON {"argv", "env", "cwd", "umask"}, with the fds [commands, reports,
+# stdin, stdout, stderr] on its first byte; end of file: the spawner exits,
+# and so does each free root when its socket closes (busy roots end their
+# stage first, when their command pipe closes).  Root -> spawner: b"i", free
+# again.  Commands, pgw -> root: b"T"
+# (SIGTERM the CLI's group); end of file (kill everything, end the stage).
 # Reports, root -> pgw, one line each: `pid N` or `error ERRNO` (the CLI
 # could not be started), then `exit RETURNCODE`.  (One socket pair for both
 # ways was tried: it costs pgw more CPU than these two pipes.)
@@ -1753,14 +1766,31 @@ def descendants(root):
         todo += kids
     return found
 
-def stage_root(request, commands, reports, stdio):
-    # In the root, forked from the spawner; never returns.
+def stage_root(link, request, fds):
+    # In a root, forked from the spawner; never returns.  It runs stages one
+    # after another: after each it tells the spawner it is free (b"i" on
+    # `link`) and waits there for the next, or for end of file to exit.
     if LINUX:
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    while True:
+        commands, reports, *stdio = fds
+        if not run_stage(json.loads(request), commands, reports, stdio, wake_r):
+            os._exit(0)  # a process of the stage outlived the kill: the spawner sweeps it
+        try:
+            link.sendall(b"i")
+            received = receive(link)
+        except OSError:
+            received = None
+        if received is None:
+            os._exit(0)
+        request, fds = received
+
+def run_stage(request, commands, reports, stdio, wake_r):
+    # One stage, in its root; True once no process of it is left.
     failed_r, failed_w = os.pipe()
     cli = os.fork()
     if cli == 0:
@@ -1783,6 +1813,7 @@ def stage_root(request, commands, reports, stdio):
     for fd in stdio:
         os.close(fd)  # the pipes' end of file is the stage's alone
     failure = os.read(failed_r, 16)
+    os.close(failed_r)
 
     def report(line):
         try:
@@ -1822,7 +1853,8 @@ def stage_root(request, commands, reports, stdio):
                 except OSError:
                     pass
     deadline = time.monotonic() + 5.0  # pgw's own wait for the root: a process stuck in the kernel is left
-    while reap() and time.monotonic() < deadline:
+    left = reap()
+    while left and time.monotonic() < deadline:
         pids = descendants(os.getpid()) if LINUX else []
         for pid in pids:
             try:
@@ -1835,7 +1867,10 @@ def stage_root(request, commands, reports, stdio):
             except OSError:
                 pass
         time.sleep(0.001)
-    os._exit(0)
+        left = reap()
+    os.close(commands)
+    os.close(reports)  # its end of file tells pgw the stage's processes are gone
+    return not left
 
 # Received fds close on exec (until a CLI takes its own as 0, 1, 2), in the
 # same recvmsg where the system can do it.  (socket.recv_fds of Python 3.11
@@ -1908,8 +1943,15 @@ def sweep(roots):
                 pass
         time.sleep(0.001)
 
+def send_request(link, body, fds):
+    # A request as pgw sends it: its length, its JSON, its fds on the first byte.
+    message = struct.pack("!I", len(body)) + body
+    sent = link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
+    link.sendall(memoryview(message)[sent:])
+
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
+    idle_s = float(sys.argv[2])  # a root free this long exits
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner and its roots
     if LINUX:
@@ -1918,35 +1960,70 @@ def main():
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a root ended: sweep
-    roots = set()
-    # Every page the spawner writes after a fork is copied, at its expense,
-    # while a root lives: the collector leaves the objects of the start alone,
-    # and the request is parsed in the root, which writes to its pages anyway.
-    # With the fds made close-on-exec by recvmsg itself, the spawner's CPU per
-    # stage went from 0.64 to 0.47 ms (measured; the fork is most of the rest).
+    roots = set()  # the pid of every root alive
+    links = {}  # the fd of the spawner's end of each root's socket: the socket
+    free = {}  # the fd of each root waiting for a stage: since when, oldest first
+    # Every page the spawner writes while a root lives is copied, at its
+    # expense: the collector leaves the objects of the start alone, and the
+    # request is parsed in the root.
     gc.freeze()
     poller = select.poll()
     poller.register(control.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+
+    def drop(fd):
+        # The root's end of file: a free one exits, a busy one is gone already.
+        free.pop(fd, None)
+        poller.unregister(fd)
+        links.pop(fd).close()
+
     while True:
-        ready = [fd for fd, _ in poller.poll()]
+        wait = None if not free else max(0.0, next(iter(free.values())) + idle_s - time.monotonic()) * 1000
+        ready = [fd for fd, _ in poller.poll(wait)]
+        now = time.monotonic()
+        while free and next(iter(free.values())) + idle_s <= now:
+            drop(next(iter(free)))
         if wake_r in ready:
             os.read(wake_r, 512)
             sweep(roots)
+        for fd in ready:
+            if fd in links:
+                try:
+                    said = links[fd].recv(16)
+                except OSError:
+                    said = b""
+                if said:
+                    free[fd] = now
+                else:
+                    drop(fd)
         if control.fileno() not in ready:
             continue
         received = receive(control)
         if received is None:
             return
-        body, (commands, reports, *stdio) = received
-        root = os.fork()
-        if root == 0:
-            control.close()
-            os.close(wake_r)
-            os.close(wake_w)
-            stage_root(json.loads(body), commands, reports, stdio)
-        roots.add(root)
-        for fd in (commands, reports, *stdio):
+        body, fds = received
+        while free:
+            fd = next(reversed(free))  # the one free the shortest time: its pages are the likeliest still in memory
+            del free[fd]
+            try:
+                send_request(links[fd], body, fds)
+                break
+            except OSError:  # it died meanwhile
+                drop(fd)
+        else:
+            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            root = os.fork()
+            if root == 0:
+                for link in [control, ours, *links.values()]:
+                    link.close()
+                os.close(wake_r)
+                os.close(wake_w)
+                stage_root(theirs, body, fds)
+            theirs.close()
+            roots.add(root)
+            links[ours.fileno()] = ours
+            poller.register(ours.fileno(), select.POLLIN)
+        for fd in fds:
             os.close(fd)
 
 main()
@@ -2020,7 +2097,8 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
 class StageSpawner:
     """pgw's end of the spawner: started at the first stage, again if it died."""
 
-    def __init__(self) -> None:
+    def __init__(self, root_idle_s: float) -> None:
+        self._root_idle_s = root_idle_s
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._control: Optional[trio.socket.SocketType] = None
         self._socket: Optional[socket.socket] = None  # the same socket, for a send that does not wait
@@ -2032,7 +2110,7 @@ class StageSpawner:
             # Started once, between stages: a plain fork here costs less than trio's thread
             # hop, and close_fds keeps every pipe of a running stage out of it.
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno())],
+                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno()), repr(self._root_idle_s)],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # a terminal's Ctrl-C is pgw's to handle, not the stages'
                 # The roots it forks are the CLIs' parents: pgw's settings (the token) stay out
@@ -3284,7 +3362,7 @@ class Daemon:
         self.environ = dict(os.environ if environ is None else environ)
         self.scratch_root = home / "scratch"
         self.stages: dict[str, StageRun] = {}
-        self.spawner = StageSpawner()
+        self.spawner = StageSpawner(self.timing.root_idle_s)
         self.slots = trio.Semaphore(settings.max_stages) if settings.max_stages > 0 else None
         self.shutdown = Shutdown()
         self.link = LinkState()

@@ -402,3 +402,73 @@ async def test_a_cli_that_kills_its_stage_root_takes_nothing_past_the_stage(tmp_
     finally:
         kill_marked(marker)
     assert result.returncode == -1 and "stage root" in (result.error or "")
+
+
+# A root runs stage after stage ---------------------------------------------------
+
+# The CLI says who its root is and which processes that root has besides
+# itself: whatever an earlier stage under the same root left would show there.
+WHO_IS_MY_ROOT = """
+import os
+root = os.getppid()
+with open("/proc/%d/task/%d/children" % (root, root)) as f:
+    others = sorted(int(pid) for pid in f.read().split() if int(pid) != os.getpid())
+print(root, others, flush=True)
+"""
+
+
+def root_and_others(stdout: str) -> tuple[int, str]:
+    root, others = stdout.split(" ", 1)
+    return int(root), others.strip()
+
+
+async def test_a_root_takes_the_next_stage_only_once_nothing_of_the_last_is_left(tmp_path, environ, stub_bin):
+    marker = f"pgw-escapee-{uuid.uuid4().hex}"
+    write_stub_cli(stub_bin, "claude", STUB.format(
+        marker=marker, escapee=ESCAPEE, hopper=HOPPER, detached=DETACHED, escape=ESCAPES["hopper"],
+    ))
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
+    try:
+        with trio.fail_after(30):
+            async with connected(tmp_path, environ) as (_, _, connection):
+                await connection.send(request("escapes", cli_args=["exit"], env=escapee_env(tmp_path, marker)))
+                escaped = await connection.stage_result("escapes")
+                assert_escapee_ran(tmp_path, marker)
+                await connection.send(request("next", cli="codex"))
+                first = await connection.stage_result("next")
+                await connection.send(request("after", cli="codex"))
+                second = await connection.stage_result("after")
+        assert escaped.returncode == 0 and first.returncode == 0 and second.returncode == 0
+        root, others = root_and_others(first.stdout)
+        assert root_and_others(second.stdout) == (root, "[]"), "the second stage got another root"
+        assert others == "[]", "the next stage's root still had the last stage's processes"
+        await assert_none_left(tmp_path, marker)
+    finally:
+        kill_marked(marker)
+
+
+async def test_stages_at_once_get_roots_of_their_own_and_a_free_root_exits_in_time(tmp_path, environ, stub_bin):
+    gate = tmp_path / "gate"
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT + f"""
+import time
+while not os.path.exists({str(gate)!r}):
+    time.sleep(0.01)
+""")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ, timing=pgw.Timing(root_idle_s=1.0)) as (_, worker, connection):
+            ids = [f"s{n}" for n in range(3)]
+            for stage_id in ids:
+                await connection.send(request(stage_id, cli="codex"))
+            for stage_id in ids:
+                await connection.receive("stage.stdout", stage_id)
+            gate.touch()
+            results = [await connection.stage_result(stage_id) for stage_id in ids]
+            roots = {root_and_others(result.stdout)[0] for result in results}
+            assert len(roots) == 3, "stages running at once shared a root"
+            spawner = worker.spawner._process.pid
+            assert set(children_of(spawner)) == roots, "the roots are not the spawner's children, or one ended early"
+            await trio.sleep(2.0)
+            assert children_of(spawner) == [], "a root outlived its idle time"
+            assert worker.spawner._process.poll() is None, "the spawner ended with its roots"
+            await connection.send(request("later", cli="codex"))
+            assert (await connection.stage_result("later")).returncode == 0
