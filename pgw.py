@@ -1947,7 +1947,8 @@ def send_request(link, body, fds):
     # A request as pgw sends it: its length, its JSON, its fds on the first byte.
     message = struct.pack("!I", len(body)) + body
     sent = link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
-    link.sendall(memoryview(message)[sent:])
+    if sent < len(message):
+        link.sendall(memoryview(message)[sent:])
 
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
