@@ -145,9 +145,12 @@ Measurements
   subtracts it from its own time.time() when the line arrives.
 * 50 stages x 2,000 lines (one write each): wall time from the first request
   to the last exit, worker CPU (schedstat, to the nanosecond; for pgw the
-  daemon plus its stage spawner, the helper that forks each stage's root;
+  daemon plus its stage spawner, the helper that forks the stage roots;
   the roots themselves, like the CLIs, are not counted), and whether every
   stage's output arrived whole, in seq order, after an ack, with returncode 0.
+  Then the same again at once, as a daemon that has run stages before meets
+  its next 50: pgw's roots are reused then, where the first time the spawner
+  forks one per concurrent stage (the line latency stage left it one).
 * idle RSS: VmRSS after ``--idle-s`` (60) seconds connected, before any stage.
 * idle CPU: from a few seconds after hello to the end of the idle time, per
   minute, read thread by thread (schedstat) so that a thread ending in
@@ -1594,6 +1597,8 @@ def run_round(setup: Setup, number: int, names: list[str], expected_stream: tupl
                 say(f"{name}: line latency, {args.stages} x {args.lines} lines, {args.stream_mib} MiB stream")
                 results[name].update(measure_latency(backend, worker, tag, args.latency_lines))
                 results[name].update(measure_concurrent(backend, worker, tag, args.stages, args.lines, expected_lines))
+                again = measure_concurrent(backend, worker, f"{tag}-again", args.stages, args.lines, expected_lines)
+                results[name].update({key.replace("conc_", "conc_again_"): value for key, value in again.items()})
             elif args.profile_stages:
                 say(f"{name}: 5 x {args.stages} x {args.lines} lines under py-spy")
                 for run in range(5):
@@ -1639,6 +1644,9 @@ METRICS = [
     ("conc_frames", "{stages} stages x {lines} lines: output messages", "{:.0f}", None),
     ("conc_cpu_s", "{stages} stages x {lines} lines: worker CPU (s)", "{:.2f}", ("ratio<=", 1.0)),
     ("conc_intact", "{stages} stages x {lines} lines: all intact (rounds)", None, ("all", None)),
+    ("conc_again_frames", "the same again at once: output messages", "{:.0f}", None),
+    ("conc_again_cpu_s", "the same again at once: worker CPU (s)", "{:.2f}", ("ratio<=", 1.0)),
+    ("conc_again_intact", "the same again at once: all intact (rounds)", None, ("all", None)),
     ("idle_rss_mb", "idle RSS after {idle} s connected (MB)", "{:.1f}", ("ratio<=", 1.0)),
     ("idle_cpu_ms_per_min", "idle CPU while connected (ms per minute)", "{:.1f}", ("ratio<=", 1.0)),
     ("hello_warm_s", "start to hello, warm (s)", "{:.3f}", ("pgw<=", 0.3)),
@@ -1715,6 +1723,7 @@ def table(summary: dict[str, dict[str, Any]], names: list[str], args: argparse.N
 PROBLEM_KEYS = {
     "stream_problems": "the stream",
     "conc_problems": "the concurrent stages",
+    "conc_again_problems": "the concurrent stages, again",
     "link_files_problems": "uvicorn, the files request over the link",
     "link_json_problems": "uvicorn, the JSON lines over the link",
     "uv_problems": "uvicorn, the JSON lines on loopback",
