@@ -2,7 +2,9 @@
 # Build pgw.pyz, a self-contained zipapp, from the committed hash-pinned locks.
 #
 #   ./build.sh                 .venv (re-made only when the dev lock changes) + pgw.pyz
-#   ./build.sh test [ARGS]     the same, then the whole test suite (ARGS go to pytest)
+#   ./build.sh test            the same, then the whole test suite on TEST_WORKERS processes
+#   ./build.sh test ARGS       the same, then pytest ARGS in one process (no worker start-up;
+#                              -s and --pdb work): `./build.sh test -k NAME`, or add `-n 2`
 #   ./build.sh bench [ARGS]    the same, then pgw vs pgworker 0.1.2 (tests/bench.py ARGS; not part of test)
 #   ./build.sh repro           build HEAD in two fresh clones, compare their sha256
 #   ./build.sh lock [ARGS]     re-resolve the locks with uv (ARGS go to uv, e.g. --upgrade)
@@ -14,6 +16,12 @@ umask 022 # file modes go into the zip: keep them the same for every builder
 
 PYTHON=${PYTHON:-python3} # makes .venv; the pyz itself runs on any Python >= 3.10
 VENV=.venv
+# The whole suite's pytest-xdist workers. The tests go out one at a time, longest first
+# (tests/conftest.py), so the 200 MiB test (3.5 min, mostly waiting on its 1 MB/s proxy)
+# starts at once. Measured on 2 cores, from a fresh clone: 2 workers 354 s, 3 workers
+# 250 s, one process 10.5 min. 3 would also pass CI's 7.5 min, but puts more load beside
+# the timing tests, and the 200 MiB test has lost its connection under it before.
+TEST_WORKERS=2
 # -qq: hush warnings about this machine's pip config; errors still show.
 PIP_FLAGS=(-qq --disable-pip-version-check --require-hashes --only-binary :all:)
 
@@ -421,7 +429,12 @@ lock() {
 # Plain statements, not `a && b`: bash ignores `set -e` inside a function called from `&&`.
 case "${1:-}" in
   "") ensure_venv; build_pyz ;;
-  test) shift; ensure_venv; build_pyz; exec "$VENV/bin/python" -m pytest "$@" ;;
+  test)
+    shift; ensure_venv; build_pyz
+    # --dist loadgroup (no test names a group): one test at a time, in collection order.
+    # It does nothing without -n, so ARGS can still ask for workers.
+    if [[ $# == 0 ]]; then set -- -n "$TEST_WORKERS"; fi
+    exec "$VENV/bin/python" -m pytest --dist loadgroup "$@" ;;
   bench) shift; ensure_venv; build_pyz; PGW_BENCH_COMMAND="./build.sh bench $*" exec "$VENV/bin/python" tests/bench.py "$@" ;;
   repro) repro ;;
   lock) shift; lock "$@" ;;

@@ -68,6 +68,20 @@ class PairServer:
         self._httpd.server_close()
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Tests marked `takes_s(N)` first, longest first; the rest keep their order.
+
+    `./build.sh test` hands the tests out to its workers one at a time in this order
+    (`--dist loadgroup`, no groups): a test of minutes must start at once, or the whole
+    run waits for it at the end. Every worker collects, so the order must not depend on
+    anything but the tests (sort is stable)."""
+    def seconds(item: pytest.Item) -> float:
+        marker = item.get_closest_marker("takes_s")
+        return marker.args[0] if marker else 0
+
+    items.sort(key=seconds, reverse=True)
+
+
 PROXY_VARIABLES = ("http_proxy", "https_proxy", "all_proxy", "no_proxy")
 
 

@@ -575,14 +575,31 @@ def read_until(stream, text, within_s=10.0):
     return seen
 
 
+@contextlib.contextmanager
+def sigint_as_from_a_terminal():
+    """A shell without job control starts a background job (`./build.sh test &`, a CI
+    runner's script) with SIGINT ignored, and every child inherits that: Python then never
+    raises KeyboardInterrupt, so a child started here would not see the test's Ctrl-C.
+    Start it as a terminal's foreground job would be: SIGINT handled."""
+    previous = signal.getsignal(signal.SIGINT)
+    if previous == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        if previous == signal.SIG_IGN:
+            signal.signal(signal.SIGINT, previous)
+
+
 def test_logs_follow_survives_rotation_and_ends_quietly_on_ctrl_c(pgw_home):
     pgw_home.mkdir()
     log = pgw_home / "run.log"
     log.write_text("old 1\nold 2\n")
-    follower = subprocess.Popen(
-        [sys.executable, str(ROOT / "pgw.py"), "logs", "-f", "-n", "1"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
-    )
+    with sigint_as_from_a_terminal():
+        follower = subprocess.Popen(
+            [sys.executable, str(ROOT / "pgw.py"), "logs", "-f", "-n", "1"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
+        )
     try:
         assert read_until(follower.stdout, "old 2\n") == "old 2\n"
         with log.open("a") as appending:

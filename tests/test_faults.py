@@ -593,6 +593,7 @@ def expected_big_output_digest() -> str:
     return digest.hexdigest()
 
 
+@pytest.mark.takes_s(211)
 async def test_slow_backend_gets_200_mib_in_order_with_bounded_memory_and_a_timely_heartbeat(tmp_path, stub_bin, pyz_pgw):
     """About 210 s: 200 MiB through a 1 MB/s proxy. CI runs it."""
     write_stub_cli(stub_bin, "claude", BIG_WRITER)

@@ -311,6 +311,7 @@ def unique_stage_ids(messages: list[tuple[object, bool]]) -> list[tuple[object, 
 
 
 # 200 examples in CI (~15 s); PGW_FUZZ_EXAMPLES=2000 for a longer hunt (~2.5 min).
+@pytest.mark.takes_s(17)
 @settings(
     max_examples=int(os.environ.get("PGW_FUZZ_EXAMPLES", "200")),
     deadline=None,

@@ -14,9 +14,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 SOAK = Path(__file__).resolve().parent / "soak.py"
 
 
+@pytest.mark.takes_s(97)
 def test_soak_for_ninety_seconds_loses_leaks_and_orphans_nothing():
     done = subprocess.run(
         [sys.executable, str(SOAK), "--stages", "100000", "--seconds", "90", "--disconnect-every", "30", "--pyz",
