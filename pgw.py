@@ -1963,6 +1963,7 @@ def main():
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a root ended: sweep
     roots = set()  # the pid of every root alive
     links = {}  # the fd of the spawner's end of each root's socket: the socket
+    pids = {}  # the same fd: the root's pid
     free = {}  # the fd of each root waiting for a stage: since when, oldest first
     # Every page the spawner writes while a root lives is copied, at its
     # expense: the collector leaves the objects of the start alone, and the
@@ -1977,6 +1978,7 @@ def main():
         free.pop(fd, None)
         poller.unregister(fd)
         links.pop(fd).close()
+        pids.pop(fd)
 
     while True:
         wait = None if not free else max(0.0, next(iter(free.values())) + idle_s - time.monotonic()) * 1000
@@ -2001,6 +2003,20 @@ def main():
             continue
         received = receive(control)
         if received is None:
+            # Free roots exit at their socket's end of file: reaped here rather
+            # than left to init (busy ones end with their stage).
+            waiting = {pids[fd] for fd in free}
+            for fd in list(links):
+                drop(fd)
+            deadline = time.monotonic() + 1.0
+            while waiting and time.monotonic() < deadline:
+                for pid in list(waiting):
+                    try:
+                        if os.waitpid(pid, os.WNOHANG)[0]:
+                            waiting.discard(pid)
+                    except ChildProcessError:  # reaped by a sweep already
+                        waiting.discard(pid)
+                time.sleep(0.001)
             return
         body, fds = received
         while free:
@@ -2023,6 +2039,7 @@ def main():
             theirs.close()
             roots.add(root)
             links[ours.fileno()] = ours
+            pids[ours.fileno()] = root
             poller.register(ours.fileno(), select.POLLIN)
         for fd in fds:
             os.close(fd)

@@ -472,3 +472,18 @@ while not os.path.exists({str(gate)!r}):
             assert worker.spawner._process.poll() is None, "the spawner ended with its roots"
             await connection.send(request("later", cli="codex"))
             assert (await connection.stage_result("later")).returncode == 0
+
+
+async def test_free_roots_end_with_the_daemon_and_are_reaped_by_it(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli="codex"))
+            root, _ = root_and_others((await connection.stage_result("s1")).stdout)
+            assert is_alive(root), "precondition: the root waits for the next stage"
+        # Gone, not even a zombie handed to init: the spawner reaps it before exiting.
+        for _ in range(100):
+            if not Path(f"/proc/{root}").exists():
+                break
+            await trio.sleep(0.01)
+        assert not Path(f"/proc/{root}").exists(), "a free root outlived the daemon, or was left to init to reap"
