@@ -1789,26 +1789,50 @@ def stage_root(link, request, fds):
             os._exit(0)
         request, fds = received
 
+def exec_cli(request, stdio, failed_w):
+    # In the CLI's process, forked from the root; never returns.
+    try:
+        os.setsid()
+        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
+            signal.signal(signum, signal.SIG_DFL)
+        signal.set_wakeup_fd(-1)
+        for fd, target in zip(stdio, (0, 1, 2)):
+            os.dup2(fd, target)  # inheritable: the CLI's own
+        if request["umask"] is not None:
+            os.umask(request["umask"])
+        os.chdir(request["cwd"])
+        argv = request["argv"]
+        os.execve(argv[0], argv, request["env"])
+    except OSError as exc:
+        os.write(failed_w, b"%d" % exc.errno)
+    os._exit(127)
+
+def kill_all(cli, reap):
+    # Kill the root's descendants until a pass finds none; True if some are
+    # left (a process stuck in the kernel; pgw's own wait for the root is 5 s).
+    deadline = time.monotonic() + 5.0
+    left = reap()
+    while left and time.monotonic() < deadline:
+        for pid in descendants(os.getpid()) if LINUX else []:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except OSError:
+                pass
+        if not LINUX:
+            try:
+                os.killpg(cli, signal.SIGKILL)
+            except OSError:
+                pass
+        time.sleep(0.001)
+        left = reap()
+    return left
+
 def run_stage(request, commands, reports, stdio, wake_r):
     # One stage, in its root; True once no process of it is left.
     failed_r, failed_w = os.pipe()
     cli = os.fork()
     if cli == 0:
-        try:
-            os.setsid()
-            for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
-                signal.signal(signum, signal.SIG_DFL)
-            signal.set_wakeup_fd(-1)
-            for fd, target in zip(stdio, (0, 1, 2)):
-                os.dup2(fd, target)  # inheritable: the CLI's own
-            if request["umask"] is not None:
-                os.umask(request["umask"])
-            os.chdir(request["cwd"])
-            argv = request["argv"]
-            os.execve(argv[0], argv, request["env"])
-        except OSError as exc:
-            os.write(failed_w, b"%d" % exc.errno)
-        os._exit(127)
+        exec_cli(request, stdio, failed_w)
     os.close(failed_w)
     for fd in stdio:
         os.close(fd)  # the pipes' end of file is the stage's alone
@@ -1852,22 +1876,7 @@ def run_stage(request, commands, reports, stdio, wake_r):
                     os.killpg(cli, signal.SIGTERM)
                 except OSError:
                     pass
-    deadline = time.monotonic() + 5.0  # pgw's own wait for the root: a process stuck in the kernel is left
-    left = reap()
-    while left and time.monotonic() < deadline:
-        pids = descendants(os.getpid()) if LINUX else []
-        for pid in pids:
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
-        if not LINUX:
-            try:
-                os.killpg(cli, signal.SIGKILL)
-            except OSError:
-                pass
-        time.sleep(0.001)
-        left = reap()
+    left = kill_all(cli, reap)
     os.close(commands)
     os.close(reports)  # its end of file tells pgw the stage's processes are gone
     return not left
@@ -1950,9 +1959,84 @@ def send_request(link, body, fds):
     if sent < len(message):
         link.sendall(memoryview(message)[sent:])
 
+class Roots:
+    # The spawner's roots: its end of each one's socket, by fd, and which are
+    # free (since when, oldest first).  Every root is the spawner's child.
+    def __init__(self, poller, idle_s):
+        self.poller, self.idle_s = poller, idle_s
+        self.alive = set()  # every root's pid, for the sweep
+        self.links, self.pids, self.free = {}, {}, {}
+
+    def wait_ms(self):
+        # Until the longest free one is due to go (None: none is free).
+        if not self.free:
+            return None
+        return max(0.0, next(iter(self.free.values())) + self.idle_s - time.monotonic()) * 1000
+
+    def retire(self, now):
+        while self.free and next(iter(self.free.values())) + self.idle_s <= now:
+            self.drop(next(iter(self.free)))
+
+    def heard(self, fd, now):
+        # b"i": free again; end of file: the root ended.
+        try:
+            said = self.links[fd].recv(16)
+        except OSError:
+            said = b""
+        if said:
+            self.free[fd] = now
+        else:
+            self.drop(fd)
+
+    def drop(self, fd):
+        # A free root exits at its socket's end of file; a busy one ended already.
+        self.free.pop(fd, None)
+        self.poller.unregister(fd)
+        self.links.pop(fd).close()
+        self.pids.pop(fd)
+
+    def hand_over(self, body, fds, closed_in_a_root):
+        # The request to the root free the shortest time (its pages are the
+        # likeliest still in memory), else to a new one.
+        while self.free:
+            fd = next(reversed(self.free))
+            del self.free[fd]
+            try:
+                send_request(self.links[fd], body, fds)
+                return
+            except OSError:  # it died meanwhile
+                self.drop(fd)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        root = os.fork()
+        if root == 0:
+            for link in [ours, *self.links.values()]:
+                link.close()
+            closed_in_a_root()
+            stage_root(theirs, body, fds)
+        theirs.close()
+        self.alive.add(root)
+        self.links[ours.fileno()] = ours
+        self.pids[ours.fileno()] = root
+        self.poller.register(ours.fileno(), select.POLLIN)
+
+    def end(self):
+        # Every socket closed; the free roots, which exit at once, reaped here
+        # rather than left to init (busy ones end with their stage).
+        waiting = {self.pids[fd] for fd in self.free}
+        for fd in list(self.links):
+            self.drop(fd)
+        deadline = time.monotonic() + 1.0
+        while waiting and time.monotonic() < deadline:
+            for pid in list(waiting):
+                try:
+                    if os.waitpid(pid, os.WNOHANG)[0]:
+                        waiting.discard(pid)
+                except ChildProcessError:  # reaped by a sweep already
+                    waiting.discard(pid)
+            time.sleep(0.001)
+
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
-    idle_s = float(sys.argv[2])  # a root free this long exits
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner and its roots
     if LINUX:
@@ -1961,10 +2045,6 @@ def main():
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
     signal.signal(signal.SIGCHLD, lambda *_: None)  # a root ended: sweep
-    roots = set()  # the pid of every root alive
-    links = {}  # the fd of the spawner's end of each root's socket: the socket
-    pids = {}  # the same fd: the root's pid
-    free = {}  # the fd of each root waiting for a stage: since when, oldest first
     # Every page the spawner writes while a root lives is copied, at its
     # expense: the collector leaves the objects of the start alone, and the
     # request is parsed in the root.
@@ -1972,75 +2052,31 @@ def main():
     poller = select.poll()
     poller.register(control.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
+    roots = Roots(poller, float(sys.argv[2]))
 
-    def drop(fd):
-        # The root's end of file: a free one exits, a busy one is gone already.
-        free.pop(fd, None)
-        poller.unregister(fd)
-        links.pop(fd).close()
-        pids.pop(fd)
+    def closed_in_a_root():
+        control.close()
+        os.close(wake_r)
+        os.close(wake_w)
 
     while True:
-        wait = None if not free else max(0.0, next(iter(free.values())) + idle_s - time.monotonic()) * 1000
-        ready = [fd for fd, _ in poller.poll(wait)]
+        ready = [fd for fd, _ in poller.poll(roots.wait_ms())]
         now = time.monotonic()
-        while free and next(iter(free.values())) + idle_s <= now:
-            drop(next(iter(free)))
+        roots.retire(now)
         if wake_r in ready:
             os.read(wake_r, 512)
-            sweep(roots)
+            sweep(roots.alive)
         for fd in ready:
-            if fd in links:
-                try:
-                    said = links[fd].recv(16)
-                except OSError:
-                    said = b""
-                if said:
-                    free[fd] = now
-                else:
-                    drop(fd)
+            if fd in roots.links:
+                roots.heard(fd, now)
         if control.fileno() not in ready:
             continue
         received = receive(control)
         if received is None:
-            # Free roots exit at their socket's end of file: reaped here rather
-            # than left to init (busy ones end with their stage).
-            waiting = {pids[fd] for fd in free}
-            for fd in list(links):
-                drop(fd)
-            deadline = time.monotonic() + 1.0
-            while waiting and time.monotonic() < deadline:
-                for pid in list(waiting):
-                    try:
-                        if os.waitpid(pid, os.WNOHANG)[0]:
-                            waiting.discard(pid)
-                    except ChildProcessError:  # reaped by a sweep already
-                        waiting.discard(pid)
-                time.sleep(0.001)
+            roots.end()
             return
         body, fds = received
-        while free:
-            fd = next(reversed(free))  # the one free the shortest time: its pages are the likeliest still in memory
-            del free[fd]
-            try:
-                send_request(links[fd], body, fds)
-                break
-            except OSError:  # it died meanwhile
-                drop(fd)
-        else:
-            ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-            root = os.fork()
-            if root == 0:
-                for link in [control, ours, *links.values()]:
-                    link.close()
-                os.close(wake_r)
-                os.close(wake_w)
-                stage_root(theirs, body, fds)
-            theirs.close()
-            roots.add(root)
-            links[ours.fileno()] = ours
-            pids[ours.fileno()] = root
-            poller.register(ours.fileno(), select.POLLIN)
+        roots.hand_over(body, fds, closed_in_a_root)
         for fd in fds:
             os.close(fd)
 
