@@ -1432,22 +1432,7 @@ def request_pairing(
     import http.client
 
     def unreachable(reason: Any) -> PairingError:
-        if isinstance(reason, http.client.HTTPException) or (
-            isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError)
-        ):
-            # Something listens there but does not speak HTTP (an SSH banner,
-            # a database): it hung up (reset, broken pipe), or its answer is not HTTP.
-            return PairingError(
-                f"pairing failed: {server} did not answer in HTTP: is this the web address of the prove-graph server?"
-            )
-        if server_is_default:
-            refused = isinstance(reason, ConnectionRefusedError)
-            what = "connection refused" if refused else connection_failure(server, reason)
-            return PairingError(
-                f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})"
-            )
-        through = f" (through the proxy {proxy.url})" if proxy else ""
-        return PairingError(f"pairing failed: {connection_failure(server, reason)}{through}")
+        return pairing_unreachable(server, reason, server_is_default, proxy)
 
     request = urllib.request.Request(
         server + PAIR_PATH,
@@ -1478,6 +1463,33 @@ def request_pairing(
         raise PairingError(f"pairing failed: {server} gave no answer within {timeout_s:g} s") from None
     except (http.client.HTTPException, OSError) as exc:
         raise unreachable(exc) from None
+    return pairing_answer(server, answer)
+
+
+def pairing_unreachable(server: str, reason: Any, server_is_default: bool, proxy: Optional[Proxy]) -> PairingError:
+    """Why pair-confirm got no HTTP answer, in the words a user can act on."""
+    import http.client
+
+    if isinstance(reason, http.client.HTTPException) or (
+        isinstance(reason, ConnectionError) and not isinstance(reason, ConnectionRefusedError)
+    ):
+        # Something listens there but does not speak HTTP (an SSH banner,
+        # a database): it hung up (reset, broken pipe), or its answer is not HTTP.
+        return PairingError(
+            f"pairing failed: {server} did not answer in HTTP: is this the web address of the prove-graph server?"
+        )
+    if server_is_default:
+        refused = isinstance(reason, ConnectionRefusedError)
+        what = "connection refused" if refused else connection_failure(server, reason)
+        return PairingError(
+            f"pairing failed: no server given: pass --server URL (tried the default {server}: {what})"
+        )
+    through = f" (through the proxy {proxy.url})" if proxy else ""
+    return PairingError(f"pairing failed: {connection_failure(server, reason)}{through}")
+
+
+def pairing_answer(server: str, answer: bytes) -> dict[str, str]:
+    """The {worker_id, token} in pair-confirm's answer, or PairingError."""
     try:
         pairing = json.loads(answer)
     except ValueError:
