@@ -1943,14 +1943,20 @@ def parent(pid):
 def sweep(roots):
     # The spawner is a subreaper as well: the processes of a stage whose root
     # died early (its CLI killed it, or the OOM killer did) come here rather
-    # than to init, and die here, hoppers included.  Roots that ended are reaped.
+    # than to init, and die here, hoppers included.  Roots that ended are
+    # reaped.  A stopped root could neither kill its stage nor report on it:
+    # it is killed, and its stage with it (roots are in a session of their
+    # own, so no terminal's Ctrl-Z stops one: a CLI or a user did).
     deadline = time.monotonic() + 5.0
     while time.monotonic() < deadline:
         try:
             while True:
-                pid, _ = os.waitpid(-1, os.WNOHANG)
+                pid, status = os.waitpid(-1, os.WNOHANG | os.WUNTRACED)
                 if pid == 0:
                     break
+                if os.WIFSTOPPED(status):
+                    os.kill(pid, signal.SIGKILL)  # reaped at a later pass, or at its SIGCHLD
+                    continue
                 roots.discard(pid)
         except ChildProcessError:
             pass

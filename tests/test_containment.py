@@ -379,12 +379,15 @@ async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path
     assert "send a long prompt on standard input" in result.error
 
 
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 @pytest.mark.parametrize("kind", ESCAPES)
-async def test_a_cli_that_kills_its_stage_root_takes_nothing_past_the_stage(tmp_path, environ, stub_bin, kind):
+async def test_a_cli_that_kills_or_stops_its_stage_root_takes_nothing_past_the_stage(tmp_path, environ, stub_bin, kind, signum):
     # The root is the stage's subreaper; killed, it would hand the stage's
     # processes to init.  They go to the spawner instead, which kills them.
+    # Stopped, it would kill nothing and never report the CLI's exit: the
+    # spawner kills it, and the stage ends the same way.
     marker = f"pgw-escapee-{uuid.uuid4().hex}"
-    kill_root = "\nwhile not os.path.exists(READY):\n    time.sleep(0.01)\nos.kill(os.getppid(), 9)"
+    kill_root = f"\nwhile not os.path.exists(READY):\n    time.sleep(0.01)\nos.kill(os.getppid(), {int(signum)})"
     write_stub_cli(stub_bin, "claude", STUB.format(
         marker=marker, escapee=ESCAPEE, hopper=HOPPER, detached=DETACHED, escape=ESCAPES[kind] + kill_root,
     ))
