@@ -121,13 +121,18 @@ def children_of(pid: int) -> list[int]:
 
 
 def kill_marked(marker: str) -> None:
-    """Test cleanup: whatever pgw failed to kill must not outlive the test (hoppers need several passes)."""
+    """Test cleanup: whatever pgw failed to kill must not outlive the test.  A
+    hopper's new pid every 3 ms can outrun pass after pass, but not its process
+    group, which every escapee here shares with its descendants."""
     for _ in range(200):
         pids = marked_processes(marker)
         if not pids:
             return
         for pid in pids:
             try:
+                group = os.getpgid(pid)
+                if group != os.getpgrp():
+                    os.killpg(group, signal.SIGKILL)
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
