@@ -314,9 +314,9 @@ class Timing:
     # slow disk takes seconds; a spawner that has not forked one in this long
     # (stopped, stuck) is killed and the stage refused.
     spawner_answer_s: float = 30.0
-    # A stage root runs stage after stage (a fork per stage cost the spawner
-    # about 0.5 ms of CPU); one left without a stage this long exits, since its
-    # memory is the user's.
+    # A stage root runs stage after stage (handing it a stage costs the spawner
+    # about 0.2 ms of CPU, a fork about 0.65); one left without a stage this
+    # long exits, since its memory is the user's.
     root_idle_s: float = 30.0
     # How stale `pgw status` may be, at most.
     state_write_interval_s: float = 0.5
@@ -1707,9 +1707,10 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # request per stage on a Unix socket: the stage's argv, environment,
 # directory and umask, with the stage's five pipe ends attached (SCM_RIGHTS).
 # The spawner hands it to a free root, or forks a new one.  A root runs
-# stage after stage, one at a time: a fork cost the spawner about 0.5 ms of
-# CPU per stage (starting a Python per stage cost about 15 ms, and forking
-# pgw itself, which trio does from a worker thread, about 1 ms of pgw's).
+# stage after stage, one at a time: handing it a stage costs the spawner
+# about 0.2 ms of CPU, a fork about 0.65 (starting a Python per stage cost
+# about 15 ms, and forking pgw itself, which trio does from a worker thread,
+# about 1 ms of pgw's).
 # After each stage it tells the spawner it is free; one left free for
 # Timing.root_idle_s is ended by the spawner closing its socket.  A root
 # holds only the pipes of the stage it runs, and a stage's processes are
