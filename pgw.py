@@ -35,7 +35,8 @@ The daemon is a tree of tasks, one class for each kind of node::
     run_until_signalled      signals: the first stops with a grace, the second at once
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
        ├─ state writer       state.json for `pgw status`, at most twice a second
-       ├─ stage spawner      a process of its own: hands each stage to a stage root (see "Stage")
+       ├─ stage spawner      a process of its own: forks the stage roots (see "Stage")
+       ├─ root retirer       ends a stage root left free for root_idle_s
        └─ one connection     Daemon._connect: TCP or a proxy tunnel, TLS, WebSocket handshake (offers deflate)
           ├─ trio-websocket  its own reader task (pongs, close; wsproto inflates there)
           └─ Connection.serve
@@ -1704,36 +1705,35 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # ends the stage at once, and pgw reads its end of file without waiting.
 #
 # Roots are forked by the spawner, one process per daemon (this Python,
-# `-I -S`, the code below), started at the first stage.  pgw sends it one
-# request per stage on a Unix socket: the stage's argv, environment,
-# directory and umask, with the stage's five pipe ends attached (SCM_RIGHTS).
-# The spawner hands it to a free root, or forks a new one.  A root runs
-# stage after stage, one at a time: handing it a stage costs the spawner
-# about 0.2 ms of CPU, a fork about 0.65 (starting a Python per stage cost
-# about 15 ms, and forking pgw itself, which trio does from a worker thread,
-# about 1 ms of pgw's).
-# After each stage it tells the spawner it is free; one left free for
-# Timing.root_idle_s is ended by the spawner closing its socket.  A root
-# holds only the pipes of the stage it runs, and a stage's processes are
-# all dead before its root takes another, so the end of a command pipe still
-# means exactly "pgw is done with this stage", and no stage sees another's
-# processes.  A root that could not kill everything (a process stuck in the
-# kernel) exits instead of taking another stage.  The spawner is a
-# subreaper too: a root killed early (by its own CLI, say) hands the stage's
-# processes to the spawner rather than to init, and the spawner, woken by
-# the root's SIGCHLD, kills every child of its that is not a root, with its
-# tree.
+# `-I -S`, the code below), started at the first stage.  A root runs stage
+# after stage, one at a time, and pgw keeps a Unix socket to each: a stage
+# goes straight to the root free the shortest time, and only when none is
+# free does pgw ask the spawner to fork one (about 0.65 ms of the spawner's
+# CPU; starting a Python per stage cost about 15 ms, and forking pgw itself,
+# which trio does from a worker thread, about 1 ms of pgw's; passing each
+# stage through the spawner cost it 0.15 ms, most of it a wake-up).
+# pgw ends a root left free for Timing.root_idle_s by closing its socket, and
+# takes no root again whose spawner died.  A root holds only the pipes of
+# the stage it runs, and a stage's processes are all dead before its root
+# takes another, so the end of a command pipe still means exactly "pgw is
+# done with this stage", and no stage sees another's processes.  A root that
+# could not kill everything (a process stuck in the kernel) exits instead of
+# taking another stage.  The spawner is a subreaper too: a root killed early
+# (by its own CLI, say) hands the stage's processes to the spawner rather
+# than to init, and the spawner, woken by the root's SIGCHLD, kills every
+# child of its that is not a root, with its tree.
 #
-# Requests, pgw -> spawner -> root: a 4-byte big-endian length, then that
-# much JSON {"argv", "env", "cwd", "umask"}, with the fds [commands, reports,
-# stdin, stdout, stderr] on its first byte; end of file: the spawner exits,
-# and so does each free root when its socket closes (busy roots end their
-# stage first, when their command pipe closes).  Root -> spawner: b"i", free
-# again.  Commands, pgw -> root: b"T"
+# Requests, pgw -> root: a 4-byte big-endian length, then that much JSON
+# {"argv", "env", "cwd", "umask"}, with the fds [commands, reports, stdin,
+# stdout, stderr] on its first byte; end of file: the root exits (a busy one
+# ends its stage first, when its command pipe closes).  pgw -> spawner: the
+# same, with the new root's socket as a sixth fd; end of file: the spawner
+# reaps the roots that exit with it, and exits.  Commands, pgw -> root: b"T"
 # (SIGTERM the CLI's group); end of file (kill everything, end the stage).
 # Reports, root -> pgw, one line each: `pid N` or `error ERRNO` (the CLI
-# could not be started), then `exit RETURNCODE`.  (One socket pair for both
-# ways was tried: it costs pgw more CPU than these two pipes.)
+# could not be started), then `exit RETURNCODE`, then `free` once nothing of
+# the stage is left.  (One socket pair per stage for both ways was tried: it
+# costs pgw more CPU than these two pipes.)
 
 STAGE_SPAWNER_SOURCE = r"""
 import gc, json, os, select, signal, socket, struct, sys, time
@@ -1782,8 +1782,7 @@ def descendants(root):
 
 def stage_root(link, request, fds):
     # In a root, forked from the spawner; never returns.  It runs stages one
-    # after another: after each it tells the spawner it is free (b"i" on
-    # `link`) and waits there for the next, or for end of file to exit.
+    # after another, each sent by pgw on `link`, until its end of file.
     if LINUX:
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
@@ -1795,8 +1794,7 @@ def stage_root(link, request, fds):
         if not run_stage(json.loads(request), commands, reports, stdio, wake_r):
             os._exit(0)  # a process of the stage outlived the kill: the spawner sweeps it
         try:
-            link.sendall(b"i")
-            received = receive(link)
+            received = receive(link, 5)
         except OSError:
             received = None
         if received is None:
@@ -1918,6 +1916,8 @@ def run_stage(request, commands, reports, stdio, wake_r):
                     pass
     left = kill_all(cli, reap)
     os.close(commands)
+    if not left:
+        report(b"free\n")  # pgw may send the next stage on the link
     os.close(reports)  # its end of file tells pgw the stage's processes are gone
     return not left
 
@@ -1927,9 +1927,9 @@ def run_stage(request, commands, reports, stdio, wake_r):
 RECV_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0)
 INT_BYTES = struct.calcsize("i")
 
-def receive(control):
-    # One request, its JSON unparsed, and its fds; or None at end of file.
-    header, ancillary, _, _ = control.recvmsg(4, socket.CMSG_LEN(5 * INT_BYTES), RECV_CLOEXEC)
+def receive(control, count):
+    # One request, its JSON unparsed, and its `count` fds; or None at end of file.
+    header, ancillary, _, _ = control.recvmsg(4, socket.CMSG_LEN(count * INT_BYTES), RECV_CLOEXEC)
     fds = []
     for level, kind, data in ancillary:
         if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
@@ -1941,7 +1941,7 @@ def receive(control):
     while header and len(header) < 4:
         more = control.recv(4 - len(header))
         header = header + more if more else b""
-    if len(header) < 4 or len(fds) != 5:
+    if len(header) < 4 or len(fds) != count:
         for fd in fds:
             os.close(fd)
         return None
@@ -1998,93 +1998,19 @@ def sweep(roots):
                 pass
         time.sleep(0.001)
 
-def send_request(link, body, fds):
-    # A request as pgw sends it: its length, its JSON, its fds on the first byte.
-    message = struct.pack("!I", len(body)) + body
-    sent = link.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack("%di" % len(fds), *fds))])
-    if sent < len(message):
-        link.sendall(memoryview(message)[sent:])
-
-class Roots:
-    # The spawner's roots: its end of each one's socket, by fd, and which are
-    # free (since when, oldest first).  Every root is the spawner's child.
-    def __init__(self, poller, idle_s):
-        self.poller, self.idle_s = poller, idle_s
-        self.alive = set()  # every root's pid, for the sweep
-        self.links, self.pids, self.free = {}, {}, {}
-
-    def wait_ms(self):
-        # Until the longest free one is due to go (None: none is free).
-        if not self.free:
-            return None
-        return max(0.0, next(iter(self.free.values())) + self.idle_s - time.monotonic()) * 1000
-
-    def retire(self, now):
-        while self.free and next(iter(self.free.values())) + self.idle_s <= now:
-            self.drop(next(iter(self.free)))
-
-    def heard(self, fd, now):
-        # b"i": free again; end of file: the root ended.
-        try:
-            said = self.links[fd].recv(16)
-        except OSError:
-            said = b""
-        if said:
-            self.free[fd] = now
-        else:
-            self.drop(fd)
-
-    def drop(self, fd):
-        # A free root exits at its socket's end of file; a busy one ended already.
-        self.free.pop(fd, None)
-        self.poller.unregister(fd)
-        self.links.pop(fd).close()
-        self.pids.pop(fd)
-
-    def hand_over(self, body, fds, closed_in_a_root):
-        # The request to the root free the shortest time (its pages are the
-        # likeliest still in memory), else to a new one.
-        while self.free:
-            fd = next(reversed(self.free))
-            del self.free[fd]
-            try:
-                send_request(self.links[fd], body, fds)
-                return
-            except OSError:  # it died meanwhile
-                self.drop(fd)
-        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        root = os.fork()
-        if root == 0:
-            for link in [ours, *self.links.values()]:
-                link.close()
-            closed_in_a_root()
-            stage_root(theirs, body, fds)
-        theirs.close()
-        self.alive.add(root)
-        self.links[ours.fileno()] = ours
-        self.pids[ours.fileno()] = root
-        self.poller.register(ours.fileno(), select.POLLIN)
-
-    def end(self):
-        # Every socket closed; the free roots, which exit at once, reaped here
-        # rather than left to init (busy ones end with their stage).
-        waiting = {self.pids[fd] for fd in self.free}
-        for fd in list(self.links):
-            self.drop(fd)
-        deadline = time.monotonic() + 1.0
-        while waiting and time.monotonic() < deadline:
-            for pid in list(waiting):
-                try:
-                    if os.waitpid(pid, os.WNOHANG)[0]:
-                        waiting.discard(pid)
-                except ChildProcessError:  # reaped by a sweep already
-                    waiting.discard(pid)
-            time.sleep(0.001)
+def end(roots):
+    # pgw closed the socket of every free root before this one: they exit at
+    # once, and are reaped here rather than left to init (busy ones end with
+    # their stage).
+    deadline = time.monotonic() + 1.0
+    while roots and time.monotonic() < deadline:
+        sweep(roots)
+        time.sleep(0.001)
 
 def main():
     control = socket.socket(fileno=int(sys.argv[1]))
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner and its roots
+        signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner
     if LINUX:
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
@@ -2098,31 +2024,26 @@ def main():
     poller = select.poll()
     poller.register(control.fileno(), select.POLLIN)
     poller.register(wake_r, select.POLLIN)
-    roots = Roots(poller, float(sys.argv[2]))
-
-    def closed_in_a_root():
-        control.close()
-        os.close(wake_r)
-        os.close(wake_w)
-
+    roots = set()  # every root's pid, for the sweep
     while True:
-        ready = [fd for fd, _ in poller.poll(roots.wait_ms())]
-        now = time.monotonic()
-        roots.retire(now)
+        ready = [fd for fd, _ in poller.poll()]
         if wake_r in ready:
             os.read(wake_r, 512)
-            sweep(roots.alive)
-        for fd in ready:
-            if fd in roots.links:
-                roots.heard(fd, now)
+            sweep(roots)
         if control.fileno() not in ready:
             continue
-        received = receive(control)
+        received = receive(control, 6)
         if received is None:
-            roots.end()
+            end(roots)
             return
         body, fds = received
-        roots.hand_over(body, fds, closed_in_a_root)
+        root = os.fork()
+        if root == 0:
+            control.close()
+            os.close(wake_r)
+            os.close(wake_w)
+            stage_root(socket.socket(fileno=fds.pop()), body, fds)
+        roots.add(root)
         for fd in fds:
             os.close(fd)
 
@@ -2194,8 +2115,23 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
     return StageExit(stage_run_id, returncode, outcome.duration_ms, error)
 
 
+class RootLink:
+    """pgw's end of one stage root's socket: requests go straight to the root."""
+
+    def __init__(self, sock: socket.socket, spawner: int) -> None:
+        self.socket = sock
+        self.stream = trio.socket.from_stdlib_socket(sock)  # which makes it non-blocking
+        self.spawner = spawner  # which spawner forked it: one that died no longer contains its stages
+
+    def close(self) -> None:
+        self.stream.close()  # the root exits at its end of file
+
+
 class StageSpawner:
-    """pgw's end of the spawner: started at the first stage, again if it died."""
+    """pgw's end of the spawner, started at the first stage (again if it died),
+    and of the stage roots it forked: a stage goes straight to the root free
+    the shortest time (its pages are the likeliest still in memory), and only
+    when none is free does the spawner fork one."""
 
     def __init__(self, root_idle_s: float) -> None:
         self._root_idle_s = root_idle_s
@@ -2203,6 +2139,9 @@ class StageSpawner:
         self._control: Optional[trio.socket.SocketType] = None
         self._socket: Optional[socket.socket] = None  # the same socket, for a send that does not wait
         self._lock = trio.Lock()  # one request at a time on the stream
+        self._started = 0  # how many spawners were started: which one a root came from
+        self._free: dict[RootLink, float] = {}  # since when, oldest first
+        self._freed = trio.Event()
 
     def _start(self) -> trio.socket.SocketType:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2210,19 +2149,20 @@ class StageSpawner:
             # Started once, between stages: a plain fork here costs less than trio's thread
             # hop, and close_fds keeps every pipe of a running stage out of it.
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno()), repr(self._root_idle_s)],
+                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno())],
                 stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # a terminal's Ctrl-C is pgw's to handle, not the stages'
                 # The roots it forks are the CLIs' parents: pgw's settings (the token) stay out
                 # of their environment, as out of the CLIs'.
                 env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
+        self._started += 1
         self._socket = ours
         self._control = trio.socket.from_stdlib_socket(ours)  # which makes it non-blocking
         return self._control
 
     async def spawn(self, prepared: PreparedStage, prompt: Optional[bytes], umask: Optional[int]) -> "StageRoot":
-        """A new stage root running `prepared`, `prompt` on its standard input (None:
+        """A stage root running `prepared`, `prompt` on its standard input (None:
         not connected); the caller owns the result at once."""
         body = json.dumps(
             {"argv": prepared.argv, "env": prepared.environ, "cwd": str(prepared.scratch_dir), "umask": umask}
@@ -2255,12 +2195,7 @@ class StageSpawner:
             raise
         root = StageRoot(commands_w, reports_r, stdin_w, unwritten, stdout_r, stderr_r)
         try:
-            sent = self._send_now(message, theirs)
-            if sent < len(message):
-                # Shielded: half a request would leave the stream out of step for every later stage.
-                with trio.CancelScope(shield=True):
-                    async with self._lock:
-                        await self._send(message, theirs, sent)
+            root.link = await self._hand_over(message, theirs)
         except BaseException:
             root.discard()
             raise
@@ -2269,13 +2204,44 @@ class StageSpawner:
                 os.close(fd)
         return root
 
+    async def _hand_over(self, message: bytes, fds: list[int]) -> RootLink:
+        """The request sent to a free root, else to the spawner with a new
+        root's socket; that root's link."""
+        if self._free and self._process is not None and self._process.poll() is not None:
+            self.close()  # its roots are no longer contained if they die: none is taken again
+        while self._free:
+            link = next(reversed(self._free))
+            del self._free[link]
+            try:
+                sent = send_now(link.socket, message, fds)
+            except OSError:  # it ended meanwhile (killed, or the spawner that forked it died)
+                link.close()
+                continue
+            if sent < len(message):
+                try:
+                    with trio.CancelScope(shield=True), trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
+                        await send_rest(link.stream, message, sent)
+                except BaseException:
+                    link.close()
+                    raise
+            return link
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        with theirs:
+            sent = self._send_now(message, [*fds, theirs.fileno()])
+            if sent < len(message):
+                # Shielded: half a request would leave the stream out of step for every later stage.
+                with trio.CancelScope(shield=True):
+                    async with self._lock:
+                        await self._send(message, [*fds, theirs.fileno()], sent)
+        return RootLink(ours, self._started)
+
     def _send_now(self, message: bytes, fds: list[int]) -> int:
         """As much of the request as the socket takes without waiting (nearly
         always all of it: a task switch and two cancel scopes fewer per stage)."""
         if self._socket is None or self._lock.locked():
             return 0
         try:
-            return self._socket.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+            return send_now(self._socket, message, fds)
         except OSError:  # full (BlockingIOError), or the spawner died: `_send` waits, or starts it again
             return 0
 
@@ -2287,9 +2253,7 @@ class StageSpawner:
                 with trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
                     if sent == 0:
                         sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
-                    view = memoryview(message)
-                    while sent < len(message):
-                        sent += await control.send(view[sent:])
+                    await send_rest(control, message, sent)
                 return
             except (OSError, trio.TooSlowError) as exc:
                 sent = 0  # a spawner started again has seen nothing of it
@@ -2297,6 +2261,35 @@ class StageSpawner:
                 if attempt == 2:
                     reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "it took no request"
                     raise StageRejected(f"cannot start the stage: the stage spawner ({sys.executable}) failed: {reason}") from None
+
+    def release(self, root: "StageRoot") -> None:
+        """A root whose stage has ended: free for the next, if it said so and
+        the spawner that forked it (the subreaper behind it) still runs."""
+        link, root.link = root.link, None
+        if link is None:
+            return
+        if root.free and link.spawner == self._started and self._control is not None:
+            self._free[link] = trio.current_time()
+            self._freed.set()
+        else:
+            link.close()
+
+    async def retire_idle_roots(self) -> None:
+        """End each root left free for root_idle_s; idle, this task sleeps.
+        Woken by the first root freed, it sleeps its idle time out before it
+        looks again: roots freed meanwhile cost it no wake-up."""
+        while True:
+            self._freed = trio.Event()
+            await self._freed.wait()
+            await trio.sleep(self._root_idle_s)
+            while self._free:
+                oldest = next(iter(self._free))
+                due = self._free[oldest] + self._root_idle_s
+                if due > trio.current_time():
+                    await trio.sleep_until(due)
+                else:
+                    del self._free[oldest]
+                    oldest.close()
 
     async def failure(self) -> Optional[str]:
         """Why the spawner ended, if it did (the next stage starts it again).  Its
@@ -2321,7 +2314,11 @@ class StageSpawner:
         self.close()
 
     def close(self) -> None:
-        """End the spawner (running roots live on until their stage ends)."""
+        """End the spawner and its free roots (running roots live on until their
+        stage ends, and are not taken again)."""
+        for link in self._free:
+            link.close()  # first: the spawner reaps them as it exits
+        self._free.clear()
         if self._control is not None:
             self._control.close()
             self._control = self._socket = None
@@ -2332,6 +2329,17 @@ class StageSpawner:
                 self._process.kill()
                 self._process.wait()
             self._process = None
+
+
+def send_now(sock: socket.socket, message: bytes, fds: list[int]) -> int:
+    """What a non-blocking socket takes of `message` at once, `fds` with its first byte."""
+    return sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
+
+
+async def send_rest(sock: trio.socket.SocketType, message: bytes, sent: int) -> None:
+    view = memoryview(message)
+    while sent < len(view):
+        sent += await sock.send(view[sent:])
 
 
 class StageRoot:
@@ -2352,6 +2360,8 @@ class StageRoot:
         self.cli_pid: Optional[int] = None
         self.returncode: Optional[int] = None
         self.lost = False  # the root died before the CLI's exit: killed from outside
+        self.free = False  # it said it can take another stage: nothing of this one is left
+        self.link: Optional[RootLink] = None  # its socket, which the spawner takes back at the end
 
     async def _report(self) -> Optional[bytes]:
         while b"\n" not in self._pending:
@@ -2405,8 +2415,8 @@ class StageRoot:
         self.close_commands()
         with trio.move_on_after(wait_s):
             await self.exited()
-            while await self._report() is not None:
-                pass
+            while (line := await self._report()) is not None:
+                self.free = line == b"free"
         if not self._ended:
             log.warning("a stage root did not end within %.0f s; it goes on killing the stage's processes", wait_s)
         self._reports.close()
@@ -2423,6 +2433,9 @@ class StageRoot:
         self.close_commands()
         self._reports.close()
         self.close_pipes()
+        if self.link is not None:
+            self.link.close()
+            self.link = None
 
 
 class StageRun:
@@ -2563,6 +2576,7 @@ class StageRun:
                         await root.exited()
                 await root.kill(timing.kill_wait_s)
                 root.close_pipes()
+                self.daemon.spawner.release(root)
 
     async def _drain(self, root: StageRoot) -> None:
         """After the CLI's exit: what is left in the pipes gets a grace, then the
@@ -3548,6 +3562,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._state_writer)
+                nursery.start_soon(self.spawner.retire_idle_roots)
                 await self._reconnect_loop()
                 nursery.cancel_scope.cancel()
         finally:

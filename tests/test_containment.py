@@ -356,11 +356,12 @@ async def test_a_spawner_that_dies_on_a_request_is_named_and_started_again(tmp_p
 
 
 async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_path, environ, stub_bin):
-    write_stub_cli(stub_bin, "claude", "print('ran')")
+    # s1 holds its root, so s2 and s3 need a root forked by the spawner.
+    write_stub_cli(stub_bin, "claude", "import sys, time\nprint('ran', flush=True)\nif sys.argv[1:] == ['wait']:\n    time.sleep(60)")
     with trio.fail_after(30):
         async with connected(tmp_path, environ, timing=pgw.Timing(spawner_answer_s=1.0)) as (_, worker, connection):
-            await connection.send(request("s1"))
-            assert (await connection.stage_result("s1")).stdout == "ran\n"
+            await connection.send(request("s1", cli_args=["wait"]))
+            await connection.receive("stage.stdout", "s1")
             stopped = worker.spawner._process
             os.kill(stopped.pid, signal.SIGSTOP)
             try:
@@ -369,10 +370,34 @@ async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_p
                 assert (result.returncode, result.error) == (-1, "cannot start the stage: the stage spawner did not answer in 1 s")
                 await connection.send(request("s3"))
                 assert (await connection.stage_result("s3")).stdout == "ran\n"
+                await connection.send(cancel("s1"))
+                assert (await connection.stage_result("s1")).returncode == -15
             finally:
                 if stopped.poll() is None:
                     stopped.kill()
                     stopped.wait()
+
+
+async def test_the_free_roots_of_a_spawner_that_died_are_not_taken_again(tmp_path, environ, stub_bin):
+    # Were its root killed, a stage's processes would pass to the spawner that
+    # forked it, and with that one dead, to init: out of reach.
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, worker, connection):
+            await connection.send(request("s1", cli="codex"))
+            first_root, _ = root_and_others((await connection.stage_result("s1")).stdout)
+            assert is_alive(first_root), "precondition: the root waits for the next stage"
+            worker.spawner._process.kill()
+            worker.spawner._process.wait()
+            await connection.send(request("s2", cli="codex"))
+            second_root, _ = root_and_others((await connection.stage_result("s2")).stdout)
+            assert second_root != first_root
+            assert worker.spawner._process.pid in [parent for pid, parent, _ in live_processes() if pid == second_root]
+            for _ in range(100):
+                if not is_alive(first_root):
+                    break
+                await trio.sleep(0.01)
+            assert not is_alive(first_root), "the dead spawner's free root lives on"
 
 
 async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path, environ, stub_bin):
