@@ -2127,21 +2127,59 @@ class RootLink:
         self.stream.close()  # the root exits at its end of file
 
 
+class FreeRoots:
+    """The stage roots waiting for a stage; the one freed last goes first (its
+    pages are the likeliest still in memory), one left free for idle_s ends."""
+
+    def __init__(self, idle_s: float) -> None:
+        self._idle_s = idle_s
+        self._since: dict[RootLink, float] = {}  # oldest first
+        self._freed = trio.Event()
+
+    def __len__(self) -> int:
+        return len(self._since)
+
+    def put(self, link: RootLink) -> None:
+        self._since[link] = trio.current_time()
+        self._freed.set()
+
+    def take(self) -> Optional[RootLink]:
+        return self._since.popitem()[0] if self._since else None
+
+    def clear(self) -> None:
+        for link in self._since:
+            link.close()
+        self._since.clear()
+
+    async def retire_idle(self) -> None:
+        """Idle, this task sleeps.  Woken by the first root freed, it sleeps its
+        idle time out before it looks again: roots freed meanwhile cost it no
+        wake-up."""
+        while True:
+            self._freed = trio.Event()
+            await self._freed.wait()
+            await trio.sleep(self._idle_s)
+            while self._since:
+                oldest, since = next(iter(self._since.items()))
+                if since + self._idle_s > trio.current_time():
+                    await trio.sleep_until(since + self._idle_s)
+                else:
+                    del self._since[oldest]
+                    oldest.close()
+
+
 class StageSpawner:
     """pgw's end of the spawner, started at the first stage (again if it died),
-    and of the stage roots it forked: a stage goes straight to the root free
-    the shortest time (its pages are the likeliest still in memory), and only
-    when none is free does the spawner fork one."""
+    and of the stage roots it forked: a stage goes straight to a free root,
+    and only when none is free does the spawner fork one."""
 
     def __init__(self, root_idle_s: float) -> None:
-        self._root_idle_s = root_idle_s
+        self.free = FreeRoots(root_idle_s)
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._control: Optional[trio.socket.SocketType] = None
         self._socket: Optional[socket.socket] = None  # the same socket, for a send that does not wait
         self._lock = trio.Lock()  # one request at a time on the stream
         self._started = 0  # how many spawners were started: which one a root came from
-        self._free: dict[RootLink, float] = {}  # since when, oldest first
-        self._freed = trio.Event()
 
     def _start(self) -> trio.socket.SocketType:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2207,11 +2245,9 @@ class StageSpawner:
     async def _hand_over(self, message: bytes, fds: list[int]) -> RootLink:
         """The request sent to a free root, else to the spawner with a new
         root's socket; that root's link."""
-        if self._free and self._process is not None and self._process.poll() is not None:
+        if self.free and self._process is not None and self._process.poll() is not None:
             self.close()  # its roots are no longer contained if they die: none is taken again
-        while self._free:
-            link = next(reversed(self._free))
-            del self._free[link]
+        while (link := self.free.take()) is not None:
             try:
                 sent = send_now(link.socket, message, fds)
             except OSError:  # it ended meanwhile (killed, or the spawner that forked it died)
@@ -2269,27 +2305,9 @@ class StageSpawner:
         if link is None:
             return
         if root.free and link.spawner == self._started and self._control is not None:
-            self._free[link] = trio.current_time()
-            self._freed.set()
+            self.free.put(link)
         else:
             link.close()
-
-    async def retire_idle_roots(self) -> None:
-        """End each root left free for root_idle_s; idle, this task sleeps.
-        Woken by the first root freed, it sleeps its idle time out before it
-        looks again: roots freed meanwhile cost it no wake-up."""
-        while True:
-            self._freed = trio.Event()
-            await self._freed.wait()
-            await trio.sleep(self._root_idle_s)
-            while self._free:
-                oldest = next(iter(self._free))
-                due = self._free[oldest] + self._root_idle_s
-                if due > trio.current_time():
-                    await trio.sleep_until(due)
-                else:
-                    del self._free[oldest]
-                    oldest.close()
 
     async def failure(self) -> Optional[str]:
         """Why the spawner ended, if it did (the next stage starts it again).  Its
@@ -2316,9 +2334,7 @@ class StageSpawner:
     def close(self) -> None:
         """End the spawner and its free roots (running roots live on until their
         stage ends, and are not taken again)."""
-        for link in self._free:
-            link.close()  # first: the spawner reaps them as it exits
-        self._free.clear()
+        self.free.clear()  # first: the spawner reaps them as it exits
         if self._control is not None:
             self._control.close()
             self._control = self._socket = None
@@ -3562,7 +3578,7 @@ class Daemon:
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._state_writer)
-                nursery.start_soon(self.spawner.retire_idle_roots)
+                nursery.start_soon(self.spawner.free.retire_idle)
                 await self._reconnect_loop()
                 nursery.cancel_scope.cancel()
         finally:

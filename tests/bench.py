@@ -145,8 +145,11 @@ Measurements
   subtracts it from its own time.time() when the line arrives.
 * 50 stages x 2,000 lines (one write each): wall time from the first request
   to the last exit, worker CPU (schedstat, to the nanosecond; for pgw the
-  daemon plus its stage spawner, the helper that forks the stage roots;
-  the roots themselves, like the CLIs, are not counted), and whether every
+  daemon, its stage spawner, the helper that forks the stage roots, and the
+  roots, which start the CLIs and wait for them as pgworker does in its own
+  process; the CLIs are not counted), sampled every 10 ms so that a thread
+  ending within the window (pgworker's per-CLI waiter threads, on Python
+  3.11) keeps what it used, and whether every
   stage's output arrived whole, in seq order, after an ack, with returncode 0.
   Then the same again at once, as a daemon that has run stages before meets
   its next 50: pgw's roots are reused then, where the first time the spawner
@@ -155,7 +158,7 @@ Measurements
 * idle CPU: from a few seconds after hello to the end of the idle time, per
   minute, read thread by thread (schedstat) so that a thread ending in
   between (trio ends idle worker threads after 10 s) does not take its past
-  CPU out of the sum; pgw's stage spawner is counted as pgw's own.
+  CPU out of the sum; pgw's stage spawner and roots are counted as pgw's own.
 * start to hello: from just before the process is spawned to the backend
   receiving ``hello``; pgw both warm (already extracted) and fresh.
 
@@ -219,6 +222,7 @@ CLEAN_VENV = ROOT / "build" / "bench-python"
 HEARTBEAT_INTERVAL_S = 30.0  # both workers' application ping period
 HEARTBEAT_LEAD_S = 0.6  # the stream starts this long before a ping is due
 RSS_SAMPLE_S = 0.05
+CPU_SAMPLE_S = 0.01  # threads and roots that end within a window lose at most this much
 STOP_TIMEOUT_S = 15.0
 EVENT_TIMEOUT_S = 600.0
 MB = 1_000_000
@@ -1030,14 +1034,15 @@ def cpu_run_by_thread(pid: int) -> dict[str, int]:
 
 
 # pgw forks its stage roots from a helper process of its own, the stage
-# spawner, a child of the worker; what it costs is the worker's too.
+# spawner, a child of the worker; the spawner and the roots (its children,
+# forked from it, so with its command line) are pgw's code doing pgw's work,
+# as pgworker does it in its own process: what they cost is the worker's too.
 SPAWNER_MARK = b"def stage_root("
 
 
-def own_threads(pid: int) -> dict[str, int]:
-    """cpu_run_by_thread of the worker and of its stage spawner, if it has one
-    (not of the CLIs it runs)."""
-    times = cpu_run_by_thread(pid)
+def children_marked(pid: int) -> list[int]:
+    """The children of `pid` that run pgw's spawner code: its spawner, or its roots."""
+    found = []
     for entry in os.listdir("/proc"):
         try:
             with open(f"/proc/{entry}/stat", "rb") as stat:
@@ -1045,9 +1050,24 @@ def own_threads(pid: int) -> dict[str, int]:
             if parent == pid:
                 with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
                     if SPAWNER_MARK in cmdline.read():
-                        times.update(cpu_run_by_thread(int(entry)))
+                        found.append(int(entry))
         except (OSError, ValueError):  # not a pid, or gone meanwhile
             continue
+    return found
+
+
+def own_threads(pid: int) -> dict[str, int]:
+    """cpu_run_by_thread of the worker, of its stage spawner and of the
+    spawner's stage roots, if it has them (not of the CLIs they run).  A root
+    that exits between two readings takes its CPU with it (pgw ends a root
+    left free for 30 s, longer than any measurement here)."""
+    times = cpu_run_by_thread(pid)
+    for spawner in children_marked(pid):
+        for process in [spawner, *children_marked(spawner)]:
+            try:
+                times.update(cpu_run_by_thread(process))
+            except OSError:  # gone meanwhile
+                continue
     return times
 
 
@@ -1064,6 +1084,34 @@ def status_kib(pid: int, key: str) -> int:
             if line.startswith(key + ":"):
                 return int(line.split()[1])
     raise BenchError(f"no {key} in /proc/{pid}/status")
+
+
+class CpuSampler:
+    """own_threads every CPU_SAMPLE_S, each thread's latest reading kept: a
+    thread that ends inside the window keeps the CPU it had used by its last
+    sample.  pgworker on Python 3.11 waits for each CLI in a thread of its
+    own (asyncio's ThreadedChildWatcher), which ends with the stage; read
+    only at both ends of the window, those threads' CPU would be lost."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.seen = own_threads(pid)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(CPU_SAMPLE_S):
+            try:
+                self.seen.update(own_threads(self.pid))
+            except OSError:  # the worker is gone
+                return
+
+    def stop(self) -> dict[str, int]:
+        self._stop.set()
+        self._thread.join()
+        self.seen.update(own_threads(self.pid))
+        return self.seen
 
 
 class RssSampler:
@@ -1197,11 +1245,12 @@ def measure_latency(backend: Backend, worker: Worker, tag: str, lines: int) -> d
 def measure_concurrent(backend: Backend, worker: Worker, tag: str, stages: int, lines: int,
                        expected: Callable[[int, str], tuple[int, int]]) -> dict[str, Any]:
     stage_ids = [f"conc-{tag}-{i:02d}" for i in range(stages)]
-    cpu0 = own_threads(worker.pid)
+    sampler = CpuSampler(worker.pid)
+    cpu0 = dict(sampler.seen)
     start = backend.mark()
     sent = backend.send(worker.label, [stage_request(s, ["lines", str(lines), s]) for s in stage_ids])
     exits = wait_exits(backend, worker, set(stage_ids), start, 300)
-    cpu1 = own_threads(worker.pid)
+    cpu1 = sampler.stop()
     problems = [f"{s}: {p}" for s, e in sorted(exits.items()) for p in stage_problems(e, expected(lines, s))]
     return {
         "conc_frames": sum(e["frames"] for e in exits.values()),
