@@ -145,9 +145,10 @@ Measurements
   subtracts it from its own time.time() when the line arrives.
 * 50 stages x 2,000 lines (one write each): wall time from the first request
   to the last exit, worker CPU (schedstat, to the nanosecond; for pgw the
-  daemon, its stage spawner, the helper that forks the stage roots, and the
+  daemon and its stage spawner, the helper that forks the stage roots; the
   roots, which start the CLIs and wait for them as pgworker does in its own
-  process; the CLIs are not counted), sampled every 10 ms so that a thread
+  process, in a row of their own; the CLIs are not counted), sampled every
+  10 ms so that a thread
   ending within the window (pgworker's per-CLI waiter threads, on Python
   3.11) keeps what it used, and whether every
   stage's output arrived whole, in seq order, after an ack, with returncode 0.
@@ -1034,10 +1035,12 @@ def cpu_run_by_thread(pid: int) -> dict[str, int]:
 
 
 # pgw forks its stage roots from a helper process of its own, the stage
-# spawner, a child of the worker; the spawner and the roots (its children,
-# forked from it, so with its command line) are pgw's code doing pgw's work,
-# as pgworker does it in its own process: what they cost is the worker's too.
+# spawner, a child of the worker: what the spawner costs is the worker's.
+# The roots (the spawner's children, forked from it, so with its command
+# line) start the CLIs and wait for them, as pgworker does in its own
+# process; they are read too, and shown in a row of their own.
 SPAWNER_MARK = b"def stage_root("
+ROOT_PREFIX = "root "  # own_threads' key for a root's thread
 
 
 def children_marked(pid: int) -> list[int]:
@@ -1057,25 +1060,28 @@ def children_marked(pid: int) -> list[int]:
 
 
 def own_threads(pid: int) -> dict[str, int]:
-    """cpu_run_by_thread of the worker, of its stage spawner and of the
-    spawner's stage roots, if it has them (not of the CLIs they run).  A root
-    that exits between two readings takes its CPU with it (pgw ends a root
-    left free for 30 s, longer than any measurement here)."""
+    """cpu_run_by_thread of the worker and of its stage spawner, if it has
+    one, and of the spawner's stage roots (keys starting ROOT_PREFIX); not of
+    the CLIs they run."""
     times = cpu_run_by_thread(pid)
     for spawner in children_marked(pid):
-        for process in [spawner, *children_marked(spawner)]:
-            try:
-                times.update(cpu_run_by_thread(process))
-            except OSError:  # gone meanwhile
-                continue
+        try:
+            times.update(cpu_run_by_thread(spawner))
+            for root in children_marked(spawner):
+                times.update({ROOT_PREFIX + key: spent for key, spent in cpu_run_by_thread(root).items()})
+        except OSError:  # gone meanwhile
+            continue
     return times
 
 
-def cpu_run_since(before: dict[str, int], after: dict[str, int]) -> float:
-    """Seconds of CPU between two readings, thread by thread: a thread that
-    ended in between (trio ends idle worker threads after 10 s) takes its
-    whole past with it from a plain sum, which could then even fall."""
-    return sum(spent - before.get(thread, 0) for thread, spent in after.items()) / 1e9
+def cpu_run_since(before: dict[str, int], after: dict[str, int], roots: bool = False) -> float:
+    """Seconds of CPU between two readings, thread by thread (of pgw's stage
+    roots, or of the rest): a thread that ended in between (trio ends idle
+    worker threads after 10 s) takes its whole past with it from a plain
+    sum, which could then even fall."""
+    return sum(
+        spent - before.get(thread, 0) for thread, spent in after.items() if thread.startswith(ROOT_PREFIX) == roots
+    ) / 1e9
 
 
 def status_kib(pid: int, key: str) -> int:
@@ -1256,6 +1262,7 @@ def measure_concurrent(backend: Backend, worker: Worker, tag: str, stages: int, 
         "conc_frames": sum(e["frames"] for e in exits.values()),
         "conc_wall_s": max(e["t"] for e in exits.values()) - sent["t"],
         "conc_cpu_s": cpu_run_since(cpu0, cpu1),
+        "conc_roots_cpu_s": cpu_run_since(cpu0, cpu1, roots=True) if worker.name == "pgw" else None,
         "conc_intact": not problems,
         "conc_problems": problems[:10],
     }
@@ -1692,9 +1699,11 @@ METRICS = [
     ("conc_wall_s", "{stages} stages x {lines} lines: wall (s)", "{:.2f}", None),
     ("conc_frames", "{stages} stages x {lines} lines: output messages", "{:.0f}", None),
     ("conc_cpu_s", "{stages} stages x {lines} lines: worker CPU (s)", "{:.2f}", ("ratio<=", 1.0)),
+    ("conc_roots_cpu_s", "  and pgw's stage roots' (s)", "{:.2f}", None),
     ("conc_intact", "{stages} stages x {lines} lines: all intact (rounds)", None, ("all", None)),
     ("conc_again_frames", "the same again at once: output messages", "{:.0f}", None),
     ("conc_again_cpu_s", "the same again at once: worker CPU (s)", "{:.2f}", ("ratio<=", 1.0)),
+    ("conc_again_roots_cpu_s", "  and pgw's stage roots' (s)", "{:.2f}", None),
     ("conc_again_intact", "the same again at once: all intact (rounds)", None, ("all", None)),
     ("idle_rss_mb", "idle RSS after {idle} s connected (MB)", "{:.1f}", ("ratio<=", 1.0)),
     ("idle_cpu_ms_per_min", "idle CPU while connected (ms per minute)", "{:.1f}", ("ratio<=", 1.0)),

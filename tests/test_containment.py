@@ -510,6 +510,27 @@ while not os.path.exists({str(gate)!r}):
             assert (await connection.stage_result("later")).returncode == 0
 
 
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
+async def test_a_free_root_killed_or_stopped_meanwhile_costs_the_next_stage_nothing(tmp_path, environ, stub_bin, signum):
+    # Killed by the OOM killer or a user, or stopped (which the spawner meets
+    # with SIGKILL), while it waits for a stage: the next goes to a new root.
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli="codex"))
+            first_root, _ = root_and_others((await connection.stage_result("s1")).stdout)
+            os.kill(first_root, signum)
+            for _ in range(200):
+                if not is_alive(first_root):
+                    break
+                await trio.sleep(0.01)
+            assert not is_alive(first_root), "precondition: the root is gone"
+            await connection.send(request("s2", cli="codex"))
+            second = await connection.stage_result("s2")
+    assert (second.returncode, second.error) == (0, None)
+    assert root_and_others(second.stdout)[0] != first_root
+
+
 async def test_free_roots_end_with_the_daemon_and_are_reaped_by_it(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
     with trio.fail_after(30):
