@@ -210,6 +210,9 @@ F_SETPIPE_SZ = 1031
 # What execve takes in arguments and environment together (Linux: a quarter of
 # the stack limit, at least 128 KiB); a request past it is refused before a slot.
 EXEC_MAX_BYTES = os.sysconf("SC_ARG_MAX") if hasattr(os, "sysconf") else 256 * 1024
+# Linux also limits each one string, NAME=value or argument, with its NUL, to
+# 32 pages (MAX_ARG_STRLEN): past it execve fails with E2BIG.
+EXEC_STRING_MAX_BYTES = 32 * os.sysconf("SC_PAGE_SIZE") if sys.platform.startswith("linux") else None
 # os.fsencode's codec, for a string it encodes.
 FS_ENCODING, FS_ERRORS = sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
 
@@ -2084,6 +2087,13 @@ def prepare_stage(
             f"the arguments and environment come to {exec_bytes} bytes, more than the {EXEC_MAX_BYTES} "
             "this system lets a program start with: send a long prompt on standard input"
         )
+    if EXEC_STRING_MAX_BYTES is not None and exec_bytes > EXEC_STRING_MAX_BYTES:  # else none can be
+        longest = max(len(string.encode(FS_ENCODING, FS_ERRORS)) + 1 for string in strings)
+        if longest > EXEC_STRING_MAX_BYTES:
+            raise StageRejected(
+                f"one argument or environment variable comes to {longest} bytes, more than the "
+                f"{EXEC_STRING_MAX_BYTES} this system lets one be: send a long prompt on standard input"
+            )
     return PreparedStage(request, scratch_root / request.stage_run_id, argv, environ, files)
 
 

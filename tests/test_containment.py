@@ -412,6 +412,45 @@ async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path
     assert "send a long prompt on standard input" in result.error
 
 
+@pytest.mark.parametrize("where", ["prompt", "argument", "environment"])
+async def test_one_string_too_long_for_execve_is_refused_before_it_starts(tmp_path, environ, stub_bin, where):
+    # Linux takes at most 32 pages in any one argument or NAME=value, whatever the total.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    name = len("LONG=") if where == "environment" else 0
+    long = "p" * (pgw.EXEC_STRING_MAX_BYTES - name)  # one byte over, with the NUL
+    fits = "p" * (pgw.EXEC_STRING_MAX_BYTES - name - 1)
+    asked = {
+        "prompt": lambda text: request("s", stdin=text, stdin_mode="argv_last"),
+        "argument": lambda text: request("s", cli_args=[text]),
+        "environment": lambda text: request("s", env={"LONG": text}),
+    }[where]
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send({**asked(long), "stage_run_id": "long"})
+            refused = await connection.stage_result("long")
+            await connection.send({**asked(fits), "stage_run_id": "fits"})
+            ran = await connection.stage_result("fits")
+    assert refused.ack is None and refused.returncode == -1
+    assert f"comes to {pgw.EXEC_STRING_MAX_BYTES + 1} bytes" in refused.error
+    assert "send a long prompt on standard input" in refused.error
+    assert (ran.returncode, ran.stdout) == (0, "ran\n")
+
+
+async def test_a_request_larger_than_a_socket_holds_reaches_a_new_root_and_a_free_one_whole(tmp_path, environ, stub_bin):
+    # 600 KB of arguments: more than a Unix socket takes at once, so the rest
+    # of the request follows the first send, to the spawner, then to a root.
+    write_stub_cli(stub_bin, "claude", "import os, sys\nprint(os.getppid(), sum(len(a) for a in sys.argv[1:]), flush=True)")
+    cli_args = [chr(ord("a") + n) * 100_000 for n in range(6)]
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("new-root", cli_args=cli_args))
+            first = await connection.stage_result("new-root")
+            await connection.send(request("free-root", cli_args=cli_args))
+            second = await connection.stage_result("free-root")
+    assert first.stdout.split()[1] == second.stdout.split()[1] == "600000"
+    assert first.stdout.split()[0] == second.stdout.split()[0], "the second stage did not go to the free root"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["killed", "stopped"])
 @pytest.mark.parametrize("kind", ESCAPES)
 async def test_a_cli_that_kills_or_stops_its_stage_root_takes_nothing_past_the_stage(tmp_path, environ, stub_bin, kind, signum):
