@@ -1739,7 +1739,7 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # costs pgw more CPU than these two pipes.)
 
 STAGE_SPAWNER_SOURCE = r"""
-import gc, json, os, select, signal, socket, struct, sys, time
+import errno, gc, json, os, select, signal, socket, struct, sys, time
 
 LINUX = sys.platform.startswith("linux")
 if LINUX:
@@ -1823,6 +1823,10 @@ def start_cli(request, stdio):
         )
     except NotImplementedError:  # a C library without setsid for posix_spawn
         return fork_cli(request, stdio)
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:
+            raise
+        return fork_cli(request, stdio)  # a system older than its headers: macOS before 10.15
     finally:
         if before is not None:
             os.umask(before)
