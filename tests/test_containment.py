@@ -384,20 +384,14 @@ async def test_the_free_roots_of_a_spawner_that_died_are_not_taken_again(tmp_pat
     write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
     with trio.fail_after(30):
         async with connected(tmp_path, environ) as (_, worker, connection):
-            await connection.send(request("s1", cli="codex"))
-            first_root, _ = root_and_others((await connection.stage_result("s1")).stdout)
+            first_root = await root_of_a_stage(connection, "s1")
             assert is_alive(first_root), "precondition: the root waits for the next stage"
             worker.spawner._process.kill()
             worker.spawner._process.wait()
-            await connection.send(request("s2", cli="codex"))
-            second_root, _ = root_and_others((await connection.stage_result("s2")).stdout)
+            second_root = await root_of_a_stage(connection, "s2")
             assert second_root != first_root
             assert worker.spawner._process.pid in [parent for pid, parent, _ in live_processes() if pid == second_root]
-            for _ in range(100):
-                if not is_alive(first_root):
-                    break
-                await trio.sleep(0.01)
-            assert not is_alive(first_root), "the dead spawner's free root lives on"
+            assert await gone(first_root), "the dead spawner's free root lives on"
 
 
 async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path, environ, stub_bin):
@@ -497,6 +491,22 @@ def root_and_others(stdout: str) -> tuple[int, str]:
     return int(root), others.strip()
 
 
+async def root_of_a_stage(connection, stage_run_id: str) -> int:
+    """The root a WHO_IS_MY_ROOT stage (as `codex`) ran under."""
+    await connection.send(request(stage_run_id, cli="codex"))
+    result = await connection.stage_result(stage_run_id)
+    assert result.returncode == 0, result.error
+    return root_and_others(result.stdout)[0]
+
+
+async def gone(pid: int, within_s: float = 2.0) -> bool:
+    """Whether `pid` is gone (not even a zombie) within `within_s`."""
+    with trio.move_on_after(within_s):
+        while Path(f"/proc/{pid}").exists():
+            await trio.sleep(0.01)
+    return not Path(f"/proc/{pid}").exists()
+
+
 async def test_a_root_takes_the_next_stage_only_once_nothing_of_the_last_is_left(tmp_path, environ, stub_bin):
     marker = f"pgw-escapee-{uuid.uuid4().hex}"
     write_stub_cli(stub_bin, "claude", STUB.format(
@@ -556,33 +566,20 @@ async def test_a_free_root_killed_or_stopped_meanwhile_costs_the_next_stage_noth
     write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
     with trio.fail_after(30):
         async with connected(tmp_path, environ) as (_, _, connection):
-            await connection.send(request("s1", cli="codex"))
-            first_root, _ = root_and_others((await connection.stage_result("s1")).stdout)
+            first_root = await root_of_a_stage(connection, "s1")
             os.kill(first_root, signum)
-            for _ in range(200):
-                if not is_alive(first_root):
-                    break
-                await trio.sleep(0.01)
-            assert not is_alive(first_root), "precondition: the root is gone"
-            await connection.send(request("s2", cli="codex"))
-            second = await connection.stage_result("s2")
-    assert (second.returncode, second.error) == (0, None)
-    assert root_and_others(second.stdout)[0] != first_root
+            assert await gone(first_root), "precondition: the root is gone"
+            assert await root_of_a_stage(connection, "s2") != first_root
 
 
 async def test_free_roots_end_with_the_daemon_and_are_reaped_by_it(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
     with trio.fail_after(30):
         async with connected(tmp_path, environ) as (_, _, connection):
-            await connection.send(request("s1", cli="codex"))
-            root, _ = root_and_others((await connection.stage_result("s1")).stdout)
+            root = await root_of_a_stage(connection, "s1")
             assert is_alive(root), "precondition: the root waits for the next stage"
         # Gone, not even a zombie handed to init: the spawner reaps it before exiting.
-        for _ in range(100):
-            if not Path(f"/proc/{root}").exists():
-                break
-            await trio.sleep(0.01)
-        assert not Path(f"/proc/{root}").exists(), "a free root outlived the daemon, or was left to init to reap"
+        assert await gone(root, within_s=1.0), "a free root outlived the daemon, or was left to init to reap"
 
 
 # What a CLI started by the root sees of its start: run by the CLI itself.
