@@ -2276,13 +2276,17 @@ class StageSpawner:
                     raise
             return link
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        with theirs:
-            sent = self._send_now(message, [*fds, theirs.fileno()])
-            if sent < len(message):
-                # Shielded: half a request would leave the stream out of step for every later stage.
-                with trio.CancelScope(shield=True):
-                    async with self._lock:
-                        await self._send(message, [*fds, theirs.fileno()], sent)
+        try:
+            with theirs:
+                sent = self._send_now(message, [*fds, theirs.fileno()])
+                if sent < len(message):
+                    # Shielded: half a request would leave the stream out of step for every later stage.
+                    with trio.CancelScope(shield=True):
+                        async with self._lock:
+                            await self._send(message, [*fds, theirs.fileno()], sent)
+        except BaseException:
+            ours.close()
+            raise
         return RootLink(ours, self._started)
 
     def _send_now(self, message: bytes, fds: list[int]) -> int:
