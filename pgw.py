@@ -318,9 +318,9 @@ class Timing:
     # slow disk takes seconds; a spawner that has not forked one in this long
     # (stopped, stuck) is killed and the stage refused.
     spawner_answer_s: float = 30.0
-    # A stage root runs stage after stage (handing it a stage costs the spawner
-    # about 0.2 ms of CPU, a fork about 0.65); one left without a stage this
-    # long exits, since its memory is the user's.
+    # A stage root runs stage after stage (a new one costs about 1 ms of CPU,
+    # the spawner's fork and the root's first pages); one left without a stage
+    # this long is ended, since its memory is the user's.
     root_idle_s: float = 30.0
     # How stale `pgw status` may be, at most.
     state_write_interval_s: float = 0.5
