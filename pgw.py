@@ -2259,21 +2259,18 @@ class StageSpawner:
     async def _hand_over(self, message: bytes, fds: list[int]) -> RootLink:
         """The request sent to a free root, else to the spawner with a new
         root's socket; that root's link."""
-        if self.free and self._process is not None and self._process.poll() is not None:
-            self.close()  # its roots are no longer contained if they die: none is taken again
+        if self.free and not self._spawner_runs():
+            # The free roots' subreaper, which keeps a stage whose root dies: none is taken again.
+            self.discard()
         while (link := self.free.take()) is not None:
             try:
                 sent = send_now(link.socket, message, fds)
-            except OSError:  # it ended meanwhile (killed, or the spawner that forked it died)
-                link.close()
-                continue
-            if sent < len(message):
-                try:
+                if sent < len(message):
                     with trio.CancelScope(shield=True), trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
                         await send_rest(link.stream, message, sent)
-                except BaseException:
-                    link.close()
-                    raise
+            except (OSError, trio.TooSlowError):  # it ended meanwhile, or takes nothing: the next one
+                link.close()
+                continue
             return link
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -2288,6 +2285,20 @@ class StageSpawner:
             ours.close()
             raise
         return RootLink(ours, self._started)
+
+    def _spawner_runs(self) -> bool:
+        """Whether the spawner is alive and not stopped.  pgw, its parent, looks
+        without reaping it (a stop is not poll()'s); macOS has no waitid, and
+        no subreaper behind its roots either."""
+        if self._process is None:
+            return False
+        if not hasattr(os, "waitid"):
+            return self._process.poll() is None
+        try:
+            changed = os.waitid(os.P_PID, self._process.pid, os.WEXITED | os.WSTOPPED | os.WNOHANG | os.WNOWAIT)
+        except ChildProcessError:
+            return False
+        return changed is None
 
     def _send_now(self, message: bytes, fds: list[int]) -> int:
         """As much of the request as the socket takes without waiting (nearly
@@ -2405,6 +2416,7 @@ class StageRoot:
                 return None
             self._pending += chunk
         line, self._pending = self._pending.split(b"\n", 1)
+        self.free = self.free or line == b"free"  # its last line, which whoever reads on may meet
         return line
 
     async def started(self, cli: str, spawner_failure: typing.Callable[[], typing.Awaitable[Optional[str]]]) -> int:
@@ -2449,8 +2461,8 @@ class StageRoot:
         self.close_commands()
         with trio.move_on_after(wait_s):
             await self.exited()
-            while (line := await self._report()) is not None:
-                self.free = line == b"free"
+            while await self._report() is not None:
+                pass
         if not self._ended:
             log.warning("a stage root did not end within %.0f s; it goes on killing the stage's processes", wait_s)
         self._reports.close()
@@ -3508,7 +3520,8 @@ class Daemon:
         self._reminder_s, self._next_reminder = self.timing.reconnect_reminder_s, math.inf
         self.stage_umask = stage_umask  # None: the stages get pgw's own
         self.environ = dict(os.environ if environ is None else environ)
-        self.scratch_root = home / "scratch"
+        # Absolute: a stage root that ran a stage before has its working directory at /.
+        self.scratch_root = Path(os.path.abspath(home / "scratch"))
         self.stages: dict[str, StageRun] = {}
         self.spawner = StageSpawner(self.timing.root_idle_s)
         self.slots = trio.Semaphore(settings.max_stages) if settings.max_stages > 0 else None

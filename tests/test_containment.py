@@ -30,7 +30,7 @@ import pgw
 from backend import open_backend
 from conftest import write_stub_cli
 from test_faults import is_alive, pgw_daemon, pyz_pgw  # noqa: F401 - pyz_pgw is a fixture
-from test_run import cancel, connected, environ, live_processes, request  # noqa: F401 - environ is a fixture
+from test_run import cancel, connected, environ, live_processes, request, running_worker  # noqa: F401 - environ is a fixture
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the subreaper and /proc are Linux's")
 
@@ -378,20 +378,23 @@ async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_p
                     stopped.wait()
 
 
-async def test_the_free_roots_of_a_spawner_that_died_are_not_taken_again(tmp_path, environ, stub_bin):
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["died", "stopped"])
+async def test_the_free_roots_of_a_spawner_that_died_or_stopped_are_not_taken_again(tmp_path, environ, stub_bin, signum):
     # Were its root killed, a stage's processes would pass to the spawner that
-    # forked it, and with that one dead, to init: out of reach.
+    # forked it: with that one dead, to init, and with it stopped, to no one
+    # who kills them.  A CLI can stop the spawner (its grandparent) as easily.
     write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
     with trio.fail_after(30):
         async with connected(tmp_path, environ) as (_, worker, connection):
             first_root = await root_of_a_stage(connection, "s1")
             assert is_alive(first_root), "precondition: the root waits for the next stage"
-            worker.spawner._process.kill()
-            worker.spawner._process.wait()
+            first_spawner = worker.spawner._process
+            os.kill(first_spawner.pid, signum)
             second_root = await root_of_a_stage(connection, "s2")
             assert second_root != first_root
             assert worker.spawner._process.pid in [parent for pid, parent, _ in live_processes() if pid == second_root]
-            assert await gone(first_root), "the dead spawner's free root lives on"
+            assert await gone(first_root), "the old spawner's free root lives on"
+            assert first_spawner.poll() is not None, "the stopped spawner was left stopped"
 
 
 async def test_a_prompt_too_long_for_execve_is_refused_before_it_starts(tmp_path, environ, stub_bin):
@@ -557,6 +560,39 @@ while not os.path.exists({str(gate)!r}):
             assert worker.spawner._process.poll() is None, "the spawner ended with its roots"
             await connection.send(request("later", cli="codex"))
             assert (await connection.stage_result("later")).returncode == 0
+
+
+async def test_a_root_whose_cli_could_not_start_takes_the_next_stage(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
+    (stub_bin / "claude").write_text("#!/nonexistent/interpreter\n")
+    (stub_bin / "claude").chmod(0o755)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            root = await root_of_a_stage(connection, "s1")
+            await connection.send(request("not-started"))
+            refused = await connection.stage_result("not-started")
+            assert (refused.ack, refused.error) == (None, "cannot start claude: No such file or directory")
+            assert await root_of_a_stage(connection, "s3") == root
+
+
+async def test_a_home_given_as_a_relative_path_serves_stage_after_stage(tmp_path, environ, stub_bin, monkeypatch):
+    # A root that ran a stage has its working directory at /, where a relative
+    # scratch directory would not be found.
+    write_stub_cli(stub_bin, "claude", "import os\nprint(os.getcwd(), os.getppid(), flush=True)")
+    monkeypatch.chdir(tmp_path)
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with running_worker(backend, Path("home"), environ):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                results = []
+                for n in range(3):
+                    await connection.send(request(f"s{n}"))
+                    results.append(await connection.stage_result(f"s{n}"))
+    assert [(r.returncode, r.stdout.split()[0]) for r in results] == [
+        (0, str(tmp_path / "home" / "scratch" / f"s{n}")) for n in range(3)
+    ]
+    assert len({r.stdout.split()[1] for r in results}) == 1, "the stages did not all run under one root"
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
