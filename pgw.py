@@ -2402,6 +2402,7 @@ class StageRoot:
         self.stderr = trio.lowlevel.FdStream(stderr)
         self._pending = b""
         self._ended = False  # the report pipe's end of file: the root is gone
+        self._waited = False  # kill() waited for that, or gave up
         self.cli_pid: Optional[int] = None
         self.returncode: Optional[int] = None
         self.lost = False  # the root died before the CLI's exit: killed from outside
@@ -2455,16 +2456,18 @@ class StageRoot:
             self._commands = None
 
     async def kill(self, wait_s: float) -> None:
-        """Kill everything the stage started and wait for the root to go (once)."""
-        if self._commands is None:
-            return
+        """Kill everything the stage started and wait for the root to go (once:
+        a wait cancelled from outside is waited out again by the next call)."""
         self.close_commands()
+        if self._waited:
+            return
         with trio.move_on_after(wait_s):
             await self.exited()
             while await self._report() is not None:
                 pass
         if not self._ended:
             log.warning("a stage root did not end within %.0f s; it goes on killing the stage's processes", wait_s)
+        self._waited = True
         self._reports.close()
 
     def close_pipes(self) -> None:
