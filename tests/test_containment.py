@@ -29,7 +29,7 @@ import trio
 import pgw
 from backend import open_backend
 from conftest import write_stub_cli
-from test_faults import is_alive, pgw_daemon, pyz_pgw  # noqa: F401 - pyz_pgw is a fixture
+from test_faults import is_alive, pgw_daemon, process_state, pyz_pgw  # noqa: F401 - pyz_pgw is a fixture
 from test_run import cancel, connected, environ, live_processes, request, running_worker  # noqa: F401 - environ is a fixture
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="the subreaper and /proc are Linux's")
@@ -390,6 +390,9 @@ async def test_the_free_roots_of_a_spawner_that_died_or_stopped_are_not_taken_ag
             assert is_alive(first_root), "precondition: the root waits for the next stage"
             first_spawner = worker.spawner._process
             os.kill(first_spawner.pid, signum)
+            with trio.fail_after(5):  # a signal takes effect when its process next runs
+                while process_state(first_spawner.pid) not in ("T", "Z", None):
+                    await trio.sleep(0.001)
             second_root = await root_of_a_stage(connection, "s2")
             assert second_root != first_root
             assert worker.spawner._process.pid in [parent for pid, parent, _ in live_processes() if pid == second_root]
