@@ -2275,12 +2275,12 @@ class StageSpawner:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             with theirs:
-                sent = self._send_now(message, [*fds, theirs.fileno()])
+                sent_to, sent = self._control, self._send_now(message, [*fds, theirs.fileno()])
                 if sent < len(message):
                     # Shielded: half a request would leave the stream out of step for every later stage.
                     with trio.CancelScope(shield=True):
                         async with self._lock:
-                            await self._send(message, [*fds, theirs.fileno()], sent)
+                            await self._send(message, [*fds, theirs.fileno()], sent, sent_to)
         except BaseException:
             ours.close()
             raise
@@ -2310,17 +2310,22 @@ class StageSpawner:
         except OSError:  # full (BlockingIOError), or the spawner died: `_send` waits, or starts it again
             return 0
 
-    async def _send(self, message: bytes, fds: list[int], sent: int = 0) -> None:
-        """The request from byte `sent` on (its fds went with byte 0)."""
+    async def _send(
+        self, message: bytes, fds: list[int], sent: int = 0, sent_to: Optional[trio.socket.SocketType] = None
+    ) -> None:
+        """The request from byte `sent` on (its fds went with byte 0) if those
+        went to the spawner still running, else all of it."""
         for attempt in (1, 2):  # a spawner that died (killed by hand, OOM) is started again, once
             try:
                 control = self._control or self._start()
+                if control is not sent_to:  # started again meanwhile, by another stage: it saw none of it
+                    sent = 0
                 with trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
                     if sent == 0:
                         sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
                     await send_rest(control, message, sent)
                 return
-            except (OSError, trio.TooSlowError) as exc:
+            except (OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:  # closed: discarded meanwhile
                 sent = 0  # a spawner started again has seen nothing of it
                 self.discard()
                 if attempt == 2:
