@@ -1834,7 +1834,12 @@ def start_cli(request, stdio):
 
 def fork_cli(request, stdio):
     failed_r, failed_w = os.pipe()
-    cli = os.fork()
+    try:
+        cli = os.fork()
+    except OSError:  # the root lives on, stage after stage: nothing of this one may stay open
+        os.close(failed_r)
+        os.close(failed_w)
+        raise
     if cli == 0:
         try:
             os.setsid()
@@ -2007,10 +2012,11 @@ def sweep(roots):
 
 def end(roots):
     # pgw closed the socket of every free root before this one: they exit at
-    # once, and are reaped here rather than left to init (busy ones end with
-    # their stage).
+    # once, and are reaped here rather than left to init.  A busy one (with a
+    # child) ends with its stage, later: not waited for.
+    waiting = {root for root in roots if not LINUX or not children(root)}
     deadline = time.monotonic() + 1.0
-    while roots and time.monotonic() < deadline:
+    while waiting & roots and time.monotonic() < deadline:
         sweep(roots)
         time.sleep(0.001)
 
@@ -2354,7 +2360,8 @@ class StageSpawner:
                 await trio.sleep(0.01)
         if process.returncode is None:
             return None
-        self.close()
+        if self._process is process:  # not one another stage has started since
+            self.close()
         why = f"the stage spawner ({sys.executable}) exited with status {process.returncode}"
         log.warning("%s; what it said went to pgw's standard error", why)
         return why
