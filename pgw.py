@@ -1698,8 +1698,8 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # stage's processes are exactly the root's descendants, whatever they do.
 # The root starts the CLI in a session of its own (posix_spawn, which copies
 # nothing of the root: a fork and exec where the C library cannot start a
-# session that way), reports its pid and its exit on a pipe, reaps every orphan, and relays pgw's SIGTERM to the CLI's
-# group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
+# session that way), reports its pid and its exit on a pipe, reaps every
+# orphan, and relays pgw's SIGTERM to the CLI's group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
 # however it dies -- it kills its descendants until a pass finds none, then
 # closes the stage's pipes: their end of file tells pgw that nothing of the
 # stage is left.  Elsewhere (macOS) there is no subreaper: the root kills the
@@ -2135,16 +2135,35 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
     return StageExit(stage_run_id, returncode, outcome.duration_ms, error)
 
 
-class RootLink:
-    """pgw's end of one stage root's socket: requests go straight to the root."""
+class Link:
+    """pgw's end of the Unix socket to the spawner or to one stage root, which
+    exits at its end of file: `socket` for a send that does not wait, `stream`
+    (the same socket) for one that does."""
 
     def __init__(self, sock: socket.socket, spawner: int) -> None:
         self.socket = sock
         self.stream = trio.socket.from_stdlib_socket(sock)  # which makes it non-blocking
-        self.spawner = spawner  # which spawner forked it: one that died no longer contains its stages
+        self.spawner = spawner  # which spawner it leads to: a root of one that died is contained no more
+
+    def send_now(self, message: bytes, fds: list[int]) -> int:
+        """What the socket takes of `message` at once, `fds` with its first byte."""
+        return self.socket.sendmsg([message], fd_rights(fds))
+
+    async def send(self, message: bytes, fds: list[int], sent: int = 0) -> None:
+        """`message` from byte `sent` on, waiting as the socket needs (`fds` with byte 0)."""
+        if sent == 0:
+            sent = await self.stream.sendmsg([message], fd_rights(fds))
+        view = memoryview(message)
+        while sent < len(view):
+            sent += await self.stream.send(view[sent:])
 
     def close(self) -> None:
-        self.stream.close()  # the root exits at its end of file
+        self.stream.close()
+
+
+def fd_rights(fds: list[int]) -> list[tuple[int, int, bytes]]:
+    """sendmsg's ancillary data passing `fds` (SCM_RIGHTS)."""
+    return [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))]
 
 
 class FreeRoots:
@@ -2153,17 +2172,17 @@ class FreeRoots:
 
     def __init__(self, idle_s: float) -> None:
         self._idle_s = idle_s
-        self._since: dict[RootLink, float] = {}  # oldest first
+        self._since: dict[Link, float] = {}  # oldest first
         self._freed = trio.Event()
 
     def __len__(self) -> int:
         return len(self._since)
 
-    def put(self, link: RootLink) -> None:
+    def put(self, link: Link) -> None:
         self._since[link] = trio.current_time()
         self._freed.set()
 
-    def take(self) -> Optional[RootLink]:
+    def take(self) -> Optional[Link]:
         return self._since.popitem()[0] if self._since else None
 
     def clear(self) -> None:
@@ -2196,12 +2215,11 @@ class StageSpawner:
     def __init__(self, root_idle_s: float) -> None:
         self.free = FreeRoots(root_idle_s)
         self._process: Optional[subprocess.Popen[bytes]] = None
-        self._control: Optional[trio.socket.SocketType] = None
-        self._socket: Optional[socket.socket] = None  # the same socket, for a send that does not wait
+        self._control: Optional[Link] = None
         self._lock = trio.Lock()  # one request at a time on the stream
         self._started = 0  # how many spawners were started: which one a root came from
 
-    def _start(self) -> trio.socket.SocketType:
+    def _start(self) -> Link:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             # Started once, between stages: a plain fork here costs less than trio's thread
@@ -2215,8 +2233,7 @@ class StageSpawner:
                 env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
         self._started += 1
-        self._socket = ours
-        self._control = trio.socket.from_stdlib_socket(ours)  # which makes it non-blocking
+        self._control = Link(ours, self._started)
         return self._control
 
     async def spawn(self, prepared: PreparedStage, prompt: Optional[bytes], umask: Optional[int]) -> "StageRoot":
@@ -2262,7 +2279,7 @@ class StageSpawner:
                 os.close(fd)
         return root
 
-    async def _hand_over(self, message: bytes, fds: list[int]) -> RootLink:
+    async def _hand_over(self, message: bytes, fds: list[int]) -> Link:
         """The request sent to a free root, else to the spawner with a new
         root's socket; that root's link."""
         if self.free and not self._spawner_runs():
@@ -2270,10 +2287,10 @@ class StageSpawner:
             self.discard()
         while (link := self.free.take()) is not None:
             try:
-                sent = send_now(link.socket, message, fds)
+                sent = link.send_now(message, fds)
                 if sent < len(message):
                     with trio.CancelScope(shield=True), trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
-                        await send_rest(link.stream, message, sent)
+                        await link.send(message, fds, sent)
             except (OSError, trio.TooSlowError):  # it ended meanwhile, or takes nothing: the next one
                 link.close()
                 continue
@@ -2290,7 +2307,7 @@ class StageSpawner:
         except BaseException:
             ours.close()
             raise
-        return RootLink(ours, self._started)
+        return Link(ours, self._started)
 
     def _spawner_runs(self) -> bool:
         """Whether the spawner is alive and not stopped.  pgw, its parent, looks
@@ -2309,16 +2326,14 @@ class StageSpawner:
     def _send_now(self, message: bytes, fds: list[int]) -> int:
         """As much of the request as the socket takes without waiting (nearly
         always all of it: a task switch and two cancel scopes fewer per stage)."""
-        if self._socket is None or self._lock.locked():
+        if self._control is None or self._lock.locked():
             return 0
         try:
-            return send_now(self._socket, message, fds)
+            return self._control.send_now(message, fds)
         except OSError:  # full (BlockingIOError), or the spawner died: `_send` waits, or starts it again
             return 0
 
-    async def _send(
-        self, message: bytes, fds: list[int], sent: int = 0, sent_to: Optional[trio.socket.SocketType] = None
-    ) -> None:
+    async def _send(self, message: bytes, fds: list[int], sent: int = 0, sent_to: Optional[Link] = None) -> None:
         """The request from byte `sent` on (its fds went with byte 0) if those
         went to the spawner still running, else all of it."""
         for attempt in (1, 2):  # a spawner that died (killed by hand, OOM) is started again, once
@@ -2327,9 +2342,7 @@ class StageSpawner:
                 if control is not sent_to:  # started again meanwhile, by another stage: it saw none of it
                     sent = 0
                 with trio.fail_after(SPAWNER_SEND_TIMEOUT_S):
-                    if sent == 0:
-                        sent = await control.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
-                    await send_rest(control, message, sent)
+                    await control.send(message, fds, sent)
                 return
             except (OSError, trio.TooSlowError, trio.ClosedResourceError) as exc:  # closed: discarded meanwhile
                 sent = 0  # a spawner started again has seen nothing of it
@@ -2378,7 +2391,7 @@ class StageSpawner:
         self.free.clear()  # first: the spawner reaps them as it exits
         if self._control is not None:
             self._control.close()
-            self._control = self._socket = None
+            self._control = None
         if self._process is not None:
             try:
                 self._process.wait(SPAWNER_EXIT_WAIT_S)  # it exits at end of file on its socket
@@ -2386,17 +2399,6 @@ class StageSpawner:
                 self._process.kill()
                 self._process.wait()
             self._process = None
-
-
-def send_now(sock: socket.socket, message: bytes, fds: list[int]) -> int:
-    """What a non-blocking socket takes of `message` at once, `fds` with its first byte."""
-    return sock.sendmsg([message], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, struct.pack(f"{len(fds)}i", *fds))])
-
-
-async def send_rest(sock: trio.socket.SocketType, message: bytes, sent: int) -> None:
-    view = memoryview(message)
-    while sent < len(view):
-        sent += await sock.send(view[sent:])
 
 
 class StageRoot:
@@ -2419,7 +2421,7 @@ class StageRoot:
         self.returncode: Optional[int] = None
         self.lost = False  # the root died before the CLI's exit: killed from outside
         self.free = False  # it said it can take another stage: nothing of this one is left
-        self.link: Optional[RootLink] = None  # its socket, which the spawner takes back at the end
+        self.link: Optional[Link] = None  # its socket, which the spawner takes back at the end
 
     async def _report(self) -> Optional[bytes]:
         while b"\n" not in self._pending:
