@@ -1739,7 +1739,7 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # costs pgw more CPU than these two pipes.)
 
 STAGE_SPAWNER_SOURCE = r"""
-import errno, gc, json, os, select, signal, socket, struct, sys, time
+import errno, gc, json, os, resource, select, signal, socket, struct, sys, time
 
 LINUX = sys.platform.startswith("linux")
 if LINUX:
@@ -1783,19 +1783,42 @@ def descendants(root):
         todo += kids
     return found
 
+RLIMITS = [getattr(resource, name) for name in dir(resource) if name.startswith("RLIMIT_")]
+
+def inherited():
+    # What a process of the stage's user can change in its root from outside,
+    # which every later CLI of the root would inherit, and which the root
+    # cannot always undo (a hard limit lowered, a nice value raised).
+    state = [os.getpriority(os.PRIO_PROCESS, 0)]
+    for limit in RLIMITS:
+        try:
+            state.append(resource.getrlimit(limit))
+        except (OSError, ValueError):
+            state.append(None)
+    if LINUX:
+        state += [os.sched_getaffinity(0), os.sched_getscheduler(0), os.sched_getparam(0)]
+        try:
+            with open("/proc/self/oom_score_adj", "rb") as f:
+                state.append(f.read())
+        except OSError:
+            pass
+    return state
+
 def stage_root(link, request, fds):
     # In a root, forked from the spawner; never returns.  It runs stages one
-    # after another, each sent by pgw on `link`, until its end of file.
+    # after another, each sent by pgw on `link`, until its end of file, or
+    # until a stage changed what the next would inherit from it.
     if LINUX:
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
     signal.signal(signal.SIGCHLD, lambda *_: None)
+    born = inherited()
     while True:
         commands, reports, *stdio = fds
-        if not run_stage(json.loads(request), commands, reports, stdio, wake_r):
-            os._exit(0)  # a process of the stage outlived the kill: the spawner sweeps it
+        if not run_stage(json.loads(request), commands, reports, stdio, wake_r, born):
+            os._exit(0)  # what is left of the stage, if anything, the spawner sweeps
         try:
             received = receive(link, 5)
         except OSError:
@@ -1879,8 +1902,9 @@ def kill_all(cli, reap):
         left = reap()
     return left
 
-def run_stage(request, commands, reports, stdio, wake_r):
-    # One stage, in its root; True once no process of it is left.
+def run_stage(request, commands, reports, stdio, wake_r, born):
+    # One stage, in its root; True if the root may take another: no process of
+    # the stage is left, and it inherits now what it did when `born`.
     def report(line):
         try:
             os.write(reports, line)
@@ -1928,10 +1952,11 @@ def run_stage(request, commands, reports, stdio, wake_r):
                     pass
     left = kill_all(cli, reap)
     os.close(commands)
-    if not left:
+    reusable = not left and inherited() == born
+    if reusable:
         report(b"free\n")  # pgw may send the next stage on the link
     os.close(reports)  # its end of file tells pgw the stage's processes are gone
-    return not left
+    return reusable
 
 # Received fds close on exec (until a CLI takes its own as 0, 1, 2), in the
 # same recvmsg where the system can do it.  (socket.recv_fds of Python 3.11

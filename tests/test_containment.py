@@ -598,6 +598,47 @@ async def test_a_home_given_as_a_relative_path_serves_stage_after_stage(tmp_path
     assert len({r.stdout.split()[1] for r in results}) == 1, "the stages did not all run under one root"
 
 
+# What a process of the stage's user can change in its root from outside, and
+# every CLI the root starts afterwards would inherit.
+WHAT_I_INHERIT = """
+import os, resource
+limits = [resource.getrlimit(getattr(resource, name)) for name in sorted(dir(resource)) if name.startswith("RLIMIT_")]
+with open("/proc/self/oom_score_adj") as f:
+    oom = f.read().strip()
+print(os.getppid(), os.getpriority(os.PRIO_PROCESS, 0), limits, sorted(os.sched_getaffinity(0)),
+      os.sched_getscheduler(0), oom, flush=True)
+"""
+CHANGES_TO_THE_ROOT = {
+    "nice": "os.setpriority(os.PRIO_PROCESS, root, os.getpriority(os.PRIO_PROCESS, root) + 5)",
+    "rlimit": "resource.prlimit(root, resource.RLIMIT_NOFILE, (64, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))",
+    "affinity": "os.sched_setaffinity(root, {min(os.sched_getaffinity(root))})",
+    "scheduler": "os.sched_setscheduler(root, os.SCHED_BATCH, os.sched_param(0))",
+    "oom_score_adj": "open('/proc/%d/oom_score_adj' % root, 'w').write('500')",
+}
+
+
+@pytest.mark.parametrize("change", CHANGES_TO_THE_ROOT)
+async def test_what_a_cli_changes_in_its_root_no_later_cli_inherits(tmp_path, environ, stub_bin, change):
+    # A nice value, a limit, CPUs, a scheduler: a process of the same user may
+    # set them on the root from outside, and a root cannot always undo that (a
+    # hard limit once lowered, a nice value once raised).
+    if change == "affinity" and len(os.sched_getaffinity(0)) < 2:
+        pytest.skip("one CPU: no affinity to take away")
+    write_stub_cli(stub_bin, "codex", WHAT_I_INHERIT)
+    write_stub_cli(stub_bin, "claude", f"import os, resource\nroot = os.getppid()\n{CHANGES_TO_THE_ROOT[change]}\n")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("before", cli="codex"))
+            before = await connection.stage_result("before")
+            await connection.send(request("changes"))
+            assert (await connection.stage_result("changes")).returncode == 0
+            await connection.send(request("after", cli="codex"))
+            after = await connection.stage_result("after")
+    assert before.returncode == 0 and after.returncode == 0
+    assert after.stdout.split(" ", 1)[1] == before.stdout.split(" ", 1)[1], f"a later CLI inherited the {change}"
+    assert after.stdout.split()[0] != before.stdout.split()[0], "the changed root took another stage"
+
+
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP])
 async def test_a_free_root_killed_or_stopped_meanwhile_costs_the_next_stage_nothing(tmp_path, environ, stub_bin, signum):
     # Killed by the OOM killer or a user, or stopped (which the spawner meets
