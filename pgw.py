@@ -2307,8 +2307,9 @@ class StageSpawner:
     async def _hand_over(self, message: bytes, fds: list[int]) -> Link:
         """The request sent to a free root, else to the spawner with a new
         root's socket; that root's link."""
-        if self.free and not self._spawner_runs():
-            # The free roots' subreaper, which keeps a stage whose root dies: none is taken again.
+        if self._process is not None and not self._spawner_runs():
+            # Stopped, it would take the request and never answer; and it is the free
+            # roots' subreaper, which keeps a stage whose root dies: none is taken again.
             self.discard()
         while (link := self.free.take()) is not None:
             try:

@@ -355,19 +355,23 @@ async def test_a_spawner_that_dies_on_a_request_is_named_and_started_again(tmp_p
     assert any("exited with status 3" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
-async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_path, environ, stub_bin):
+async def test_a_stopped_spawner_is_replaced_before_it_takes_a_stage(tmp_path, environ, stub_bin):
     # s1 holds its root, so s2 and s3 need a root forked by the spawner.
     write_stub_cli(stub_bin, "claude", "import sys, time\nprint('ran', flush=True)\nif sys.argv[1:] == ['wait']:\n    time.sleep(60)")
     with trio.fail_after(30):
-        async with connected(tmp_path, environ, timing=pgw.Timing(spawner_answer_s=1.0)) as (_, worker, connection):
+        async with connected(tmp_path, environ, timing=pgw.Timing(spawner_answer_s=10.0)) as (_, worker, connection):
             await connection.send(request("s1", cli_args=["wait"]))
             await connection.receive("stage.stdout", "s1")
             stopped = worker.spawner._process
             os.kill(stopped.pid, signal.SIGSTOP)
             try:
-                await connection.send(request("s2"))
-                result = await connection.stage_result("s2")
-                assert (result.returncode, result.error) == (-1, "cannot start the stage: the stage spawner did not answer in 1 s")
+                with trio.fail_after(5):  # a signal takes effect when its process next runs
+                    while process_state(stopped.pid) != "T":
+                        await trio.sleep(0.001)
+                with trio.fail_after(5):  # not the 10 s a stopped spawner would take to be noticed
+                    await connection.send(request("s2"))
+                    assert (await connection.stage_result("s2")).stdout == "ran\n"
+                assert stopped.poll() is not None, "the stopped spawner was left stopped"
                 await connection.send(request("s3"))
                 assert (await connection.stage_result("s3")).stdout == "ran\n"
                 await connection.send(cancel("s1"))
@@ -376,6 +380,32 @@ async def test_a_stopped_spawner_is_replaced_and_its_stage_refused_in_time(tmp_p
                 if stopped.poll() is None:
                     stopped.kill()
                     stopped.wait()
+
+
+async def test_a_spawner_that_takes_a_request_and_never_answers_is_replaced_and_the_stage_refused_in_time(
+    tmp_path, environ, stub_bin, monkeypatch
+):
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    working = pgw.STAGE_SPAWNER_SOURCE
+    stuck = "import socket, sys, time\nsocket.socket(fileno=int(sys.argv[1])).recv(1)\ntime.sleep(60)"
+    monkeypatch.setattr(pgw, "STAGE_SPAWNER_SOURCE", stuck)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ, timing=pgw.Timing(spawner_answer_s=1.0)) as (_, worker, connection):
+            await connection.send(request("s1"))
+            while worker.spawner._process is None:
+                await trio.sleep(0.001)
+            stuck_spawner = worker.spawner._process
+            try:
+                result = await connection.stage_result("s1")
+                assert (result.returncode, result.error) == (-1, "cannot start the stage: the stage spawner did not answer in 1 s")
+                assert stuck_spawner.poll() is not None, "the spawner that did not answer lives on"
+                monkeypatch.setattr(pgw, "STAGE_SPAWNER_SOURCE", working)
+                await connection.send(request("s2"))
+                assert (await connection.stage_result("s2")).stdout == "ran\n"
+            finally:
+                if stuck_spawner.poll() is None:
+                    stuck_spawner.kill()
+                    stuck_spawner.wait()
 
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGSTOP], ids=["died", "stopped"])
