@@ -122,7 +122,7 @@ import wsproto
 import wsproto.events
 import wsproto.extensions
 import wsproto.utilities
-from cattrs.errors import ClassValidationError, IterableValidationError
+from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 
 __version__ = "0.1.0"
 
@@ -177,6 +177,10 @@ SERVER_MESSAGE_MAX_CHARS = 200
 # How much of a server-supplied string (an id, a bad field) is quoted back in a
 # log line or an exit's error: a 5 MiB field must not become a 5 MB log line.
 SHOWN_MAX_CHARS = 200
+# How many bad elements of one array or object a bad message's error names; the
+# rest are counted.  A million wrong elements would otherwise cost a million
+# exceptions, gigabytes, and an error (and a log line) many times the message.
+BAD_ELEMENTS_SHOWN = 3
 
 # PROTOCOL.md: requests carry up to 50 MiB of files as base64 (~67 MiB).
 MESSAGE_MAX_BYTES = 128 * 1024 * 1024
@@ -184,7 +188,7 @@ FILES_MAX_BYTES = 50 * 1024 * 1024
 
 # PROTOCOL.md: one output frame carries at most 256 KiB of data.
 FRAME_MAX_BYTES = 256 * 1024
-# A whole output message stays under 1 MiB, the default limit of the
+# A whole message pgw sends stays under 1 MiB, the default limit of the
 # `websockets` library (and so of uvicorn and FastAPI): 256 KiB of control
 # bytes escape to 1.5 MiB, so data is also cut on its escaped size, with room
 # for the rest of the message (a 200-character id escapes to 1.2 KiB at most).
@@ -519,16 +523,34 @@ def _strict_converter() -> cattrs.Converter:
 
 
 def _require_container(converter: cattrs.Converter, container: Any, kind: type) -> None:
-    """Wrap cattrs' hook for `container` so only a real JSON array/object passes."""
-    elements = converter.get_structure_hook(container)
+    """Only a real JSON array/object passes for `container`, of strings where
+    it says so (JSON keys are strings already); a bad one names its first
+    BAD_ELEMENTS_SHOWN bad elements, as cattrs would, and counts the rest."""
     wanted = "an array" if kind is list else "an object"
+    of_strings = typing.get_args(container)[-1] is str
 
     def structure(value: Any, _: type) -> Any:
         if not isinstance(value, kind):
             raise TypeError(f"expected {wanted}, got {_json_kind(value)}")
-        return elements(value, container)
+        if of_strings:
+            items = enumerate(value) if kind is list else value.items()
+            bad = [(index, element) for index, element in items if not isinstance(element, str)]
+            if bad:
+                raise _bad_elements(container, bad)
+        return kind(value)
 
     converter.register_structure_hook_func(lambda t: t == container, structure)
+
+
+def _bad_elements(container: Any, bad: list[tuple[Union[int, str], Any]]) -> IterableValidationError:
+    errors: list[Exception] = []
+    for index, element in bad[:BAD_ELEMENTS_SHOWN]:
+        error = TypeError(f"expected a string, got {_json_kind(element)}")
+        error.__notes__ = [IterableValidationNote(f"Structuring @ {index!r}", index, str)]
+        errors.append(error)
+    if len(bad) > BAD_ELEMENTS_SHOWN:
+        errors.append(ValueError(f"{len(bad) - BAD_ELEMENTS_SHOWN} more elements are not strings"))
+    return IterableValidationError(f"While structuring {container!r}", errors, container)
 
 
 def shown(value: Any) -> str:
@@ -3442,8 +3464,15 @@ class Connection:
             return
         self._send_soon(StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}"))
 
-    def _send_soon(self, record: Record) -> None:
-        self._stages.start_soon(self.outbox.put, lambda: wire(record))
+    def _send_soon(self, record: StageExit) -> None:
+        """The exit of a request refused as it came, unless its stage_run_id
+        alone would take it over the 1 MiB a server may take (the server sent
+        that id, and would close the connection, and every stage's output with it)."""
+        data = wire(record)
+        if len(data) > OUTPUT_MESSAGE_MAX_BYTES:
+            log.warning("stage %s: its stage.exit would be over 1 MiB; not sent", shown(record.stage_run_id))
+            return
+        self._stages.start_soon(self.outbox.put, lambda: data)
 
     async def _on_stage_request(self, request: StageRequest) -> None:
         daemon = self.daemon

@@ -341,6 +341,43 @@ async def test_json_nested_too_deep_for_python_is_skipped_not_a_dropped_connecti
             assert len(backend.connections) == 1 and not connection.closed.is_set()
 
 
+@pytest.mark.parametrize("field", ["cli_args", "env"])
+async def test_a_request_with_a_million_bad_elements_gets_a_short_exit_at_once(tmp_path, environ, stub_bin, caplog, field):
+    """Its error names a few bad elements and counts the rest: one error per
+    element made an exit 17 times the request, which a server at the usual
+    1 MiB limit refuses (dropping the connection), and cost gigabytes."""
+    write_stub_cli(stub_bin, "claude", "print('fine')")
+    bad = [1] * 1_000_000 if field == "cli_args" else {f"V{n}": n for n in range(1_000_000)}
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (backend, _, connection):
+            await connection.send(json.dumps(request("bad", **{field: bad})))
+            result = await connection.stage_result("bad")
+            await connection.send(request("after"))
+            assert (await connection.stage_result("after")).stdout == "fine\n"
+            assert len(backend.connections) == 1
+    first = "cli_args[0]: expected a string, got a number 1" if field == "cli_args" else "env['V0']: expected a string, got a number 0"
+    assert result.error.startswith(f"bad request: stage.request: {first}; "), result.error
+    assert result.error.endswith("999997 more elements are not strings"), result.error
+    assert len(result.error) < 1000
+    assert max(len(record.getMessage()) for record in caplog.records) < 1000
+
+
+async def test_a_stage_id_too_long_to_echo_under_1_mib_gets_no_exit_and_costs_no_connection(tmp_path, environ, stub_bin, caplog):
+    write_stub_cli(stub_bin, "claude", "print('fine')")
+    huge = "x" * (1 << 20)
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (backend, _, connection):
+            await connection.send(json.dumps(request(huge)))
+            await connection.send(json.dumps({**request("bad-too"), "stage_run_id": huge + "y", "cli": 3}))
+            await connection.send(request("after"))
+            assert (await connection.stage_result("after")).stdout == "fine\n"
+            await trio.sleep(0.3)
+            assert [m for m in connection.received if m.get("stage_run_id", "").startswith("x")] == []
+            assert len(backend.connections) == 1
+    warnings = [r.getMessage() for r in caplog.records if "would be over 1 MiB; not sent" in r.getMessage()]
+    assert len(warnings) == 2 and all(len(w) < 1000 for w in warnings)
+
+
 @pytest.mark.parametrize("surrogate", ["\ud800", "\udc80"], ids=["ud800", "udc80"])
 async def test_lone_surrogate_in_a_stage_id_is_answered_not_a_dropped_connection(tmp_path, environ, stub_bin, surrogate):
     """`"\\ud800"` is valid JSON (RFC 8259 leaves lone surrogates to the parser); Python accepts it."""

@@ -138,6 +138,16 @@ def test_missing_required_fields_are_named():
     assert "stage_run_id" not in message
 
 
+def test_a_bad_array_or_object_names_its_first_bad_elements_and_counts_the_rest():
+    assert decode_error(minimal_request(cli_args=["a", 2, "b", None, [], 5, 6])) == (
+        "stage.request: cli_args[1]: expected a string, got a number 2; cli_args[3]: expected a string, got null; "
+        "cli_args[4]: expected a string, got an array; cli_args: 2 more elements are not strings"
+    )
+    assert decode_error(minimal_request(env={"A": "x", "B": 1, "C": True})) == (
+        "stage.request: env['B']: expected a string, got a number 1; env['C']: expected a string, got a boolean true"
+    )
+
+
 def test_maps_must_be_objects_of_strings():
     assert "files: expected an object, got an array" in decode_error(minimal_request(files=["a"]))
     assert "env['HOME']: expected a string, got null" in decode_error(minimal_request(env={"HOME": None}))
