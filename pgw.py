@@ -3289,10 +3289,38 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
     # deflater wrote, and a 9-bit deflater never refers back more than 250
     # bytes (its 512-byte window less zlib's 262-byte lookahead), which an
     # 8-bit inflater can follow.
-    _EIGHT_BIT_WINDOW = re.compile(r"(max_window_bits\s*=\s*)8\b")
+    _WINDOW_BITS = ("server_max_window_bits", "client_max_window_bits")
+    _NO_CONTEXT_TAKEOVER = ("server_no_context_takeover", "client_no_context_takeover")
 
     def finalize(self, offer: str) -> None:
-        super().finalize(self._EIGHT_BIT_WINDOW.sub(r"\g<1>9", offer))
+        """The server's answer (RFC 7692 7.1): the extension once, each known
+        parameter at most once, a window of 8 to 15 bits (RFC 6455 9.1 lets it
+        be quoted), the rest without a value.  Anything else fails the
+        handshake, as 7.1 says a client must, naming what was wrong; wsproto
+        alone raised IndexError or ValueError on some, and took the rest."""
+        if self._enabled:
+            raise self._refused("accepted twice")
+        params: dict[str, Optional[str]] = {}
+        for param in offer.split(";")[1:]:
+            key, equals, value = (part.strip() for part in param.partition("="))
+            if len(value) >= 2 and value[0] == value[-1] == '"':
+                value = re.sub(r"\\(.)", r"\1", value[1:-1])
+            if key in params:
+                raise self._refused(f"{key} given twice")
+            if key in self._NO_CONTEXT_TAKEOVER and not equals:
+                params[key] = None
+            elif key in self._WINDOW_BITS and value.isdigit() and len(value) <= 2 and 8 <= int(value) <= 15:
+                params[key] = "9" if value == "8" else value
+            elif key in self._NO_CONTEXT_TAKEOVER + self._WINDOW_BITS:
+                raise self._refused(f"{key}={value!r}" if equals else f"{key} without a value")
+            else:
+                raise self._refused(f"unknown parameter {shown(key)}")
+        super().finalize("; ".join([self.name] + [key if value is None else f"{key}={value}" for key, value in params.items()]))
+
+    def _refused(self, why: str) -> wsproto.utilities.RemoteProtocolError:
+        return wsproto.utilities.RemoteProtocolError(
+            f"its {self.name} is not one RFC 7692 allows: {why}", event_hint=wsproto.events.RejectConnection()
+        )
 
     def __str__(self) -> str:
         """As the response header names it, with the window sizes in use."""
@@ -3306,6 +3334,9 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
 # sends it, and the event set when the server has answered.  A test fails by
 # these names if an upgrade renames one.
 TRIO_WEBSOCKET_HANDSHAKE = ("_initial_request", "_reader_task", "_open_handshake")
+# The HTTP status of a refused handshake, 0 until one arrives: what the user is
+# told when the body of the refusal ends only with the connection.
+TRIO_WEBSOCKET_REJECT_STATUS = "_reject_status"
 
 
 async def open_websocket(
@@ -3328,9 +3359,24 @@ async def open_websocket(
     deflate = Deflate() if settings.compression else None
     setattr(ws, request_name, dataclasses.replace(request, extensions=[deflate] if deflate else []))
     with trio.fail_after(timeout_s):
-        nursery.start_soon(reader_task)
+        nursery.start_soon(_read_then_wake, reader_task, opened)
         await opened.wait()
+    if ws.closed is not None:  # the stream ended before the server's answer did
+        status = getattr(ws, TRIO_WEBSOCKET_REJECT_STATUS, 0)
+        if status:  # an HTTP error whose body ends where the connection does (RFC 9112 6.3)
+            raise trio_websocket.ConnectionRejected(status, (), None)
+        raise ConnectionLost("the server closed the connection during the WebSocket handshake")
     return ws, deflate if deflate is not None and deflate.enabled() else None
+
+
+async def _read_then_wake(reader_task: typing.Callable[[], typing.Awaitable[None]], opened: trio.Event) -> None:
+    """trio-websocket's reader, then a wake-up for whoever waits for the
+    handshake: where the stream ends before the server's answer (or before the
+    end of an error body that only the connection's end delimits), trio-websocket
+    leaves that wait to its timeout.  (What it raises reaches the waiter
+    through the nursery instead.)"""
+    await reader_task()
+    opened.set()
 
 
 def keepalive_step(

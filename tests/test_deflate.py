@@ -858,6 +858,7 @@ async def test_trio_websocket_and_wsproto_still_have_what_pgw_uses_for_deflate()
     assert isinstance(getattr(connection, request_name), wsproto.events.Request)
     assert callable(getattr(connection, reader_name))
     assert isinstance(getattr(connection, opened_name), trio.Event)
+    assert getattr(connection, pgw.TRIO_WEBSOCKET_REJECT_STATUS) == 0  # the status of a refusal, once one comes
     assert "extensions" in {field.name for field in dataclasses.fields(wsproto.events.Request)}
     with trio.fail_after(10):
         async with open_backend() as backend:

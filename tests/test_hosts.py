@@ -8,12 +8,16 @@ import functools
 import json
 import logging
 import os
+import socket
 import stat
+import struct
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
+import pytest
 import trio
 
 import pgw
@@ -300,6 +304,83 @@ async def test_a_handshake_with_an_extension_not_offered_is_refused_in_plain_wor
             nursery.cancel_scope.cancel()
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert "not one pgw can accept" in line and "extension" in line and "ExceptionGroup" not in line
+
+
+def accept_key(request_text: bytes) -> bytes:
+    import hashlib
+    key = [line.split(b":", 1)[1].strip() for line in request_text.split(b"\r\n")
+           if line.lower().startswith(b"sec-websocket-key:")][0]
+    return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
+
+
+def switching(extensions: bytes) -> Callable[[bytes], bytes]:
+    return lambda request_text: (
+        b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\nSec-WebSocket-Extensions: " + extensions + b"\r\n\r\n"
+    )
+
+
+# What a server or something on its way answers to the opening handshake, then
+# closes (None: at once), and what pgw's one log line must say of it.
+HANDSHAKE_ENDINGS = {
+    "end-of-file": (None, "closed the connection during the WebSocket handshake"),
+    "reset": ("reset", "closed the connection during the WebSocket handshake"),
+    "503-until-closed": (lambda _: b"HTTP/1.1 503 Service Unavailable\r\nConnection: close\r\n\r\nbusy, try later",
+                         "refused the WebSocket (HTTP 503)"),
+    "401-until-closed": (lambda _: b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\nwho are you",
+                         "rejected the token (HTTP 401)"),
+    "window-without-value": (switching(b"permessage-deflate; client_max_window_bits"),
+                             "client_max_window_bits without a value"),
+    "window-of-16": (switching(b"permessage-deflate; server_max_window_bits=16"), "server_max_window_bits='16'"),
+    "window-not-a-number": (switching(b"permessage-deflate; server_max_window_bits=abc"), "server_max_window_bits='abc'"),
+    "unknown-parameter": (switching(b"permessage-deflate; foo=bar"), "unknown parameter 'foo'"),
+    "parameter-twice": (switching(b"permessage-deflate; server_no_context_takeover; server_no_context_takeover"),
+                        "server_no_context_takeover given twice"),
+    "extension-twice": (switching(b"permessage-deflate, permessage-deflate"), "accepted twice"),
+}
+
+
+@pytest.mark.parametrize("ending", HANDSHAKE_ENDINGS)
+async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_path, environ, caplog, ending):
+    # Not after the 15 s connect timeout, not as an internal error, not as
+    # "cannot reach": the server was reached, and said (or did) something.
+    caplog.set_level(logging.INFO, logger="pgw")
+    answer_with, expected = HANDSHAKE_ENDINGS[ending]
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request_text = b""
+        while b"\r\n\r\n" not in request_text:
+            request_text += await stream.receive_some(4096)
+        if answer_with == "reset":
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        elif answer_with is not None:
+            await stream.send_all(answer_with(request_text))
+            if b" 101 " in answer_with(request_text):
+                await trio.sleep(5)
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            settings = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-cut", name="n")
+            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ, timing=pgw.Timing(connect_timeout_s=10.0))
+            nursery.start_soon(daemon.run)
+            with trio.fail_after(5):
+                while "cannot connect" not in caplog.text:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert expected in line, line
+    assert "internal error" not in line and "cannot reach" not in line and "in time" not in line, line
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+
+
+@pytest.mark.parametrize("value, bits", [('"10"', 10), ('"1\\1"', 11), ("12", 12), ("8", 9)])
+def test_a_window_may_be_quoted_and_eight_bits_are_taken_as_nine(value, bits):
+    deflate = pgw.Deflate()
+    deflate.finalize(f"permessage-deflate; client_max_window_bits={value}; server_no_context_takeover")
+    assert (deflate.client_max_window_bits, deflate.server_no_context_takeover) == (bits, True)
 
 
 ##############################################################################
