@@ -87,14 +87,15 @@ def probe(candidate):
     import subprocess
     code = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys.executable)"
     try:
-        output = subprocess.check_output(
-            [candidate, "-c", code], stdin=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            universal_newlines=True, timeout=PROBE_TIMEOUT_S,
-        )
+        with open(os.devnull, "r+") as devnull:  # Python 2 has no subprocess.DEVNULL, nor a timeout
+            output = subprocess.check_output(
+                [candidate, "-c", code], stdin=devnull, stderr=devnull, universal_newlines=True,
+                **({"timeout": PROBE_TIMEOUT_S} if sys.version_info >= (3, 3) else {})
+            )
         major, minor = output.splitlines()[0].split(".")
         version = (int(major), int(minor))
         real = output.splitlines()[1]
-    except (OSError, ValueError, IndexError, subprocess.SubprocessError):
+    except Exception:  # any way a candidate fails to run (Python 2 has no SubprocessError)
         return None
     if version < MIN_PYTHON:
         return None

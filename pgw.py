@@ -1004,6 +1004,8 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {fix}") from None
+    except RecursionError:
+        raise ConfigError(f"{path} is nested too deep to be a config: {fix}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object: {fix}")
     for key in PAIRING_KEYS + ("name", "cafile", "proxy"):
@@ -1042,7 +1044,7 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
             raise UsageError(f"cafile: {value!r} is not a file")
         updated["cafile"] = str(cafile)
     elif key == "max_stages":
-        if not value.isdigit():
+        if not (value.isascii() and value.isdigit()):  # int() takes no "²", which isdigit() does
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
         updated["max_stages"] = int(value)
     elif key == "proxy":
@@ -1109,7 +1111,7 @@ def server_message(body: bytes) -> str:
     text = body.decode("utf-8", "replace").strip()
     try:
         parsed = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         parsed = None
     if isinstance(parsed, dict):
         for key in ("detail", "message", "error"):
@@ -1327,18 +1329,52 @@ def read_config(path: Path) -> dict[str, Any]:
     return parse_config(text, path)
 
 
+def make_private_dirs(directory: Path) -> None:
+    """`directory` and any missing parent, each new one mode 0700 whatever the
+    umask (Path.mkdir(parents=True) leaves the parents 0777 less the umask)."""
+    for each in [*reversed(directory.parents), directory]:
+        try:
+            os.mkdir(each, 0o700)
+        except (FileExistsError, IsADirectoryError):  # macOS says the second of "/"
+            pass
+
+
+def refuse_shared_home(home: Path) -> None:
+    """pgw makes its home private (mode 0700): a directory shared with other
+    users (sticky, or writable by them, as /tmp is) would break for them."""
+    mode = stat.S_IMODE(home.stat().st_mode)
+    if mode & (stat.S_ISVTX | stat.S_IWOTH):
+        raise ConfigError(
+            f"{home} is shared with other users (mode {mode:o}): set {ENV_HOME} to a directory of pgw's own"
+        )
+
+
 def write_config(path: Path, config: dict[str, Any]) -> None:
-    """Replace the config atomically and durably, mode 0600 in a 0700 directory."""
+    """Replace the config atomically and durably, mode 0600 in a 0700 directory
+    (said on stderr when the directory was open to others before)."""
     directory = path.parent
     try:
-        directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        os.chmod(directory, 0o700)
+        make_private_dirs(directory)
+        refuse_shared_home(directory)
+        opened = stat.S_IMODE(directory.stat().st_mode) & 0o077
+        if opened:
+            os.chmod(directory, 0o700)
     except OSError as exc:
         raise ConfigError(f"cannot write to {directory}: {exc.strerror}") from None
+    if opened:
+        print(f"pgw: made {directory} private (mode 700): other users could read what pgw keeps there", file=sys.stderr)
     try:
         write_json_atomically(path, config, durable=True)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
+
+
+def write_private_text(path: Path, text: str) -> None:
+    """Replace `path` with `text`, mode 0600 whatever the umask or its mode before."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    with os.fdopen(fd, "w", encoding="utf-8") as file:
+        os.fchmod(fd, 0o600)
+        file.write(text)
 
 
 def write_json_atomically(path: Path, value: Any, durable: bool = False) -> None:
@@ -1518,7 +1554,7 @@ def pairing_answer(server: str, answer: bytes) -> dict[str, str]:
     """The {worker_id, token} in pair-confirm's answer, or PairingError."""
     try:
         pairing = json.loads(answer)
-    except ValueError:
+    except (ValueError, RecursionError):
         raise PairingError(
             f"pairing failed: {server}'s answer is not JSON: is this the prove-graph server?"
         ) from None
@@ -1629,7 +1665,7 @@ def acquire_instance_lock(home: Path) -> tuple[Optional[int], Optional[int]]:
     but not the directory.  run.lock holds the daemon's pid for `status` and
     `stop`.  flock is released by the kernel when pgw dies, however it dies.
     """
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(home)
     fd = os.open(home, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
     if fcntl is None:
         return fd, None
@@ -1687,7 +1723,7 @@ def _read_pid(fd: int) -> Optional[int]:
 def read_state(home: Path) -> Optional[dict[str, Any]]:
     try:
         state = json.loads((home / STATE_FILENAME).read_text(encoding="utf-8"))
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return None
     return state if isinstance(state, dict) else None
 
@@ -2889,7 +2925,7 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
                     rollout.readline()  # to the start of the next whole record
                 lines = (line.decode("utf-8", "replace") for line in rollout)
                 return codex_trace(_json_lines(lines), str(path))
-        except (OSError, ValueError):
+        except (OSError, ValueError, RecursionError):  # a file any process of the user may have written
             continue
     return ""
 
@@ -2898,7 +2934,7 @@ def _json_lines(lines: typing.Iterable[str]) -> typing.Iterator[Any]:
     for line in lines:
         try:
             yield json.loads(line)
-        except ValueError:
+        except (ValueError, RecursionError):  # a line nested too deep for Python's parser is no event either
             continue
 
 
@@ -3561,7 +3597,7 @@ def describe_wire_text(text: Union[str, bytes]) -> str:
     (a request's env and files, and a CLI's output, may hold secrets)."""
     try:
         message = json.loads(text)
-    except ValueError:
+    except (ValueError, RecursionError):
         return f"{len(text)} bytes, not JSON"
     if not isinstance(message, dict):
         return f"{len(text)} bytes, not an object"
@@ -3737,7 +3773,7 @@ class Daemon:
         log.info("stopped")
 
     def _empty_scratch(self) -> None:
-        self.home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(self.home)
         if is_real_dir(self.scratch_root):
             shutil.rmtree(self.scratch_root, ignore_errors=True)
         private_dir(self.scratch_root)
@@ -3934,7 +3970,7 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     # ("Optimization") turns their gathering off, a third of a line's cost.
     logging._srcfile = None  # type: ignore[attr-defined]
     logging.logThreads = logging.logProcesses = logging.logMultiprocessing = False
-    home.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dirs(home)
     path = home / RUN_LOG_FILENAME
     formatter = logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
     try:
@@ -4671,9 +4707,10 @@ def run_preflight(args: argparse.Namespace) -> Settings:
         make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
     choose_proxy(settings.server, settings.proxy, os.environ)  # so is a proxy URL pgw cannot use
     try:
-        home.mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dirs(home)
     except OSError as exc:
         raise ConfigError(f"cannot make the pgw home {home}: {exc.strerror}; set {ENV_HOME} to a directory you own") from None
+    refuse_shared_home(home)
     if not os.access(home, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to the pgw home {home}; set {ENV_HOME} to a directory you own")
     return settings
@@ -4813,8 +4850,11 @@ def _cmd_install(args: argparse.Namespace) -> int:
         return 0
     if target is None:
         raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    target.write_text(text, encoding="utf-8")
+    try:
+        make_private_dirs(target.parent)
+        write_private_text(target, text)
+    except OSError as exc:
+        raise PgwError(f"cannot write {target}: {exc.strerror}") from None
     print(f"wrote {target}")
     tool = (
         [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", SYSTEMD_UNIT]]
@@ -4915,7 +4955,7 @@ def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], bool]:
 
 def _count(text: str) -> int:
     """argparse type for a whole number >= 0."""
-    if not text.isdigit():
+    if not (text.isascii() and text.isdigit()):  # int() takes no "²", which isdigit() does
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
     return int(text)
 
@@ -5018,7 +5058,7 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 
     try:
         with log_file:
-            show(b"".join(collections.deque(log_file, maxlen=args.lines)))
+            show(b"".join(collections.deque(log_file, maxlen=min(args.lines, sys.maxsize))))
             if args.follow:
                 follow_log(path, log_file, show)
     except KeyboardInterrupt:
@@ -5313,19 +5353,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
     try:
         parser = build_parser()
-        args = parser.parse_args(argv)
+        try:
+            args = parser.parse_args(argv)
+        except SystemExit:  # --help, --version, or a usage error argparse has printed
+            sys.stdout.flush()
+            raise
         if args.home:  # every command finds its home in the environment, as with PGW_HOME
             os.environ[ENV_HOME] = os.path.abspath(os.path.expanduser(args.home))
         if args.command is None:
             print(parser.format_help(), end="")
             return 2
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # here, where a full disk under stdout is still one line, not a traceback at exit
+        return status
     except PgwError as exc:
         print(f"pgw: {exc}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:
         print("pgw: interrupted", file=sys.stderr)
         return 130
+    except OSError as exc:
+        # What no command could foresee: its output on a full disk or a
+        # broken pipe, mostly.  Whatever is left for stdout goes nowhere.
+        try:
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        if not isinstance(exc, BrokenPipeError):  # the reader went away: nothing to tell it
+            print(f"pgw: {exc.strerror or exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

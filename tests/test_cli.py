@@ -254,7 +254,8 @@ def test_config_written_private_even_under_permissive_umask(pgw_home):
 
 @pytest.mark.parametrize(
     "content, fragment",
-    [("{not json", "is not valid JSON (line 1)"), ("[1]", "must hold a JSON object"), ('{"token": 5}', "'token' must be a string")],
+    [("{not json", "is not valid JSON (line 1)"), ("[1]", "must hold a JSON object"), ('{"token": 5}', "'token' must be a string"),
+     ("[" * 200_000, "nested too deep to be a config")],
 )
 def test_corrupt_config_is_one_line_error(capsys, pgw_home, pair_server, content, fragment):
     pgw_home.mkdir()
@@ -690,3 +691,73 @@ def test_stop_never_signals_a_pid_that_does_not_hold_the_lock(capsys, pgw_home, 
     finally:
         bystander.kill()
         bystander.wait()
+
+
+def test_a_state_file_or_pairing_answer_nested_too_deep_is_no_traceback(capsys, pgw_home):
+    # Python's parser raises RecursionError, not ValueError, on valid JSON nested too deep.
+    pgw_home.mkdir()
+    (pgw_home / "state.json").write_text("[" * 200_000)
+    assert pgw.read_state(pgw_home) is None
+    with pytest.raises(pgw.PairingError, match="is not JSON"):
+        pgw.pairing_answer("http://s", b"[" * 200_000)
+    assert pgw.describe_wire_text("[" * 200_000) == "200000 bytes, not JSON"
+
+
+def test_a_home_made_for_pgw_is_private_to_its_last_parent_whatever_the_umask(capsys, tmp_path, monkeypatch):
+    home = tmp_path / "a" / "b" / "home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    old_umask = os.umask(0)
+    try:
+        status, _, err = run(capsys, "config", "set", "name", "box")
+    finally:
+        os.umask(old_umask)
+    assert status == 0, err
+    assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a", tmp_path / "a" / "b", home)} == {0o700}
+
+
+def test_a_home_shared_with_other_users_is_refused_not_made_private(capsys, tmp_path, monkeypatch):
+    # PGW_HOME=/tmp, by mistake: making it 0700 would break it for every user.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o1777)
+    monkeypatch.setenv("PGW_HOME", str(shared))
+    status, _, err = run(capsys, "config", "set", "name", "box")
+    assert status == 1
+    assert_one_line_error(err, f"{shared} is shared with other users (mode 1777)", "PGW_HOME")
+    assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
+
+
+def test_a_home_open_to_others_is_made_private_and_said_so(capsys, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    home.chmod(0o755)  # as pgworker may have left it
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, _, err = run(capsys, "config", "set", "name", "box")
+    assert status == 0
+    assert err == f"pgw: made {home} private (mode 700): other users could read what pgw keeps there\n"
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("value", ["²", "١٢", "-1", "1.5", ""])
+def test_a_count_is_ascii_digits_only(capsys, pgw_home, value):
+    # str.isdigit() takes "²" and Arabic-Indic digits; int() takes neither ("²") or reads them as 12.
+    status, _, err = run(capsys, "config", "set", "max_stages", value)
+    assert status == 2 and "max_stages: expected a whole number >= 0" in err and "Traceback" not in err
+    status, _, err = run(capsys, "logs", "-n", value)
+    assert status == 2 and "expected a whole number >= 0" in err
+
+
+def test_logs_takes_a_count_beyond_any_log(capsys, pgw_home):
+    pgw_home.mkdir()
+    (pgw_home / "run.log").write_text("one\ntwo\n")
+    status, out, _ = run(capsys, "logs", "-n", "99999999999999999999")
+    assert (status, out) == (0, "one\ntwo\n")
+
+
+@pytest.mark.parametrize("argv", [["--version"], ["status"], ["config", "show"], ["capabilities"]])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path, argv):
+    env = {"PATH": "/usr/bin:/bin", "PGW_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), *argv], stdout=full, stderr=subprocess.PIPE,
+                              text=True, env=env, timeout=60)
+    assert done.returncode == 1 and done.stderr == "pgw: No space left on device\n", done.stderr

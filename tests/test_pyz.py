@@ -37,8 +37,8 @@ pytestmark = pytest.mark.pyz
 ##############################################################################
 
 
-def _runs_as(executable: str, minor: int) -> bool:
-    """Whether `executable` starts and is Python 3.<minor> (pyenv shims may not)."""
+def _runs_as(executable: str, minor: int, major: int = 3) -> bool:
+    """Whether `executable` starts and is Python <major>.<minor> (pyenv shims may not)."""
     try:
         done = subprocess.run(
             [executable, "-c", "import sys; print(sys.version_info[:2])"],
@@ -46,7 +46,7 @@ def _runs_as(executable: str, minor: int) -> bool:
         )
     except OSError:
         return False
-    return done.returncode == 0 and done.stdout.strip() == f"(3, {minor})"
+    return done.returncode == 0 and done.stdout.strip() == f"({major}, {minor})"
 
 
 def _pyenv_roots() -> list[str]:
@@ -62,18 +62,18 @@ def _pyenv_roots() -> list[str]:
     return [root for root in dict.fromkeys(roots) if root]
 
 
-def find_python(minor: int) -> str | None:
-    """`python3.<minor>` on PATH if it really runs, else the newest pyenv build of it."""
-    candidates = [shutil.which(f"python3.{minor}")]
+def find_python(minor: int, major: int = 3) -> str | None:
+    """`python<major>.<minor>` on PATH if it really runs, else the newest pyenv build of it."""
+    candidates = [shutil.which(f"python{major}.{minor}")]
     for root in _pyenv_roots():
-        builds = glob.glob(os.path.join(root, "versions", f"3.{minor}.*", "bin", f"python3.{minor}"))
+        builds = glob.glob(os.path.join(root, "versions", f"{major}.{minor}.*", "bin", f"python{major}.{minor}"))
         candidates += sorted(builds, key=_patch_level, reverse=True)
-    return next((c for c in candidates if c and _runs_as(c, minor)), None)
+    return next((c for c in candidates if c and _runs_as(c, minor, major)), None)
 
 
 def _patch_level(path: str) -> int:
     """3 for .../versions/3.10.3/bin/python3.10; -1 for builds like 3.10.3t."""
-    match = re.search(r"/3\.\d+\.(\d+)/bin/", path)
+    match = re.search(r"/\d\.\d+\.(\d+)/bin/", path)
     return int(match.group(1)) if match else -1
 
 
@@ -312,8 +312,9 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
 # The pyz's own start code (build.sh's start_code): before shiv and any dependency
 ##############################################################################
 
-OLD_MINORS = (6, 7, 8, 9)
-OLD_PYTHONS = {minor: find_python(minor) for minor in OLD_MINORS}
+# Python 2.7 too: still the `python` of older systems, where a user may type `python pgw.pyz`.
+OLD_VERSIONS = ((2, 7), (3, 6), (3, 7), (3, 8), (3, 9))
+OLD_PYTHONS = {version: find_python(version[1], version[0]) for version in OLD_VERSIONS}
 NOBODY_UID = 65534  # nobody/nogroup on Debian and RHEL alike
 
 
@@ -324,11 +325,11 @@ def newest_python() -> str:
     return python
 
 
-@pytest.fixture(params=OLD_MINORS, ids=[f"py3.{minor}" for minor in OLD_MINORS])
+@pytest.fixture(params=OLD_VERSIONS, ids=[f"py{major}.{minor}" for major, minor in OLD_VERSIONS])
 def old_python(request) -> str:
     executable = OLD_PYTHONS[request.param]
     if executable is None:
-        pytest.skip(f"no Python 3.{request.param} on this machine (not on PATH, not under pyenv)")
+        pytest.skip(f"no Python {request.param[0]}.{request.param[1]} on this machine (not on PATH, not under pyenv)")
     return executable
 
 

@@ -200,6 +200,22 @@ def test_read_codex_trace_finds_the_rollout_of_this_scratch_dir(tmp_path):
     assert "looking at the graph" in trace and str(path) in trace
 
 
+def test_a_rollout_nested_too_deep_for_the_parser_is_passed_over(tmp_path):
+    # Any process of the user may write a rollout; one that Python's parser
+    # cannot take (RecursionError) must not fail every codex stage after it.
+    scratch, sessions = tmp_path / "s1", tmp_path / "sessions"
+    scratch.mkdir()
+    day = sessions / "2026" / "11" / "21"
+    day.mkdir(parents=True)
+    (day / "rollout-deep.jsonl").write_text("[" * 100_000 + "\n")
+    mine = rollout_records(str(scratch.resolve()))
+    (day / "rollout-mine.jsonl").write_text(
+        json.dumps(mine[0]) + "\n" + "[" * 100_000 + "\n" + "\n".join(json.dumps(r) for r in mine[1:]) + "\n"
+    )
+    os.utime(day / "rollout-deep.jsonl")  # the newest: read first
+    assert "looking at the graph" in pgw.read_codex_trace(scratch, sessions, time.time())
+
+
 def test_read_codex_trace_ignores_rollouts_older_than_an_hour(tmp_path):
     scratch, sessions = tmp_path / "s1", tmp_path / "sessions"
     scratch.mkdir()

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import re
 import signal
 import subprocess
@@ -218,6 +219,31 @@ def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, mo
     assert (tmp_path / "calls").read_text() == "--user daemon-reload\n--user enable --now pgw.service\n"
     assert pgw.main(["uninstall", "systemd"]) == 0
     assert not (tmp_path / "xdg" / "systemd" / "user" / "pgw.service").exists()
+
+
+def test_install_systemd_writes_private_files_whatever_the_umask_or_says_why_it_cannot(capsys, pgw_home, tmp_path, monkeypatch):
+    # Under umask 000 the unit and the directories made for it were writable
+    # by every local user, who could then change what runs at each boot.
+    tools = tmp_path / "tools"
+    write_stub_cli(tools, "systemctl", "pass")
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    unit = tmp_path / "xdg" / "systemd" / "user" / "pgw.service"
+    old_umask = os.umask(0)
+    try:
+        assert pgw.main(["install", "systemd", "--apply"]) == 0
+        unit.chmod(0o666)  # a unit from before: rewritten private
+        assert pgw.main(["install", "systemd", "--apply"]) == 0
+    finally:
+        os.umask(old_umask)
+    modes = {path: stat.S_IMODE(path.stat().st_mode) for path in (unit, unit.parent, unit.parent.parent)}
+    assert modes == {unit: 0o600, unit.parent: 0o700, unit.parent.parent: 0o700}, modes
+    capsys.readouterr()
+    (tmp_path / "file").write_text("")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "file"))  # a home without a usable ~/.config
+    assert pgw.main(["install", "systemd", "--apply"]) == 1
+    assert capsys.readouterr().err == f"pgw: cannot write {tmp_path / 'file' / 'systemd' / 'user' / 'pgw.service'}: Not a directory\n"
 
 
 def test_install_launchd_prints_a_keepalive_agent(capsys, pgw_home):
