@@ -2871,9 +2871,37 @@ def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]])
 
 
 def remove_scratch(scratch_dir: Path) -> None:
-    """Remove a stage's scratch dir, unless its parent is no longer pgw's own directory."""
-    if is_real_dir(scratch_dir.parent):
-        shutil.rmtree(scratch_dir, ignore_errors=True)
+    """Remove a stage's scratch dir, unless its parent is no longer pgw's own
+    directory; what cannot be removed is named in the log."""
+    if not is_real_dir(scratch_dir.parent):
+        return
+    shutil.rmtree(scratch_dir, ignore_errors=True)
+    if os.path.lexists(scratch_dir):
+        # A stage may take its own rights away (a directory of mode 000 or
+        # 0500), which only root's rmtree passes over: pgw gives them back.
+        open_up_dirs(scratch_dir)
+        try:
+            shutil.rmtree(scratch_dir)
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", exc.filename or scratch_dir, exc.strerror or exc)
+
+
+def open_up_dirs(top: Path) -> None:
+    """Make every directory under `top` readable, writable and searchable by its
+    owner, never through a symlink (a tree of any depth: no recursion)."""
+    pending = [str(top)]
+    while pending:
+        directory = pending.pop()
+        try:
+            mode = os.lstat(directory).st_mode
+            if not stat.S_ISDIR(mode):
+                continue
+            if mode & stat.S_IRWXU != stat.S_IRWXU:
+                os.chmod(directory, stat.S_IMODE(mode) | stat.S_IRWXU)
+            with os.scandir(directory) as entries:
+                pending += [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
+        except OSError:
+            continue
 
 
 def remove_empty_scratch(scratch_dir: Path) -> bool:
@@ -3775,7 +3803,7 @@ class Daemon:
     def _empty_scratch(self) -> None:
         make_private_dirs(self.home)
         if is_real_dir(self.scratch_root):
-            shutil.rmtree(self.scratch_root, ignore_errors=True)
+            remove_scratch(self.scratch_root)
         private_dir(self.scratch_root)
 
     async def _reconnect_loop(self) -> None:

@@ -14,9 +14,12 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
+import sys
+import tempfile
 import threading
 import urllib.parse
 import uuid
@@ -29,7 +32,7 @@ from hypothesis import strategies as st
 
 import pgw
 from backend import BackendConnection, open_backend
-from conftest import PairServer, write_stub_cli
+from conftest import ROOT, PairServer, write_stub_cli
 from test_faults import PgwCommand, assert_one_exit, pgw_daemon, pyz_pgw  # noqa: F401 - pyz_pgw is a fixture
 from test_run import connected, environ, request, running_worker  # noqa: F401 - environ is a fixture
 
@@ -761,3 +764,46 @@ async def test_doctor_warns_about_a_config_others_can_read(tmp_path, pyz_pgw):
     [line] = [line for line in loud.stdout.splitlines() if re.search(r"\bconfig\b", line) and "644" in line]
     assert "WARN" in line and "chmod 600" in line
     assert "644" not in quiet.stdout and "tok-wide" not in loud.stdout + loud.stderr
+
+
+STAGE_TAKES_ITS_RIGHTS = """
+import os, sys
+sys.path.insert(0, sys.argv[1])
+import pgw
+from pathlib import Path
+scratch = Path(sys.argv[2]) / "scratch"
+os.mkdir(scratch, 0o700)
+stage = scratch / "s1"
+for directory in ("zero/deep", "locked/inner", "open"):
+    os.makedirs(stage / directory)
+for name in ("zero/deep/f", "locked/inner/g", "open/h"):
+    (stage / name).write_text("job data")
+os.symlink("/etc", stage / "open" / "etc")  # never followed: /etc keeps its mode
+os.chmod(stage / "zero" / "deep", 0)
+os.chmod(stage / "zero", 0)
+os.chmod(stage / "locked", 0o500)
+pgw.remove_scratch(stage)
+print(sorted(os.listdir(scratch)))
+"""
+
+
+def test_a_scratch_dir_whose_stage_took_its_own_rights_away_is_removed_all_the_same():
+    """As an unprivileged user (root passes over modes): a stage left directories
+    of mode 000 and 0500, which rmtree alone could neither list nor empty, and
+    kept them, the job's files in them, for good."""
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root, to run this as nobody")
+    etc_mode = os.stat("/etc").st_mode
+    base = Path(tempfile.mkdtemp(prefix="pgw-scratch-"))
+    try:
+        base.chmod(0o777)
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", STAGE_TAKES_ITS_RIGHTS,
+             str(ROOT), str(base)],
+            capture_output=True, text=True, timeout=60, cwd="/",
+        )
+        assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
+        assert os.stat("/etc").st_mode == etc_mode
+    finally:
+        subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
+        shutil.rmtree(base, ignore_errors=True)
