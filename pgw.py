@@ -150,6 +150,8 @@ CONNECT_PATH = "/api/local-worker/connect"
 
 # pgworker's pairing timeout (httpx.AsyncClient(timeout=30)).
 PAIR_TIMEOUT_S = 30.0
+# A pairing answer is a worker_id and a token: more than this is not one.
+PAIR_ANSWER_MAX_BYTES = 1024 * 1024
 
 # `doctor`: each CLI's `--version` gets 10 s before it counts as hung.
 VERSION_PROBE_TIMEOUT_S = 10.0
@@ -560,6 +562,12 @@ def shown(value: Any) -> str:
         return f"{value[:SHOWN_MAX_CHARS]!r}... ({len(value)} characters)"
     text = repr(value)
     return text if len(text) <= SHOWN_MAX_CHARS else f"{text[:SHOWN_MAX_CHARS]}... ({len(text)} characters)"
+
+
+def printable(text: str) -> str:
+    """A server-supplied name for a terminal or a log line: as it is when every
+    character prints, else `shown` (no escape sequence, no forged second line)."""
+    return text if text.isprintable() and len(text) <= SHOWN_MAX_CHARS else shown(text)
 
 
 def _json_kind(value: Any) -> str:
@@ -1512,8 +1520,12 @@ def request_pairing(
         opener = urllib.request.build_opener(
             _RefuseRedirect, urllib.request.HTTPSHandler(context=context), urllib.request.ProxyHandler(proxies)
         )
-        with opener.open(request, timeout=timeout_s) as response:
-            answer = response.read()
+
+        def fetch() -> bytes:
+            with opener.open(request, timeout=timeout_s) as response:
+                return response.read(PAIR_ANSWER_MAX_BYTES)
+
+        answer = within(timeout_s, fetch)
     except urllib.error.HTTPError as exc:
         if exc.code in REDIRECT_STATUSES and exc.headers.get("Location"):
             raise PairingError(redirect_failure(server, exc.code, exc.headers["Location"])) from None
@@ -1526,6 +1538,32 @@ def request_pairing(
     except (http.client.HTTPException, OSError) as exc:
         raise unreachable(exc) from None
     return pairing_answer(server, answer)
+
+
+T = typing.TypeVar("T")
+
+
+def within(timeout_s: float, work: typing.Callable[[], T]) -> T:
+    """`work()`, or TimeoutError after `timeout_s` in all.  A socket's timeout
+    bounds each read, not a server that answers a byte every few seconds; the
+    thread left behind ends with the command, which exits on the error."""
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, work()))
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name="pgw-within", daemon=True)
+    worker.start()
+    worker.join(timeout_s)
+    if not outcome:
+        raise TimeoutError(f"no answer within {timeout_s:g} s")
+    done, value = outcome[0]
+    if not done:
+        raise value
+    return value
 
 
 def pairing_unreachable(server: str, reason: Any, server_is_default: bool, proxy: Optional[Proxy]) -> PairingError:
@@ -3877,7 +3915,7 @@ class Daemon:
         current = self.settings
         if fresh.token and (fresh.server, fresh.token) != (current.server, current.token):
             redact_also(fresh.token)
-            log.info("the credentials changed (paired again?): now worker %s on %s", fresh.worker_id or "?", fresh.server)
+            log.info("the credentials changed (paired again?): now worker %s on %s", printable(fresh.worker_id or "?"), fresh.server)
             self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
         # How to connect is changed without a restart: a proxy that refuses us
         # fixed, compression turned off on a host short of CPU.
@@ -4120,7 +4158,7 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
         if mode & 0o077:
             checks.append(Check("config", "WARN", f"{config_path} is mode {mode:o}: others may read the token; chmod 600 it"))
         else:
-            checks.append(Check("config", "PASS", f"{config_path}, mode 600, worker {settings.worker_id or '?'}, server {settings.server}"))
+            checks.append(Check("config", "PASS", f"{config_path}, mode 600, worker {printable(settings.worker_id or '?')}, server {settings.server}"))
     found = 0
     for binary, key in CLI_CAPABILITY_KEYS.items():
         cli = capabilities[key]
@@ -4699,7 +4737,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     # The name given here is the one the server shows: `run` says hello with it too.
     named = {"name": args.name} if args.name else {}
     write_config(path, {**config, "server": settings.server, **pairing, **named})
-    print(f"paired worker {pairing['worker_id']} with {settings.server}; config saved to {path}")
+    print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
     return 0
 
 
@@ -5049,7 +5087,7 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     if not config.get("token"):
         print(f"not paired: no token in {path}; nothing removed")
         return 0
-    who = f"worker {config.get('worker_id', '?')} on {config.get('server', '?')}"
+    who = f"worker {printable(str(config.get('worker_id', '?')))} on {config.get('server', '?')}"
     settings = {key: value for key, value in config.items() if key not in PAIRING_KEYS}
     if settings:
         write_config(path, settings)

@@ -761,3 +761,44 @@ def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path, argv):
         done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), *argv], stdout=full, stderr=subprocess.PIPE,
                               text=True, env=env, timeout=60)
     assert done.returncode == 1 and done.stderr == "pgw: No space left on device\n", done.stderr
+
+
+@pytest.mark.parametrize("drip", ["headers", "body"])
+def test_pairing_with_a_server_that_answers_a_byte_at_a_time_ends_within_its_timeout(drip):
+    # A socket's timeout bounds each read: a server that sends one byte every
+    # 0.2 s would hold `pair` for as long as it likes.
+    answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 50\r\n\r\n" + b" " * 50
+    cut = 10 if drip == "headers" else answer.index(b"\r\n\r\n") + 4
+    stop = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.recv(65536)
+            conn.sendall(answer[:cut])
+            for byte in answer[cut:]:
+                if stop.wait(0.2):
+                    return
+                conn.sendall(bytes([byte]))
+
+    server = threading.Thread(target=serve, daemon=True)
+    server.start()
+    started = time.monotonic()
+    try:
+        with pytest.raises(pgw.PairingError) as caught:
+            pgw.request_pairing(f"http://127.0.0.1:{listener.getsockname()[1]}", {"code": "C"}, timeout_s=1.0)
+    finally:
+        stop.set()
+        listener.close()
+    assert str(caught.value).endswith("gave no answer within 1 s")
+    assert time.monotonic() - started < 5
+
+
+def test_a_worker_id_with_terminal_escapes_is_printed_quoted(capsys, pgw_home, pair_server):
+    evil = "w\x1b[2J\x1b]0;pwned\x07\npaired worker other"
+    pair_server.reply(200, json.dumps({"worker_id": evil, "token": "tok-secret"}).encode())
+    status, out, _ = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert status == 0
+    assert out.count("\n") == 1 and "\x1b" not in out and "\x07" not in out
+    assert out.startswith(f"paired worker {evil!r} with ")
