@@ -119,6 +119,7 @@ import cattrs
 import trio
 import trio_websocket
 import wsproto
+import wsproto.connection
 import wsproto.events
 import wsproto.extensions
 import wsproto.utilities
@@ -3084,8 +3085,10 @@ _XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
 
 # RFC 6455 5.2: FIN and the text opcode; RFC 7692 6: RSV1 marks a deflated message.
 TEXT_FRAME, DEFLATED_TEXT_FRAME = 0x81, 0xC1
-# FIN and the ping opcode (RFC 6455 5.5.2); control frames are never deflated.
-PING_FRAME = 0x89
+# FIN and the ping and close opcodes (RFC 6455 5.5); control frames are never deflated.
+PING_FRAME, CLOSE_FRAME = 0x89, 0x88
+# How long the Close of a connection pgw fails may wait for room in the socket.
+FAIL_CLOSE_SEND_S = 1.0
 
 
 def masked_text_frame(message: Union[bytes, memoryview], deflated: bool = False) -> bytearray:
@@ -3115,6 +3118,9 @@ def masked_frame(first: int, message: Union[bytes, memoryview]) -> bytearray:
 # writes (pongs, the close frame) with this lock; it has no public way to send
 # a frame made elsewhere.  A test fails by this name if an upgrade drops it.
 TRIO_WEBSOCKET_STREAM_LOCK = "_stream_lock"
+# ... and keeps its wsproto connection here, whose state tells a close the
+# server sent from one wsproto made up on finding the server's frames broken.
+TRIO_WEBSOCKET_WSPROTO = "_wsproto"
 
 # RFC 7692 7.2.1: a deflated message is sent without the 4 bytes that end
 # every sync (or full) flush, and the receiver appends them again.
@@ -3142,6 +3148,7 @@ class FrameWriter:
         if not isinstance(lock, trio.StrictFIFOLock):
             raise PgwError(f"this trio-websocket has no {TRIO_WEBSOCKET_STREAM_LOCK}: pgw needs the version in requirements.lock")
         self._ws, self._stream, self._lock = ws, stream, lock
+        self._failed = False  # pgw has sent the Close of a connection it failed
         self._compressor: Optional[typing.Any] = None  # zlib's Compress, which has no public name
         if deflate is not None:
             self._compressor = zlib.compressobj(
@@ -3154,7 +3161,7 @@ class FrameWriter:
     async def send_batch(self, messages: list[bytes]) -> None:
         """Each message as its own frame, all in one write."""
         if self._ws.closed is not None:
-            raise ConnectionLost(close_description(self._ws.closed))
+            raise ConnectionLost(await self.why_closed())
         try:
             async with self._lock:
                 # Deflated only once the lock is held: past this point the one
@@ -3166,7 +3173,7 @@ class FrameWriter:
                 else:
                     await self._stream.send_all(b"".join([self._frame(message) for message in messages]))
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
-            raise ConnectionLost(close_description(self._ws.closed) if self._ws.closed else "the connection broke") from exc
+            raise ConnectionLost(await self.why_closed() if self._ws.closed else "the connection broke") from exc
 
     async def ping(self) -> None:
         """A WebSocket ping, for its pong to prove the link alive.  trio-websocket's
@@ -3178,6 +3185,27 @@ class FrameWriter:
                     await self._stream.send_all(masked_frame(PING_FRAME, b""))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 pass  # the reader and the keepalive see the loss
+
+    async def why_closed(self) -> str:
+        """Why the WebSocket ended, in words.  Where wsproto found the server's
+        frames broken, it made up a close with the connection still open, which
+        trio-websocket answers with nothing: pgw sends the Close frame that an
+        endpoint failing the connection should (RFC 6455 7.1.7), once."""
+        reason = self._ws.closed
+        state = getattr(getattr(self._ws, TRIO_WEBSOCKET_WSPROTO, None), "state", None)
+        if reason is None or reason.code == 1006 or state is not wsproto.connection.ConnectionState.OPEN:
+            return close_description(reason)
+        if not self._failed:
+            self._failed = True
+            # Shielded: the sender and the reader both end here, and the one that
+            # does not send would otherwise cancel the other's send at once.
+            with trio.CancelScope(shield=True), trio.move_on_after(FAIL_CLOSE_SEND_S):
+                try:
+                    async with self._lock:
+                        await self._stream.send_all(masked_frame(CLOSE_FRAME, struct.pack("!H", reason.code)))
+                except (trio.BrokenResourceError, trio.ClosedResourceError):
+                    pass
+        return f"pgw closed the connection ({reason.code}): the server sent {reason.reason or 'a frame RFC 6455 forbids'}"
 
     def _frame(self, message: bytes) -> bytearray:
         if self._compressor is None:
@@ -3460,10 +3488,11 @@ async def open_websocket(
         )
     deflate = Deflate() if settings.compression else None
     setattr(ws, request_name, dataclasses.replace(request, extensions=[deflate] if deflate else []))
+    reader_ended: list[bool] = []
     with trio.fail_after(timeout_s):
-        nursery.start_soon(_read_then_wake, reader_task, opened)
+        nursery.start_soon(_read_then_wake, reader_task, opened, reader_ended)
         await opened.wait()
-    if ws.closed is not None:  # the stream ended before the server's answer did
+    if reader_ended and ws.closed is not None:  # the stream ended before the server's answer did
         status = getattr(ws, TRIO_WEBSOCKET_REJECT_STATUS, 0)
         if status:  # an HTTP error whose body ends where the connection does (RFC 9112 6.3)
             raise trio_websocket.ConnectionRejected(status, (), None)
@@ -3471,13 +3500,16 @@ async def open_websocket(
     return ws, deflate if deflate is not None and deflate.enabled() else None
 
 
-async def _read_then_wake(reader_task: typing.Callable[[], typing.Awaitable[None]], opened: trio.Event) -> None:
+async def _read_then_wake(
+    reader_task: typing.Callable[[], typing.Awaitable[None]], opened: trio.Event, ended: list[bool]
+) -> None:
     """trio-websocket's reader, then a wake-up for whoever waits for the
     handshake: where the stream ends before the server's answer (or before the
     end of an error body that only the connection's end delimits), trio-websocket
     leaves that wait to its timeout.  (What it raises reaches the waiter
     through the nursery instead.)"""
     await reader_task()
+    ended.append(True)
     opened.set()
 
 
@@ -3583,8 +3615,8 @@ class Connection:
         while True:
             try:
                 text = await self.ws.get_message()
-            except trio_websocket.ConnectionClosed as exc:
-                raise ConnectionLost(close_description(exc.reason)) from None
+            except trio_websocket.ConnectionClosed:
+                raise ConnectionLost(await self.frames.why_closed()) from None
             if isinstance(text, bytes):  # PROTOCOL.md: messages are text frames
                 log.warning("skipped a binary message of %d bytes: the protocol's messages are text", len(text))
                 continue
@@ -3685,6 +3717,8 @@ def close_description(reason: Any) -> str:
             f"pgw refused a message from the server of more than {MESSAGE_MAX_BYTES // 2**20} MiB "
             "(the limit, counted after inflation) and closed the connection (1009)"
         )
+    if reason.code == 1006:  # RFC 6455 7.1.5: no Close frame came
+        return "the connection was lost without a WebSocket close (1006)"
     text = f"the server closed the connection ({reason.code}"
     return text + (f": {reason.reason})" if reason.reason else ")")
 

@@ -32,6 +32,7 @@ import pytest
 import trio
 import trio_websocket
 import wsproto
+import wsproto.connection
 import wsproto.events
 import wsproto.extensions
 
@@ -859,6 +860,7 @@ async def test_trio_websocket_and_wsproto_still_have_what_pgw_uses_for_deflate()
     assert callable(getattr(connection, reader_name))
     assert isinstance(getattr(connection, opened_name), trio.Event)
     assert getattr(connection, pgw.TRIO_WEBSOCKET_REJECT_STATUS) == 0  # the status of a refusal, once one comes
+    assert getattr(connection, pgw.TRIO_WEBSOCKET_WSPROTO).state is wsproto.connection.ConnectionState.CONNECTING
     assert "extensions" in {field.name for field in dataclasses.fields(wsproto.events.Request)}
     with trio.fail_after(10):
         async with open_backend() as backend:

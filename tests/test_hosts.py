@@ -376,6 +376,73 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def client_frames(data: bytes) -> list[tuple[int, bytes]]:
+    """(opcode, unmasked payload) of each whole client frame in `data`."""
+    frames = []
+    while len(data) >= 2:
+        size, at = data[1] & 0x7F, 2
+        if size == 126:
+            size, at = struct.unpack("!H", data[2:4])[0], 4
+        elif size == 127:
+            size, at = struct.unpack("!Q", data[2:10])[0], 10
+        if len(data) < at + 4 + size:
+            break
+        key, payload = data[at:at + 4], data[at + 4:at + 4 + size]
+        frames.append((data[0] & 0x0F, bytes(b ^ key[i % 4] for i, b in enumerate(payload))))
+        data = data[at + 4 + size:]
+    return frames
+
+
+# A frame from the server that RFC 6455 forbids, and the close code it calls for.
+BROKEN_FRAMES = {
+    "rsv2-set": (b"\xa1\x02hi", 1002),
+    "masked-by-the-server": (b"\x81\x82abcd" + bytes([ord("h") ^ ord("a"), ord("i") ^ ord("b")]), 1002),
+    "text-not-utf8": (b"\x81\x02\xff\xfe", 1007),
+    "ping-of-126-bytes": (b"\x89\x7e\x00\x7e" + b"x" * 126, 1002),
+}
+
+
+@pytest.mark.parametrize("frame", BROKEN_FRAMES)
+async def test_a_frame_the_protocol_forbids_gets_a_close_from_pgw_and_is_named_as_its_doing(tmp_path, environ, caplog, frame):
+    # RFC 6455 7.1.7: the endpoint that fails the connection should send a
+    # Close frame first; pgw sent none, and logged that the server had closed.
+    caplog.set_level(logging.INFO, logger="pgw")
+    broken, code = BROKEN_FRAMES[frame]
+    received = bytearray()
+    done = trio.Event()
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request_text = b""
+        while b"\r\n\r\n" not in request_text:
+            request_text += await stream.receive_some(4096)
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\n\r\n"
+        )
+        await stream.send_all(broken)
+        with trio.move_on_after(5):
+            while chunk := await stream.receive_some(65536):
+                received.extend(chunk)
+        done.set()
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            settings = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-frame", name="n", compression="off")
+            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ)
+            nursery.start_soon(daemon.run)
+            await done.wait()
+            while "disconnected" not in caplog.text:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    closes = [payload for opcode, payload in client_frames(bytes(received)) if opcode == 0x8]
+    assert closes[:1] == [struct.pack("!H", code)], client_frames(bytes(received))
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnected")][:1]
+    assert f"pgw closed the connection ({code}): the server sent " in line, line
+
+
 @pytest.mark.parametrize("value, bits", [('"10"', 10), ('"1\\1"', 11), ("12", 12), ("8", 9)])
 def test_a_window_may_be_quoted_and_eight_bits_are_taken_as_nine(value, bits):
     deflate = pgw.Deflate()
