@@ -2340,6 +2340,7 @@ class StageSpawner:
         self._control: Optional[Link] = None
         self._lock = trio.Lock()  # one request at a time on the stream
         self._started = 0  # how many spawners were started: which one a root came from
+        self._sessions: set[int] = set()  # every spawner's, which its roots keep: see sweep_orphans
 
     def _start(self) -> Link:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -2355,8 +2356,41 @@ class StageSpawner:
                 env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
         self._started += 1
+        self._sessions.add(self._process.pid)  # start_new_session: its pid names its session
         self._control = Link(ours, self._started)
         return self._control
+
+    async def sweep_orphans(self) -> None:
+        """Where pgw is a subreaper (`pgw run` on Linux), what a spawner that died
+        (or was stopped, and so killed) held passes to pgw: its roots, which run
+        their stages on, and the processes of any stage whose root died after
+        it.  A root is known by its session, a spawner's, which nothing of a
+        stage can join (every CLI starts a session of its own); every other
+        child pgw did not start dies here, with its descendants."""
+        with trio.open_signal_receiver(signal.SIGCHLD) as arrivals:
+            async for _ in arrivals:
+                deadline = trio.current_time() + SWEEP_S
+                while (strays := self._strays()) and trio.current_time() < deadline:
+                    for pid in strays + [kid for stray in strays for kid in descendants(stray)]:
+                        try:
+                            os.kill(pid, signal.SIGKILL)
+                        except OSError:
+                            pass
+                    await trio.sleep(0.001)  # a hopper's next fork, reaped or killed at the next pass
+
+    def _strays(self) -> list[int]:
+        """pgw's children neither its spawner nor a root, reaping those that ended."""
+        strays = []
+        for pid in child_pids(os.getpid()):
+            if self._process is not None and pid == self._process.pid:
+                continue  # its Popen reaps it
+            try:
+                if os.waitpid(pid, os.WNOHANG)[0] or os.getsid(pid) in self._sessions:
+                    continue
+            except (ChildProcessError, ProcessLookupError):
+                continue
+            strays.append(pid)
+        return strays
 
     async def spawn(self, prepared: PreparedStage, prompt: Optional[bytes], umask: Optional[int]) -> "StageRoot":
         """A stage root running `prepared`, `prompt` on its standard input (None:
@@ -2473,6 +2507,13 @@ class StageSpawner:
                 if attempt == 2:
                     reason = os.strerror(exc.errno) if isinstance(exc, OSError) and exc.errno else "it took no request"
                     raise StageRejected(f"cannot start the stage: the stage spawner ({sys.executable}) failed: {reason}") from None
+
+    def replace_if_stopped(self) -> None:
+        """After a root was killed from outside: a spawner stopped as well would
+        keep what the stage left alive (it went to the spawner).  Killed, the
+        spawner hands it to pgw, which, as a subreaper, kills it."""
+        if self._process is not None and not self._spawner_runs():
+            self.discard()
 
     def release(self, root: "StageRoot") -> None:
         """A root whose stage has ended: free for the next, if it said so and
@@ -2763,6 +2804,8 @@ class StageRun:
                 await root.kill(timing.kill_wait_s)
                 root.close_pipes()
                 self.daemon.spawner.release(root)
+                if root.lost:
+                    self.daemon.spawner.replace_if_stopped()
 
     async def _drain(self, root: StageRoot) -> None:
         """After the CLI's exit: what is left in the pipes gets a grace, then the
@@ -2821,6 +2864,52 @@ class StageRun:
         )
         for data in escaped_output(trace) if trace else ():
             await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.next_seq(), data))
+
+
+# How long one sweep of pgw's orphans may go on killing (a hopper forks anew).
+SWEEP_S = 5.0
+
+
+def become_subreaper() -> bool:
+    """Make pgw a child subreaper (Linux): what a dead spawner held, and the
+    processes of a stage whose root died after it, then pass to pgw, not to
+    init.  True if it is one."""
+    if not sys.platform.startswith("linux"):
+        return False
+    import ctypes
+
+    try:
+        return ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
+
+
+PR_SET_CHILD_SUBREAPER = 36
+
+
+def child_pids(pid: int) -> list[int]:
+    """`pid`'s children, from each of its threads' /proc children list (Linux)."""
+    found: list[int] = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for task in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{task}/children", "rb") as children:
+                found += [int(kid) for kid in children.read().split()]
+        except OSError:
+            continue
+    return found
+
+
+def descendants(pid: int) -> list[int]:
+    found, pending = [], [pid]
+    while pending:
+        kids = child_pids(pending.pop())
+        found += kids
+        pending += kids
+    return found
 
 
 def write_prompt(fd: int, prompt: bytes) -> bytes:
@@ -3766,8 +3855,10 @@ class Daemon:
         timing: Timing = Timing(),
         reread: Optional[typing.Callable[[], Settings]] = None,
         stage_umask: Optional[int] = None,
+        subreaper: bool = False,
     ) -> None:
         self.settings, self.home, self.timing = settings, home, timing
+        self.subreaper = subreaper  # pgw itself is one (`pgw run` on Linux): it sweeps what passes to it
         self._reread = reread  # the settings as they are now (config.json may have changed)
         self._reread_problem: Optional[str] = None
         self._last_failure: Optional[str] = None  # the reconnect log's: said once per cause
@@ -3864,6 +3955,8 @@ class Daemon:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._state_writer)
                 nursery.start_soon(self.spawner.free.retire_idle)
+                if self.subreaper:
+                    nursery.start_soon(self.spawner.sweep_orphans)
                 await self._reconnect_loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -4866,7 +4959,7 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
     )
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw: %s", old)
-    daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask)
+    daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=become_subreaper())
     trio.run(run_until_signalled, daemon)
     return 0
 

@@ -244,6 +244,52 @@ async def test_no_escapee_outlives_the_daemon(tmp_path, stub_bin, pyz_pgw, kind,
         kill_marked(marker)
 
 
+@pytest.mark.parametrize("spawner_signal", [signal.SIGKILL, signal.SIGSTOP], ids=["spawner-killed", "spawner-stopped"])
+@pytest.mark.parametrize("kind", ["setsid-empty-env", "hopper"])
+async def test_a_cli_that_kills_the_spawner_then_its_root_takes_nothing_past_the_stage(
+    tmp_path, stub_bin, pyz_pgw, kind, spawner_signal  # noqa: F811
+):
+    # With its root's subreaper, the spawner, gone (or stopped) first, the
+    # stage's processes would pass to init once the root dies.  `pgw run` is a
+    # subreaper itself: they pass to pgw, which kills them.
+    marker = f"pgw-escapee-{uuid.uuid4().hex}"
+    kill_both = (
+        "\nwhile not os.path.exists(READY):\n    time.sleep(0.01)\n"
+        "with open('/proc/%d/stat' % os.getppid()) as f:\n    spawner = int(f.read().rpartition(')')[2].split()[1])\n"
+        f"os.kill(spawner, {int(spawner_signal)})\nos.kill(os.getppid(), 9)"
+    )
+    write_stub_cli(stub_bin, "claude", STUB.format(
+        marker=marker, escapee=ESCAPEE, hopper=HOPPER, detached=DETACHED, escape=ESCAPES[kind] + kill_both,
+    ))
+    home = tmp_path / "home"
+    try:
+        with trio.fail_after(40):
+            async with open_backend() as backend:
+                async with pgw_daemon(pyz_pgw, home, stub_bin, server=backend.url, token=backend.token) as daemon:
+                    connection = await backend.next_connection()
+                    await connection.send(request("s1", cli_args=["wait"], env=escapee_env(tmp_path, marker)))
+                    cli_pid = (await connection.receive("stage.ack", "s1"))["pid"]
+                    [spawner] = children_of(daemon.pid)
+                    result = await connection.stage_result("s1")
+                    assert_escapee_ran(tmp_path, marker)
+                    await assert_none_left(tmp_path, marker)
+                    assert await gone_or_zombie(cli_pid), "the CLI outlived its stage"
+                    assert result.returncode == -1 and "stage root" in (result.error or ""), result.error
+                    write_stub_cli(stub_bin, "claude", "print('ran')")
+                    await connection.send(request("s2"))
+                    assert (await connection.stage_result("s2")).stdout == "ran\n"
+                    assert not is_alive(spawner), "the killed or stopped spawner is still there"
+    finally:
+        kill_marked(marker)
+
+
+async def gone_or_zombie(pid: int, within_s: float = 3.0) -> bool:
+    with trio.move_on_after(within_s):
+        while is_alive(pid):
+            await trio.sleep(0.01)
+    return not is_alive(pid)
+
+
 async def test_a_pid_hopper_survives_none_of_ten_cancels(tmp_path, environ, stub_bin):
     markers = {f"h{number}": f"pgw-escapee-{uuid.uuid4().hex}" for number in range(10)}
     try:
