@@ -2379,13 +2379,16 @@ class StageSpawner:
                     await trio.sleep(0.001)  # a hopper's next fork, reaped or killed at the next pass
 
     def _strays(self) -> list[int]:
-        """pgw's children neither its spawner nor a root, reaping those that ended."""
+        """pgw's children neither its spawner nor a working root (a stopped one
+        could kill nothing: the spawner killed those), reaping those that ended."""
         strays = []
         for pid in child_pids(os.getpid()):
             if self._process is not None and pid == self._process.pid:
                 continue  # its Popen reaps it
             try:
-                if os.waitpid(pid, os.WNOHANG)[0] or os.getsid(pid) in self._sessions:
+                if os.waitpid(pid, os.WNOHANG)[0]:
+                    continue
+                if os.getsid(pid) in self._sessions and process_state(pid) not in ("T", "t"):
                     continue
             except (ChildProcessError, ProcessLookupError):
                 continue
@@ -2628,6 +2631,11 @@ class StageRoot:
             except OSError:
                 pass
 
+    @property
+    def ended(self) -> bool:
+        """Its report pipe's end of file came: nothing of its stage is left."""
+        return self._ended
+
     def close_commands(self) -> None:
         if self._commands is not None:
             os.close(self._commands)
@@ -2804,7 +2812,7 @@ class StageRun:
                 await root.kill(timing.kill_wait_s)
                 root.close_pipes()
                 self.daemon.spawner.release(root)
-                if root.lost:
+                if root.lost or not root.ended:  # killed, or stopped: by the stage, or with the spawner
                     self.daemon.spawner.replace_if_stopped()
 
     async def _drain(self, root: StageRoot) -> None:
@@ -2901,6 +2909,15 @@ def child_pids(pid: int) -> list[int]:
         except OSError:
             continue
     return found
+
+
+def process_state(pid: int) -> Optional[str]:
+    """The state letter in /proc/PID/stat (R, S, T, Z...), None if it is gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as stat_file:
+            return stat_file.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError):
+        return None
 
 
 def descendants(pid: int) -> list[int]:
