@@ -1637,6 +1637,13 @@ def connection_failure(server: str, reason: BaseException) -> str:
                     f"the server rejected the token (HTTP {current.status_code}): "
                     "run `pgw pair CODE --server URL` again"
                 )
+            location = next((value for name, value in current.headers or () if name.lower() == b"location"), None)
+            if current.status_code in REDIRECT_STATUSES and location:
+                target = urllib.parse.urljoin(server, location.decode("latin-1"))
+                return (
+                    f"the server redirects the WebSocket (HTTP {current.status_code}) to {shown(target)}: "
+                    "if that is where it moved, `pgw config set server URL`"
+                )
             return f"the server refused the WebSocket (HTTP {current.status_code})"
         if isinstance(current, (ConnectionLost, ProxyError, ConfigError)):
             return str(current)

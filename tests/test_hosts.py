@@ -329,6 +329,9 @@ HANDSHAKE_ENDINGS = {
                          "refused the WebSocket (HTTP 503)"),
     "401-until-closed": (lambda _: b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\nwho are you",
                          "rejected the token (HTTP 401)"),
+    "moved": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x\r\nContent-Length: 0\r\n\r\n",
+              "redirects the WebSocket (HTTP 301) to 'https://new.example/api/x': if that is where it moved, "
+              "`pgw config set server URL`"),
     "window-without-value": (switching(b"permessage-deflate; client_max_window_bits"),
                              "client_max_window_bits without a value"),
     "window-of-16": (switching(b"permessage-deflate; server_max_window_bits=16"), "server_max_window_bits='16'"),
