@@ -4211,10 +4211,14 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     return path
 
 
-async def run_until_signalled(daemon: Daemon) -> None:
-    """Run the daemon; SIGTERM/SIGINT stop it (twice: at once), SIGHUP is ignored."""
+async def run_until_signalled(daemon: Daemon, early: typing.Sequence[int] = ()) -> None:
+    """Run the daemon; SIGTERM/SIGINT stop it (twice: at once), SIGHUP is ignored.
+    `early`: those that came before this could receive them (each counts)."""
     wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
     with trio.open_signal_receiver(*wanted) as signals:
+        for signum in early:
+            log.info("received %s while starting", signal.Signals(signum).name)
+            daemon.request_shutdown()
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
@@ -4981,10 +4985,15 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
         "pgw %s started: server=%s name=%r max_stages=%s log=%s",
         __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
     )
+    # A SIGTERM from here on (a watchdog, a test that read the log) stops
+    # the daemon as one once it runs would, instead of killing it mid-start.
+    early: list[int] = []
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda signum, _: early.append(signum))
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw: %s", old)
     daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=become_subreaper())
-    trio.run(run_until_signalled, daemon)
+    trio.run(run_until_signalled, daemon, early)
     return 0
 
 
