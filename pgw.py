@@ -724,6 +724,13 @@ def ack_message(stage_run_id: str, pid: int) -> bytes:
     return f'{{"type":"stage.ack","stage_run_id":{_encode_basestring(stage_run_id)},"pid":{pid}}}'.encode("utf-8")
 
 
+def stage_id_fits(stage_run_id: str) -> bool:
+    """Whether a message naming `stage_run_id` stays under 1 MiB whatever else
+    it says: its JSON form leaves the room an output message's data does."""
+    encoded = json.dumps(stage_run_id, ensure_ascii=not _utf8_encodable(stage_run_id)).encode("utf-8")
+    return len(encoded) <= OUTPUT_DATA_MAX_ESCAPED_BYTES
+
+
 def exit_message(record: StageExit) -> bytes:
     """`wire(record)` without cattrs, a dict or json.dumps: sent once per stage
     (a test holds the two equal)."""
@@ -3759,13 +3766,12 @@ class Connection:
 
     def _send_soon(self, record: StageExit) -> None:
         """The exit of a request refused as it came, unless its stage_run_id
-        alone would take it over the 1 MiB a server may take (the server sent
+        alone could take it over the 1 MiB a server may take (the server sent
         that id, and would close the connection, and every stage's output with it)."""
-        data = wire(record)
-        if len(data) > OUTPUT_MESSAGE_MAX_BYTES:
+        if not stage_id_fits(record.stage_run_id):
             log.warning("stage %s: its stage.exit would be over 1 MiB; not sent", shown(record.stage_run_id))
             return
-        self._stages.start_soon(self.outbox.put, lambda: data)
+        self._stages.start_soon(self.outbox.put, lambda: wire(record))
 
     async def _on_stage_request(self, request: StageRequest) -> None:
         daemon = self.daemon

@@ -163,7 +163,8 @@ def owed_exit(text: str) -> str | None:
     except (ValueError, RecursionError):
         return None
     if isinstance(message, dict) and message.get("type") == "stage.request" and isinstance(message.get("stage_run_id"), str):
-        return message["stage_run_id"]
+        # An id too long to name in a message under 1 MiB gets no exit: a server would close on it.
+        return message["stage_run_id"] if pgw.stage_id_fits(message["stage_run_id"]) else None
     return None
 
 
