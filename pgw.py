@@ -2348,8 +2348,9 @@ class StageSpawner:
     and of the stage roots it forked: a stage goes straight to a free root,
     and only when none is free does the spawner fork one."""
 
-    def __init__(self, root_idle_s: float) -> None:
+    def __init__(self, root_idle_s: float, subreaper: bool = False) -> None:
         self.free = FreeRoots(root_idle_s)
+        self._subreaper = subreaper  # pgw is to become one before its first spawner starts
         self._process: Optional[subprocess.Popen[bytes]] = None
         self._control: Optional[Link] = None
         self._lock = trio.Lock()  # one request at a time on the stream
@@ -2357,6 +2358,8 @@ class StageSpawner:
         self._sessions: set[int] = set()  # every spawner's, which its roots keep: see sweep_orphans
 
     def _start(self) -> Link:
+        if self._subreaper:  # here, not at pgw's start: ctypes costs a few ms before the hello
+            self._subreaper = not become_subreaper()
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         with theirs:
             # Started once, between stages: a plain fork here costs less than trio's thread
@@ -3888,7 +3891,7 @@ class Daemon:
         subreaper: bool = False,
     ) -> None:
         self.settings, self.home, self.timing = settings, home, timing
-        self.subreaper = subreaper  # pgw itself is one (`pgw run` on Linux): it sweeps what passes to it
+        self.subreaper = subreaper and sys.platform.startswith("linux")  # `pgw run`: see sweep_orphans
         self._reread = reread  # the settings as they are now (config.json may have changed)
         self._reread_problem: Optional[str] = None
         self._last_failure: Optional[str] = None  # the reconnect log's: said once per cause
@@ -3898,7 +3901,7 @@ class Daemon:
         # Absolute: a stage root that ran a stage before has its working directory at /.
         self.scratch_root = Path(os.path.abspath(home / "scratch"))
         self.stages: dict[str, StageRun] = {}
-        self.spawner = StageSpawner(self.timing.root_idle_s)
+        self.spawner = StageSpawner(self.timing.root_idle_s, subreaper=self.subreaper)
         self.slots = trio.Semaphore(settings.max_stages) if settings.max_stages > 0 else None
         self.shutdown = Shutdown()
         self.link = LinkState()
@@ -4998,7 +5001,7 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
         signal.signal(signum, lambda signum, _: early.append(signum))
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw: %s", old)
-    daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=become_subreaper())
+    daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=True)
     trio.run(run_until_signalled, daemon, early)
     return 0
 
