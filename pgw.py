@@ -78,6 +78,7 @@ import collections
 import concurrent.futures
 import dataclasses
 import datetime
+import email.utils
 import errno
 import functools
 import http
@@ -1686,6 +1687,26 @@ def connection_failure(server: str, reason: BaseException) -> str:
 # needs the traceback, and the user needs to know it is not their server.
 INTERNAL_ERRORS = (ArithmeticError, AssertionError, AttributeError, LookupError, NameError, TypeError)
 INTERNAL_FAILURE = "an internal error in pgw (its traceback is in run.log)"
+
+
+# A Retry-After beyond this is taken as this: a typo or a proxy's must not park pgw for days.
+RETRY_AFTER_MAX_S = 3600.0
+
+
+def retry_after_s(exc: BaseException, now_unix: float) -> Optional[float]:
+    """How long a refusal of the handshake (HTTP 429 or 503) asks pgw to wait,
+    from its Retry-After (RFC 9110 10.2.3: seconds, or a date); None if it does not."""
+    for current in _exception_chain(exc):
+        if isinstance(current, trio_websocket.ConnectionRejected) and current.status_code in (429, 503):
+            value = next((v for name, v in current.headers or () if name.lower() == b"retry-after"), b"")
+            text = value.decode("latin-1").strip()
+            if text.isascii() and text.isdigit():
+                return float(min(int(text), RETRY_AFTER_MAX_S))
+            try:
+                return max(email.utils.parsedate_to_datetime(text).timestamp() - now_unix, 0.0)
+            except (TypeError, ValueError, IndexError, OverflowError):
+                return None
+    return None
 
 
 def _exception_chain(exc: BaseException) -> typing.Iterator[BaseException]:
@@ -4009,12 +4030,14 @@ class Daemon:
         while not self.shutdown.requested:
             self.link.since = None
             self._read_settings_again()
+            asked_s: Optional[float] = None
             try:
                 with trio.CancelScope() as self._idle_scope:
                     await self._connect()
                 failure = None
             except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
                 failure = connection_failure(self.settings.server, exc)
+                asked_s = retry_after_s(exc, time.time())
                 if failure.startswith(INTERNAL_FAILURE):
                     log.error("the connection ended on an internal error", exc_info=exc)
             finally:
@@ -4026,6 +4049,8 @@ class Daemon:
             if lasted is not None and trio.current_time() - lasted >= self.timing.reconnect_reset_after_s:
                 backoff.reset()
             delay = backoff.next_delay_s()
+            if asked_s is not None:  # the server said when: not sooner, and not past an hour
+                delay = max(delay, min(asked_s, RETRY_AFTER_MAX_S))
             self._note_failure(lasted is not None, failure, delay)
             with trio.CancelScope() as self._idle_scope:
                 await trio.sleep(delay)

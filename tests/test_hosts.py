@@ -19,6 +19,7 @@ from typing import Callable
 
 import pytest
 import trio
+import trio_websocket
 
 import pgw
 from backend import open_backend
@@ -444,6 +445,41 @@ async def test_a_frame_the_protocol_forbids_gets_a_close_from_pgw_and_is_named_a
     assert closes[:1] == [struct.pack("!H", code)], client_frames(bytes(received))
     [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnected")][:1]
     assert f"pgw closed the connection ({code}): the server sent " in line, line
+
+
+@pytest.mark.parametrize(
+    "status, header, wait_s",
+    [(503, b"120", 120.0), (429, b"Thu, 01 Jan 1970 00:17:10 GMT", 30.0), (503, b"99999999999", 3600.0),
+     (503, b"soon", None), (503, None, None), (500, b"5", None)],
+)
+def test_a_refusal_says_how_long_to_wait_in_seconds_or_as_a_date(status, header, wait_s):
+    headers = ((b"Retry-After", header),) if header is not None else ()
+    refusal = trio_websocket.ConnectionRejected(status, headers, None)
+    assert pgw.retry_after_s(refusal, now_unix=1000.0) == wait_s
+
+
+async def test_a_server_that_asks_to_retry_later_is_retried_no_sooner(tmp_path, environ, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request_text = b""
+        while b"\r\n\r\n" not in request_text:
+            request_text += await stream.receive_some(4096)
+        await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n")
+        await stream.aclose()
+
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            settings = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-later", name="n")
+            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ, timing=pgw.Timing(reconnect_first_s=0.05))
+            nursery.start_soon(daemon.run)
+            while "cannot connect" not in caplog.text:
+                await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert line.endswith("the server refused the WebSocket (HTTP 503); retrying in 7.0 s"), line
 
 
 @pytest.mark.parametrize("value, bits", [('"10"', 10), ('"1\\1"', 11), ("12", 12), ("8", 9)])
