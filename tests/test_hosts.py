@@ -307,6 +307,30 @@ async def test_a_handshake_with_an_extension_not_offered_is_refused_in_plain_wor
     assert "not one pgw can accept" in line and "extension" in line and "ExceptionGroup" not in line
 
 
+async def read_request(stream: trio.SocketStream) -> bytes:
+    """The opening handshake's request, up to its blank line."""
+    request_text = b""
+    while b"\r\n\r\n" not in request_text:
+        request_text += await stream.receive_some(4096)
+    return request_text
+
+
+async def daemon_against(answer, tmp_path: Path, environ, caplog, until: str, timing: pgw.Timing = pgw.Timing(),
+                         **settings) -> None:
+    """An in-process daemon against a hand-written server (`answer` serves each
+    connection), until `until` shows in pgw's log."""
+    with trio.fail_after(20):
+        async with trio.open_nursery() as nursery:
+            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
+            port = listeners[0].socket.getsockname()[1]
+            config = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-hand", name="n", **settings)
+            nursery.start_soon(pgw.Daemon(config, tmp_path / "home", environ=environ, timing=timing).run)
+            with trio.fail_after(5):
+                while until not in caplog.text:
+                    await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+
+
 def accept_key(request_text: bytes) -> bytes:
     import hashlib
     key = [line.split(b":", 1)[1].strip() for line in request_text.split(b"\r\n")
@@ -352,9 +376,7 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
     answer_with, expected = HANDSHAKE_ENDINGS[ending]
 
     async def answer(stream: trio.SocketStream) -> None:
-        request_text = b""
-        while b"\r\n\r\n" not in request_text:
-            request_text += await stream.receive_some(4096)
+        request_text = await read_request(stream)
         if answer_with == "reset":
             stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
         elif answer_with is not None:
@@ -363,17 +385,7 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
                 await trio.sleep(5)
         await stream.aclose()
 
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
-            settings = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-cut", name="n")
-            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ, timing=pgw.Timing(connect_timeout_s=10.0))
-            nursery.start_soon(daemon.run)
-            with trio.fail_after(5):
-                while "cannot connect" not in caplog.text:
-                    await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+    await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(connect_timeout_s=10.0))
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert expected in line, line
     assert "internal error" not in line and "cannot reach" not in line and "in time" not in line, line
@@ -416,9 +428,7 @@ async def test_a_frame_the_protocol_forbids_gets_a_close_from_pgw_and_is_named_a
     done = trio.Event()
 
     async def answer(stream: trio.SocketStream) -> None:
-        request_text = b""
-        while b"\r\n\r\n" not in request_text:
-            request_text += await stream.receive_some(4096)
+        request_text = await read_request(stream)
         await stream.send_all(
             b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\n\r\n"
@@ -462,22 +472,11 @@ async def test_a_server_that_asks_to_retry_later_is_retried_no_sooner(tmp_path, 
     caplog.set_level(logging.INFO, logger="pgw")
 
     async def answer(stream: trio.SocketStream) -> None:
-        request_text = b""
-        while b"\r\n\r\n" not in request_text:
-            request_text += await stream.receive_some(4096)
+        await read_request(stream)
         await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n")
         await stream.aclose()
 
-    with trio.fail_after(20):
-        async with trio.open_nursery() as nursery:
-            listeners = await nursery.start(functools.partial(trio.serve_tcp, answer, 0, host="127.0.0.1"))
-            port = listeners[0].socket.getsockname()[1]
-            settings = pgw.Settings(server=f"http://127.0.0.1:{port}", token="tok-later", name="n")
-            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ, timing=pgw.Timing(reconnect_first_s=0.05))
-            nursery.start_soon(daemon.run)
-            while "cannot connect" not in caplog.text:
-                await trio.sleep(0.05)
-            nursery.cancel_scope.cancel()
+    await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(reconnect_first_s=0.05))
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert line.endswith("the server refused the WebSocket (HTTP 503); retrying in 7.0 s"), line
 
