@@ -566,6 +566,12 @@ def shown(value: Any) -> str:
     return text if len(text) <= SHOWN_MAX_CHARS else f"{text[:SHOWN_MAX_CHARS]}... ({len(text)} characters)"
 
 
+def whole_number(text: str) -> Optional[int]:
+    """`text` as a whole number >= 0 if it is ASCII digits only, else None
+    (str.isdigit() also takes "²", which int() does not)."""
+    return int(text) if text.isascii() and text.isdigit() else None
+
+
 def printable(text: str) -> str:
     """A server-supplied name for a terminal or a log line: as it is when every
     character prints, else `shown` (no escape sequence, no forged second line)."""
@@ -1061,9 +1067,10 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
             raise UsageError(f"cafile: {value!r} is not a file")
         updated["cafile"] = str(cafile)
     elif key == "max_stages":
-        if not (value.isascii() and value.isdigit()):  # int() takes no "²", which isdigit() does
+        max_stages = whole_number(value)
+        if max_stages is None:
             raise UsageError(f"max_stages: expected a whole number >= 0, got {value!r}")
-        updated["max_stages"] = int(value)
+        updated["max_stages"] = max_stages
     elif key == "proxy":
         updated["proxy"] = proxy_setting(value)
     elif key == "compression":
@@ -1647,7 +1654,8 @@ def connection_failure(server: str, reason: BaseException) -> str:
                 )
             location = next((value for name, value in current.headers or () if name.lower() == b"location"), None)
             if current.status_code in REDIRECT_STATUSES and location:
-                target = urllib.parse.urljoin(server, location.decode("latin-1"))
+                # Without query or fragment: a server may echo the URL back, token and all.
+                target = urllib.parse.urljoin(server, location.decode("latin-1")).split("?")[0].split("#")[0]
                 return (
                     f"the server redirects the WebSocket (HTTP {current.status_code}) to {shown(target)}: "
                     "if that is where it moved, `pgw config set server URL`"
@@ -1700,8 +1708,9 @@ def retry_after_s(exc: BaseException, now_unix: float) -> Optional[float]:
         if isinstance(current, trio_websocket.ConnectionRejected) and current.status_code in (429, 503):
             value = next((v for name, v in current.headers or () if name.lower() == b"retry-after"), b"")
             text = value.decode("latin-1").strip()
-            if text.isascii() and text.isdigit():
-                return float(min(int(text), RETRY_AFTER_MAX_S))
+            seconds = whole_number(text)
+            if seconds is not None:
+                return float(min(seconds, RETRY_AFTER_MAX_S))
             try:
                 return max(email.utils.parsedate_to_datetime(text).timestamp() - now_unix, 0.0)
             except (TypeError, ValueError, IndexError, OverflowError):
@@ -1788,10 +1797,10 @@ def _read_pid_file(path: Path) -> Optional[int]:
 
 def _read_pid(fd: int) -> Optional[int]:
     try:
-        text = os.pread(fd, 32, 0).decode().strip()
+        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
     except OSError:
         return None
-    return int(text) if text.isdigit() else None
+    return whole_number(text)
 
 
 def read_state(home: Path) -> Optional[dict[str, Any]]:
@@ -2479,10 +2488,9 @@ class StageSpawner:
     async def _hand_over(self, message: bytes, fds: list[int]) -> Link:
         """The request sent to a free root, else to the spawner with a new
         root's socket; that root's link."""
-        if self._process is not None and not self._spawner_runs():
-            # Stopped, it would take the request and never answer; and it is the free
-            # roots' subreaper, which keeps a stage whose root dies: none is taken again.
-            self.discard()
+        # Stopped, it would take the request and never answer; and it is the free
+        # roots' subreaper, which keeps a stage whose root dies: none is taken again.
+        self.replace_if_stopped()
         while (link := self.free.take()) is not None:
             try:
                 sent = link.send_now(message, fds)
@@ -2550,9 +2558,10 @@ class StageSpawner:
                     raise StageRejected(f"cannot start the stage: the stage spawner ({sys.executable}) failed: {reason}") from None
 
     def replace_if_stopped(self) -> None:
-        """After a root was killed from outside: a spawner stopped as well would
-        keep what the stage left alive (it went to the spawner).  Killed, the
-        spawner hands it to pgw, which, as a subreaper, kills it."""
+        """Kill a spawner that is stopped (or died); the next stage starts another.
+        After a root was killed from outside, a stopped spawner would keep what
+        the stage left alive (it went to the spawner); killed, the spawner hands
+        it to pgw, which, as a subreaper, kills it."""
         if self._process is not None and not self._spawner_runs():
             self.discard()
 
@@ -3583,7 +3592,7 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
                 raise self._refused(f"{key} given twice")
             if key in self._NO_CONTEXT_TAKEOVER and not equals:
                 params[key] = None
-            elif key in self._WINDOW_BITS and value.isdigit() and len(value) <= 2 and 8 <= int(value) <= 15:
+            elif key in self._WINDOW_BITS and whole_number(value) in range(8, 16):
                 params[key] = "9" if value == "8" else value
             elif key in self._NO_CONTEXT_TAKEOVER + self._WINDOW_BITS:
                 raise self._refused(f"{key}={value!r}" if equals else f"{key} without a value")
@@ -5215,9 +5224,10 @@ def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], bool]:
 
 def _count(text: str) -> int:
     """argparse type for a whole number >= 0."""
-    if not (text.isascii() and text.isdigit()):  # int() takes no "²", which isdigit() does
+    count = whole_number(text)
+    if count is None:
         raise argparse.ArgumentTypeError(f"expected a whole number >= 0, got {text!r}")
-    return int(text)
+    return count
 
 
 def _cmd_capabilities(args: argparse.Namespace) -> int:

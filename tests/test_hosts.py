@@ -20,6 +20,7 @@ from typing import Callable
 import pytest
 import trio
 import trio_websocket
+import wsproto.utilities
 
 import pgw
 from backend import open_backend
@@ -354,7 +355,7 @@ HANDSHAKE_ENDINGS = {
                          "refused the WebSocket (HTTP 503)"),
     "401-until-closed": (lambda _: b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\nwho are you",
                          "rejected the token (HTTP 401)"),
-    "moved": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x\r\nContent-Length: 0\r\n\r\n",
+    "moved": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x?token=tok-hand\r\nContent-Length: 0\r\n\r\n",
               "redirects the WebSocket (HTTP 301) to 'https://new.example/api/x': if that is where it moved, "
               "`pgw config set server URL`"),
     "window-without-value": (switching(b"permessage-deflate; client_max_window_bits"),
@@ -388,6 +389,7 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
     await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(connect_timeout_s=10.0))
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert expected in line, line
+    assert "tok-hand" not in caplog.text
     assert "internal error" not in line and "cannot reach" not in line and "in time" not in line, line
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
@@ -479,6 +481,12 @@ async def test_a_server_that_asks_to_retry_later_is_retried_no_sooner(tmp_path, 
     await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(reconnect_first_s=0.05))
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert line.endswith("the server refused the WebSocket (HTTP 503); retrying in 7.0 s"), line
+
+
+def test_a_window_in_other_digits_than_ascii_fails_the_handshake_not_pgw():
+    # "¹²".isdigit() is true, and int() would raise ValueError on it.
+    with pytest.raises(wsproto.utilities.RemoteProtocolError, match="server_max_window_bits='¹²'"):
+        pgw.Deflate().finalize("permessage-deflate; server_max_window_bits=¹²")
 
 
 @pytest.mark.parametrize("value, bits", [('"10"', 10), ('"1\\1"', 11), ("12", 12), ("8", 9)])
