@@ -123,6 +123,7 @@ import wsproto
 import wsproto.connection
 import wsproto.events
 import wsproto.extensions
+import wsproto.frame_protocol
 import wsproto.utilities
 from cattrs.errors import ClassValidationError, IterableValidationError, IterableValidationNote
 
@@ -3600,6 +3601,47 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
                 raise self._refused(f"unknown parameter {shown(key)}")
         super().finalize("; ".join([self.name] + [key if value is None else f"{key}={value}" for key, value in params.items()]))
 
+    # RFC 7692 7.2.3.4: a server that cannot flush may end each message's
+    # deflate stream with a BFINAL block, and start the next message with a new
+    # stream, which (unless it agreed to server_no_context_takeover) may still
+    # refer back to what came before (7.2.2).  wsproto fed the next message to
+    # the ended stream, which inflated it to nothing: pgw failed it with 1007.
+    # Here an ended stream is followed by a new one primed with the last
+    # window of what was inflated.  These hooks read wsproto 1.3.2's own state
+    # of the message (WSPROTO_INFLATE_STATE), pinned by a test.
+    _window = b""
+
+    def frame_inbound_payload_data(self, proto: Any, data: bytes) -> Any:
+        if not self._inbound_compressed or not self._inbound_is_compressible:
+            return data
+        return self._inflate(bytes(data))
+
+    def frame_inbound_complete(self, proto: Any, fin: bool) -> Any:
+        inflated = super().frame_inbound_complete(proto, fin)  # the flush tail: after a BFINAL block, left unread
+        if isinstance(inflated, bytes):
+            self._remember(inflated)
+        return inflated
+
+    def _inflate(self, data: bytes) -> Any:
+        pieces = []
+        try:
+            while True:
+                if self._decompressor is None or self._decompressor.eof:
+                    self._decompressor = zlib.decompressobj(-self.server_max_window_bits, zdict=self._window)
+                pieces.append(self._decompressor.decompress(data))
+                data = self._decompressor.unused_data
+                if not data:
+                    break
+        except zlib.error:
+            return wsproto.frame_protocol.CloseReason.INVALID_FRAME_PAYLOAD_DATA
+        inflated = b"".join(pieces)
+        self._remember(inflated)
+        return inflated
+
+    def _remember(self, inflated: bytes) -> None:
+        size = 1 << self.server_max_window_bits
+        self._window = inflated[-size:] if len(inflated) >= size else (self._window + inflated)[-size:]
+
     def _refused(self, why: str) -> wsproto.utilities.RemoteProtocolError:
         return wsproto.utilities.RemoteProtocolError(
             f"its {self.name} is not one RFC 7692 allows: {why}", event_hint=wsproto.events.RejectConnection()
@@ -3608,6 +3650,11 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
     def __str__(self) -> str:
         """As the response header names it, with the window sizes in use."""
         return f"{self.name}; {self.offer()}"
+
+
+# wsproto's PerMessageDeflate keeps the message being read in these; Deflate's
+# hooks, which inflate a stream ended with a BFINAL block, read them too.
+WSPROTO_INFLATE_STATE = ("_inbound_compressed", "_inbound_is_compressible", "_decompressor")
 
 
 # trio-websocket 0.12.2 (pinned in requirements.lock) has no parameter for

@@ -789,7 +789,8 @@ def server_reading(response: str) -> wsproto.connection.Connection:
 # The same 150 characters that do not repeat within themselves, five times:
 # each message after the first refers back to the one before (within the
 # 250 bytes even a 9-bit window reaches), unless told not to.
-SAME_TEXT = "".join(random.Random(3).choice("abcdefghijklmnopqrstuvwxyzé証😀 ") for _ in range(150))
+_RNG = random.Random(3)
+SAME_TEXT = "".join(_RNG.choice("abcdefghijklmnopqrstuvwxyzé証😀 ") for _ in range(150))
 MESSAGES = [pgw.wire(pgw.StageStdout("s1", n, SAME_TEXT)) for n in range(1, 6)]
 
 
@@ -840,6 +841,87 @@ def test_an_eight_bit_window_is_taken_as_nine():
     assert str(deflate) == "permessage-deflate; client_max_window_bits=9; server_max_window_bits=9"
 
 
+def server_frames(pieces: list[bytes], first_opcode: int = 0x1) -> bytes:
+    """A server's unmasked frames of one deflated message, cut into `pieces`."""
+    frames = b""
+    for index, piece in enumerate(pieces):
+        fin = 0x80 if index == len(pieces) - 1 else 0
+        first = fin | (0x40 | first_opcode if index == 0 else 0)  # RSV1 on the first frame only
+        size = len(piece)
+        length = bytes((size,)) if size < 126 else struct.pack("!BH", 126, size)
+        frames += bytes((first,)) + length + piece
+    return frames
+
+
+def final_block_deflater(window: bytes = b"") -> bytes:
+    """What deflates a message in one stream ending with a BFINAL block, as
+    RFC 7692 7.2.3.4 allows a sender that cannot flush: with context takeover,
+    the next stream may still refer back to `window`, what came before."""
+    def deflate(text: bytes) -> bytes:
+        compressor = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=window) if window else zlib.compressobj(6, zlib.DEFLATED, -15)
+        return compressor.compress(text) + compressor.flush(zlib.Z_FINISH)
+    return deflate  # type: ignore[return-value]
+
+
+def client_reading(response: str) -> wsproto.connection.Connection:
+    """A wsproto client connection inflating with pgw's Deflate, as pgw reads."""
+    return wsproto.connection.Connection(wsproto.connection.ConnectionType.CLIENT, [negotiated_deflate(response)])
+
+
+def texts_read(connection: wsproto.connection.Connection, data: bytes) -> list[str]:
+    """The whole text messages in `data` (wsproto gives one event per frame)."""
+    connection.receive_data(data)
+    texts, text = [], ""
+    for event in connection.events():
+        assert isinstance(event, wsproto.events.TextMessage), event
+        text += event.data
+        if event.message_finished:
+            texts.append(text)
+            text = ""
+    return texts
+
+
+REQUESTS = [json.dumps({"type": "stage.request", "stage_run_id": f"s{n}", "cli": "claude", "stdin": SAME_TEXT})
+            for n in range(4)]
+
+
+@pytest.mark.parametrize("response", ["permessage-deflate", "permessage-deflate; server_no_context_takeover"])
+def test_messages_whose_deflate_stream_ends_with_a_final_block_all_inflate(response):
+    # Each message its own stream, ended with BFINAL (a fresh compressor, and
+    # Z_FINISH): every one after the first used to inflate to nothing.
+    connection = client_reading(response)
+    for text in REQUESTS:
+        assert texts_read(connection, server_frames([final_block_deflater()(text.encode())])) == [text]
+
+
+def test_a_final_block_stream_may_refer_back_to_the_message_before():
+    # With context takeover the sender's next stream may use the last
+    # message's window (RFC 7692 7.2.2: the receiver keeps it).
+    connection, window = client_reading("permessage-deflate"), b""
+    for text in REQUESTS:
+        deflated = final_block_deflater(window)(text.encode())
+        if window:
+            assert len(deflated) < len(final_block_deflater()(text.encode())) / 2, "it refers back"
+        assert texts_read(connection, server_frames([deflated])) == [text]
+        window = (window + text.encode())[-32768:]
+
+
+def test_final_blocks_and_sync_flushes_mix_within_a_connection_and_across_frames():
+    connection, flushing = client_reading("permessage-deflate"), zlib.compressobj(6, zlib.DEFLATED, -15)
+    window = b""
+    for index, text in enumerate(REQUESTS * 2):
+        data = text.encode()
+        if index % 2:
+            deflated = final_block_deflater(window)(data)
+            flushing = zlib.compressobj(6, zlib.DEFLATED, -15, zdict=window + data)  # the stream after it
+        else:
+            deflated = (flushing.compress(data) + flushing.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        window = (window + data)[-32768:]
+        third = len(deflated) // 3
+        pieces = [deflated[:third], deflated[third : 2 * third], deflated[2 * third :]]
+        assert texts_read(connection, server_frames(pieces)) == [text]
+
+
 ##############################################################################
 # What pgw takes from trio-websocket and wsproto to offer the extension
 ##############################################################################
@@ -862,6 +944,7 @@ async def test_trio_websocket_and_wsproto_still_have_what_pgw_uses_for_deflate()
     assert getattr(connection, pgw.TRIO_WEBSOCKET_REJECT_STATUS) == 0  # the status of a refusal, once one comes
     assert getattr(connection, pgw.TRIO_WEBSOCKET_WSPROTO).state is wsproto.connection.ConnectionState.CONNECTING
     assert "extensions" in {field.name for field in dataclasses.fields(wsproto.events.Request)}
+    assert all(hasattr(wsproto.extensions.PerMessageDeflate(), name) for name in pgw.WSPROTO_INFLATE_STATE)
     with trio.fail_after(10):
         async with open_backend() as backend:
             url = f"ws://127.0.0.1:{backend.port}/api/local-worker/connect?token={backend.token}"
