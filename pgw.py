@@ -1666,6 +1666,8 @@ def connection_failure(server: str, reason: BaseException) -> str:
             return str(current)
         if isinstance(current, wsproto.utilities.RemoteProtocolError):
             return f"the server's WebSocket handshake is not one pgw can accept: {current}"
+        if isinstance(current, UnicodeDecodeError):  # wsproto reads Connection and Sec-WebSocket-* as ASCII
+            return "the server's WebSocket handshake is not one pgw can accept: a header that is not ASCII"
     for current in chain:
         if isinstance(current, ConnectionRefusedError):
             return f"{host} refused the connection: is the server running, and is the port right?"

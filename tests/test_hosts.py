@@ -366,6 +366,17 @@ HANDSHAKE_ENDINGS = {
     "parameter-twice": (switching(b"permessage-deflate; server_no_context_takeover; server_no_context_takeover"),
                         "server_no_context_takeover given twice"),
     "extension-twice": (switching(b"permessage-deflate, permessage-deflate"), "accepted twice"),
+    # wsproto reads these three headers as ASCII, and raised UnicodeDecodeError:
+    # logged as "cannot reach", as if the server had not answered.
+    "extensions-not-ascii": (switching(b"permessage-deflate; server_max_window_bits=\xb9\xb2"), "header that is not ASCII"),
+    "connection-not-ascii": (lambda r: switching(b"permessage-deflate")(r).replace(b"Connection: Upgrade", b"Connection: Upgrade, caf\xe9"),
+                             "header that is not ASCII"),
+    "protocol-not-ascii": (lambda r: switching(b"permessage-deflate")(r).replace(b"\r\n\r\n", b"\r\nSec-WebSocket-Protocol: \xe9\r\n\r\n"),
+                           "header that is not ASCII"),
+    "upgrade-not-ascii": (lambda r: switching(b"permessage-deflate")(r).replace(b"Upgrade: websocket", b"Upgrade: websock\xe9t"),
+                          "Missing header, 'Upgrade: websocket'"),
+    "status-reason-not-ascii": (lambda _: b"HTTP/1.1 403 Verboten f\xfcr dich\r\nContent-Length: 0\r\n\r\n",
+                                "rejected the token (HTTP 403)"),
 }
 
 
