@@ -4946,6 +4946,11 @@ class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> typing.NoReturn:
         raise UsageError(f"{message}; see `{self.prog} --help`")
 
+    def print_help(self, file: Optional[typing.TextIO] = None) -> None:
+        # argparse's own ignores a failed write: help sent to a full disk ended
+        # with status 0 and nothing said.
+        (file or sys.stdout).write(self.format_help())
+
 
 def _machine_name() -> str:
     return platform.node()

@@ -754,9 +754,12 @@ def test_logs_takes_a_count_beyond_any_log(capsys, pgw_home):
     assert (status, out) == (0, "one\ntwo\n")
 
 
-@pytest.mark.parametrize("argv", [["--version"], ["status"], ["config", "show"], ["capabilities"]])
-def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path, argv):
-    env = {"PATH": "/usr/bin:/bin", "PGW_HOME": str(tmp_path / "home"), "HOME": str(tmp_path)}
+@pytest.mark.parametrize("argv", [["--version"], ["--help"], ["run", "--help"], ["status"], ["config", "show"], ["capabilities"]])
+@pytest.mark.parametrize("unbuffered", [{}, {"PYTHONUNBUFFERED": "1"}], ids=["buffered", "unbuffered"])
+def test_output_to_a_full_disk_is_one_line_not_a_traceback(tmp_path, argv, unbuffered):
+    # Unbuffered (as in many a container), each write fails as it is made:
+    # argparse's help used to ignore that, and exit 0 having said nothing.
+    env = {"PATH": "/usr/bin:/bin", "PGW_HOME": str(tmp_path / "home"), "HOME": str(tmp_path), **unbuffered}
     with open("/dev/full", "w") as full:
         done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), *argv], stdout=full, stderr=subprocess.PIPE,
                               text=True, env=env, timeout=60)
