@@ -2416,9 +2416,13 @@ class StageSpawner:
         their stages on, and the processes of any stage whose root died after
         it.  A root is known by its session, a spawner's, which nothing of a
         stage can join (every CLI starts a session of its own); every other
-        child pgw did not start dies here, with its descendants."""
+        child pgw did not start dies here, with its descendants.  A stopped
+        spawner (its stop is a SIGCHLD too) is killed at once: what it held
+        passes to pgw, where a root a stage has stopped as well dies, before
+        a hopper under it piles up zombies that nothing reaps."""
         with trio.open_signal_receiver(signal.SIGCHLD) as arrivals:
             async for _ in arrivals:
+                self.replace_if_stopped()
                 deadline = trio.current_time() + SWEEP_S
                 while (strays := self._strays()) and trio.current_time() < deadline:
                     for pid in strays + [kid for stray in strays for kid in descendants(stray)]:

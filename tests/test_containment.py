@@ -103,18 +103,18 @@ ENDINGS_OF_THE_DAEMON = ("daemon-sigterm", "daemon-sigkill")
 
 
 def marked_processes(marker: str) -> list[int]:
-    """Live pids whose argv carries `marker`."""
+    """Live pids whose argv carries `marker`, the newest first: a hopper's
+    live pid is the newest, and a pass over thousands of its zombies ends
+    long after the pid it listed first has gone."""
     needle = marker.encode()
     found = []
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
+    for pid in sorted((int(name) for name in os.listdir("/proc") if name.isdigit()), reverse=True):
         try:
-            cmdline = (entry / "cmdline").read_bytes()
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except OSError:
             continue
-        if needle in cmdline and is_alive(int(entry.name)):
-            found.append(int(entry.name))
+        if needle in cmdline and is_alive(pid):
+            found.append(pid)
     return found
 
 
@@ -127,9 +127,11 @@ def kill_marked(marker: str) -> None:
     """Test cleanup: whatever pgw failed to kill must not outlive the test.  A
     hopper's new pid every 3 ms can outrun pass after pass, but not its process
     group, which every escapee here shares with its descendants."""
+    empty_passes = 0
     for _ in range(200):
         pids = marked_processes(marker)
-        if not pids:
+        empty_passes = 0 if pids else empty_passes + 1
+        if empty_passes == 5:  # one pass may fall between a hopper's forks
             return
         for pid in pids:
             try:
@@ -244,16 +246,11 @@ async def test_no_escapee_outlives_the_daemon(tmp_path, stub_bin, pyz_pgw, kind,
         kill_marked(marker)
 
 
-# Both stopped, nothing tells pgw until the stage ends (its cancel here, after
-# the grace and the kill wait); a hopper meanwhile piles up thousands of
-# zombies under its stopped root, a fork bomb's harm, which no worker can
-# stop: that case is left out.
 SPAWNER_THEN_ROOT = [
     (kind, spawner, root)
     for kind in ("setsid-empty-env", "hopper")
     for spawner in (signal.SIGKILL, signal.SIGSTOP)
     for root in (signal.SIGKILL, signal.SIGSTOP)
-    if not (kind == "hopper" and spawner == root == signal.SIGSTOP)
 ]
 
 
@@ -286,18 +283,12 @@ async def test_a_cli_that_kills_the_spawner_then_its_root_takes_nothing_past_the
                     spawner = int((await stage_output(connection, "s0", "codex")).split()[0])
                     await connection.send(request("s1", cli_args=["wait"], env=escapee_env(tmp_path, marker)))
                     cli_pid = (await connection.receive("stage.ack", "s1"))["pid"]
-                    result = None
-                    with trio.move_on_after(5):
-                        result = await connection.stage_result("s1")
-                    if result is None:  # the spawner and the root stopped: only the stage's end tells pgw
-                        assert spawner_signal == root_signal == signal.SIGSTOP, "the stage did not end in time"
-                        await connection.send(cancel("s1"))
+                    with trio.fail_after(5):  # a stopped spawner is a SIGCHLD to pgw, which kills it
                         result = await connection.stage_result("s1")
                     assert_escapee_ran(tmp_path, marker)
                     await assert_none_left(tmp_path, marker)
                     assert await gone_or_zombie(cli_pid), "the CLI outlived its stage"
-                    said = "cancelled by the server" if spawner_signal == root_signal == signal.SIGSTOP else "stage root"
-                    assert result.returncode == -1 and said in (result.error or ""), result.error
+                    assert result.returncode == -1 and "stage root" in (result.error or ""), result.error
                     write_stub_cli(stub_bin, "claude", "print('ran')")
                     await connection.send(request("s2"))
                     assert (await connection.stage_result("s2")).stdout == "ran\n"
