@@ -3613,16 +3613,31 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
     # refer back to what came before (7.2.2).  wsproto fed the next message to
     # the ended stream, which inflated it to nothing: pgw failed it with 1007.
     # Here an ended stream is followed by a new one primed with the last
-    # window of what was inflated.  These hooks read wsproto 1.3.2's own state
-    # of the message (WSPROTO_INFLATE_STATE), pinned by a test.
+    # window of what was inflated.  And a control frame may come between a
+    # message's fragments (RFC 6455 5.4): wsproto took a ping there for the
+    # message's end, and read the fragments after it as plain text, which
+    # failed the connection (1007); here a control frame leaves the message
+    # as it was.  These hooks read wsproto 1.3.2's own state of the message
+    # (WSPROTO_INFLATE_STATE), pinned by a test.
     _window = b""
+    _control = False  # the frame being read is a control frame, never deflated (RFC 7692 6.1)
+
+    def frame_inbound_header(self, proto: Any, opcode: Any, rsv: Any, payload_length: int) -> Any:
+        self._control = opcode.iscontrol()
+        if not self._control:
+            return super().frame_inbound_header(proto, opcode, rsv, payload_length)
+        if rsv.rsv1:
+            return wsproto.frame_protocol.CloseReason.PROTOCOL_ERROR
+        return wsproto.frame_protocol.RsvBits(False, False, False)
 
     def frame_inbound_payload_data(self, proto: Any, data: bytes) -> Any:
-        if not self._inbound_compressed or not self._inbound_is_compressible:
+        if self._control or not self._inbound_compressed or not self._inbound_is_compressible:
             return data
         return self._inflate(bytes(data))
 
     def frame_inbound_complete(self, proto: Any, fin: bool) -> Any:
+        if self._control:
+            return None
         inflated = super().frame_inbound_complete(proto, fin)  # the flush tail: after a BFINAL block, left unread
         if isinstance(inflated, bytes):
             self._remember(inflated)

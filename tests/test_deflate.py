@@ -869,10 +869,13 @@ def client_reading(response: str) -> wsproto.connection.Connection:
 
 
 def texts_read(connection: wsproto.connection.Connection, data: bytes) -> list[str]:
-    """The whole text messages in `data` (wsproto gives one event per frame)."""
+    """The whole text messages in `data` (wsproto gives one event per frame),
+    pings and pongs aside."""
     connection.receive_data(data)
     texts, text = [], ""
     for event in connection.events():
+        if isinstance(event, (wsproto.events.Ping, wsproto.events.Pong)):
+            continue
         assert isinstance(event, wsproto.events.TextMessage), event
         text += event.data
         if event.message_finished:
@@ -920,6 +923,31 @@ def test_final_blocks_and_sync_flushes_mix_within_a_connection_and_across_frames
         third = len(deflated) // 3
         pieces = [deflated[:third], deflated[third : 2 * third], deflated[2 * third :]]
         assert texts_read(connection, server_frames(pieces)) == [text]
+
+
+
+@pytest.mark.parametrize("response", ["permessage-deflate", "permessage-deflate; server_no_context_takeover"])
+@pytest.mark.parametrize("control", [b"\x89\x04ping", b"\x8a\x00", b"\x89\x00"], ids=["ping", "pong", "empty-ping"])
+def test_a_control_frame_between_the_fragments_of_a_deflated_message_leaves_it_whole(response, control):
+    # RFC 6455 5.4: a server may send a ping while it sends a message in
+    # pieces, as websockets does when it pings during send(async iterable).
+    connection = client_reading(response)
+    compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+    for text in REQUESTS:
+        if "no_context_takeover" in response:
+            compressor = zlib.compressobj(6, zlib.DEFLATED, -15)
+        deflated = (compressor.compress(text.encode()) + compressor.flush(zlib.Z_SYNC_FLUSH))[:-4]
+        frames = server_frames([deflated[:10], deflated[10:20], deflated[20:]])
+        first_end = 2 + 10
+        second_end = first_end + 2 + 10
+        with_controls = frames[:first_end] + control + frames[first_end:second_end] + control + frames[second_end:]
+        assert texts_read(connection, with_controls) == [text]
+
+
+def test_a_control_frame_with_rsv1_is_still_refused():
+    connection = client_reading("permessage-deflate")
+    connection.receive_data(b"\xc9\x00")  # FIN, RSV1 and the ping opcode
+    assert [type(event) for event in connection.events()] == [wsproto.events.CloseConnection]
 
 
 ##############################################################################
