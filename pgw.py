@@ -3365,7 +3365,7 @@ class FrameWriter:
                         await self._stream.send_all(masked_frame(CLOSE_FRAME, struct.pack("!H", reason.code)))
                 except (trio.BrokenResourceError, trio.ClosedResourceError):
                     pass
-        return f"pgw closed the connection ({reason.code}): the server sent {reason.reason or 'a frame RFC 6455 forbids'}"
+        return f"pgw closed the connection ({reason.code}): the server sent {printable(reason.reason or 'a frame RFC 6455 forbids')}"
 
     def _frame(self, message: bytes) -> bytearray:
         if self._compressor is None:
@@ -3940,7 +3940,7 @@ def close_description(reason: Any) -> str:
     if reason.code == 1006:  # RFC 6455 7.1.5: no Close frame came
         return "the connection was lost without a WebSocket close (1006)"
     text = f"the server closed the connection ({reason.code}"
-    return text + (f": {reason.reason})" if reason.reason else ")")
+    return text + (f": {printable(reason.reason)})" if reason.reason else ")")
 
 
 ##############################################################################

@@ -470,6 +470,31 @@ async def test_a_frame_the_protocol_forbids_gets_a_close_from_pgw_and_is_named_a
     assert f"pgw closed the connection ({code}): the server sent " in line, line
 
 
+async def test_a_close_reason_cannot_forge_a_log_line(tmp_path, environ, caplog):
+    # The reason is the server's text: a newline in it would start a line of
+    # run.log that pgw never wrote, and an escape sequence would reach a terminal.
+    caplog.set_level(logging.INFO, logger="pgw")
+    reason = "bye\n2026-01-01 00:00:00 INFO stage 'x': ended ok\x1b[2J".encode()
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request_text = await read_request(stream)
+        await stream.send_all(
+            b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\n\r\n"
+        )
+        payload = struct.pack("!H", 1000) + reason
+        await stream.send_all(bytes((0x88, len(payload))) + payload)
+        with trio.move_on_after(2):
+            while await stream.receive_some(65536):
+                pass
+        await stream.aclose()
+
+    await daemon_against(answer, tmp_path, environ, caplog, "disconnected", compression="off")
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("disconnected")][:1]
+    assert 'the server closed the connection (1000: "bye\\n2026' in line, line
+    assert "\n" not in line and "\x1b" not in line, line
+
+
 @pytest.mark.parametrize(
     "status, header, wait_s",
     [(503, b"120", 120.0), (429, b"Thu, 01 Jan 1970 00:17:10 GMT", 30.0), (503, b"99999999999", 3600.0),
