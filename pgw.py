@@ -3064,9 +3064,14 @@ def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]])
         remove_scratch(scratch_dir)
         scratch_dir.mkdir(mode=0o700)
     for parts, content in files:
-        target = scratch_dir.joinpath(*parts)
-        target.parent.mkdir(parents=True, exist_ok=True)
-        target.write_bytes(content)
+        directory = scratch_dir
+        for part in parts[:-1]:  # not mkdir(parents=True), which recurses once a level
+            directory = directory / part
+            try:
+                directory.mkdir()
+            except FileExistsError:
+                pass
+        (directory / parts[-1]).write_bytes(content)
 
 
 def remove_scratch(scratch_dir: Path) -> None:
@@ -3074,33 +3079,107 @@ def remove_scratch(scratch_dir: Path) -> None:
     directory; what cannot be removed is named in the log."""
     if not is_real_dir(scratch_dir.parent):
         return
-    shutil.rmtree(scratch_dir, ignore_errors=True)
-    if os.path.lexists(scratch_dir):
-        # A stage may take its own rights away (a directory of mode 000 or
-        # 0500), which only root's rmtree passes over: pgw gives them back.
-        open_up_dirs(scratch_dir)
-        try:
-            shutil.rmtree(scratch_dir)
-        except OSError as exc:
-            log.warning("cannot remove %s: %s", exc.filename or scratch_dir, exc.strerror or exc)
+    failure = remove_tree(str(scratch_dir))
+    if failure is not None:
+        log.warning("cannot remove %s: %s", failure.filename or scratch_dir, failure.strerror or failure)
 
 
-def open_up_dirs(top: Path) -> None:
-    """Make every directory under `top` readable, writable and searchable by its
-    owner, never through a symlink (a tree of any depth: no recursion)."""
-    pending = [str(top)]
-    while pending:
-        directory = pending.pop()
-        try:
-            mode = os.lstat(directory).st_mode
-            if not stat.S_ISDIR(mode):
+_DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+
+
+def remove_tree(top: str) -> Optional[OSError]:
+    """`rm -rf top`, as a stage may have left it: at any depth (no recursion,
+    where shutil.rmtree before Python 3.12 recursed once a level, and no path
+    longer than a name: one directory open at a time), never through a symlink,
+    giving a directory back the rights its owner took away (mode 000 or 0500).
+    What kept something from going, if anything."""
+    failure: Optional[OSError] = None
+    stuck: set[tuple[int, int]] = set()  # directories that could not be emptied: not entered again
+    try:
+        fd = _open_dir(top, None)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            return exc
+        try:  # a symlink or a file in its place: that goes, never what it points to
+            os.unlink(top)
+        except OSError as unlinked:
+            return unlinked
+        return None
+    names: list[str] = []  # from `top` down to the directory `fd` is
+    try:
+        while True:
+            name = None
+            with os.scandir(fd) as entries:
+                for entry in entries:
+                    try:
+                        if not entry.is_dir(follow_symlinks=False):
+                            os.unlink(entry.name, dir_fd=fd)
+                        elif (entry.inode(), entry.stat(follow_symlinks=False).st_dev) not in stuck:
+                            name = entry.name
+                            break
+                    except FileNotFoundError:
+                        continue
+                    except OSError as exc:
+                        failure = failure or exc
+            if name is not None:
+                try:
+                    child = _open_dir(name, fd)
+                except OSError as exc:
+                    failure = failure or exc
+                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
+                    stuck.add((info.st_ino, info.st_dev))
+                    continue
+                os.close(fd)
+                fd = child
+                names.append(name)
                 continue
-            if mode & stat.S_IRWXU != stat.S_IRWXU:
-                os.chmod(directory, stat.S_IMODE(mode) | stat.S_IRWXU)
-            with os.scandir(directory) as entries:
-                pending += [entry.path for entry in entries if entry.is_dir(follow_symlinks=False)]
-        except OSError:
-            continue
+            if not names:
+                break
+            name, here = names.pop(), os.fstat(fd)
+            parent = os.open("..", _DIRECTORY_FLAGS, dir_fd=fd)
+            os.close(fd)
+            fd = parent
+            there = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if (there.st_ino, there.st_dev) != (here.st_ino, here.st_dev):
+                raise OSError(errno.ESTALE, "the tree changed while it was being removed", top)
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError as exc:
+                failure = failure or exc
+                stuck.add((here.st_ino, here.st_dev))
+    except OSError as exc:
+        return failure or exc
+    finally:
+        os.close(fd)
+    try:
+        os.rmdir(top)
+    except OSError as exc:
+        return failure or exc
+    return failure
+
+
+def _open_dir(name: str, parent: Optional[int]) -> int:
+    """The directory `name` (in `parent`, else a path) opened, never through a
+    symlink, with its owner's rights given back if it lacked them."""
+    flags = _DIRECTORY_FLAGS | os.O_NOFOLLOW
+    try:
+        fd = os.open(name, flags, dir_fd=parent)
+    except PermissionError:
+        info = os.stat(name, dir_fd=parent, follow_symlinks=False)
+        if not stat.S_ISDIR(info.st_mode):
+            raise
+        os.chmod(name, stat.S_IMODE(info.st_mode) | stat.S_IRWXU, dir_fd=parent)
+        fd = os.open(name, flags, dir_fd=parent)
+    try:
+        mode = os.fstat(fd).st_mode
+        if mode & stat.S_IRWXU != stat.S_IRWXU:  # readable, but not writable: nothing in it could go
+            os.fchmod(fd, stat.S_IMODE(mode) | stat.S_IRWXU)
+    except OSError:
+        os.close(fd)
+        raise
+    return fd
 
 
 def remove_empty_scratch(scratch_dir: Path) -> bool:

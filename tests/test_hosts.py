@@ -152,6 +152,35 @@ async def test_a_stage_that_swaps_scratch_for_a_symlink_cannot_make_pgw_delete_e
     assert scratch.is_dir() and not scratch.is_symlink()
 
 
+DEPTH = 1500  # past Python's recursion limit (1000); 2,100 levels pass PATH_MAX (4,096 bytes) as a path
+
+
+async def test_a_tree_deeper_than_python_recurses_is_written_and_removed(tmp_path, environ, stub_bin):
+    # shutil.rmtree (before Python 3.12) and pathlib's mkdir(parents=True)
+    # recurse once a level: a request's file nested that deep, or a tree a
+    # CLI left behind, raised RecursionError, an internal error with a
+    # traceback thousands of lines long.
+    write_stub_cli(stub_bin, "claude", (
+        "import os\n"
+        f"for _ in range({DEPTH}):\n"
+        "    os.mkdir('d'); os.chdir('d')\n"
+        "open('leaf', 'w').close()\n"
+        "print('deep')"
+    ))
+    write_stub_cli(stub_bin, "codex", "import os; print(sorted(os.listdir('.')))")
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("left-deep"))
+            assert (await connection.stage_result("left-deep")).stdout == "deep\n"
+            await connection.send(request("given-deep", cli="codex", files={"f/" * DEPTH + "x": "MQ==", "y": "Mg=="}))
+            given = await connection.stage_result("given-deep")
+            await connection.send(request("too-deep", cli="codex", files={"f/" * 2100 + "x": "MQ=="}))
+            too_deep = await connection.stage_result("too-deep")
+    assert given.returncode == 0 and given.stdout == "['f', 'y']\n", given
+    assert too_deep.error == "cannot write the stage's files: File name too long", too_deep
+    assert list((tmp_path / "home" / "scratch").iterdir()) == []
+
+
 def test_a_huge_codex_rollout_is_read_from_its_end_only(tmp_path):
     scratch = tmp_path / "scratch" / "s1"
     scratch.mkdir(parents=True)
