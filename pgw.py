@@ -3212,11 +3212,11 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
             modified = path.stat().st_mtime
         except OSError:
             continue
-        if now - modified <= CODEX_ROLLOUT_MAX_AGE_S:
+        if -CODEX_ROLLOUT_MAX_AGE_S <= now - modified <= CODEX_ROLLOUT_MAX_AGE_S:  # dated ahead: no rollout either
             candidates.append((modified, path))
     for _, path in sorted(candidates, reverse=True):
         try:
-            with path.open("rb") as rollout:
+            with open_regular_file(path) as rollout:
                 first = json.loads(rollout.readline(CODEX_ROLLOUT_TAIL_BYTES) or b"null")
                 if not (
                     isinstance(first, dict)
@@ -3234,6 +3234,21 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
         except (OSError, ValueError, RecursionError):  # a file any process of the user may have written
             continue
     return ""
+
+
+def open_regular_file(path: Path) -> typing.BinaryIO:
+    """`path` opened to read if it is a regular file, never through a symlink;
+    OSError otherwise.  A FIFO put where a file is expected would block the
+    open until a writer came, in a thread nothing can cancel."""
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file", str(path))
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def _json_lines(lines: typing.Iterable[str]) -> typing.Iterator[Any]:

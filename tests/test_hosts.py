@@ -13,6 +13,7 @@ import stat
 import struct
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Callable
@@ -179,6 +180,38 @@ async def test_a_tree_deeper_than_python_recurses_is_written_and_removed(tmp_pat
     assert given.returncode == 0 and given.stdout == "['f', 'y']\n", given
     assert too_deep.error == "cannot write the stage's files: File name too long", too_deep
     assert list((tmp_path / "home" / "scratch").iterdir()) == []
+
+
+def test_a_fifo_or_a_symlink_named_as_a_rollout_is_passed_over_not_waited_on(tmp_path):
+    # A codex stage can put anything in the sessions dir.  Opened, a FIFO
+    # blocked its thread until a writer came: every later codex stage, and
+    # pgw's shutdown, waited for ever.
+    scratch = tmp_path / "scratch" / "s1"
+    scratch.mkdir(parents=True)
+    day = tmp_path / "sessions" / "2026" / "11" / "27"
+    day.mkdir(parents=True)
+    meta = json.dumps({"type": "session_meta", "payload": {"cwd": str(scratch.resolve())}})
+    messages = [json.dumps({"type": "response_item", "payload": {"type": "message", "role": "assistant",
+                                                                "content": [{"text": text}]}})
+                for text in ("the real one", "the last, which the trace leaves out")]
+    (day / "rollout-real.jsonl").write_text("\n".join([meta, *messages]) + "\n")
+    now = time.time()
+    os.utime(day / "rollout-real.jsonl", (now - 10, now - 10))
+    os.mkfifo(day / "rollout-fifo.jsonl")
+    (day / "rollout-link.jsonl").symlink_to(day / "rollout-fifo.jsonl")
+    for name in ("rollout-fifo.jsonl", "rollout-link.jsonl"):
+        os.utime(day / name, (now - 1, now - 1), follow_symlinks=False)
+    found: list[str] = []
+    reader = threading.Thread(target=lambda: found.append(pgw.read_codex_trace(scratch, tmp_path / "sessions", now)),
+                              daemon=True)
+    reader.start()
+    reader.join(10)
+    if reader.is_alive():  # let the stuck open go, so that nothing is left behind
+        with open(day / "rollout-fifo.jsonl", "w"):
+            pass
+        reader.join(10)
+        pytest.fail("read_codex_trace waited on the FIFO")
+    assert "the real one" in found[0]
 
 
 def test_a_huge_codex_rollout_is_read_from_its_end_only(tmp_path):
