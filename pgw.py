@@ -833,17 +833,20 @@ def decode(text: Union[str, bytes]) -> Record:
 def normalise_server_url(url: str) -> str:
     """The server URL as stored: http(s) only, host required, no trailing `/`."""
     cleaned = url.strip().rstrip("/")
-    parsed = urllib.parse.urlsplit(cleaned)
+    try:
+        parsed = urllib.parse.urlsplit(cleaned)
+    except ValueError as exc:  # "Invalid IPv6 URL": a `[` without its `]`
+        raise ConfigError(f"bad server URL {shown(url)}: {exc}") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(
-            f"bad server URL {url!r}: expected http://HOST[:PORT] or https://HOST[:PORT]"
+            f"bad server URL {shown(url)}: expected http://HOST[:PORT] or https://HOST[:PORT]"
         )
     try:
         parsed.port
     except ValueError:
-        raise ConfigError(f"bad server URL {url!r}: the port is not a number from 0 to 65535") from None
+        raise ConfigError(f"bad server URL {shown(url)}: the port is not a number from 0 to 65535") from None
     if parsed.query or parsed.fragment:
-        raise ConfigError(f"bad server URL {url!r}: drop the part after `?` or `#`")
+        raise ConfigError(f"bad server URL {shown(url)}: drop the part after `?` or `#`")
     return cleaned
 
 
@@ -882,7 +885,10 @@ def parse_proxy_url(text: str, source: str) -> Proxy:
     expected = "expected http://[USER:PASSWORD@]HOST:PORT"
     cleaned = text.strip()
     # A bare HOST:PORT is an http:// proxy to urllib and curl alike.
-    parsed = urllib.parse.urlsplit(cleaned if "://" in cleaned else "http://" + cleaned)
+    try:
+        parsed = urllib.parse.urlsplit(cleaned if "://" in cleaned else "http://" + cleaned)
+    except ValueError as exc:  # "Invalid IPv6 URL"
+        raise ConfigError(f"{source}: {exc}: {expected}") from None
     if parsed.scheme != "http":
         raise ConfigError(
             f"{source}: the proxy is {parsed.scheme}://, but pgw talks to proxies in plain HTTP only: {expected}"
@@ -1043,6 +1049,12 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
     env = config.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
         raise ConfigError(f"{path}: 'env' must be an object of strings: {fix}")
+    for name, value in env.items():  # what no process can be started with: every stage would fail
+        if not name or "=" in name or "\0" in name + value or not (_fs_encodable(name) and _fs_encodable(value)):
+            raise ConfigError(
+                f"{path}: 'env': {shown(name)} is not a variable a program can be started with "
+                f"(empty, or holding `=`, a NUL, or what this system cannot encode): {fix}"
+            )
     if config.get("compression", "on") not in COMPRESSION_VALUES:
         raise ConfigError(f"{path}: 'compression' must be \"on\" or \"off\": {fix}")
     return config
@@ -1206,6 +1218,7 @@ def check_stage_id(stage_run_id: str) -> None:
         or len(stage_run_id) > STAGE_ID_MAX_CHARS
         or any(bad in stage_run_id for bad in ("/", "\\", "\0"))
         or not _utf8_encodable(stage_run_id)  # `é` and its surrogate-escaped bytes would name one directory
+        or not _fs_encodable(stage_run_id)  # a name and a variable the OS takes (in a Latin-1 locale, not `日本`)
     ):
         raise StageRejected(f"bad request: stage_run_id {shown(stage_run_id)} cannot name a scratch directory")
 
@@ -1495,8 +1508,11 @@ class _RefuseRedirect(urllib.request.HTTPRedirectHandler):
     """Turn a redirect into an HTTPError: the URL to pair with, and to save,
     is the one that answers, so the user has to be told the new one."""
 
-    def redirect_request(self, *args: Any, **kwargs: Any) -> None:
-        return None
+    def http_error_302(self, req: Any, fp: Any, code: int, msg: str, headers: Any) -> typing.NoReturn:
+        # Before urllib's own, which parses the Location first: ValueError on `http://[::1`.
+        raise urllib.error.HTTPError(req.full_url, code, msg, headers, fp)
+
+    http_error_301 = http_error_303 = http_error_307 = http_error_308 = http_error_302
 
 
 REDIRECT_STATUSES = (301, 302, 303, 307, 308)
@@ -1629,8 +1645,11 @@ def redirect_failure(server: str, status: int, location: str) -> str:
 
     Following it would pair, but save the old URL, on which `run` then fails.
     """
-    target = urllib.parse.urljoin(server + PAIR_PATH, location)
-    parsed = urllib.parse.urlsplit(target)
+    try:
+        target = urllib.parse.urljoin(server + PAIR_PATH, location)
+        parsed = urllib.parse.urlsplit(target)
+    except ValueError:  # "Invalid IPv6 URL"
+        return f"pairing failed: {server} redirects ({status}) to {shown(location)}, which is not a URL"
     base = parsed.path[: -len(PAIR_PATH)] if parsed.path.endswith(PAIR_PATH) else ""
     suggested = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", "")).rstrip("/")
     return f"pairing failed: {server} redirects ({status}) to {target}: pair with --server {suggested}"
@@ -1656,7 +1675,11 @@ def connection_failure(server: str, reason: BaseException) -> str:
             location = next((value for name, value in current.headers or () if name.lower() == b"location"), None)
             if current.status_code in REDIRECT_STATUSES and location:
                 # Without query or fragment: a server may echo the URL back, token and all.
-                target = urllib.parse.urljoin(server, location.decode("latin-1")).split("?")[0].split("#")[0]
+                target = location.decode("latin-1").split("?")[0].split("#")[0]
+                try:
+                    target = urllib.parse.urljoin(server, target)
+                except ValueError:  # "Invalid IPv6 URL": named as it came
+                    pass
                 return (
                     f"the server redirects the WebSocket (HTTP {current.status_code}) to {shown(target)}: "
                     "if that is where it moved, `pgw config set server URL`"

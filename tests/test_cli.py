@@ -203,6 +203,12 @@ def test_pair_redirect_to_a_relative_location_names_the_same_host(capsys, pgw_ho
     assert_one_line_error(err, f"redirects (301) to {pair_server.url}/login", f"pair with --server {pair_server.url}")
 
 
+def test_pair_redirect_to_a_broken_url_is_named_not_a_traceback(capsys, pgw_home, pair_server):
+    pair_server.reply(301, b"", {"Location": "http://[::1/x"})
+    _, _, err = run(capsys, "pair", "C", "--server", pair_server.url)
+    assert_one_line_error(err, "redirects (301) to 'http://[::1/x', which is not a URL")
+
+
 def test_pair_saves_the_name_given_so_run_says_hello_with_it(capsys, pgw_home, pair_server, monkeypatch):
     monkeypatch.setattr(pgw, "_machine_name", lambda: "host-name")
     assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "lab box")[0] == 0
@@ -211,7 +217,8 @@ def test_pair_saves_the_name_given_so_run_says_hello_with_it(capsys, pgw_home, p
     assert pgw.resolve_settings({}, {}, config, "host-name").name == "lab box"
 
 
-@pytest.mark.parametrize("url", ["ftp://example.com", "http://", "example.com:8000", "http://h:99999", "http://h/?x=1"])
+@pytest.mark.parametrize("url", ["ftp://example.com", "http://", "example.com:8000", "http://h:99999", "http://h/?x=1",
+                                 "http://[::1", "http://[nothing]"])
 def test_pair_bad_server_url(capsys, pgw_home, url):
     status, _, err = run(capsys, "pair", "C", "--server", url)
     assert status == 1
@@ -255,7 +262,11 @@ def test_config_written_private_even_under_permissive_umask(pgw_home):
 @pytest.mark.parametrize(
     "content, fragment",
     [("{not json", "is not valid JSON (line 1)"), ("[1]", "must hold a JSON object"), ('{"token": 5}', "'token' must be a string"),
-     ("[" * 200_000, "nested too deep to be a config")],
+     ("[" * 200_000, "nested too deep to be a config"),
+     ('{"env": {"A=B": "x"}}', "'env': 'A=B' is not a variable a program can be started with"),
+     ('{"env": {"": "x"}}', "'env': '' is not a variable"),
+     ('{"env": {"A": "x\\u0000y"}}', "'env': 'A' is not a variable"),
+     ('{"proxy": "http://[::1:3128"}', "'proxy': Invalid IPv6 URL")],
 )
 def test_corrupt_config_is_one_line_error(capsys, pgw_home, pair_server, content, fragment):
     pgw_home.mkdir()
@@ -805,3 +816,17 @@ def test_a_worker_id_with_terminal_escapes_is_printed_quoted(capsys, pgw_home, p
     assert status == 0
     assert out.count("\n") == 1 and "\x1b" not in out and "\x07" not in out
     assert out.startswith(f"paired worker {evil!r} with ")
+
+
+@pytest.mark.parametrize("where", ["config", "environment", "flag"])
+def test_a_server_url_with_a_broken_ipv6_host_is_one_line_error(capsys, pgw_home, monkeypatch, where):
+    # urllib raises ValueError on a `[` without its `]`: a traceback from every command.
+    pgw_home.mkdir(mode=0o700)
+    config = {"server": "http://[::1" if where == "config" else "http://127.0.0.1:9", "worker_id": "w", "token": "t"}
+    (pgw_home / "config.json").write_text(json.dumps(config))
+    (pgw_home / "config.json").chmod(0o600)
+    if where == "environment":
+        monkeypatch.setenv("PGW_SERVER", "http://[::1")
+    status, _, err = run(capsys, "run", *(["--server", "http://[::1"] if where == "flag" else []))
+    assert status == 1
+    assert_one_line_error(err, "bad server URL 'http://[::1': Invalid IPv6 URL")

@@ -420,6 +420,8 @@ HANDSHAKE_ENDINGS = {
     "moved": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x?token=tok-hand\r\nContent-Length: 0\r\n\r\n",
               "redirects the WebSocket (HTTP 301) to 'https://new.example/api/x': if that is where it moved, "
               "`pgw config set server URL`"),
+    "moved-to-a-broken-url": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: http://[::1/x\r\nContent-Length: 0\r\n\r\n",
+                              "redirects the WebSocket (HTTP 301) to 'http://[::1/x'"),
     "window-without-value": (switching(b"permessage-deflate; client_max_window_bits"),
                              "client_max_window_bits without a value"),
     "window-of-16": (switching(b"permessage-deflate; server_max_window_bits=16"), "server_max_window_bits='16'"),
