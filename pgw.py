@@ -2814,9 +2814,12 @@ class StageRun:
                 log.exception("stage %r: internal error", self.id)
                 rejected = f"internal error in pgw: {type(exc).__name__}"
             finally:
-                if not remove_empty_scratch(self.prepared.scratch_dir):
-                    with trio.CancelScope(shield=True):
-                        await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
+                try:
+                    if not remove_empty_scratch(self.prepared.scratch_dir):
+                        with trio.CancelScope(shield=True):
+                            await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
+                except Exception:  # noqa: BLE001 - the stage's exit goes out all the same
+                    log.exception("stage %r: internal error removing its scratch dir", self.id)
                 del daemon.stages[self.id]
                 daemon.publish_state()
                 outcome = StageOutcome(
@@ -4001,6 +4004,10 @@ class Connection:
         except StageRejected as exc:
             log.info("stage %s: refused cli=%s error=%s", shown(request.stage_run_id), request.cli, shown(str(exc)))
             self._send_soon(StageExit(request.stage_run_id, -1, 0, str(exc)))
+            return
+        except Exception as exc:  # noqa: BLE001 - a request pgw's checks did not foresee costs it alone, not the connection
+            log.exception("stage %s: internal error", shown(request.stage_run_id))
+            self._send_soon(StageExit(request.stage_run_id, -1, 0, f"internal error in pgw: {type(exc).__name__}"))
             return
         stage = StageRun(prepared, daemon)
         daemon.stages[stage.id] = stage

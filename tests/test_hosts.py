@@ -290,6 +290,45 @@ def descendants_of(pid: int) -> list[int]:
     return found
 
 
+async def test_an_id_the_locale_cannot_encode_is_refused_not_the_connection(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    # In an ASCII (or Latin-1) locale the OS cannot take `日本` as a name or in
+    # a variable: UnicodeEncodeError escaped the request's checks and dropped
+    # the connection, every running stage with it, with no exit for this one.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    ascii_locale = {"LC_ALL": "C", "LANG": "C", "PYTHONUTF8": "0", "PYTHONCOERCECLOCALE": "0"}
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with pgw_daemon(script_pgw, tmp_path / "home", stub_bin, server=backend.url, token=backend.token,
+                                  extra_env=ascii_locale):
+                connection = await backend.next_connection()
+                await connection.send(request("日本"))
+                refused = await connection.stage_result("日本")
+                await connection.send(request("ascii"))
+                assert (await connection.stage_result("ascii")).stdout == "ran\n"
+                assert not connection.closed.is_set()
+    assert refused.returncode == -1 and "cannot name a scratch directory" in (refused.error or ""), refused.exit
+
+
+async def test_a_request_that_trips_a_bug_in_its_checks_costs_that_stage_only(tmp_path, environ, stub_bin, monkeypatch):
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    real_prepare = pgw.prepare_stage
+
+    def prepare(request, *args):
+        if request.stage_run_id == "trips":
+            raise TypeError("a check pgw got wrong")
+        return real_prepare(request, *args)
+
+    monkeypatch.setattr(pgw, "prepare_stage", prepare)
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("trips"))
+            tripped = await connection.stage_result("trips")
+            await connection.send(request("fine"))
+            assert (await connection.stage_result("fine")).stdout == "ran\n"
+            assert not connection.closed.is_set()
+    assert (tripped.returncode, tripped.error) == (-1, "internal error in pgw: TypeError")
+
+
 async def test_two_ids_for_one_directory_are_not_both_accepted(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(2)")
     with trio.fail_after(20):
