@@ -309,7 +309,24 @@ def bootstrap(callers_umask):
     _bootstrap.bootstrap()
 
 
+def open_missing_stdio():
+    """/dev/null where standard input, output or error is closed (`pgw.pyz run >&-`
+    from a script): the next file opened would take the number, and pgw's
+    "standard output" would be that file."""
+    for fd in (0, 1, 2):
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+    if sys.stderr is None:
+        sys.stderr = os.fdopen(2, "w")
+
+
 def main():
+    open_missing_stdio()
     ensure_new_python()
     callers_umask = os.umask(0o077)
     choose_root()

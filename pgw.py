@@ -5816,8 +5816,29 @@ def _add_check_commands(commands: _Commands) -> None:
     doctor.set_defaults(func=_cmd_doctor)
 
 
+def open_missing_stdio() -> None:
+    """/dev/null for standard input, output and error where they are closed
+    (`pgw run <&- >&- 2>&-` from a script).  Python leaves sys.stdout None
+    then, and the next file pgw opens would take the number: its log would
+    get whatever is written to "standard error"."""
+    for fd, name, mode in ((0, "stdin", "r"), (1, "stdout", "w"), (2, "stderr", "w")):
+        if getattr(sys, name) is not None:
+            continue
+        try:
+            os.fstat(fd)
+        except OSError:
+            null = os.open(os.devnull, os.O_RDWR)  # the lowest free number: `fd`, the lower ones open by now
+            if null != fd:
+                os.dup2(null, fd)
+                os.close(null)
+            setattr(sys, name, open(fd, mode, closefd=False))
+        else:  # a file opened since (the pyz's start code puts /dev/null there first)
+            setattr(sys, name, open(os.devnull, mode))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
+    open_missing_stdio()
     try:
         parser = build_parser()
         try:

@@ -236,6 +236,62 @@ async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, hom
     assert backend.token not in (config_dir / "run.log").read_text()
 
 
+CLOSED = {"stdout": ">&-", "stderr": "2>&-", "all": "<&- >&- 2>&-"}
+
+
+@pytest.mark.parametrize("closed", CLOSED)
+def test_commands_run_with_standard_streams_closed(python, pyz, home, closed):
+    # As from a script or a service manager that closes them: Python leaves
+    # sys.stdout None, and the first file opened takes the number.
+    done = subprocess.run(
+        ["bash", "-c", f'exec "$@" {CLOSED[closed]}', "bash", python, str(pyz), "capabilities"],
+        env={"PATH": MINIMAL_PATH, "HOME": str(home)}, cwd=home, capture_output=True, text=True,
+        timeout=RUN_TIMEOUT_S, check=False,
+    )
+    assert (done.returncode, done.stderr) == (0, ""), done.stderr
+    if closed == "stderr":
+        assert json.loads(done.stdout)["protocol_version"] == 2
+
+
+async def test_run_with_standard_streams_closed_serves_and_stops_cleanly(pyz, home, tmp_path):
+    import signal
+
+    import trio
+    from backend import open_backend
+
+    python = shutil.which("python3") or "python3"
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "claude").write_text(STUB_CLI.format(python=python))
+    (bin_dir / "claude").chmod(0o755)
+    with trio.fail_after(60):
+        async with open_backend() as backend:
+            config_dir = home / ".pgworker"
+            config_dir.mkdir(mode=0o700)
+            (config_dir / "config.json").write_text(
+                json.dumps({"server": backend.url, "worker_id": "w-1", "token": backend.token})
+            )
+            daemon = await trio.lowlevel.open_process(
+                ["bash", "-c", f'exec "$@" {CLOSED["all"]}', "bash", python, str(pyz), "run"],
+                env={"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, cwd=home,
+            )
+            try:
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await connection.send({"type": "stage.request", "stage_run_id": "s1", "job_id": "j",
+                                       "cli": "claude", "cli_args": [], "stdin": "hi"})
+                result = await connection.stage_result("s1")
+                daemon.send_signal(signal.SIGTERM)
+                assert await daemon.wait() == 0
+            finally:
+                if daemon.returncode is None:
+                    daemon.kill()
+                    await daemon.wait()
+    assert result.stdout == "claude hi False\n"
+    log = (config_dir / "run.log").read_text()
+    assert "stopped" in log and "Traceback" not in log, log
+
+
 def test_selftest_passes_from_the_pyz(python, pyz, home):
     done = run_pyz(python, pyz, home, "selftest")
     assert done.returncode == 0, done.stdout + done.stderr
