@@ -4146,15 +4146,23 @@ class Daemon:
         if self.shutdown.requested:
             log.info("second signal: killing every stage now")
             self.shutdown.hurried = True
+            self._connection_ends_within(self.timing.close_timeout_s)
         else:
             log.info("shutting down: stopping %d stage(s)", len(self.stages))
             self.shutdown.requested = True
             if self.connection is not None:
                 self.connection.reading.cancel()
+                # The grace, then the exits' way out and the close: a server that
+                # reads nothing more would otherwise hold them, and pgw, for ever.
+                self._connection_ends_within(self.timing.shutdown_grace_s + 2 * self.timing.close_timeout_s)
             elif self._idle_scope is not None:
                 self._idle_scope.cancel()
         for stage in list(self.stages.values()):
             stage.stop("worker shutting down", self.shutdown.stage_grace_s(self.timing))
+
+    def _connection_ends_within(self, seconds: float) -> None:
+        if self.connection is not None and self._idle_scope is not None:
+            self._idle_scope.deadline = min(self._idle_scope.deadline, trio.current_time() + seconds)
 
     def hurry_shutdown(self) -> None:
         """As two signals would: shut down, killing every stage at once."""
@@ -4235,6 +4243,8 @@ class Daemon:
             try:
                 with trio.CancelScope() as self._idle_scope:
                     await self._connect()
+                if self._idle_scope.cancelled_caught and self.connection is not None:
+                    log.warning("the server read nothing more: pgw stopped without sending every stage's exit")
                 failure = None
             except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
                 failure = connection_failure(self.settings.server, exc)

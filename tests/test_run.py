@@ -608,6 +608,44 @@ async def test_slow_server_slows_the_child_and_nothing_is_lost(tmp_path, environ
     assert result.seqs == list(range(1, len(result.frames) + 1))
 
 
+@pytest.mark.parametrize("signals", [1, 2])
+async def test_a_shutdown_ends_in_its_time_when_the_server_stopped_reading(tmp_path, environ, stub_bin, signals):
+    # The exits wait for room in the outbox, which a server that reads nothing
+    # never makes: pgw waited until the keepalive gave the link up (43 s), a
+    # second signal or not.
+    write_stub_cli(stub_bin, "claude", "import sys\nwhile True:\n    sys.stdout.write('x' * 100_000 + '\\n')")
+    timing = pgw.Timing(shutdown_grace_s=0.5, close_timeout_s=0.5)
+    ended = trio.Event()
+    with trio.fail_after(60):
+        async with open_backend() as backend:
+            settings = pgw.Settings(server=backend.url, token=backend.token, name="test-box")
+            worker = pgw.Daemon(settings, tmp_path / "home", environ=environ, timing=timing)
+
+            async def run_worker() -> None:
+                await worker.run()
+                ended.set()
+
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(run_worker)
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await connection.send(request("s1"))
+                await connection.receive("stage.ack", "s1")
+                connection.pause_reading()
+                while True:  # until pgw can send no more: the socket's buffers are full
+                    before = worker.stages["s1"].bytes_out
+                    await trio.sleep(0.5)
+                    if worker.stages["s1"].bytes_out == before:
+                        break
+                for _ in range(signals):
+                    worker.request_shutdown()
+                with trio.move_on_after(timing.shutdown_grace_s + 2 * timing.close_timeout_s + 5):
+                    await ended.wait()
+                stopped = ended.is_set()
+                nursery.cancel_scope.cancel()
+    assert stopped, "pgw was still shutting down"
+
+
 CODEX_WITH_ROLLOUT = """
 import json, os, pathlib
 day = pathlib.Path(os.environ["CODEX_HOME"], "sessions", "2026", "11", "21")
