@@ -800,14 +800,28 @@ def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _leniently(text: Union[str, bytes]) -> Optional[dict[str, Any]]:
+    """A message that is not JSON only by a BOM, NaN or Infinity (Python's
+    json.dumps writes them by default) or a number past Python's 4,300 digits,
+    read as far as it goes: never run, only to name the request to refuse."""
+    try:
+        loose = json.loads(
+            text.lstrip("\ufeff") if isinstance(text, str) else text.removeprefix(codecs.BOM_UTF8),
+            parse_int=lambda _: 0, parse_float=lambda _: 0.0,
+        )
+    except (ValueError, RecursionError):
+        return None
+    return loose if isinstance(loose, dict) else None
+
+
 def decode(text: Union[str, bytes]) -> Record:
     """A wire message as its record, or ProtocolError."""
     try:
         message = json.loads(text, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
-        raise ProtocolError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise ProtocolError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", _leniently(text)) from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ProtocolError(f"not JSON: {exc}") from None
+        raise ProtocolError(f"not JSON: {exc}", _leniently(text)) from None
     except RecursionError:
         raise ProtocolError("not JSON that pgw can read: nested too deep") from None
     if not isinstance(message, dict):

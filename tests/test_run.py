@@ -425,6 +425,13 @@ async def test_bad_requests_each_get_one_exit_and_the_connection_keeps_serving(t
         "b-big": (request("b-big", files={"x": too_large}), "files too large"),
         "b-nocli": (request("b-nocli", cli="deepseek"), "CLI not found: 'deepseek'"),
         "../b-id": (request("../b-id"), "cannot name a scratch directory"),
+        # Not JSON, but what Python's json.dumps writes by default (a backend
+        # meaning "no timeout"), or a BOM, or a number past Python's 4,300
+        # digits: the id is still there to answer.
+        "b-nan": (json.dumps(request("b-nan", timeout_s=float("nan"))), "not JSON: NaN is not a JSON number"),
+        "b-inf": (json.dumps(request("b-inf", timeout_s=float("inf"))), "not JSON: Infinity is not a JSON number"),
+        "b-bom": ("\ufeff" + json.dumps(request("b-bom")), "not JSON: Unexpected UTF-8 BOM"),
+        "b-digits": (json.dumps(request("b-digits"))[:-1] + ', "n": ' + "9" * 5000 + "}", "not JSON: Exceeds the limit"),
     }
     with trio.fail_after(30):
         async with connected(tmp_path, environ) as (_, _, connection):
