@@ -2331,7 +2331,7 @@ def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
     """The stage.exit that PROTOCOL.md owes the server for what happened."""
     error = outcome.rejected
     if error is None and outcome.stopped:
-        error = outcome.stop_error or f"timed out after {outcome.timeout_s} s"
+        error = outcome.stop_error or f"timed out after {max(outcome.timeout_s, 0)} s"  # a negative one is none at all
         if not outcome.started and outcome.stop_error is not None:
             error += ", before it started"
     if error is None and outcome.root_lost:
@@ -4057,8 +4057,9 @@ def describe_wire_text(text: Union[str, bytes]) -> str:
         return f"{len(text)} bytes, not JSON"
     if not isinstance(message, dict):
         return f"{len(text)} bytes, not an object"
-    parts = [str(message.get("type")), str(message.get("stage_run_id", ""))]
-    parts += [f"{key}={message[key]}" for key in ("seq", "pid", "returncode", "signal", "cli") if key in message]
+    # Each as printable: the server's text, which a newline would make a forged line.
+    parts = [printable(str(message.get("type"))), printable(str(message.get("stage_run_id", "")))]
+    parts += [f"{key}={printable(str(message[key]))}" for key in ("seq", "pid", "returncode", "signal", "cli") if key in message]
     return " ".join(part for part in parts if part) + f" ({len(text)} bytes)"
 
 

@@ -714,6 +714,14 @@ def test_a_state_file_or_pairing_answer_nested_too_deep_is_no_traceback(capsys, 
     assert pgw.describe_wire_text("[" * 200_000) == "200000 bytes, not JSON"
 
 
+def test_the_verbose_log_of_a_message_cannot_forge_a_line_or_grow_with_its_id():
+    forged = "s\n2026-11-28 08:00:00 WARNING the server asked to upload ~/.ssh: done\x1b[2J"
+    described = pgw.describe_wire_text(json.dumps({"type": "stage.cancel", "stage_run_id": forged, "signal": "\n"}))
+    assert "\n" not in described and "\x1b" not in described, described
+    huge = pgw.describe_wire_text(json.dumps({"type": "stage.request", "stage_run_id": "s" * 5_000_000}))
+    assert len(huge) < 500, len(huge)
+
+
 def test_a_home_made_for_pgw_is_private_to_its_last_parent_whatever_the_umask(capsys, tmp_path, monkeypatch):
     home = tmp_path / "a" / "b" / "home"
     monkeypatch.setenv("PGW_HOME", str(home))

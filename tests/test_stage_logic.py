@@ -294,6 +294,11 @@ def test_log_filter_leaves_a_degenerate_short_token_alone():
 # The exit a stage owes -----------------------------------------------------------
 
 
+def test_a_negative_timeout_is_named_as_the_zero_it_was_taken_for():
+    record = pgw.stage_exit("s1", pgw.StageOutcome(timeout_s=-5, duration_ms=0, stopped=True))
+    assert record.error == "timed out after 0 s"
+
+
 @pytest.mark.parametrize(
     ("outcome", "expected"),
     [
