@@ -2310,6 +2310,9 @@ def prepare_stage(
                 f"one argument or environment variable comes to {longest} bytes, more than the "
                 f"{EXEC_STRING_MAX_BYTES} this system lets one be: send a long prompt on standard input"
             )
+    # The files go on decoded only: their base64 too would hold a third as much
+    # again in memory for as long as the stage waits for a slot.
+    request = attrs.evolve(request, files={}) if request.files else request
     return PreparedStage(request, scratch_root / request.stage_run_id, argv, environ, files)
 
 
@@ -2813,6 +2816,7 @@ class StageRun:
         try:
             try:
                 with self.scope:
+                    await self._write_files()
                     if slots is not None:
                         await slots.acquire()  # cancelled here: never started
                         holds_slot = True
@@ -2858,9 +2862,10 @@ class StageRun:
             if holds_slot and slots is not None:
                 slots.release()
 
-    async def _execute(self, outbox: Outbox) -> None:
-        """Write the files, start the root, relay the output until the CLI and its pipes are done."""
-        prepared, timing = self.prepared, self.daemon.timing
+    async def _write_files(self) -> None:
+        """The scratch dir and the request's files, before the stage waits for a
+        slot: a queue of requests then holds their files on disk, not in memory."""
+        prepared = self.prepared
         try:
             if prepared.files:
                 await trio.to_thread.run_sync(write_scratch, prepared.scratch_dir, prepared.files)
@@ -2868,6 +2873,12 @@ class StageRun:
                 write_scratch(prepared.scratch_dir, [])
         except OSError as exc:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
+        finally:  # on disk now, or never
+            self.prepared = attrs.evolve(prepared, files=[])
+
+    async def _execute(self, outbox: Outbox) -> None:
+        """Start the root, relay the output until the CLI and its pipes are done."""
+        prepared, timing = self.prepared, self.daemon.timing
         await trio.lowlevel.checkpoint_if_cancelled()  # a stage stopped (or out of time) by now never starts
         try:
             prompt = self.request.stdin.encode("utf-8") if self.request.stdin_mode == "stdin" else None

@@ -595,6 +595,26 @@ async def test_max_stages_queues_in_order_and_a_cancelled_waiter_never_starts(tm
     assert order.index(("stage.exit", "s1")) < order.index(("stage.ack", "s3"))
 
 
+async def test_the_files_of_a_queued_stage_wait_on_disk_not_in_memory(tmp_path, environ, stub_bin):
+    # Each request may carry 50 MiB of files: a queue of them held in memory,
+    # decoded and as base64, had pgw at 1.26 GB for ten.
+    write_stub_cli(stub_bin, "claude", "import sys, time\nif sys.argv[1:] == ['hold']:\n    time.sleep(60)\nprint(open('f').read())")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ, max_stages=1) as (_, worker, connection):
+            await connection.send(request("s1", cli_args=["hold"]))
+            await connection.receive("stage.ack", "s1")
+            await connection.send(request("s2", files={"f": base64.b64encode(b"waited").decode()}))
+            scratch = tmp_path / "home" / "scratch" / "s2"
+            while "s2" not in worker.stages or not (scratch / "f").exists():
+                await trio.sleep(0.01)
+            queued = worker.stages["s2"]
+            assert not queued.running, "precondition: s2 waits for the slot"
+            assert queued.prepared.files == [] and queued.request.files == {}
+            await connection.send(cancel("s1", "SIGKILL"))
+            waited = await connection.stage_result("s2")
+    assert waited.stdout == "waited\n"
+
+
 async def test_slow_server_slows_the_child_and_nothing_is_lost(tmp_path, environ, stub_bin):
     write_stub_cli(
         stub_bin,
