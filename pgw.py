@@ -4423,6 +4423,8 @@ class LogFile(logging.handlers.RotatingFileHandler):
         self._regular = stat.S_ISREG(info.st_mode)  # /dev/null is never rolled over
         return stream
 
+    _failure: Optional[str] = None  # the last write's, said once on stderr
+
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is not None:
             try:
@@ -4433,7 +4435,24 @@ class LogFile(logging.handlers.RotatingFileHandler):
             if replaced:
                 self.stream.close()
                 self.stream = None  # type: ignore[assignment]  # emit opens it again
+        failed_before, self._failed = self._failure, False
         super().emit(record)
+        if not self._failed and failed_before is not None:
+            self._failure = None
+
+    def handleError(self, record: logging.LogRecord) -> None:  # noqa: N802 (logging's name)
+        # logging's own prints a traceback on stderr at every line a full disk
+        # loses: one line instead, until a line is written again.
+        self._failed = True
+        exc = sys.exc_info()[1]
+        failure = f"pgw: cannot write the log {self.baseFilename}: {getattr(exc, 'strerror', None) or exc}"
+        if failure != self._failure:
+            self._failure = failure
+            try:
+                sys.stderr.write(failure + "\n")
+                sys.stderr.flush()
+            except (OSError, ValueError):
+                pass
 
     def shouldRollover(self, record: logging.LogRecord) -> bool:  # noqa: N802 (logging's name)
         # The file's size, one lseek: logging's own check formats every record a

@@ -4,6 +4,7 @@ misbehave around a running daemon, each answered as a user would want."""
 from __future__ import annotations
 
 import base64
+import errno
 import functools
 import json
 import logging
@@ -92,6 +93,43 @@ def test_run_log_rotates_at_its_size_and_keeps_its_backups(tmp_path):
         assert path.stat().st_size <= 1000 + 60, f"{path.name} grew past its size"
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert "line 099" in (tmp_path / "run.log").read_text()
+
+
+class _FullDisk:
+    """A log file's stream on a full disk."""
+
+    def write(self, _: str) -> int:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    flush = write
+
+    def seek(self, *_: int) -> int:
+        return 0
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_log_on_a_full_disk_says_so_once_on_stderr_not_a_traceback_a_line(tmp_path, capsys):
+    handler = pgw.LogFile(tmp_path / "run.log", encoding="utf-8")
+    logger = logging.getLogger("pgw-full-disk-test")
+    logger.addHandler(handler)
+    real_stream = handler.stream
+    try:
+        handler.stream = _FullDisk()  # type: ignore[assignment]
+        for number in range(3):
+            logger.warning("lost %d", number)
+        handler.stream = real_stream
+        logger.warning("written")
+        handler.stream = _FullDisk()  # type: ignore[assignment]
+        logger.warning("lost again")
+    finally:
+        handler.stream = real_stream
+        logger.removeHandler(handler)
+        handler.close()
+    said = f"pgw: cannot write the log {tmp_path / 'run.log'}: No space left on device\n"
+    assert capsys.readouterr().err == said * 2  # once, and once more after a line got through
+    assert "written" in (tmp_path / "run.log").read_text()
 
 
 async def test_a_deleted_run_lock_does_not_let_a_second_daemon_in(tmp_path, stub_bin, script_pgw):  # noqa: F811
