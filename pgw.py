@@ -3901,6 +3901,36 @@ def keepalive_step(
     return "wait", min(next_heartbeat, ping_at, dead_at)
 
 
+# A server may send bad or stray messages at will, a log line each: at most
+# this many such lines a minute, so that a flood of them cannot rotate the
+# log's history away (30,000 stray cancels replaced every log file in 3 s).
+STRAY_LINES_PER_MINUTE = 100
+
+
+class LineBudget:
+    """At most `per_minute` log lines a minute; the rest are counted, and the
+    count logged when lines are let through again."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._window_start = -math.inf
+        self._lines = self._held = 0
+
+    def log(self, level: int, message: str, *args: Any) -> None:
+        now = time.monotonic()
+        if now - self._window_start >= 60.0:
+            if self._held:
+                log.warning("%d more lines about bad or stray messages from the server were left out of the log", self._held)
+            self._window_start, self._lines, self._held = now, 0, 0
+        self._lines += 1
+        if self._lines <= self.per_minute:
+            log.log(level, message, *args)
+            return
+        if not self._held:
+            log.warning("the server keeps sending bad or stray messages: until the minute is out they are counted, not logged")
+        self._held += 1
+
+
 class Connection:
     """One WebSocket: the sender, the keepalive and the single reader."""
 
@@ -3913,6 +3943,7 @@ class Connection:
         self.outbox = Outbox()
         self.frames = FrameWriter(ws, stream, deflate)
         self.reading = trio.CancelScope()  # cancelled by a shutdown: read no more requests
+        self.strays = LineBudget(STRAY_LINES_PER_MINUTE)  # the log lines of bad or stray messages
         self._keepalive_wait = trio.CancelScope()  # cancelled when the keepalive must think again
         self._stages: trio.Nursery  # set by serve() before the reader starts
         self._handlers: dict[type, typing.Callable[[Any], typing.Awaitable[None]]] = {
@@ -3984,7 +4015,7 @@ class Connection:
             except trio_websocket.ConnectionClosed:
                 raise ConnectionLost(await self.frames.why_closed()) from None
             if isinstance(text, bytes):  # PROTOCOL.md: messages are text frames
-                log.warning("skipped a binary message of %d bytes: the protocol's messages are text", len(text))
+                self.strays.log(logging.WARNING, "skipped a binary message of %d bytes: the protocol's messages are text", len(text))
                 continue
             try:
                 message = decode(text)
@@ -3995,18 +4026,18 @@ class Connection:
                 log.debug("received %s", describe_wire_text(text))
             handler = self._handlers.get(type(message))
             if handler is None:
-                log.warning("skipped a %s message: the server is not expected to send it", message.TYPE)
+                self.strays.log(logging.WARNING, "skipped a %s message: the server is not expected to send it", message.TYPE)
             else:
                 await handler(message)
 
     def _on_bad_message(self, exc: ProtocolError) -> None:
-        log.warning("skipped a bad message: %s", exc)
+        self.strays.log(logging.WARNING, "skipped a bad message: %s", exc)
         raw = exc.message or {}
         stage_run_id = raw.get("stage_run_id")
         if raw.get("type") != "stage.request" or not isinstance(stage_run_id, str):
             return
         if stage_run_id in self.daemon.stages:
-            log.warning("stage %s: a bad duplicate request was ignored", shown(stage_run_id))
+            self.strays.log(logging.WARNING, "stage %s: a bad duplicate request was ignored", shown(stage_run_id))
             return
         self._send_soon(StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}"))
 
@@ -4022,12 +4053,12 @@ class Connection:
     async def _on_stage_request(self, request: StageRequest) -> None:
         daemon = self.daemon
         if request.stage_run_id in daemon.stages:
-            log.warning("stage %s: already running; the repeated request was ignored", shown(request.stage_run_id))
+            self.strays.log(logging.WARNING, "stage %s: already running; the repeated request was ignored", shown(request.stage_run_id))
             return
         try:
             prepared = daemon.prepare(request)
         except StageRejected as exc:
-            log.info("stage %s: refused cli=%s error=%s", shown(request.stage_run_id), request.cli, shown(str(exc)))
+            self.strays.log(logging.INFO, "stage %s: refused cli=%s error=%s", shown(request.stage_run_id), request.cli, shown(str(exc)))
             self._send_soon(StageExit(request.stage_run_id, -1, 0, str(exc)))
             return
         except Exception as exc:  # noqa: BLE001 - a request pgw's checks did not foresee costs it alone, not the connection
@@ -4049,7 +4080,7 @@ class Connection:
     async def _on_stage_cancel(self, cancel: StageCancel) -> None:
         stage = self.daemon.stages.get(cancel.stage_run_id)
         if stage is None:
-            log.info("stage %s: cancel for no running stage ignored", shown(cancel.stage_run_id))
+            self.strays.log(logging.INFO, "stage %s: cancel for no running stage ignored", shown(cancel.stage_run_id))
             return
         log.info("stage %r: cancelled by the server with %s", stage.id, cancel.signal)
         grace_s = 0 if cancel.signal == "SIGKILL" else self.timing.cancel_grace_s

@@ -595,6 +595,21 @@ async def test_max_stages_queues_in_order_and_a_cancelled_waiter_never_starts(tm
     assert order.index(("stage.exit", "s1")) < order.index(("stage.ack", "s3"))
 
 
+async def test_a_flood_of_stray_messages_cannot_rotate_the_log_away(tmp_path, environ, stub_bin, caplog):
+    caplog.set_level(logging.INFO, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "print('fine')")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            for number in range(3 * pgw.STRAY_LINES_PER_MINUTE):
+                await connection.send(cancel(f"gone-{number}"))
+            await connection.send(request("after"))
+            assert (await connection.stage_result("after")).stdout == "fine\n"
+    lines = [record.getMessage() for record in caplog.records]
+    assert sum("cancel for no running stage ignored" in line for line in lines) == pgw.STRAY_LINES_PER_MINUTE
+    assert sum("counted, not logged" in line for line in lines) == 1
+    assert any("stage 'after': ended" in line for line in lines)
+
+
 async def test_the_files_of_a_queued_stage_wait_on_disk_not_in_memory(tmp_path, environ, stub_bin):
     # Each request may carry 50 MiB of files: a queue of them held in memory,
     # decoded and as base64, had pgw at 1.26 GB for ten.
