@@ -189,6 +189,23 @@ print(os.path.basename(sys.argv[0]), sys.stdin.read(), os.getcwd() == os.environ
 """
 
 
+def stub_clis(bin_dir: Path, python: str, names: tuple[str, ...] = ("claude",)) -> None:
+    bin_dir.mkdir()
+    for cli in names:
+        (bin_dir / cli).write_text(STUB_CLI.format(python=python))
+        (bin_dir / cli).chmod(0o755)
+
+
+def paired(home: Path, backend, worker_id: str = "w-1") -> Path:
+    """HOME's pgw home, paired with `backend`."""
+    config_dir = home / ".pgworker"
+    config_dir.mkdir(mode=0o700)
+    (config_dir / "config.json").write_text(
+        json.dumps({"server": backend.url, "worker_id": worker_id, "token": backend.token})
+    )
+    return config_dir
+
+
 async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, home, tmp_path):
     """`pgw.pyz run` as a user starts it: minimal PATH with the stub CLIs, a paired HOME."""
     import signal
@@ -197,17 +214,10 @@ async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, hom
     from backend import open_backend
 
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    for cli in ("claude", "codex", "deepseek"):
-        (bin_dir / cli).write_text(STUB_CLI.format(python=python))
-        (bin_dir / cli).chmod(0o755)
+    stub_clis(bin_dir, python, ("claude", "codex", "deepseek"))
     with trio.fail_after(60):
         async with open_backend() as backend:
-            config_dir = home / ".pgworker"
-            config_dir.mkdir(mode=0o700)
-            (config_dir / "config.json").write_text(
-                json.dumps({"server": backend.url, "worker_id": "w-1", "token": backend.token})
-            )
+            config_dir = paired(home, backend)
             env = {"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}
             daemon = await trio.lowlevel.open_process(
                 [python, str(pyz), "run"], env=env, cwd=home, stdin=subprocess.DEVNULL
@@ -259,18 +269,12 @@ async def test_run_with_standard_streams_closed_serves_and_stops_cleanly(pyz, ho
     import trio
     from backend import open_backend
 
-    python = shutil.which("python3") or "python3"
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
     bin_dir = tmp_path / "bin"
-    bin_dir.mkdir()
-    (bin_dir / "claude").write_text(STUB_CLI.format(python=python))
-    (bin_dir / "claude").chmod(0o755)
+    stub_clis(bin_dir, python)
     with trio.fail_after(60):
         async with open_backend() as backend:
-            config_dir = home / ".pgworker"
-            config_dir.mkdir(mode=0o700)
-            (config_dir / "config.json").write_text(
-                json.dumps({"server": backend.url, "worker_id": "w-1", "token": backend.token})
-            )
+            config_dir = paired(home, backend)
             daemon = await trio.lowlevel.open_process(
                 ["bash", "-c", f'exec "$@" {CLOSED["all"]}', "bash", python, str(pyz), "run"],
                 env={"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, cwd=home,
@@ -309,14 +313,10 @@ async def test_cron_line_from_install_finds_the_clis_under_crons_environment(pyz
 
     python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
     clis = tmp_path / "local-bin"  # like ~/.local/bin: not on cron's PATH
-    clis.mkdir()
-    (clis / "claude").write_text(STUB_CLI.format(python=python))
-    (clis / "claude").chmod(0o755)
+    stub_clis(clis, python)
     with trio.fail_after(60):
         async with open_backend() as backend:
-            config_dir = home / ".pgworker"
-            config_dir.mkdir(mode=0o700)
-            (config_dir / "config.json").write_text(json.dumps({"server": backend.url, "worker_id": "w", "token": backend.token}))
+            paired(home, backend, worker_id="w")
             shell_env = {"PATH": f"{clis}:{MINIMAL_PATH}", "HOME": str(home)}
             printed = subprocess.run([python, str(pyz), "install", "cron"], env=shell_env, capture_output=True, text=True, timeout=RUN_TIMEOUT_S, check=True).stdout
             line = next(entry for entry in printed.splitlines() if entry.startswith("@reboot "))
