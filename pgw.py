@@ -2780,6 +2780,7 @@ class StageRun:
         self.grace_s = daemon.timing.cancel_grace_s  # SIGTERM -> SIGKILL once stopped
         self.grace_scope: Optional[trio.CancelScope] = None
         self.root: Optional[StageRoot] = None
+        self.owns_scratch = False  # its scratch dir is its own to remove: it made it
         self.seq = 0
         self.bytes_out = 0
         self.pumps_running = 0
@@ -2833,7 +2834,7 @@ class StageRun:
                 rejected = f"internal error in pgw: {type(exc).__name__}"
             finally:
                 try:
-                    if not remove_empty_scratch(self.prepared.scratch_dir):
+                    if self.owns_scratch and not remove_empty_scratch(self.prepared.scratch_dir):
                         with trio.CancelScope(shield=True):
                             await trio.to_thread.run_sync(remove_scratch, self.prepared.scratch_dir)
                 except Exception:  # noqa: BLE001 - the stage's exit goes out all the same
@@ -2866,6 +2867,16 @@ class StageRun:
         """The scratch dir and the request's files, before the stage waits for a
         slot: a queue of requests then holds their files on disk, not in memory."""
         prepared = self.prepared
+        if os.path.lexists(prepared.scratch_dir):  # left by a stage of this id, or another's
+            for other in self.daemon.stages.values():
+                # On a file system blind to case (macOS's) or to Unicode normalisation,
+                # `Job1` names `job1`'s directory, which write_scratch would empty.
+                if other is not self and other.owns_scratch and _same_file(prepared.scratch_dir, other.prepared.scratch_dir):
+                    raise StageRejected(
+                        f"bad request: stage_run_id {shown(self.id)} names the scratch directory of the running "
+                        f"stage {shown(other.id)} on this file system"
+                    )
+        self.owns_scratch = True
         try:
             if prepared.files:
                 await trio.to_thread.run_sync(write_scratch, prepared.scratch_dir, prepared.files)
@@ -3104,6 +3115,13 @@ def private_dir(path: Path) -> Path:
     elif stat.S_IMODE(info.st_mode) != 0o700:
         os.chmod(path, 0o700)
     return path
+
+
+def _same_file(one: Path, other: Path) -> bool:
+    try:
+        return os.path.samefile(one, other)
+    except OSError:
+        return False
 
 
 def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]]) -> None:

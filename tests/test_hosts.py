@@ -381,6 +381,23 @@ async def test_two_ids_for_one_directory_are_not_both_accepted(tmp_path, environ
     assert first.returncode == 0
 
 
+async def test_an_id_naming_a_running_stages_directory_is_refused_and_harms_it_not(tmp_path, environ, stub_bin):
+    # On macOS's file system, blind to case, `Job1` names `job1`'s directory,
+    # which pgw took for one an earlier stage left, and emptied under the
+    # running stage.  Here a symlink stands in for the folding Linux lacks.
+    write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(1); print(open('f').read())")
+    with trio.fail_after(20):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("job1", files={"f": base64.b64encode(b"kept").decode()}))
+            await connection.receive("stage.stdout", "job1")
+            (tmp_path / "home" / "scratch" / "Job1").symlink_to("job1")
+            await connection.send(request("Job1"))
+            twin = await connection.stage_result("Job1")
+            first = await connection.stage_result("job1")
+    assert twin.ack is None and "names the scratch directory of the running stage 'job1'" in twin.error
+    assert first.returncode == 0 and first.stdout == "ready\nkept\n"
+
+
 async def test_ids_and_bad_fields_reach_the_log_quoted_and_cut(tmp_path, environ, stub_bin, caplog):
     caplog.set_level(logging.INFO, logger="pgw")
     write_stub_cli(stub_bin, "claude", "print('ok')")
