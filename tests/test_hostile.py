@@ -160,8 +160,15 @@ def owed_exit(text: str) -> str | None:
 
     try:
         message = json.loads(text, parse_constant=reject_constant)
-    except (ValueError, RecursionError):
+    except RecursionError:
         return None
+    except ValueError:
+        # Not JSON only by NaN, Infinity, a BOM or a number past Python's
+        # digits limit (what json.dumps writes by default): answered all the same.
+        try:
+            message = json.loads(text.lstrip("\ufeff"), parse_int=lambda _: 0, parse_float=lambda _: 0.0)
+        except (ValueError, RecursionError):
+            return None
     if isinstance(message, dict) and message.get("type") == "stage.request" and isinstance(message.get("stage_run_id"), str):
         # An id too long to name in a message under 1 MiB gets no exit: a server would close on it.
         return message["stage_run_id"] if pgw.stage_id_fits(message["stage_run_id"]) else None
