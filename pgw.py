@@ -2885,7 +2885,8 @@ class StageRun:
         except OSError as exc:
             raise StageRejected(f"cannot write the stage's files: {exc.strerror or exc}") from None
         finally:  # on disk now, or never
-            self.prepared = attrs.evolve(prepared, files=[])
+            if prepared.files:
+                self.prepared = attrs.evolve(prepared, files=[])
 
     async def _execute(self, outbox: Outbox) -> None:
         """Start the root, relay the output until the CLI and its pipes are done."""
