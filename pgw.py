@@ -2879,7 +2879,7 @@ class StageRun:
         self.owns_scratch = True
         try:
             if prepared.files:
-                await trio.to_thread.run_sync(write_scratch, prepared.scratch_dir, prepared.files)
+                await write_scratch_stoppably(prepared.scratch_dir, prepared.files)
             else:  # a mkdir or two: not worth a thread's round trip
                 write_scratch(prepared.scratch_dir, [])
         except OSError as exc:
@@ -3118,6 +3118,27 @@ def private_dir(path: Path) -> Path:
     return path
 
 
+async def write_scratch_stoppably(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]]) -> None:
+    """write_scratch in a thread, which a stage stopped meanwhile (cancel,
+    timeout, shutdown) ends after the file it is writing, not after thousands
+    more; what it wrote is on disk, for the stage's cleanup, once this ends."""
+    stop, done = threading.Event(), threading.Event()
+
+    def write() -> None:
+        try:
+            write_scratch(scratch_dir, files, stop)
+        finally:
+            done.set()
+
+    try:
+        await trio.to_thread.run_sync(write, abandon_on_cancel=True)
+    except trio.Cancelled:
+        stop.set()
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(done.wait)
+        raise
+
+
 def _same_file(one: Path, other: Path) -> bool:
     try:
         return os.path.samefile(one, other)
@@ -3125,8 +3146,11 @@ def _same_file(one: Path, other: Path) -> bool:
         return False
 
 
-def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]]) -> None:
-    """A fresh scratch dir holding the request's files."""
+def write_scratch(
+    scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]], stop: Optional[threading.Event] = None
+) -> None:
+    """A fresh scratch dir holding the request's files; ECANCELED once `stop`
+    is set, between two files (it runs in a thread trio cannot cancel)."""
     private_dir(scratch_dir.parent)
     try:
         scratch_dir.mkdir(mode=0o700)
@@ -3134,6 +3158,8 @@ def write_scratch(scratch_dir: Path, files: list[tuple[tuple[str, ...], bytes]])
         remove_scratch(scratch_dir)
         scratch_dir.mkdir(mode=0o700)
     for parts, content in files:
+        if stop is not None and stop.is_set():
+            raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
         directory = scratch_dir
         for part in parts[:-1]:  # not mkdir(parents=True), which recurses once a level
             directory = directory / part

@@ -610,6 +610,25 @@ async def test_a_flood_of_stray_messages_cannot_rotate_the_log_away(tmp_path, en
     assert any("stage 'after': ended" in line for line in lines)
 
 
+async def test_a_stage_stopped_while_its_many_files_are_written_ends_at_once(tmp_path, environ, stub_bin):
+    # Writing runs in a thread trio cannot cancel: 300,000 files held a
+    # shutdown (or a cancel) for 40 s.  The writer stops between two files.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    files = {f"d{number // 1000}/f{number}": "" for number in range(60_000)}
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ) as (_, worker, connection):
+            await connection.send(request("many", files=files))
+            scratch = tmp_path / "home" / "scratch" / "many"
+            while not (scratch / "d0").exists():
+                await trio.sleep(0.01)
+            await connection.send(cancel("many"))
+            with trio.move_on_after(5):
+                stopped = await connection.stage_result("many")
+            assert "many" not in worker.stages, "the cancel waited for every file to be written"
+    assert stopped.error == "cancelled by the server (SIGTERM), before it started", stopped.error
+    assert not scratch.exists()
+
+
 async def test_the_files_of_a_queued_stage_wait_on_disk_not_in_memory(tmp_path, environ, stub_bin):
     # Each request may carry 50 MiB of files: a queue of them held in memory,
     # decoded and as base64, had pgw at 1.26 GB for ten.
