@@ -5198,12 +5198,53 @@ def write_crontab(text: str) -> None:
         raise PgwError(f"`crontab -` failed: {done.stderr.strip()}")
 
 
+def in_use_lock(root: Path, extraction: Path) -> Path:
+    """The file every `pgw run` of `extraction` holds a shared flock on while it runs."""
+    return root / f".{extraction.name}_in_use"
+
+
+def hold_extraction(root: Path, current: Optional[Path]) -> Optional[int]:
+    """A shared flock on the running extraction's in-use file, held for the
+    process's life: another pgw (another build, another home, the same
+    SHIV_ROOT) then leaves it alone.  The lock's fd, if one was taken."""
+    if current is None or fcntl is None:
+        return None
+    try:
+        fd = os.open(in_use_lock(root, current), os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_SH)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def prune_old_extractions(root: Path, current: Optional[Path]) -> list[Path]:
-    """Remove older extractions of this pyz (never the running one); what was removed."""
+    """Remove the other extractions of this pyz that no running pgw holds
+    (never the running one); what was removed."""
     removed = []
     for old in old_extractions(root, current):
-        shutil.rmtree(old, ignore_errors=True)
-        (root / f".{old.name}_lock").unlink(missing_ok=True)
+        lock = in_use_lock(root, old)
+        fd = None
+        if fcntl is not None:
+            try:
+                fd = os.open(lock, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except FileNotFoundError:
+                fd = None
+            except OSError:  # held: a pgw runs from it
+                if fd is not None:
+                    os.close(fd)
+                continue
+        try:
+            shutil.rmtree(old, ignore_errors=True)
+            (root / f".{old.name}_lock").unlink(missing_ok=True)
+            lock.unlink(missing_ok=True)
+        finally:
+            if fd is not None:
+                os.close(fd)
         if not old.exists():
             removed.append(old)
     return removed
@@ -5361,8 +5402,9 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
     early: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _: early.append(signum))
+    hold_extraction(shiv_root(), current_extraction())  # its fd stays open until pgw exits
     for old in prune_old_extractions(shiv_root(), current_extraction()):
-        log.info("removed an older extraction of pgw: %s", old)
+        log.info("removed an older extraction of pgw no pgw runs from: %s", old)
     daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=True)
     trio.run(run_until_signalled, daemon, early)
     return 0

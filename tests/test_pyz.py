@@ -343,11 +343,17 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
 
     import trio
 
+    import fcntl
+
     python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
     shiv_root = tmp_path / "shiv"
-    old = shiv_root / "pgw.pyz_0123456789abcdef"
-    (old / "site-packages").mkdir(parents=True)
-    (old / "site-packages" / "pgw.py").write_text("# an older build")
+    old, held = shiv_root / "pgw.pyz_0123456789abcdef", shiv_root / "pgw.pyz_fedcba9876543210"
+    for extraction in (old, held):
+        (extraction / "site-packages").mkdir(parents=True)
+        (extraction / "site-packages" / "pgw.py").write_text("# another build")
+    # Another pgw runs from `held` (another home, the same SHIV_ROOT): it holds its in-use lock.
+    holder = os.open(shiv_root / f".{held.name}_in_use", os.O_RDONLY | os.O_CREAT, 0o600)
+    fcntl.flock(holder, fcntl.LOCK_SH)
     config_dir = home / ".pgworker"
     config_dir.mkdir(mode=0o700)
     (config_dir / "config.json").write_text(json.dumps({"server": "http://127.0.0.1:9", "token": "t"}))
@@ -357,11 +363,19 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
         try:
             while "removed an older extraction" not in ((config_dir / "run.log").read_text() if (config_dir / "run.log").exists() else ""):
                 await trio.sleep(0.1)
+            [current] = [e for e in shiv_root.iterdir() if e.is_dir() and e.name.startswith("pgw.pyz_") and e not in (old, held)]
+            probe = os.open(shiv_root / f".{current.name}_in_use", os.O_RDONLY)
+            try:
+                with pytest.raises(BlockingIOError):  # the running pgw holds its own
+                    fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            finally:
+                os.close(probe)
         finally:
             daemon.send_signal(signal.SIGTERM)
             assert await daemon.wait() == 0
-    assert not old.exists()
-    assert [entry.name.startswith("pgw.pyz_") for entry in shiv_root.iterdir() if not entry.name.startswith(".")] == [True]
+            os.close(holder)
+    assert not old.exists() and held.exists()
+    assert sorted(entry.name for entry in shiv_root.iterdir() if not entry.name.startswith(".")) == sorted([current.name, held.name])
 
 
 ##############################################################################
