@@ -3186,11 +3186,28 @@ _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 def remove_tree(top: str) -> Optional[OSError]:
     """`rm -rf top`, as a stage may have left it: at any depth (no recursion,
     where shutil.rmtree before Python 3.12 recursed once a level, and no path
-    longer than a name: one directory open at a time), never through a symlink,
-    giving a directory back the rights its owner took away (mode 000 or 0500).
-    What kept something from going, if anything."""
-    failure: Optional[OSError] = None
-    stuck: set[tuple[int, int]] = set()  # directories that could not be emptied: not entered again
+    longer than a name: one directory open at a time), each directory listed
+    once, never through a symlink, giving a directory back the rights its
+    owner took away (mode 000 or 0500).  What kept something from going, if
+    anything."""
+    failures: list[OSError] = []
+
+    def files_out(fd: int) -> list[str]:
+        """Unlink what `fd` holds but directories; their names."""
+        directories = []
+        with os.scandir(fd) as entries:
+            for entry in entries:
+                try:
+                    if entry.is_dir(follow_symlinks=False):
+                        directories.append(entry.name)
+                    else:
+                        os.unlink(entry.name, dir_fd=fd)
+                except FileNotFoundError:
+                    continue
+                except OSError as exc:
+                    failures.append(exc)
+        return directories
+
     try:
         fd = _open_dir(top, None)
     except FileNotFoundError:
@@ -3203,37 +3220,26 @@ def remove_tree(top: str) -> Optional[OSError]:
         except OSError as unlinked:
             return unlinked
         return None
-    names: list[str] = []  # from `top` down to the directory `fd` is
+    # Each level below `top` down to `fd`: its name, and its parent's directories left to do.
+    levels: list[tuple[str, list[str]]] = []
     try:
+        pending = files_out(fd)
         while True:
-            name = None
-            with os.scandir(fd) as entries:
-                for entry in entries:
-                    try:
-                        if not entry.is_dir(follow_symlinks=False):
-                            os.unlink(entry.name, dir_fd=fd)
-                        elif (entry.inode(), entry.stat(follow_symlinks=False).st_dev) not in stuck:
-                            name = entry.name
-                            break
-                    except FileNotFoundError:
-                        continue
-                    except OSError as exc:
-                        failure = failure or exc
-            if name is not None:
+            if pending:
+                name = pending.pop()
                 try:
                     child = _open_dir(name, fd)
                 except OSError as exc:
-                    failure = failure or exc
-                    info = os.stat(name, dir_fd=fd, follow_symlinks=False)
-                    stuck.add((info.st_ino, info.st_dev))
+                    failures.append(exc)
                     continue
                 os.close(fd)
                 fd = child
-                names.append(name)
+                levels.append((name, pending))
+                pending = files_out(fd)
                 continue
-            if not names:
+            if not levels:
                 break
-            name, here = names.pop(), os.fstat(fd)
+            (name, pending), here = levels.pop(), os.fstat(fd)
             parent = os.open("..", _DIRECTORY_FLAGS, dir_fd=fd)
             os.close(fd)
             fd = parent
@@ -3243,17 +3249,17 @@ def remove_tree(top: str) -> Optional[OSError]:
             try:
                 os.rmdir(name, dir_fd=fd)
             except OSError as exc:
-                failure = failure or exc
-                stuck.add((here.st_ino, here.st_dev))
+                failures.append(exc)
     except OSError as exc:
-        return failure or exc
+        failures.append(exc)
     finally:
         os.close(fd)
-    try:
-        os.rmdir(top)
-    except OSError as exc:
-        return failure or exc
-    return failure
+    if not failures:
+        try:
+            os.rmdir(top)
+        except OSError as exc:
+            failures.append(exc)
+    return failures[0] if failures else None
 
 
 def _open_dir(name: str, parent: Optional[int]) -> int:

@@ -220,6 +220,31 @@ async def test_a_tree_deeper_than_python_recurses_is_written_and_removed(tmp_pat
     assert list((tmp_path / "home" / "scratch").iterdir()) == []
 
 
+def test_a_tree_is_removed_listing_each_directory_once_and_nothing_outside(tmp_path, monkeypatch):
+    # Listing a directory again after each of its subdirectories made a stage
+    # that left 20,000 sibling directories cost minutes of cleanup.
+    outside = tmp_path / "outside"
+    (outside / "kept").mkdir(parents=True)
+    top = tmp_path / "scratch" / "s1"
+    for number in range(50):
+        for leaf in ("a", "b"):
+            (top / f"d{number}" / leaf).mkdir(parents=True)
+            (top / f"d{number}" / leaf / "f").write_text("x")
+    (top / "d0" / "out").symlink_to(outside)
+    (top / "link-to-outside").symlink_to(outside / "kept")
+    listed: list[object] = []
+    real_scandir = os.scandir
+
+    def counting_scandir(path):
+        listed.append(path)
+        return real_scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counting_scandir)
+    assert pgw.remove_tree(str(top)) is None
+    assert not top.exists() and (outside / "kept").is_dir()
+    assert len(listed) == 1 + 50 + 100
+
+
 def test_a_fifo_or_a_symlink_named_as_a_rollout_is_passed_over_not_waited_on(tmp_path):
     # A codex stage can put anything in the sessions dir.  Opened, a FIFO
     # blocked its thread until a writer came: every later codex stage, and
