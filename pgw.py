@@ -2330,6 +2330,11 @@ class StageOutcome:
     root_lost: bool = False  # its stage root was killed while the CLI ran
 
 
+def stage_internal_error(exc: BaseException) -> str:
+    """A stage's exit error for a bug in pgw (its traceback goes to run.log)."""
+    return f"internal error in pgw: {type(exc).__name__}"
+
+
 def stage_exit(stage_run_id: str, outcome: StageOutcome) -> StageExit:
     """The stage.exit that PROTOCOL.md owes the server for what happened."""
     error = outcome.rejected
@@ -2831,7 +2836,7 @@ class StageRun:
                 rejected = str(exc)
             except Exception as exc:  # noqa: BLE001 - a bug must not leave the server waiting
                 log.exception("stage %r: internal error", self.id)
-                rejected = f"internal error in pgw: {type(exc).__name__}"
+                rejected = stage_internal_error(exc)
             finally:
                 try:
                     if self.owns_scratch and not remove_empty_scratch(self.prepared.scratch_dir):
@@ -3959,8 +3964,9 @@ STRAY_LINES_PER_MINUTE = 100
 
 
 class LineBudget:
-    """At most `per_minute` log lines a minute; the rest are counted, and the
-    count logged when lines are let through again."""
+    """The log lines of bad or stray messages from the server: at most
+    `per_minute` a minute; the rest are counted, and the count logged when
+    lines are let through again."""
 
     def __init__(self, per_minute: int) -> None:
         self.per_minute = per_minute
@@ -4114,7 +4120,7 @@ class Connection:
             return
         except Exception as exc:  # noqa: BLE001 - a request pgw's checks did not foresee costs it alone, not the connection
             log.exception("stage %s: internal error", shown(request.stage_run_id))
-            self._send_soon(StageExit(request.stage_run_id, -1, 0, f"internal error in pgw: {type(exc).__name__}"))
+            self._send_soon(StageExit(request.stage_run_id, -1, 0, stage_internal_error(exc)))
             return
         stage = StageRun(prepared, daemon)
         daemon.stages[stage.id] = stage
@@ -4506,6 +4512,7 @@ class LogFile(logging.handlers.RotatingFileHandler):
         return stream
 
     _failure: Optional[str] = None  # the last write's, said once on stderr
+    _failed = False  # the record being written was lost
 
     def emit(self, record: logging.LogRecord) -> None:
         if self.stream is not None:
@@ -5245,7 +5252,7 @@ def prune_old_extractions(root: Path, current: Optional[Path]) -> list[Path]:
                     os.close(fd)
                 continue
         try:
-            shutil.rmtree(old, ignore_errors=True)
+            remove_tree(str(old))
             (root / f".{old.name}_lock").unlink(missing_ok=True)
             lock.unlink(missing_ok=True)
         finally:
