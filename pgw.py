@@ -2797,8 +2797,9 @@ class StageRun:
         return self.root is not None
 
     def stop(self, error: str, grace_s: float) -> None:
-        """Cancel the stage's scope; a shorter grace than before takes effect at once."""
-        if self.stop_error is None:
+        """Cancel the stage's scope; a shorter grace than before takes effect at
+        once, and its reason is the one the exit gives (the stop that ended it)."""
+        if self.stop_error is None or grace_s < self.grace_s:
             self.stop_error = error
         self.grace_s = min(self.grace_s, grace_s)
         if self.grace_s == 0 and self.grace_scope is not None:

@@ -510,6 +510,19 @@ async def test_cancel_sigkill_kills_at_once(tmp_path, environ, stub_bin):
     assert result.returncode == -9 and result.error == "cancelled by the server (SIGKILL)"
 
 
+async def test_a_sigkill_cancel_in_a_sigterm_grace_names_the_sigkill(tmp_path, environ, stub_bin):
+    write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
+    with trio.fail_after(5):  # well under the 10 s grace
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            await wait_ready(connection, "s1")
+            await connection.send(cancel("s1"))
+            await trio.sleep(0.3)  # the CLI ignores the SIGTERM
+            await connection.send(cancel("s1", "SIGKILL"))
+            result = await connection.stage_result("s1")
+    assert result.returncode == -9 and result.error == "cancelled by the server (SIGKILL)"
+
+
 async def test_cancel_of_an_unknown_stage_does_nothing(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", "print('ok')")
     with trio.fail_after(5):
