@@ -3892,6 +3892,61 @@ TRIO_WEBSOCKET_HANDSHAKE = ("_initial_request", "_reader_task", "_open_handshake
 TRIO_WEBSOCKET_REJECT_STATUS = "_reject_status"
 
 
+# RFC 9110 15.2: a client reads past the interim (1xx) responses it did not ask
+# for, such as 100 Continue or 103 Early Hints, to the one that answers, which
+# for an Upgrade is 101.  wsproto takes any 1xx for that answer, and the
+# handshake for refused.
+_INTERIM_STATUS_LINE = re.compile(rb"HTTP/\d\.\d 1(?!01)\d\d(?: [^\r\n]*)?")
+# Past this, a head is no interim response worth waiting for: h11 judges it.
+INTERIM_HEAD_MAX_BYTES = 64 * 1024
+
+
+class InterimSkipper(trio.abc.Stream):
+    """The server's bytes without the interim responses that may come before
+    its answer to the opening handshake."""
+
+    def __init__(self, inner: trio.abc.Stream) -> None:
+        self.inner = inner
+        self._head: Optional[bytearray] = bytearray()  # None once past the interim responses
+        self._unread = b""
+
+    async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
+        await self.inner.send_all(data)
+
+    async def wait_send_all_might_not_block(self) -> None:
+        await self.inner.wait_send_all_might_not_block()
+
+    async def receive_some(self, max_bytes: Optional[int] = None) -> bytes:
+        while self._head is not None:
+            chunk = await self.inner.receive_some()
+            self._head += chunk
+            if not chunk or not self._more_may_be_interim():
+                self._unread, self._head = bytes(self._head), None
+        if not self._unread:
+            return await self.inner.receive_some(max_bytes)
+        size = len(self._unread) if max_bytes is None else max_bytes
+        data, self._unread = self._unread[:size], self._unread[size:]
+        return data
+
+    def _more_may_be_interim(self) -> bool:
+        """Drop the whole interim responses at the front of what was read;
+        whether what follows must be read further to tell whether it is one."""
+        head = typing.cast(bytearray, self._head)
+        while True:
+            line_end = head.find(b"\r\n")
+            if line_end < 0:
+                return len(head) < INTERIM_HEAD_MAX_BYTES
+            if not _INTERIM_STATUS_LINE.fullmatch(head, 0, line_end):
+                return False
+            head_end = head.find(b"\r\n\r\n")
+            if head_end < 0:
+                return len(head) < INTERIM_HEAD_MAX_BYTES
+            del head[: head_end + 4]
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
+
+
 async def open_websocket(
     nursery: trio.Nursery, stream: trio.abc.Stream, settings: Settings, timeout_s: float, **options: Any
 ) -> tuple[trio_websocket.WebSocketConnection, Optional[Deflate]]:
@@ -3899,7 +3954,7 @@ async def open_websocket(
     and offering permessage-deflate unless the `compression` setting is off;
     the extension comes back when the server accepted it."""
     ws = trio_websocket.WebSocketConnection(
-        stream, wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
+        InterimSkipper(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
         host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.token or ""), **options,
     )
     request_name = TRIO_WEBSOCKET_HANDSHAKE[0]

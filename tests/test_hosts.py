@@ -588,6 +588,53 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+def switching_plainly(request_text: bytes) -> bytes:
+    return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+            b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\n\r\n")
+
+
+# Interim (1xx) responses a server or a proxy may send before its 101 (RFC 9110
+# 15.2), and how: as writes of their own, or run together with what follows.
+INTERIM_RESPONSES = {
+    "100-continue": [b"HTTP/1.1 100 Continue\r\n\r\n"],
+    "103-early-hints-a-byte-at-a-time": [bytes([byte]) for byte in
+                                         b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"],
+    "two-with-the-101-in-one-write": [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: 1\r\n\r\n", b"101"],
+    "without-a-reason-phrase": [b"HTTP/1.1 100\r\n\r\n"],
+}
+
+
+@pytest.mark.parametrize("interim", INTERIM_RESPONSES)
+async def test_interim_responses_before_the_101_are_read_past(tmp_path, environ, caplog, interim):
+    # wsproto takes any 1xx for the answer to the handshake: pgw logged
+    # "refused the WebSocket (HTTP 100)" and never connected.
+    caplog.set_level(logging.INFO, logger="pgw")
+    hellos = []
+
+    async def answer(stream: trio.SocketStream) -> None:
+        request_text = await read_request(stream)
+        writes = INTERIM_RESPONSES[interim]
+        if writes[-1] == b"101":
+            writes = writes[:-1]
+            writes[-1] += switching_plainly(request_text)
+        else:
+            writes = writes + [switching_plainly(request_text)]
+        for data in writes:
+            await stream.send_all(data)
+            await trio.sleep(0.001)
+        received = b""
+        while not client_frames(received):
+            received += await stream.receive_some(65536)
+        hellos.extend(json.loads(payload)["type"] for _, payload in client_frames(received))
+        reason = struct.pack("!H", 1000) + b"got the hello"
+        await stream.send_all(bytes((0x88, len(reason))) + reason)
+        await trio.sleep(5)
+
+    await daemon_against(answer, tmp_path, environ, caplog, "got the hello")
+    assert hellos[:1] == ["hello"]
+    assert "refused" not in caplog.text and "cannot connect" not in caplog.text
+
+
 def client_frames(data: bytes) -> list[tuple[int, bytes]]:
     """(opcode, unmasked payload) of each whole client frame in `data`."""
     frames = []
