@@ -2358,6 +2358,7 @@ class Link:
         self.socket = sock
         self.stream = trio.socket.from_stdlib_socket(sock)  # which makes it non-blocking
         self.spawner = spawner  # which spawner it leads to: a root of one that died is contained no more
+        self.served = False  # it ran a stage: a free root's, not one the spawner forked for this request
 
     def send_now(self, message: bytes, fds: list[int]) -> int:
         """What the socket takes of `message` at once, `fds` with its first byte."""
@@ -2624,15 +2625,20 @@ class StageSpawner:
         if link is None:
             return
         if root.free and link.spawner == self._started and self._control is not None:
+            link.served = True
             self.free.put(link)
         else:
             link.close()
 
-    async def failure(self) -> Optional[str]:
+    async def failure(self, link: Optional[Link] = None) -> Optional[str]:
         """Why the spawner ended, if it did (the next stage starts it again).  Its
-        end of file comes before its exit status: it gets a moment to exit."""
+        end of file comes before its exit status: it gets a moment to exit.
+        A free root (`link`) that died while the spawner still holds its socket
+        was killed from outside: no wait.  (A root forked for the request gives
+        no such sign: the spawner may die of that request, its end of file
+        coming after the root's.)"""
         process = self._process
-        if process is None:
+        if process is None or (link is not None and link.served and not self._hung_up()):
             return None
         with trio.move_on_after(SPAWNER_EXIT_WAIT_S):
             while process.poll() is None:
@@ -2644,6 +2650,19 @@ class StageSpawner:
         why = f"the stage spawner ({sys.executable}) exited with status {process.returncode}"
         log.warning("%s; what it said went to pgw's standard error", why)
         return why
+
+    def _hung_up(self) -> bool:
+        """Whether the spawner closed its end of the socket (it never writes on
+        it: a peek that would not block finds its end of file, or an error)."""
+        if self._control is None:
+            return True
+        try:
+            self._control.socket.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def discard(self) -> None:
         """Kill the spawner, which the next stage starts again (running roots live on)."""
@@ -2700,11 +2719,13 @@ class StageRoot:
         self.free = self.free or line == b"free"  # its last line, which whoever reads on may meet
         return line
 
-    async def started(self, cli: str, spawner_failure: typing.Callable[[], typing.Awaitable[Optional[str]]]) -> int:
+    async def started(
+        self, cli: str, spawner_failure: typing.Callable[[Optional[Link]], typing.Awaitable[Optional[str]]]
+    ) -> int:
         """The CLI's pid, or StageRejected when it could not be started."""
         line = await self._report()
         if line is None:  # the root never said a word: the spawner may have died before forking it
-            raise StageRejected(f"cannot start {cli}: {await spawner_failure() or 'the stage root failed'}")
+            raise StageRejected(f"cannot start {cli}: {await spawner_failure(self.link) or 'the stage root failed'}")
         kind, value = line.split(b" ", 1)
         if kind == b"error":
             reason = os.strerror(int(value)) if int(value) else "the stage root failed"

@@ -429,6 +429,18 @@ async def test_a_spawner_that_dies_on_a_request_is_named_and_started_again(tmp_p
     assert any("exited with status 3" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
 
 
+async def test_a_root_that_dies_before_its_cli_starts_costs_no_wait_while_the_spawner_lives(tmp_path, environ, stub_bin):
+    # A free root killed from outside just after it took a request: pgw asks
+    # the spawner why, which waited 2 s for a spawner that was not ending.
+    write_stub_cli(stub_bin, "codex", WHO_IS_MY_ROOT)
+    async with connected(tmp_path, environ) as (_, worker, connection):
+        await root_of_a_stage(connection, "s1")
+        free_root = worker.spawner.free.take()
+        assert free_root is not None, "precondition: the stage left its root free"
+        with trio.fail_after(1):
+            assert await worker.spawner.failure(free_root) is None
+
+
 async def test_a_stopped_spawner_is_replaced_before_it_takes_a_stage(tmp_path, environ, stub_bin):
     # s1 holds its root, so s2 and s3 need a root forked by the spawner.
     write_stub_cli(stub_bin, "claude", "import sys, time\nprint('ran', flush=True)\nif sys.argv[1:] == ['wait']:\n    time.sleep(60)")
