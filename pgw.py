@@ -864,15 +864,12 @@ def normalise_server_url(url: str) -> str:
     return cleaned
 
 
-def websocket_resource(token: str) -> str:
-    """PROTOCOL.md: the connect path and the quoted token, as the handshake asks for them."""
-    return f"{CONNECT_PATH}?token={urllib.parse.quote(token, safe='')}"
-
-
-def websocket_url(server: str, token: str) -> str:
-    """PROTOCOL.md: http->ws, https->wss, then the connect path and the token."""
-    parsed = urllib.parse.urlsplit(server)
-    return f"{'wss' if parsed.scheme == 'https' else 'ws'}://{parsed.netloc}{websocket_resource(token)}"
+def websocket_resource(server: str, token: str) -> str:
+    """PROTOCOL.md: what the handshake asks for: the server URL's own path (a
+    prefix a reverse proxy serves the backend under, which pairing's URL keeps
+    too), the connect path, the quoted token."""
+    prefix = urllib.parse.quote(urllib.parse.urlsplit(server).path.rstrip("/"), safe="/%:@!$&'()*+,;=~")
+    return f"{prefix}{CONNECT_PATH}?token={urllib.parse.quote(token, safe='')}"
 
 
 @attrs.frozen
@@ -3976,7 +3973,7 @@ async def open_websocket(
     the extension comes back when the server accepted it."""
     ws = trio_websocket.WebSocketConnection(
         InterimSkipper(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
-        host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.token or ""), **options,
+        host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.server, settings.token or ""), **options,
     )
     request_name = TRIO_WEBSOCKET_HANDSHAKE[0]
     request, reader_task, opened = (getattr(ws, name, None) for name in TRIO_WEBSOCKET_HANDSHAKE)

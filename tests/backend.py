@@ -448,7 +448,7 @@ class BackendConnection:
 class Backend:
     """A fake prove-graph backend. Make one with `open_backend()`.
 
-    A handshake is accepted when its path is CONNECT_PATH and its `token`
+    A handshake is accepted when its path is CONNECT_PATH (under `prefix`) and its `token`
     query parameter equals `token`; otherwise it is rejected with 404 (wrong
     path) or 403 (wrong or missing token). `reject_next()` scripts rejections
     that take precedence. `handshakes` records every request target seen,
@@ -464,8 +464,10 @@ class Backend:
         handshake_timeout_s: float = HANDSHAKE_TIMEOUT_S,
         close_timeout_s: float = CLOSE_TIMEOUT_S,
         deflate: dict | None = None,
+        prefix: str = "",
     ) -> None:
         self.token = token
+        self.prefix = prefix  # the path a reverse proxy would serve the backend under
         self.answer_pings = answer_pings
         self._deflate = deflate
         self.port = 0
@@ -484,7 +486,7 @@ class Backend:
     @property
     def url(self) -> str:
         """The server URL as a worker stores it when paired."""
-        return f"http://127.0.0.1:{self.port}"
+        return f"http://127.0.0.1:{self.port}{self.prefix}"
 
     def __repr__(self) -> str:
         return f"<Backend {self.url}, {len(self.connections)} connections>"
@@ -539,7 +541,7 @@ class Backend:
             status = self._scripted_rejections.popleft()
             return status, json.dumps({"detail": f"scripted rejection {status}"}).encode()
         parts = urllib.parse.urlsplit(target)
-        if parts.path != CONNECT_PATH:
+        if parts.path != self.prefix + CONNECT_PATH:
             return 404, json.dumps({"detail": "Not Found"}).encode()
         tokens = urllib.parse.parse_qs(parts.query).get("token", [])
         if tokens != [self.token]:

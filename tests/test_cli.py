@@ -301,11 +301,12 @@ def test_home_defaults_to_dot_pgworker(monkeypatch, tmp_path):
     assert pgw.pgw_home() == tmp_path / ".pgworker"
 
 
-def test_websocket_url_quotes_token():
-    assert pgw.websocket_url("https://pg.example/base", "a b/+") == (
-        "wss://pg.example/api/local-worker/connect?token=a%20b%2F%2B"
-    )
-    assert pgw.websocket_url("http://127.0.0.1:8000", "t").startswith("ws://127.0.0.1:8000/")
+def test_the_websocket_resource_keeps_the_servers_path_and_quotes_the_token():
+    # A backend behind a reverse proxy's prefix: pairing posts under it, and
+    # the connection dropped it, so a paired worker could never connect.
+    assert pgw.websocket_resource("https://pg.example/base", "a b/+") == "/base/api/local-worker/connect?token=a%20b%2F%2B"
+    assert pgw.websocket_resource("https://pg.example/a%20b/c d", "t") == "/a%20b/c%20d/api/local-worker/connect?token=t"
+    assert pgw.websocket_resource("http://127.0.0.1:8000", "t") == "/api/local-worker/connect?token=t"
 
 
 # capabilities and doctor ----------------------------------------------------

@@ -99,6 +99,20 @@ async def connected(tmp_path, environ, **options):
             yield backend, worker, connection
 
 
+async def test_a_server_under_a_path_prefix_is_connected_to_under_it(tmp_path, environ, stub_bin):
+    # A backend a reverse proxy serves under /pg: pairing posts under the
+    # prefix, and the connection dropped it, so a paired worker never connected.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    with trio.fail_after(10):
+        async with open_backend(prefix="/pg/v1") as backend:
+            async with running_worker(backend, tmp_path / "home", environ):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await connection.send(request("s1"))
+                assert (await connection.stage_result("s1")).stdout == "ran\n"
+    assert backend.handshakes == ["/pg/v1/api/local-worker/connect?token=tok-test"]
+
+
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
 IGNORES_SIGTERM = (
     "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); time.sleep(60)"
