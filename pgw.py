@@ -4301,6 +4301,9 @@ class Daemon:
         subreaper: bool = False,
     ) -> None:
         self.settings, self.home, self.timing = settings, home, timing
+        # Every token it has used: a server's words (a close reason) may echo
+        # one, and the state file keeps them for `status`.
+        self.secrets = token_forms(settings.token)
         self.subreaper = subreaper and sys.platform.startswith("linux")  # `pgw run`: see sweep_orphans
         self._reread = reread  # the settings as they are now (config.json may have changed)
         self._reread_problem: Optional[str] = None
@@ -4461,7 +4464,7 @@ class Daemon:
         link.next_try_unix = time.time() + delay
         if was_connected:
             link.tries, link.failing_since, self._reminder_s = 0, now, self.timing.reconnect_reminder_s
-            link.last_error = failure or link.last_error
+            link.last_error = without_secrets(failure, self.secrets) if failure else link.last_error
             log.warning("disconnected: %s; reconnecting in %.1f s", failure or "closed", delay)
         else:
             link.tries += 1
@@ -4479,7 +4482,7 @@ class Daemon:
                 )
             else:
                 log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
-            link.last_error = failure
+            link.last_error = without_secrets(failure, self.secrets) if failure else failure
         self._last_failure = None if was_connected else failure
         self.publish_state()
 
@@ -4499,6 +4502,7 @@ class Daemon:
         current = self.settings
         if fresh.token and (fresh.server, fresh.token) != (current.server, current.token):
             redact_also(fresh.token)
+            self.secrets += token_forms(fresh.token)
             log.info("the credentials changed (paired again?): now worker %s on %s", printable(fresh.worker_id or "?"), fresh.server)
             self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
         # How to connect is changed without a restart: a proxy that refuses us
@@ -4544,6 +4548,19 @@ class Daemon:
 ##############################################################################
 
 
+def token_forms(token: Optional[str]) -> list[str]:
+    """How a token may show in text (as it is, and URL-quoted as the handshake
+    sends it); none for one too short to be a real secret, which would turn
+    every line it is hidden in to mush."""
+    return [token, urllib.parse.quote(token, safe="")] if token and len(token) >= REDACT_MIN_CHARS else []
+
+
+def without_secrets(text: str, secrets: typing.Iterable[str]) -> str:
+    for secret in secrets:
+        text = text.replace(secret, "<token>")
+    return text
+
+
 class RedactToken(logging.Filter):
     """Belt and braces: the token never reaches a log line, whatever logged it."""
 
@@ -4553,22 +4570,17 @@ class RedactToken(logging.Filter):
         self.add(token)
 
     def add(self, token: str) -> None:
-        # A token too short to be a real secret would turn every log line to mush.
-        if token and len(token) >= REDACT_MIN_CHARS:
-            self.secrets = list(dict.fromkeys([*self.secrets, token, urllib.parse.quote(token, safe="")]))
+        self.secrets = list(dict.fromkeys([*self.secrets, *token_forms(token)]))
 
     def filter(self, record: logging.LogRecord) -> bool:
         if getattr(record, "pgw_redacted", False):  # one record passes every handler
             return True
         record.pgw_redacted = True
-        message = record.getMessage()
         if record.exc_info and not record.exc_text:
             record.exc_text = logging.Formatter().formatException(record.exc_info)
-        for secret in self.secrets:
-            message = message.replace(secret, "<token>")
-            if record.exc_text:
-                record.exc_text = record.exc_text.replace(secret, "<token>")
-        record.msg, record.args = message, ()
+        if record.exc_text:
+            record.exc_text = without_secrets(record.exc_text, self.secrets)
+        record.msg, record.args = without_secrets(record.getMessage(), self.secrets), ()
         return True
 
 

@@ -9,6 +9,7 @@ import os
 import signal
 import sys
 import time
+import urllib.parse
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -111,6 +112,25 @@ async def test_a_server_under_a_path_prefix_is_connected_to_under_it(tmp_path, e
                 await connection.send(request("s1"))
                 assert (await connection.stage_result("s1")).stdout == "ran\n"
     assert backend.handshakes == ["/pg/v1/api/local-worker/connect?token=tok-test"]
+
+
+async def test_a_close_reason_that_echoes_the_token_leaves_it_out_of_the_state_file(tmp_path, environ):
+    # The log hid it, but the state file's last_error (and `pgw status`) kept
+    # the server's words as they came.
+    token = "tok/secret+123"
+    reason = f"bad token {token} ({urllib.parse.quote(token, safe='')})"
+    state_file = tmp_path / "home" / pgw.STATE_FILENAME
+    with trio.fail_after(10):
+        async with open_backend(token=token) as backend:
+            async with running_worker(backend, tmp_path / "home", environ) as worker:
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await connection.close(1008, reason)
+                while "bad token" not in (state_file.read_text() if state_file.exists() else ""):
+                    await trio.sleep(0.05)
+                assert worker.link.last_error is not None and "bad token <token> (<token>)" in worker.link.last_error
+    assert "bad token <token> (<token>)" in state_file.read_text()
+    assert token not in state_file.read_text() and urllib.parse.quote(token, safe="") not in state_file.read_text()
 
 
 SLEEPER = "import time; print('ready', flush=True); time.sleep(60)"
