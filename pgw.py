@@ -739,6 +739,23 @@ def stage_id_fits(stage_run_id: str) -> bool:
     return len(encoded) <= OUTPUT_DATA_MAX_ESCAPED_BYTES
 
 
+def exit_message_within_limit(record: StageExit) -> bytes:
+    """`exit_message(record)`, its error cut short (ending "...") where the whole
+    would pass the 1 MiB a server may take: a refused request's error can name
+    the server's own oversized fields.  (Its id was checked to leave room.)"""
+    message = exit_message(record)
+    if len(message) <= OUTPUT_MESSAGE_MAX_BYTES or not record.error:
+        return message
+    error, fits, over = record.error, 0, len(record.error)  # keeping `fits` characters fits, `over` does not
+    while over - fits > 1:  # a character escapes to up to 12 bytes: search, not estimate
+        middle = (fits + over) // 2
+        if len(exit_message(attrs.evolve(record, error=error[:middle] + "..."))) <= OUTPUT_MESSAGE_MAX_BYTES:
+            fits = middle
+        else:
+            over = middle
+    return exit_message(attrs.evolve(record, error=error[:fits] + "..."))
+
+
 def exit_message(record: StageExit) -> bytes:
     """`wire(record)` without cattrs, a dict or json.dumps: sent once per stage
     (a test holds the two equal)."""
@@ -2882,7 +2899,7 @@ class StageRun:
                     "stage %r: ended cli=%s returncode=%d duration=%.1fs bytes_out=%d %s",
                     self.id, request.cli, exit_record.returncode, exit_record.duration_ms / 1000, self.bytes_out, ending,
                 )
-            await outbox.put(lambda: exit_message(exit_record))
+            await outbox.put(lambda: exit_message_within_limit(exit_record))
         finally:
             if holds_slot and slots is not None:
                 slots.release()
@@ -4179,7 +4196,7 @@ class Connection:
         if not stage_id_fits(record.stage_run_id):
             log.warning("stage %s: its stage.exit would be over 1 MiB; not sent", shown(record.stage_run_id))
             return
-        self._stages.start_soon(self.outbox.put, lambda: wire(record))
+        self._stages.start_soon(self.outbox.put, lambda: exit_message_within_limit(record))
 
     async def _on_stage_request(self, request: StageRequest) -> None:
         daemon = self.daemon

@@ -373,6 +373,29 @@ async def test_a_request_with_a_million_bad_elements_gets_a_short_exit_at_once(t
     assert max(len(record.getMessage()) for record in caplog.records) < 1000
 
 
+async def test_a_refused_requests_exit_is_cut_to_1_mib_however_long_its_id_and_its_bad_fields(tmp_path, environ, stub_bin):
+    # The id leaves 4 KiB for the rest, and the error names up to three bad
+    # keys per field, each escaped to six bytes a control character: the exit
+    # went over 1 MiB, a server at that limit closed the connection, and
+    # every running stage was killed with it.
+    write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(2); print('done')")
+    key = "\x01" * 200
+    bad = {key + str(n): n for n in range(4)}
+    long_id = "a" * (pgw.OUTPUT_DATA_MAX_ESCAPED_BYTES - 2)
+    with trio.fail_after(30):
+        async with open_backend(max_message_size=1 << 20) as backend:
+            async with running_worker(backend, tmp_path / "home", environ):
+                connection = await backend.next_connection()
+                await connection.send(request("running"))
+                await connection.receive("stage.stdout", "running")
+                await connection.send(json.dumps({**request(long_id), "env": bad, "files": bad}))
+                refused = await connection.stage_result(long_id)
+                assert (await connection.stage_result("running")).stdout == "ready\ndone\n"
+                assert len(backend.connections) == 1
+    assert refused.returncode == -1 and refused.error.startswith("bad request: ") and refused.error.endswith("...")
+    assert len(pgw.exit_message(pgw.StageExit(long_id, -1, 0, refused.error))) <= 1 << 20
+
+
 async def test_a_stage_id_too_long_to_echo_under_1_mib_gets_no_exit_and_costs_no_connection(tmp_path, environ, stub_bin, caplog):
     write_stub_cli(stub_bin, "claude", "print('fine')")
     huge = "x" * (1 << 20)

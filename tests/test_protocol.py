@@ -212,6 +212,19 @@ def test_fast_exit_equals_the_generic_encoding(record):
     assert pgw.exit_message(record) == pgw.wire(record)
 
 
+@pytest.mark.parametrize("character", ["x", "\x01", "\u00e9", "\U0001f600", "\ud800"])
+@pytest.mark.parametrize("id_length", [5, pgw.OUTPUT_DATA_MAX_ESCAPED_BYTES - 2])
+def test_an_exit_is_cut_to_1_mib_at_its_error_and_left_whole_below(character, id_length):
+    record = pgw.StageExit("a" * id_length, -1, 0, "bad request: " + character * (1 << 20))
+    message = pgw.exit_message_within_limit(record)
+    assert len(message) <= pgw.OUTPUT_MESSAGE_MAX_BYTES < len(pgw.exit_message(record))
+    sent = json.loads(message)
+    assert sent["stage_run_id"] == record.stage_run_id and sent["error"].startswith("bad request: ")
+    assert sent["error"].endswith("...") and len(message) > pgw.OUTPUT_MESSAGE_MAX_BYTES - 16
+    small = pgw.StageExit("a" * id_length, -1, 0, "bad request: " + character * 100)
+    assert pgw.exit_message_within_limit(small) == pgw.exit_message(small)
+
+
 # Long enough for bytes.replace's way; text with escapes, control characters and non-ASCII.
 long_output = st.lists(
     st.text(alphabet=st.characters(max_codepoint=0x2FF) | st.sampled_from('\n\t\r"\\\x01\x1f')), min_size=1, max_size=8
