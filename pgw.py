@@ -4162,8 +4162,10 @@ class Connection:
                 text = await self.ws.get_message()
             except trio_websocket.ConnectionClosed:
                 raise ConnectionLost(await self.frames.why_closed()) from None
-            if isinstance(text, bytes):  # PROTOCOL.md: messages are text frames
-                self.strays.log(logging.WARNING, "skipped a binary message of %d bytes: the protocol's messages are text", len(text))
+            if isinstance(text, bytes):  # PROTOCOL.md: messages are text frames; a request sent so is still answered
+                self._on_bad_message(ProtocolError(
+                    f"a binary message of {len(text)} bytes: the protocol's messages are text frames", _leniently(text)
+                ))
                 continue
             try:
                 message = decode(text)

@@ -108,8 +108,9 @@ class ThreadedDaemon:
             owed: dict[str, int] = {}
             for value, as_binary in messages:
                 text = str(value) if isinstance(value, Raw) else to_json(value)
-                # PROTOCOL.md: messages are text frames; pgw skips a binary one unanswered.
-                stage_run_id = None if as_binary else owed_exit(text)
+                # PROTOCOL.md: messages are text frames; pgw runs no binary one, but
+                # answers a request sent so, as it does any bad request.
+                stage_run_id = owed_exit(text)
                 if stage_run_id is not None:
                     owed[stage_run_id] = owed.get(stage_run_id, 0) + 1
                 await connection.send(text.encode("utf-8") if as_binary else text)

@@ -28,7 +28,7 @@ import pgw
 from backend import open_backend
 from conftest import ROOT, write_stub_cli
 from test_faults import pgw_daemon, pyz_pgw, script_pgw  # noqa: F401 - fixtures
-from test_run import connected, environ, request  # noqa: F401 - environ is a fixture
+from test_run import cancel, connected, environ, request  # noqa: F401 - environ is a fixture
 
 ##############################################################################
 # Files and permissions
@@ -445,17 +445,25 @@ async def test_ids_and_bad_fields_reach_the_log_quoted_and_cut(tmp_path, environ
 ##############################################################################
 
 
-async def test_a_binary_frame_is_skipped_with_a_warning_not_run(tmp_path, environ, stub_bin, caplog):
+async def test_a_binary_frame_is_not_run_and_a_request_in_one_is_answered(tmp_path, environ, stub_bin, caplog):
+    # PROTOCOL.md owes every stage.request with a usable id its exit: a
+    # server that sent one as a binary frame waited for it for ever.
     caplog.set_level(logging.INFO, logger="pgw")
     write_stub_cli(stub_bin, "claude", "print('ran')")
     with trio.fail_after(20):
         async with connected(tmp_path, environ) as (_, _, connection):
             await connection.send(json.dumps(request("binary")).encode())
+            await connection.send(json.dumps(cancel("binary")).encode())
+            await connection.send(b"\xff\xfe not even UTF-8")
             await connection.send(request("text"))
-            await connection.stage_result("text")
-            assert not any(m.get("stage_run_id") == "binary" for m in connection.received)
-    [warning] = [r.getMessage() for r in caplog.records if "binary" in r.getMessage()]
-    assert "skipped a binary message of" in warning
+            assert (await connection.stage_result("text")).stdout == "ran\n"
+            binary = await connection.stage_result("binary")
+    assert binary.ack is None and binary.frames == [] and binary.returncode == -1
+    assert binary.error == "bad request: a binary message of %d bytes: the protocol's messages are text frames" % len(
+        json.dumps(request("binary")).encode()
+    )
+    warnings = [r.getMessage() for r in caplog.records if "binary" in r.getMessage()]
+    assert len(warnings) == 3 and all("skipped a bad message: a binary message of" in w for w in warnings), warnings
 
 
 async def test_a_handshake_with_an_extension_not_offered_is_refused_in_plain_words(tmp_path, environ, caplog):
