@@ -1405,6 +1405,17 @@ def make_private_dirs(directory: Path) -> None:
             pass
 
 
+def writable_by_us_alone(directory: Path) -> bool:
+    """Whether `directory` is ours and no other user can put anything in it
+    (a symlink, say): where a file may be opened by its name without a doubt."""
+    try:
+        info = os.stat(directory)
+    except OSError:
+        return False
+    unsafe = stat.S_ISVTX | stat.S_IWGRP | stat.S_IWOTH
+    return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & unsafe
+
+
 def refuse_shared_home(home: Path) -> None:
     """pgw makes its home private (mode 0700): a directory shared with other
     users (sticky, or writable by them, as /tmp is) would break for them."""
@@ -5481,11 +5492,12 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def leave_reason(home: Path, reason: str) -> None:
     """Why `run` refused to start, in run.log and the state file where they can
     be written: under cron nobody sees stderr, and `status` and `logs` read these."""
-    if instance_lock_holder(home) is not None:
-        return  # a running daemon's files are its own
+    if not writable_by_us_alone(home) or instance_lock_holder(home) is not None:
+        return  # another user's `run.log` could name any file of ours; a running daemon's files are its own
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     try:
-        fd = os.open(home / RUN_LOG_FILENAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+        # O_NONBLOCK: a FIFO there would wait for a reader; a regular file is written as ever.
+        fd = os.open(home / RUN_LOG_FILENAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace") as log_file:
             log_file.write(f"{stamp} ERROR pgw {__version__} did not start: {reason}\n")
         write_json_atomically(home / STATE_FILENAME, {"pid": None, "last_error": reason, "updated_at": iso_time(time.time())})

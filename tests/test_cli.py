@@ -747,6 +747,24 @@ def test_a_home_shared_with_other_users_is_refused_not_made_private(capsys, tmp_
     assert stat.S_IMODE(shared.stat().st_mode) == 0o1777
 
 
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775])
+def test_run_refused_in_a_home_others_can_write_writes_nothing_there(capsys, tmp_path, monkeypatch, mode):
+    # Another user can plant run.log there as a link to a file of ours: the
+    # line saying why pgw did not start was appended to that file.
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    (shared / "run.log").symlink_to(victim)
+    shared.chmod(mode)
+    monkeypatch.setenv("PGW_HOME", str(shared))
+    monkeypatch.setenv("PGW_SERVER", "http://[::1")  # refused before any check of the home
+    status, _, err = run(capsys, "run")
+    assert status == 1 and err.startswith("pgw: "), err
+    assert victim.read_text() == "mine\n"
+    assert sorted(p.name for p in shared.iterdir()) == ["run.log"]
+
+
 def test_a_home_open_to_others_is_made_private_and_said_so(capsys, tmp_path, monkeypatch):
     home = tmp_path / "home"
     home.mkdir()
