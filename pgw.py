@@ -4760,18 +4760,28 @@ def current_extraction() -> Optional[Path]:
 
 
 def old_extractions(root: Path, current: Optional[Path]) -> list[Path]:
-    """Extractions of pgw under the shiv root other than the running one."""
+    """Extractions of pgw under the shiv root other than the running one: named
+    as shiv names this pyz's (its file name, `_`, a sha256 build id), real
+    directories, holding pgw.  The root is shared with every other shiv app,
+    one of which may be called `pgw_tools.pyz`."""
     if current is None:
         return []
-    stem = current.name.rsplit("_", 1)[0]
+    name = re.compile(re.escape(current.name.rsplit("_", 1)[0]) + "_[0-9a-f]{64}")
     try:
         entries = list(root.iterdir())
     except OSError:
         return []
     return [
         entry for entry in entries
-        if entry.is_dir() and entry.name.startswith(stem + "_") and entry.resolve() != current.resolve()
+        if name.fullmatch(entry.name) and entry.name != current.name and _is_extraction_of_pgw(entry)
     ]
+
+
+def _is_extraction_of_pgw(path: Path) -> bool:
+    try:
+        return stat.S_ISDIR(os.lstat(path).st_mode) and stat.S_ISREG(os.lstat(path / "site-packages" / "pgw.py").st_mode)
+    except OSError:
+        return False
 
 
 def directory_bytes(path: Path) -> int:

@@ -347,7 +347,7 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
 
     python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
     shiv_root = tmp_path / "shiv"
-    old, held = shiv_root / "pgw.pyz_0123456789abcdef", shiv_root / "pgw.pyz_fedcba9876543210"
+    old, held = shiv_root / f"pgw.pyz_{'0123456789abcdef' * 4}", shiv_root / f"pgw.pyz_{'fedcba9876543210' * 4}"
     for extraction in (old, held):
         (extraction / "site-packages").mkdir(parents=True)
         (extraction / "site-packages" / "pgw.py").write_text("# another build")

@@ -264,15 +264,26 @@ def test_install_without_the_tool_is_one_line_error(capsys, pgw_home, tmp_path, 
     assert err == "pgw: `crontab` is not installed on this host\n"
 
 
-def test_prune_removes_older_extractions_but_not_the_running_one(tmp_path):
+@pytest.mark.parametrize("pyz_name", ["pgw.pyz", "pgw"])
+def test_prune_removes_older_extractions_of_pgw_and_nothing_else(tmp_path, pyz_name):
+    # The shiv root is every shiv app's: installed as `pgw`, pgw removed
+    # `pgw_tools.pyz_<id>`, another app's, and unlinked links named `pgw_*`.
     root = tmp_path / "shiv"
-    current = root / "pgw.pyz_cafe"
-    for name in ("pgw.pyz_cafe", "pgw.pyz_0ld1", "pgw.pyz_0ld2", "other.pyz_0ld3"):
+    build = {name: name * 64 for name in "abcdef"}
+    current = root / f"{pyz_name}_{build['a']}"
+    ours = [f"{pyz_name}_{build[name]}" for name in "abc"]
+    for name in ours:
         (root / name / "site-packages").mkdir(parents=True)
-    (root / ".pgw.pyz_0ld1_lock").write_text("")
+        (root / name / "site-packages" / "pgw.py").write_text("")
+    others = [f"{pyz_name}_tools.pyz_{build['d']}", f"{pyz_name}_{build['e']}x", "other.pyz_" + build["f"],
+              f"{pyz_name}_{'0ld1' * 16}"]  # the last: pgw's name, but not an extraction of pgw
+    for name in others:
+        (root / name / "site-packages").mkdir(parents=True)
+    (root / f"{pyz_name}_{build['f']}").symlink_to(root / ours[1])
+    (root / f".{ours[1]}_lock").write_text("")
     removed = pgw.prune_old_extractions(root, current)
-    assert sorted(path.name for path in removed) == ["pgw.pyz_0ld1", "pgw.pyz_0ld2"]
-    assert sorted(path.name for path in root.iterdir()) == ["other.pyz_0ld3", "pgw.pyz_cafe"]
+    assert sorted(path.name for path in removed) == sorted(ours[1:])
+    assert sorted(path.name for path in root.iterdir()) == sorted([ours[0], *others, f"{pyz_name}_{build['f']}"])
 
 
 def test_install_writes_a_relative_pgw_home_as_an_absolute_one(capsys, pgw_home, tmp_path, monkeypatch):
