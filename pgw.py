@@ -155,6 +155,8 @@ CONNECT_PATH = "/api/local-worker/connect"
 PAIR_TIMEOUT_S = 30.0
 # A pairing answer is a worker_id and a token: more than this is not one.
 PAIR_ANSWER_MAX_BYTES = 1024 * 1024
+# Far more than any config pgw writes; a bigger file is something else.
+CONFIG_MAX_BYTES = 1024 * 1024
 
 # `doctor`: each CLI's `--version` gets 10 s before it counts as hung.
 VERSION_PROBE_TIMEOUT_S = 10.0
@@ -1164,9 +1166,14 @@ def make_ssl_context(cafile: Optional[str]) -> ssl.SSLContext:
     """The TLS context for the server: the CA file if one is set, else the
     system's trust store (which honours SSL_CERT_FILE and SSL_CERT_DIR)."""
     try:
-        return ssl.create_default_context(cafile=cafile)
+        if cafile is not None:
+            open_regular_file(Path(cafile), follow=True).close()  # ssl would wait on a FIFO for ever
     except FileNotFoundError:
         raise ConfigError(f"CA file {cafile} does not exist: fix `cafile` or --cafile") from None
+    except OSError as exc:
+        raise ConfigError(f"CA file {cafile} cannot be read: {exc.strerror or exc}; fix `cafile` or --cafile") from None
+    try:
+        return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
         raise ConfigError(f"CA file {cafile} is not a usable PEM bundle: {exc}") from None
 
@@ -1386,7 +1393,11 @@ def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
 def read_config(path: Path) -> dict[str, Any]:
     """The config file's contents, {} when there is none."""
     try:
-        text = path.read_text(encoding="utf-8")
+        with open_regular_file(path, follow=True) as config_file:  # a FIFO would hang every command
+            data = config_file.read(CONFIG_MAX_BYTES + 1)
+        if len(data) > CONFIG_MAX_BYTES:
+            raise ConfigError(f"cannot read {path}: over {CONFIG_MAX_BYTES // 1024} KiB, no config of pgw's; fix it or delete it and pair again")
+        text = data.decode("utf-8")
     except FileNotFoundError:
         return {}
     except (OSError, UnicodeDecodeError) as exc:
@@ -3390,11 +3401,12 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
     return ""
 
 
-def open_regular_file(path: Path) -> typing.BinaryIO:
-    """`path` opened to read if it is a regular file, never through a symlink;
-    OSError otherwise.  A FIFO put where a file is expected would block the
-    open until a writer came, in a thread nothing can cancel."""
-    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0))
+def open_regular_file(path: Path, follow: bool = False) -> typing.BinaryIO:
+    """`path` opened to read if it is a regular file, through a symlink only if
+    `follow`; OSError otherwise.  A FIFO put where a file is expected would
+    block the open until a writer came, and a device (/dev/zero) never ends."""
+    flags = os.O_RDONLY | os.O_NONBLOCK | (0 if follow else os.O_NOFOLLOW) | getattr(os, "O_CLOEXEC", 0)
+    fd = os.open(path, flags)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))

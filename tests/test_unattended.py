@@ -27,6 +27,36 @@ def pgw_command(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run([*PGW, *args], env=env, capture_output=True, text=True, timeout=30, check=False)
 
 
+# Where a file pgw reads may be something else: a FIFO hung every command (and
+# `run`) with no word, a device never ended; a CA file likewise hung `run`.
+NOT_A_FILE = {"fifo": lambda path: os.mkfifo(path), "device": lambda path: path.symlink_to("/dev/zero")}
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+@pytest.mark.parametrize("command", ["status", "config show", "doctor", "run"])
+def test_a_config_that_is_no_regular_file_is_named_not_a_hang(tmp_path, kind, command):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    NOT_A_FILE[kind](home / "config.json")
+    done = pgw_command(home, *command.split())
+    assert done.returncode == 1, (done.returncode, done.stdout, done.stderr)
+    said = "the config cannot be read" if command == "status" else f"cannot read {home / 'config.json'}: not a regular file"
+    assert said in done.stdout + done.stderr
+    assert "Traceback" not in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_a_ca_file_that_is_no_regular_file_is_named_not_a_hang(tmp_path, kind):
+    cafile = tmp_path / "ca.pem"
+    NOT_A_FILE[kind](cafile)
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PGW_HOME": str(tmp_path / "home"),
+           "PYTHONPATH": os.pathsep.join(sys.path), "PGW_CAFILE": str(cafile)}
+    done = subprocess.run([*PGW, "pair", "CODE", "--server", "https://127.0.0.1:9"], env=env, capture_output=True,
+                          text=True, timeout=30, check=False)
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"pgw: CA file {cafile} cannot be read: not a regular file; fix `cafile` or --cafile\n"
+
+
 async def wait_for_status(home: Path, code: int, within_s: float = 5.0) -> subprocess.CompletedProcess[str]:
     with trio.move_on_after(within_s):
         while True:
