@@ -251,8 +251,10 @@ STAGE_ID_ENV = "PGW_STAGE_ID"
 # A timeout_s beyond this (31 years) is taken as this: a float holds it.
 TIMEOUT_MAX_S = 10**9
 
-# A stage_run_id names a directory: keep it to one sane path component.
+# A stage_run_id names a directory: keep it to one sane path component, within
+# the 255 bytes a file name may take on Linux's and macOS's file systems.
 STAGE_ID_MAX_CHARS = 200
+NAME_MAX_BYTES = 255
 
 # PROTOCOL.md: codex rollouts older than this are not read.
 CODEX_ROLLOUT_MAX_AGE_S = 3600.0
@@ -1254,6 +1256,7 @@ def check_stage_id(stage_run_id: str) -> None:
         or any(bad in stage_run_id for bad in ("/", "\\", "\0"))
         or not _utf8_encodable(stage_run_id)  # `é` and its surrogate-escaped bytes would name one directory
         or not _fs_encodable(stage_run_id)  # a name and a variable the OS takes (in a Latin-1 locale, not `日本`)
+        or len(os.fsencode(stage_run_id)) > NAME_MAX_BYTES  # 200 characters of `ü` are 400 bytes
     ):
         raise StageRejected(f"bad request: stage_run_id {shown(stage_run_id)} cannot name a scratch directory")
 

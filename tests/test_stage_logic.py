@@ -142,10 +142,18 @@ def test_files_over_50_mib_in_total_are_refused():
         pgw.check_stage_files({"a": half, "b": half, "c": encode_b64(b"x")})
 
 
-@pytest.mark.parametrize("stage_run_id", ["", ".", "..", "a/b", "a\\b", "x\0", "y" * 201])
+# 128 `ü` or 100 emoji are 256 and 400 bytes: within 200 characters, over the
+# 255 bytes of a file name, which failed as "cannot write the stage's files".
+@pytest.mark.parametrize("stage_run_id", ["", ".", "..", "a/b", "a\\b", "x\0", "y" * 201, "\u00fc" * 128, "\U0001f600" * 64])
 def test_stage_ids_that_cannot_name_a_directory(stage_run_id):
     with pytest.raises(pgw.StageRejected, match="cannot name a scratch directory"):
         pgw.check_stage_id(stage_run_id)
+
+
+@pytest.mark.parametrize("stage_run_id", ["y" * 200, "\u00fc" * 127, "\U0001f600" * 63])
+def test_stage_ids_up_to_255_bytes_name_a_directory(stage_run_id, tmp_path):
+    pgw.check_stage_id(stage_run_id)
+    (tmp_path / stage_run_id).mkdir()
 
 
 def test_stage_environment_drops_pgw_settings_and_names_the_stage():
