@@ -1193,6 +1193,8 @@ def server_message(body: bytes) -> str:
                 text = parsed[key]
                 break
     text = " ".join(text.split())
+    if not text.isprintable():  # an escape sequence would reach the user's terminal as a command
+        text = "".join(char if char.isprintable() else repr(char)[1:-1] for char in text)
     if len(text) > SERVER_MESSAGE_MAX_CHARS:
         text = text[: SERVER_MESSAGE_MAX_CHARS - 3] + "..."
     return text

@@ -97,6 +97,8 @@ OLD_CONFIG = {"server": "http://old.example", "worker_id": "w-old", "token": "to
         (500, b"Internal Server Error", ["500", "Internal Server Error"]),
         (200, b"<html>proxy login</html>", ["not JSON"]),
         (200, b'{"worker_id": "w-2"}', ["lacks a worker_id or a token"]),
+        # An escape sequence from the server reached the terminal as a command.
+        (400, b'{"detail": "\\u001b[31mRED\\u001b]0;title\\u0007 \\u202eevil"}', ["400", "\\x1b[31mRED\\x1b]0;title\\x07 \\u202eevil"]),
     ],
 )
 def test_pair_failure_keeps_old_config(capsys, pgw_home, pair_server, status_code, body, fragments):
@@ -106,6 +108,7 @@ def test_pair_failure_keeps_old_config(capsys, pgw_home, pair_server, status_cod
     status, out, err = run(capsys, "pair", "C", "--server", pair_server.url)
     assert status == 1 and out == ""
     assert_one_line_error(err, "pairing failed", *fragments)
+    assert err.rstrip("\n").isprintable()
     assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
 
 
