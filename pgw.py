@@ -1041,6 +1041,12 @@ def resolve_settings(
         from_env = environ.get(env_name) if env_name else None
         for candidate in (flags.get(key), from_env, config.get(key)):
             if candidate is not None and candidate != "":
+                # Bytes that are not UTF-8 (an argument or variable in another
+                # encoding) can go neither to the server nor into the config;
+                # a CA file's path only goes to the OS, which takes them.
+                if key != "cafile" and isinstance(candidate, str) and not _utf8_encodable(candidate):
+                    given = "" if key == "token" else f", {shown(candidate)},"  # a secret is not echoed
+                    raise ConfigError(f"the {key} given{given} is not valid UTF-8 text")
                 return candidate
         return None
 
@@ -1101,6 +1107,8 @@ COMPRESSION_VALUES = ("on", "off")
 
 def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, Any]:
     """The config with KEY set to VALUE, checked; UsageError names what is wrong."""
+    if not (_utf8_encodable(key) and _utf8_encodable(value)):  # the config is UTF-8 JSON
+        raise UsageError(f"{shown(key)} = {shown(value)}: not valid UTF-8 text, which the config cannot hold")
     updated = dict(config)
     if key == "server":
         updated["server"] = normalise_server_url(value)

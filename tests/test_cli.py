@@ -738,6 +738,46 @@ def test_a_home_made_for_pgw_is_private_to_its_last_parent_whatever_the_umask(ca
     assert {stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "a", tmp_path / "a" / "b", home)} == {0o700}
 
 
+# Bytes that are not UTF-8, as an argument or a variable in another encoding
+# gives them (Python reads them as lone surrogates): each was a traceback.
+NOT_UTF8 = os.fsdecode(b"box\xff")
+
+
+@pytest.mark.parametrize("argv", [
+    ["config", "set", "name", NOT_UTF8], ["config", "set", "env.X", NOT_UTF8], ["config", "set", "proxy", NOT_UTF8],
+    ["config", "set", f"env.{NOT_UTF8}", "x"],
+])
+def test_config_set_of_text_that_is_not_utf8_is_one_line(capsys, pgw_home, argv):
+    status, _, err = run(capsys, *argv)
+    assert status == 2
+    assert_one_line_error(err, "not valid UTF-8 text", "\\udcff")
+    assert not (pgw_home / "config.json").exists()
+
+
+@pytest.mark.parametrize("variable, value", [("PGW_NAME", NOT_UTF8), ("PGW_SERVER", "http://" + NOT_UTF8), ("PGW_TOKEN", NOT_UTF8)])
+@pytest.mark.parametrize("command", [["run"], ["pair", "C", "--server", "http://127.0.0.1:9"], ["status"]])
+def test_a_setting_that_is_not_utf8_is_one_line(tmp_path, variable, value, command):
+    if command[0] == "pair" and variable == "PGW_SERVER":
+        command = ["pair", "C"]
+    env = {"PATH": "/usr/bin:/bin", "PGW_HOME": str(tmp_path / "home"), "PYTHONPATH": os.pathsep.join(sys.path), variable: value}
+    done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), *command], env=env, capture_output=True, text=True,
+                          errors="backslashreplace", timeout=30, check=False)
+    status, err = done.returncode, done.stderr
+    if command == ["status"]:  # says what it can, naming the setting
+        assert status == 1 and "Traceback" not in err
+        return
+    assert status == 1
+    assert_one_line_error(err, f"the {variable[4:].lower()} given", "is not valid UTF-8 text")
+    assert ("\\udcff" in err) == (variable != "PGW_TOKEN"), "a token is a secret, not echoed"
+
+
+def test_a_name_flag_that_is_not_utf8_is_one_line(capsys, pgw_home, pair_server):
+    status, _, err = run(capsys, "pair", "C", "--server", pair_server.url, "--name", NOT_UTF8)
+    assert status == 1
+    assert_one_line_error(err, "the name given, 'box\\udcff', is not valid UTF-8 text")
+    assert pair_server.requests == []
+
+
 def test_a_home_shared_with_other_users_is_refused_not_made_private(capsys, tmp_path, monkeypatch):
     # PGW_HOME=/tmp, by mistake: making it 0700 would break it for every user.
     shared = tmp_path / "shared"
