@@ -5263,8 +5263,10 @@ def replace_cron_block(crontab: str, block: str) -> str:
 
 def systemd_unit(launch: Launch) -> str:
     # systemd expands %X specifiers everywhere and $VAR in ExecStart: double them.
+    # Inside its double quotes a backslash escapes, and a quote ends the value.
     environment = "\n".join(
-        f'Environment="{key}={value}"'.replace("%", "%%") for key, value in launch.environ.items()
+        'Environment="{}={}"'.format(key, value.replace("\\", "\\\\").replace('"', '\\"')).replace("%", "%%")
+        for key, value in launch.environ.items()
     )
     exec_start = " ".join(shlex.quote(a) for a in launch.argv).replace("%", "%%").replace("$", "$$")
     return f"""[Unit]
@@ -5623,7 +5625,13 @@ def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any
     home = Path(os.path.abspath(pgw_home()))
     config = read_config(home / CONFIG_FILENAME)
     search_path = cli_search_path(config.get("env") or {}, os.environ)
-    return launch_for_this_host(home, os.environ, search_path), home, config
+    launch = launch_for_this_host(home, os.environ, search_path)
+    for name, value in [*(("the command", part) for part in launch.argv), *launch.environ.items()]:
+        # A newline would end the crontab's or the unit's line and start one of
+        # its own: whatever followed it would run at boot.
+        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+            raise PgwError(f"cannot install: {name} holds a control character (a newline, say): {shown(value)}")
+    return launch, home, config
 
 
 def _cmd_install(args: argparse.Namespace) -> int:

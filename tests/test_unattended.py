@@ -326,6 +326,33 @@ def test_install_writes_a_relative_pgw_home_as_an_absolute_one(capsys, pgw_home,
     assert f'Environment="PGW_HOME={tmp_path / "rel-home"}"' in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("kind", ["cron", "systemd"])
+@pytest.mark.parametrize("where", ["env.PATH", "PGW_HOME"])
+def test_install_refuses_a_newline_that_would_start_a_line_of_its_own(capsys, pgw_home, tmp_path, monkeypatch, kind, where):
+    # `config set env.PATH $'/usr/bin\n* * * * * id > /tmp/x #'` made `install
+    # cron` print a working second cron job, and broke the unit's Environment=.
+    planted = "/usr/bin:/bin\n* * * * * touch /tmp/planted #"
+    if where == "PGW_HOME":
+        monkeypatch.setenv("PGW_HOME", str(tmp_path / "home\n* * * * * touch planted #"))
+    else:
+        assert pgw.main(["config", "set", "env.PATH", planted]) == 0
+    capsys.readouterr()
+    assert pgw.main(["install", kind]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith("pgw: cannot install: ") and "control character" in err
+
+
+def test_systemd_unit_escapes_quotes_and_backslashes_in_its_environment(capsys, tmp_path, monkeypatch):
+    home = tmp_path / 'a "quoted" \\ home'
+    monkeypatch.setenv("PGW_HOME", str(home))
+    assert pgw.main(["install", "systemd"]) == 0
+    unit = capsys.readouterr().out.split("\n", 1)[1]
+    line = [line for line in unit.splitlines() if line.startswith('Environment="PGW_HOME=')][0]
+    value = line[len('Environment="PGW_HOME='):-1]
+    unescaped = re.sub(r"\\(.)", r"\1", value)  # systemd's C escapes, as far as these two go
+    assert line.endswith('"') and unescaped == str(home)
+
+
 def test_systemd_unit_doubles_percent_signs(capsys, tmp_path, monkeypatch):
     home = tmp_path / "100%home"
     monkeypatch.setenv("PGW_HOME", str(home))
