@@ -333,7 +333,11 @@ def main():
     bootstrap(callers_umask)
 
 
-main()
+try:
+    main()
+except KeyboardInterrupt:  # Ctrl-C before pgw's own main took over: while unpacking or importing
+    sys.stderr.write("pgw: interrupted\n")
+    sys.exit(130)
 PY
 }
 

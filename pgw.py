@@ -3424,10 +3424,13 @@ def open_regular_file(path: Path, follow: bool = False) -> typing.BinaryIO:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise OSError(errno.EINVAL, "not a regular file", str(path))
         os.set_blocking(fd, True)
-        return os.fdopen(fd, "rb")
     except BaseException:
         os.close(fd)
         raise
+    # Outside the `try`: once the file object holds the descriptor it closes it
+    # itself, and a Ctrl-C landing in fdopen must not close it twice (the
+    # second close failing with EBADF, or closing another thread's new file).
+    return os.fdopen(fd, "rb")
 
 
 def _json_lines(lines: typing.Iterable[str]) -> typing.Iterator[Any]:
@@ -6182,6 +6185,13 @@ def open_missing_stdio() -> None:
             setattr(sys, name, open(os.devnull, mode))
 
 
+def _only_interrupts(exc: BaseException) -> bool:
+    """Ctrl-C, alone or as each exception of the group a trio nursery raises
+    when it reached several tasks at once."""
+    inner = getattr(exc, "exceptions", None)  # a BaseExceptionGroup's
+    return isinstance(exc, KeyboardInterrupt) or (inner is not None and all(_only_interrupts(each) for each in inner))
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
     open_missing_stdio()
@@ -6203,9 +6213,6 @@ def main(argv: Optional[list[str]] = None) -> int:
     except PgwError as exc:
         print(f"pgw: {exc}", file=sys.stderr)
         return exc.exit_code
-    except KeyboardInterrupt:
-        print("pgw: interrupted", file=sys.stderr)
-        return 130
     except OSError as exc:
         # What no command could foresee: its output on a full disk or a
         # broken pipe, mostly.  Whatever is left for stdout goes nowhere.
@@ -6216,6 +6223,11 @@ def main(argv: Optional[list[str]] = None) -> int:
         if not isinstance(exc, BrokenPipeError):  # the reader went away: nothing to tell it
             print(f"pgw: {exc.strerror or exc}", file=sys.stderr)
         return 1
+    except BaseException as exc:
+        if not _only_interrupts(exc):
+            raise
+        print("pgw: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

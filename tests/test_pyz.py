@@ -16,6 +16,7 @@ import re
 import shutil
 import stat
 import subprocess
+import time
 import zipfile
 from pathlib import Path
 
@@ -302,6 +303,36 @@ def test_selftest_passes_from_the_pyz(python, pyz, home):
     lines = done.stdout.splitlines()
     assert [line.split()[0] for line in lines[:-1]] == ["PASS"] * 7
     assert lines[-1].startswith("selftest: all steps passed") and python_version(python) in lines[-1]
+
+
+@pytest.mark.parametrize("moment", ["unpacking", "a-selftest-step"])
+def test_ctrl_c_while_the_pyz_unpacks_or_runs_is_one_line_and_status_130(python, pyz, home, tmp_path, moment):
+    # A KeyboardInterrupt traceback while shiv unpacked or pgw imported, and
+    # an exception group's while selftest's tasks ran.
+    import signal
+
+    shiv_root = tmp_path / "shiv"
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root)}
+    if moment == "a-selftest-step":
+        assert run_pyz(python, pyz, home, "--version").returncode == 0  # unpacked already: the start is quick
+        env["SHIV_ROOT"] = str(home / ".shiv")
+    process = subprocess.Popen([python, str(pyz), "selftest"], env=env, cwd=home, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        if moment == "unpacking":
+            while not (shiv_root.is_dir() and any(entry.name.endswith(".tmp") for entry in shiv_root.iterdir())):
+                assert time.monotonic() < deadline and process.poll() is None, "never saw it unpack"
+                time.sleep(0.002)
+        else:
+            assert process.stdout.readline().startswith("PASS"), "no selftest step passed"
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    assert (process.returncode, err) == (130, "pgw: interrupted\n"), out + err
 
 
 async def test_cron_line_from_install_finds_the_clis_under_crons_environment(pyz, home, tmp_path):
