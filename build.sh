@@ -67,7 +67,7 @@ NEWER_PYTHONS = ("python3.13", "python3.12", "python3.11", "python3.10")
 REEXEC_MARKER = "PGW_PYZ_REEXEC"
 # A candidate that cannot print its version in this long is taken as broken; a pyenv
 # shim takes about 0.1 s, a cold interpreter on a slow disk a few seconds.
-PROBE_TIMEOUT_S = 30
+PROBE_TIMEOUT_S = 10
 # Anyone who can write into the extraction root can plant code the next pgw runs.
 OTHERS_WRITE = stat.S_IWGRP | stat.S_IWOTH
 
@@ -84,14 +84,25 @@ def fail(message):
 
 def probe(candidate):
     """The interpreter behind `candidate` (a pyenv shim may refuse to run) if it is new enough."""
+    import signal
     import subprocess
     code = "import sys; print('%d.%d' % sys.version_info[:2]); print(sys.executable)"
     try:
         with open(os.devnull, "r+") as devnull:  # Python 2 has no subprocess.DEVNULL, nor a timeout
-            output = subprocess.check_output(
-                [candidate, "-c", code], stdin=devnull, stderr=devnull, universal_newlines=True,
-                **({"timeout": PROBE_TIMEOUT_S} if sys.version_info >= (3, 3) else {})
+            # A session of its own (no threads here, so preexec_fn is safe): one that
+            # hangs is killed with whatever it started, not left running under init.
+            process = subprocess.Popen(
+                [candidate, "-c", code], stdin=devnull, stdout=subprocess.PIPE, stderr=devnull,
+                universal_newlines=True, preexec_fn=os.setsid,
             )
+            try:
+                output = process.communicate(**({"timeout": PROBE_TIMEOUT_S} if sys.version_info >= (3, 3) else {}))[0]
+            except BaseException:
+                os.killpg(process.pid, signal.SIGKILL)
+                process.wait()
+                raise
+        if process.returncode != 0:
+            return None
         major, minor = output.splitlines()[0].split(".")
         version = (int(major), int(minor))
         real = output.splitlines()[1]

@@ -475,6 +475,37 @@ def test_old_python_reexecs_under_the_newest_python_on_path_that_runs(old_python
     assert f"Python {python_version(newer)} ({bin_dir / 'python3.11'})" in done.stdout
 
 
+HANGING_SHIM = "#!/bin/sh\nsleep 1000 &\necho $! > {pid_file}\nsleep 1000\n"
+
+
+@pytest.mark.takes_s(12)
+def test_a_candidate_python_that_hangs_is_given_up_on_with_all_it_started(pyz, home, tmp_path):
+    """The probe's timeout killed the candidate alone: what it had started ran on under init."""
+    old_python = OLD_PYTHONS[(3, 9)]
+    if old_python is None:
+        pytest.skip("no Python 3.9 on this machine (not on PATH, not under pyenv)")
+    newer = newest_python()
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    pid_file = tmp_path / "started.pid"
+    (bin_dir / "python3.13").write_text(HANGING_SHIM.format(pid_file=pid_file))
+    (bin_dir / "python3.13").chmod(0o755)
+    (bin_dir / "python3.11").symlink_to(newer)
+
+    done = run_start([old_python, str(pyz), "--version"], {"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, home)
+
+    assert (done.returncode, done.stderr) == (0, "")
+    assert f"Python {python_version(newer)} ({bin_dir / 'python3.11'})" in done.stdout
+    started = int(pid_file.read_text())
+    for _ in range(100):  # killed: gone once its parent, init, has reaped it
+        if not os.path.exists(f"/proc/{started}") or open(f"/proc/{started}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.05)
+    else:
+        os.kill(started, 9)
+        raise AssertionError("the hanging candidate's child was left running")
+
+
 def test_old_python_without_a_newer_one_exits_with_one_line_naming_the_fix(old_python, pyz, home, tmp_path):
     """PATH holds a refusing shim and a `python3.12` that is really this old Python: no exec loop."""
     bin_dir = tmp_path / "bin"
