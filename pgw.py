@@ -1409,7 +1409,9 @@ def read_config(path: Path) -> dict[str, Any]:
         with open_regular_file(path, follow=True) as config_file:  # a FIFO would hang every command
             data = config_file.read(CONFIG_MAX_BYTES + 1)
         if len(data) > CONFIG_MAX_BYTES:
-            raise ConfigError(f"cannot read {path}: over {CONFIG_MAX_BYTES // 1024} KiB, no config of pgw's; fix it or delete it and pair again")
+            raise ConfigError(
+                f"cannot read {path}: over {CONFIG_MAX_BYTES // 1024} KiB, no config of pgw's; fix it or delete it and pair again"
+            )
         text = data.decode("utf-8")
     except FileNotFoundError:
         return {}
@@ -4029,7 +4031,8 @@ async def open_websocket(
     the extension comes back when the server accepted it."""
     ws = trio_websocket.WebSocketConnection(
         InterimSkipper(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
-        host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.server, settings.token or ""), **options,
+        host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.server, settings.token or ""),
+        **options,
     )
     request_name = TRIO_WEBSOCKET_HANDSHAKE[0]
     request, reader_task, opened = (getattr(ws, name, None) for name in TRIO_WEBSOCKET_HANDSHAKE)

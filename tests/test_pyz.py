@@ -316,8 +316,11 @@ def test_ctrl_c_while_the_pyz_unpacks_or_runs_is_one_line_and_status_130(python,
     if moment == "a-selftest-step":
         assert run_pyz(python, pyz, home, "--version").returncode == 0  # unpacked already: the start is quick
         env["SHIV_ROOT"] = str(home / ".shiv")
-    process = subprocess.Popen([python, str(pyz), "selftest"], env=env, cwd=home, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    # As from a terminal: a shell's background job (CI's, say) starts with SIGINT
+    # ignored, and Python keeps it so.
+    with_ctrl_c = "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); os.execv(sys.argv[1], sys.argv[1:])"
+    process = subprocess.Popen([python, "-c", with_ctrl_c, python, str(pyz), "selftest"], env=env, cwd=home,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
         if moment == "unpacking":
