@@ -3963,9 +3963,10 @@ WSPROTO_INFLATE_STATE = ("_inbound_compressed", "_inbound_is_compressible", "_de
 # sends it, and the event set when the server has answered.  A test fails by
 # these names if an upgrade renames one.
 TRIO_WEBSOCKET_HANDSHAKE = ("_initial_request", "_reader_task", "_open_handshake")
-# The HTTP status of a refused handshake, 0 until one arrives: what the user is
-# told when the body of the refusal ends only with the connection.
-TRIO_WEBSOCKET_REJECT_STATUS = "_reject_status"
+# The HTTP status (0 until one arrives), headers and body so far of a refused
+# handshake: what the user is told, and how long to wait (Retry-After) or
+# where it moved (Location), when the body ends only with the connection.
+TRIO_WEBSOCKET_REJECT = ("_reject_status", "_reject_headers", "_reject_body")
 
 
 # RFC 9110 15.2: a client reads past the interim (1xx) responses it did not ask
@@ -4048,9 +4049,9 @@ async def open_websocket(
         nursery.start_soon(_read_then_wake, reader_task, opened, reader_ended)
         await opened.wait()
     if reader_ended and ws.closed is not None:  # the stream ended before the server's answer did
-        status = getattr(ws, TRIO_WEBSOCKET_REJECT_STATUS, 0)
+        status, headers, body = (getattr(ws, name, None) for name in TRIO_WEBSOCKET_REJECT)
         if status:  # an HTTP error whose body ends where the connection does (RFC 9112 6.3)
-            raise trio_websocket.ConnectionRejected(status, (), None)
+            raise trio_websocket.ConnectionRejected(status, tuple(headers or ()), bytes(body or b"") or None)
         raise ConnectionLost("the server closed the connection during the WebSocket handshake")
     return ws, deflate if deflate is not None and deflate.enabled() else None
 

@@ -547,6 +547,8 @@ HANDSHAKE_ENDINGS = {
     "moved": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x?token=tok-hand\r\nContent-Length: 0\r\n\r\n",
               "redirects the WebSocket (HTTP 301) to 'https://new.example/api/x': if that is where it moved, "
               "`pgw config set server URL`"),
+    "moved-until-closed": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x\r\nConnection: close\r\n\r\n",
+                           "redirects the WebSocket (HTTP 301) to 'https://new.example/api/x'"),
     "moved-to-a-broken-url": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: http://[::1/x\r\nContent-Length: 0\r\n\r\n",
                               "redirects the WebSocket (HTTP 301) to 'http://[::1/x'"),
     "window-without-value": (switching(b"permessage-deflate; client_max_window_bits"),
@@ -744,12 +746,16 @@ def test_a_refusal_says_how_long_to_wait_in_seconds_or_as_a_date(status, header,
     assert pgw.retry_after_s(refusal, now_unix=1000.0) == wait_s
 
 
-async def test_a_server_that_asks_to_retry_later_is_retried_no_sooner(tmp_path, environ, caplog):
+# A refusal's body ends at its Content-Length, or only with the connection
+# (RFC 9112 6.3), as many proxies and small servers send it: its headers were
+# dropped then, and with them the Retry-After.
+@pytest.mark.parametrize("framing", [b"Content-Length: 0\r\n\r\n", b"Connection: close\r\n\r\nbusy"])
+async def test_a_server_that_asks_to_retry_later_is_retried_no_sooner(tmp_path, environ, caplog, framing):
     caplog.set_level(logging.INFO, logger="pgw")
 
     async def answer(stream: trio.SocketStream) -> None:
         await read_request(stream)
-        await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\nContent-Length: 0\r\n\r\n")
+        await stream.send_all(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 7\r\n" + framing)
         await stream.aclose()
 
     await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(reconnect_first_s=0.05))
