@@ -5817,6 +5817,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         # like the worker reconnecting, and cost the daemon its connection.
         beside = f"the running pgw (pid {holder}) is {'connected' if connected else 'not connected'}" if holder else None
         checks += trio.run(network_checks, settings, Timing(), beside)
+    # Doctor's report is pasted into bug reports: a server's words (a redirect's
+    # Location, a refusal's detail) may carry the token, as the log hides it.
+    secrets = token_forms(settings.token if settings else None)
+    checks = [attrs.evolve(check, detail=without_secrets(check.detail, secrets)) for check in checks]
     failed = any(check.status == "FAIL" for check in checks)
     if args.json:
         _print_json({

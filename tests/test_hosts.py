@@ -16,6 +16,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from pathlib import Path
 from typing import Callable
 
@@ -828,6 +829,47 @@ def test_doctor_fails_what_run_would_refuse(tmp_path, capsys, monkeypatch):
     assert "FAIL  run        `pgw run` would refuse to start: CA file" in out
     for name in ("tls", "websocket"):
         assert f"SKIP  {name}" in out
+
+
+def serve_in_a_thread(answer: bytes) -> tuple[socket.socket, int]:
+    """A listener answering each opening handshake with `answer`; its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve() -> None:
+        while True:
+            try:
+                connection, _ = listener.accept()
+            except OSError:  # closed: the test is over
+                return
+            with connection:
+                request_text = b""
+                while b"\r\n\r\n" not in request_text and (chunk := connection.recv(4096)):
+                    request_text += chunk
+                connection.sendall(answer)
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener, listener.getsockname()[1]
+
+
+@pytest.mark.parametrize("as_json", [False, True])
+def test_doctor_hides_the_token_a_server_echoes(tmp_path, capsys, monkeypatch, as_json):
+    # Its report is pasted into bug reports, and showed a redirect's Location
+    # with the token in it, which the log hid.
+    token = "tok-doctor-secret/+"
+    quoted = urllib.parse.quote(token, safe="")
+    listener, port = serve_in_a_thread(
+        f"HTTP/1.1 307 Temporary Redirect\r\nLocation: /moved/{token}/{quoted}/x\r\nContent-Length: 0\r\n\r\n".encode()
+    )
+    home = tmp_path / "home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    monkeypatch.setenv("PATH", str(tmp_path))  # no CLI
+    pgw.write_config(home / "config.json", {"server": f"http://127.0.0.1:{port}", "worker_id": "w", "token": token})
+    try:
+        assert pgw.main(["doctor", *(["--json"] if as_json else [])]) == 1
+    finally:
+        listener.close()
+    out = capsys.readouterr().out
+    assert "/moved/<token>/<token>/x" in out and token not in out and quoted not in out
 
 
 async def test_doctor_beside_a_running_daemon_does_not_open_a_second_connection(tmp_path, stub_bin, script_pgw):  # noqa: F811
