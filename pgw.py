@@ -3747,6 +3747,8 @@ async def request_tunnel(
         try:
             await stream.send_all(connect_request(proxy, target))
             head, early = await _read_reply_head(stream, proxy)
+            while _INTERIM_STATUS_LINE.fullmatch(_status_line(head)):  # 100 Continue and the like: read past them
+                head, early = await _read_reply_head(UnreadStream(early, stream) if early else stream, proxy)
         except trio.BrokenResourceError:
             raise ProxyError(f"the proxy {proxy.url} broke the connection before answering CONNECT") from None
         check_proxy_reply(head, proxy, target)
@@ -3782,19 +3784,28 @@ async def _read_reply_head(stream: trio.abc.Stream, proxy: Proxy) -> tuple[bytes
         buffer += data
         if not b"HTTP/".startswith(bytes(buffer[:5])):
             raise ProxyError(f"the proxy {proxy.url} does not answer in HTTP: is it an HTTP proxy?")
-        end = buffer.find(b"\r\n\r\n", searched)
-        if end >= 0:
-            return bytes(buffer[:end]), bytes(buffer[end + 4:])
+        end = _HEAD_END.search(buffer, searched)
+        if end:
+            return bytes(buffer[: end.start()]), bytes(buffer[end.end() :])
         if len(buffer) > PROXY_REPLY_MAX_BYTES:
             raise ProxyError(
                 f"the proxy {proxy.url} sent over {PROXY_REPLY_MAX_BYTES // 1024} KiB without ending its reply to CONNECT"
             )
 
 
+# RFC 9112 2.2: a recipient may take a bare LF for the end of a line, as
+# some proxies end theirs.
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+
+
+def _status_line(head: bytes) -> bytes:
+    return re.split(rb"\r?\n", head, maxsplit=1)[0]
+
+
 def check_proxy_reply(head: bytes, proxy: Proxy, target: str) -> None:
     """Nothing when the reply head opens the tunnel (2xx); else ProxyError with
     the status and what a user can do about it."""
-    status_line = head.split(b"\r\n", 1)[0].decode("latin-1")
+    status_line = _status_line(head).decode("latin-1")
     version, _, rest = status_line.partition(" ")
     code = rest[:3]
     if version not in ("HTTP/1.0", "HTTP/1.1") or not (code.isascii() and code.isdigit()) or rest[3:4] not in ("", " "):

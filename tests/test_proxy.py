@@ -382,6 +382,31 @@ async def test_bytes_after_the_reply_are_the_first_bytes_of_the_tunnel():
         assert await proxy_side.receive_some() == b"up"
 
 
+# Replies a proxy may give that open the tunnel all the same: interim (1xx)
+# responses first, which a client reads past (RFC 9110 15.2), and lines ended
+# by a bare LF (RFC 9112 2.2); pgw took the first for a refusal and waited
+# out its deadline for the second.
+OPENING_REPLIES = {
+    "100-then-200": [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 Connection established\r\n\r\n\x16early"],
+    "103-and-200-apart": [b"HTTP/1.1 103 Early Hints\r\nLink: </a>\r\n\r\n", b"HTTP/1.1 200 OK\r\n\r\n\x16early"],
+    "bare-lf": [b"HTTP/1.1 200 Connection established\nVia: 1.1 lf\n\n\x16early"],
+}
+
+
+@pytest.mark.parametrize("reply", OPENING_REPLIES)
+async def test_interim_replies_and_bare_lf_lines_still_open_the_tunnel(reply):
+    async def answer(proxy_side):
+        await proxy_side.receive_some()
+        for data in OPENING_REPLIES[reply]:
+            await proxy_side.send_all(data)
+            await trio.sleep(0.01)
+
+    with trio.fail_after(5):
+        tunnel, _ = await tunnel_through(answer)
+        assert not isinstance(tunnel, pgw.ProxyError), tunnel
+        assert await tunnel.receive_some() == b"\x16early"
+
+
 async def test_a_proxy_sending_endless_headers_is_cut_off_at_the_limit():
     sent = 0
 
