@@ -4900,9 +4900,10 @@ async def network_checks(
     done = {check.name for check in checks}
     failed = next((check.name for check in checks if check.status == "FAIL"), None)
     for name in NETWORK_CHECKS:
-        if name not in done:
-            reason = f"not checked after the {failed} check failed" if failed else "not needed for an http:// server"
-            checks.append(Check(name, "SKIP", reason))
+        if name == "tls" and not settings.server.startswith("https:"):
+            checks.append(Check(name, "SKIP", "not needed for an http:// server"))
+        elif name not in done:
+            checks.append(Check(name, "SKIP", f"not checked after the {failed} check failed"))
     return sorted(checks, key=lambda check: NETWORK_CHECKS.index(check.name))
 
 

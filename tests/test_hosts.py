@@ -895,6 +895,14 @@ def test_doctor_hides_the_token_a_server_echoes(tmp_path, capsys, monkeypatch, a
     assert "/moved/<token>/<token>/x" in out and token not in out and quoted not in out
 
 
+def test_doctor_says_an_http_server_needs_no_tls_check_whatever_failed(tmp_path, capsys, monkeypatch):
+    # It said "not checked after the websocket check failed", as if TLS came
+    # after the WebSocket and would have been checked otherwise.
+    refusal = b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n"
+    out = doctor_against(serve_in_a_thread(lambda _: refusal), "tok-doctor", tmp_path / "home", capsys, monkeypatch)
+    assert "FAIL  websocket" in out and "SKIP  tls        not needed for an http:// server" in out, out
+
+
 async def test_doctor_beside_a_running_daemon_does_not_open_a_second_connection(tmp_path, stub_bin, script_pgw):  # noqa: F811
     home = tmp_path / "home"
     with trio.fail_after(30):
