@@ -1717,6 +1717,8 @@ def redirect_failure(server: str, status: int, location: str) -> str:
         return f"pairing failed: {server} redirects ({status}) to {shown(location)}, which is not a URL"
     base = parsed.path[: -len(PAIR_PATH)] if parsed.path.endswith(PAIR_PATH) else ""
     suggested = urllib.parse.urlunsplit((parsed.scheme, parsed.netloc, base, "", "")).rstrip("/")
+    if suggested == server.rstrip("/"):  # pairing with it again would meet the same redirect
+        return f"pairing failed: {server} redirects ({status}) to {target}, not to another server (a login page, or a proxy in the way?)"
     return f"pairing failed: {server} redirects ({status}) to {target}: pair with --server {suggested}"
 
 

@@ -200,10 +200,14 @@ def test_pair_refuses_a_redirect_and_names_the_server_to_use(capsys, pgw_home, p
     assert json.loads((pgw_home / "config.json").read_text()) == OLD_CONFIG
 
 
-def test_pair_redirect_to_a_relative_location_names_the_same_host(capsys, pgw_home, pair_server):
-    pair_server.reply(301, b"", {"Location": "/login"})
+# A redirect on the same server, where pairing with it again meets the same
+# redirect: pgw advised "pair with --server" the very URL given.
+@pytest.mark.parametrize("location", ["/login", "/api/local-worker/pair-confirm"])
+def test_pair_redirect_within_the_same_server_is_not_advised_as_a_new_server(capsys, pgw_home, pair_server, location):
+    pair_server.reply(301, b"", {"Location": location})
     _, _, err = run(capsys, "pair", "C", "--server", pair_server.url)
-    assert_one_line_error(err, f"redirects (301) to {pair_server.url}/login", f"pair with --server {pair_server.url}")
+    assert_one_line_error(err, f"redirects (301) to {pair_server.url}{location}, not to another server")
+    assert "pair with --server" not in err
 
 
 def test_pair_redirect_to_a_broken_url_is_named_not_a_traceback(capsys, pgw_home, pair_server):
