@@ -4665,12 +4665,25 @@ class LogFile(logging.handlers.RotatingFileHandler):
     logging's WatchedFileHandler does, so later lines are not lost."""
 
     def _open(self) -> typing.TextIO:
-        stream = super()._open()
-        os.chmod(stream.fileno(), 0o600)  # a log made by pgworker may be world-readable
-        info = os.fstat(stream.fileno())
+        # O_NONBLOCK: a FIFO put at the log's path (a stage can reach the home)
+        # would hold the open, and with it the whole daemon, until a reader came.
+        # A file, or a device such as /dev/null; anything else loses its lines,
+        # said once on stderr (emit's handleError).
+        flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+        fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            info = os.fstat(fd)
+            self._regular = stat.S_ISREG(info.st_mode)  # /dev/null is never rolled over
+            if not (self._regular or stat.S_ISCHR(info.st_mode)):
+                raise OSError(errno.EINVAL, "not a regular file", self.baseFilename)
+            if self._regular:  # a log made by pgworker may be world-readable; a device is not pgw's to change
+                os.fchmod(fd, 0o600)
+            os.set_blocking(fd, True)
+        except BaseException:
+            os.close(fd)
+            raise
         self._identity = (info.st_dev, info.st_ino)
-        self._regular = stat.S_ISREG(info.st_mode)  # /dev/null is never rolled over
-        return stream
+        return typing.cast(typing.TextIO, os.fdopen(fd, "a", encoding=self.encoding, errors=self.errors))
 
     _failure: Optional[str] = None  # the last write's, said once on stderr
     _failed = False  # the record being written was lost
@@ -5891,7 +5904,7 @@ LOG_FOLLOW_POLL_S = 0.25
 def _cmd_logs(args: argparse.Namespace) -> int:
     path = pgw_home() / RUN_LOG_FILENAME
     try:
-        log_file = open(path, "rb")
+        log_file = open_regular_file(path, follow=True)  # a FIFO there would hang `logs`
     except FileNotFoundError:
         raise PgwError(f"no log yet at {path}: pgw run writes it") from None
     except OSError as exc:
@@ -5936,8 +5949,8 @@ def follow_log(path: Path, log_file: typing.BinaryIO, show: typing.Callable[[byt
             if at_path is not None and (at_path.st_ino, at_path.st_dev) != (reading.st_ino, reading.st_dev):
                 show(log_file.read())  # a last line may have landed just before the rename
                 try:
-                    new_file = open(path, "rb")
-                except FileNotFoundError:
+                    new_file = open_regular_file(path, follow=True)
+                except OSError:  # not there yet, or something else took its place: keep reading what was
                     continue
                 log_file.close()
                 log_file = new_file

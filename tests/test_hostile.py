@@ -578,6 +578,38 @@ async def test_path_attacks_write_nothing_outside_the_scratch_dir(tmp_path, envi
     assert not any(escape in path for path in outside_after)
 
 
+# A CLI runs as pgw's user and can reach pgw's home: a FIFO at the log's path
+# held the daemon's next open of its log, and with it everything (exits,
+# heartbeats, other stages) until a reader came.
+FIFO_FOR_THE_LOG = (
+    "import os\nos.rename('../../run.log', '../../run.log.moved')\nos.mkfifo('../../run.log')\nprint('done', flush=True)\n"
+)
+
+
+async def test_a_stage_that_puts_a_fifo_at_the_log_does_not_hold_the_daemon(tmp_path, stub_bin, pyz_pgw):
+    write_stub_cli(stub_bin, "claude", FIFO_FOR_THE_LOG)
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with pgw_daemon(pyz_pgw, home, stub_bin, server=backend.url, token=backend.token,
+                                  stderr=subprocess.PIPE) as daemon:
+                connection = await backend.next_connection()
+                await connection.send(request("fifo"))
+                with trio.fail_after(10):
+                    first = await connection.stage_result("fifo")
+                write_stub_cli(stub_bin, "claude", "print('after')")
+                await connection.send(request("after"))
+                with trio.fail_after(10):
+                    after = await connection.stage_result("after")
+                daemon.send_signal(signal.SIGTERM)
+                with trio.fail_after(10):
+                    await daemon.wait()
+                said = await daemon.stderr.receive_some(65536)
+    assert (first.returncode, first.stdout, after.stdout) == (0, "done\n", "after\n")
+    assert stat.S_ISFIFO(os.lstat(home / "run.log").st_mode) and daemon.returncode == 0
+    assert said.decode().count("cannot write the log") == 1, said
+
+
 async def test_stage_ids_that_are_not_one_directory_name_are_refused(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", "print('ran')")
     bad_ids = ["", ".", "..", "a/b", "/abs", "x\\y", "\0", "n" * 201, "../../home"]

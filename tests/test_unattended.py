@@ -46,6 +46,16 @@ def test_a_config_that_is_no_regular_file_is_named_not_a_hang(tmp_path, kind, co
 
 
 @pytest.mark.parametrize("kind", NOT_A_FILE)
+def test_logs_of_a_log_that_is_no_regular_file_is_one_line_not_a_hang(tmp_path, kind):
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    NOT_A_FILE[kind](home / "run.log")
+    done = pgw_command(home, "logs")
+    assert (done.returncode, done.stdout) == (1, "")
+    assert done.stderr == f"pgw: cannot read {home / 'run.log'}: not a regular file\n"
+
+
+@pytest.mark.parametrize("kind", NOT_A_FILE)
 def test_a_ca_file_that_is_no_regular_file_is_named_not_a_hang(tmp_path, kind):
     cafile = tmp_path / "ca.pem"
     NOT_A_FILE[kind](cafile)
