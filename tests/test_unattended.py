@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
-import stat
 import re
 import signal
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -43,6 +44,23 @@ def test_a_config_that_is_no_regular_file_is_named_not_a_hang(tmp_path, kind, co
     said = "the config cannot be read" if command == "status" else f"cannot read {home / 'config.json'}: not a regular file"
     assert said in done.stdout + done.stderr
     assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_a_log_linked_to_a_device_is_written_to_and_its_mode_left_alone(tmp_path):
+    # run.log -> /dev/null: pgw made the device mode 0600, which as root broke /dev/null for every other user.
+    device = tmp_path / "null"
+    try:
+        os.mknod(device, stat.S_IFCHR | 0o666, os.makedev(1, 3))
+    except PermissionError:
+        pytest.skip("making a device node takes CAP_MKNOD")
+    device.chmod(0o666)
+    (tmp_path / "run.log").symlink_to(device)
+    handler = pgw.LogFile(str(tmp_path / "run.log"), encoding="utf-8")
+    try:
+        handler.emit(logging.LogRecord("pgw", logging.INFO, __file__, 0, "a line", (), None))
+    finally:
+        handler.close()
+    assert stat.S_IMODE(device.stat().st_mode) == 0o666
 
 
 @pytest.mark.parametrize("kind", NOT_A_FILE)
