@@ -3065,7 +3065,8 @@ class StageRun:
 
     async def _send_codex_trace(self, outbox: Outbox) -> None:
         trace = await trio.to_thread.run_sync(
-            read_codex_trace, self.prepared.scratch_dir, codex_sessions_dir(self.daemon.environ), time.time()
+            read_codex_trace, self.prepared.scratch_dir,
+            codex_sessions_dir(self.prepared.environ, self.prepared.scratch_dir), time.time(),
         )
         for data in escaped_output(trace) if trace else ():
             await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.next_seq(), data))
@@ -3412,7 +3413,9 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
                     rollout.seek(start - 1)
                     rollout.readline()  # to the start of the next whole record
                 lines = (line.decode("utf-8", "replace") for line in rollout)
-                return codex_trace(_json_lines(lines), str(path))
+                # JSON lets a rollout hold a lone surrogate (`\\ud800`), which is
+                # no text to send: U+FFFD, as for bytes that are not UTF-8.
+                return _LONE_SURROGATE.sub("\ufffd", codex_trace(_json_lines(lines), str(path)))
         except (OSError, ValueError, RecursionError):  # a file any process of the user may have written
             continue
     return ""
@@ -3445,9 +3448,17 @@ def _json_lines(lines: typing.Iterable[str]) -> typing.Iterator[Any]:
             continue
 
 
-def codex_sessions_dir(environ: typing.Mapping[str, str]) -> Path:
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # in a str, every surrogate is alone: pairs were joined
+
+
+def codex_sessions_dir(environ: typing.Mapping[str, str], cwd: Path) -> Path:
+    """Where codex, run with `environ` in `cwd`, writes its rollouts: the
+    stage's own CODEX_HOME or HOME (the config's `env` or the request's may set
+    them), not pgw's."""
     codex_home = environ.get("CODEX_HOME")
-    return Path(codex_home) / "sessions" if codex_home else Path.home() / ".codex" / "sessions"
+    if codex_home:
+        return cwd / codex_home / "sessions"  # a relative one is codex's cwd's
+    return Path(environ.get("HOME") or Path.home()) / ".codex" / "sessions"
 
 
 ##############################################################################

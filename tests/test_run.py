@@ -780,6 +780,38 @@ async def test_codex_stage_gets_its_rollout_extract_before_exit(tmp_path, enviro
     assert "=== CODEX TRACE (rollout extract) ===" in trace and "step one" in trace and "final" not in trace
 
 
+# Where codex writes its rollout is the stage's own CODEX_HOME (or HOME): the
+# config's env or the request's may set it, and pgw looked only in its own.
+@pytest.mark.parametrize("set_by", ["config", "request", "request-home"])
+async def test_the_rollout_is_found_where_the_stages_own_environment_puts_it(tmp_path, environ, stub_bin, set_by):
+    write_stub_cli(stub_bin, "codex", CODEX_WITH_ROLLOUT.replace(
+        'os.environ["CODEX_HOME"]', 'os.environ.get("CODEX_HOME") or os.path.join(os.environ["HOME"], ".codex")'
+    ))
+    environ.pop("CODEX_HOME", None)
+    codex_home = str(tmp_path / "stage-codex")
+    env = {"request": {"CODEX_HOME": codex_home}, "request-home": {"HOME": str(tmp_path / "stage-home")}}.get(set_by, {})
+    settings = {"stage_env": {"CODEX_HOME": codex_home}} if set_by == "config" else {}
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ, **settings) as (_, _, connection):
+            await connection.send(request("s1", cli="codex", env=env))
+            result = await connection.stage_result("s1")
+    assert result.returncode == 0 and "step one" in result.frames[-1]["data"], result.frames
+
+
+async def test_a_lone_surrogate_in_a_rollout_is_sent_as_u_fffd_not_an_internal_error(tmp_path, environ, stub_bin):
+    # JSON lets a file hold `\ud800`: split_text's encode raised, and the stage
+    # ended as an internal error with its trace lost.
+    write_stub_cli(stub_bin, "codex", CODEX_WITH_ROLLOUT.replace('"step one"', '"step \\ud800 one" + "a" * 100000'))
+    environ["CODEX_HOME"] = str(tmp_path / "codex")
+    with trio.fail_after(10):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1", cli="codex"))
+            result = await connection.stage_result("s1")
+    assert result.returncode == 0 and result.error is None, result.error
+    trace = "".join(frame["data"] for frame in result.frames)
+    assert "step \ufffd one" in trace and "\ud800" not in trace
+
+
 async def test_connection_loss_kills_running_stages_and_reconnects(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", SLEEPER)
     with trio.fail_after(10):
