@@ -5769,10 +5769,11 @@ def _cmd_status(args: argparse.Namespace) -> int:
     """Exit 0: running and connected; 3: running, not connected; 1: not running."""
     home = pgw_home()
     pid, state, connected = daemon_report(home)
+    problem = None
     try:
         paired: Optional[bool] = bool(resolve_settings({}, os.environ, read_config(home / CONFIG_FILENAME), "").token)
-    except ConfigError:
-        paired = None  # the config cannot be read: `pgw doctor` says why
+    except ConfigError as exc:  # the config, or a setting from the environment
+        paired, problem = None, str(exc)
     report = {
         "version": __version__,
         "running": pid is not None,
@@ -5804,7 +5805,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"connected  no (server {report['server'] or '?'}{tries if report['tries'] else ''})")
         print(f"stages     {report['stages_running']} running, {report['stages_queued']} queued")
     print(f"last error {report['last_error'] or '-'}")
-    print(f"paired     {'yes' if paired else 'no: run `pgw pair CODE --server URL`' if paired is False else 'cannot tell: the config cannot be read (see `pgw doctor`)'}")
+    print(f"paired     {'yes' if paired else 'no: run `pgw pair CODE --server URL`' if paired is False else f'cannot tell: {problem}'}")
     print(f"log        {report['log']}")
     print(f"version    pgw {__version__}")
     return 1 if pid is None else 0 if connected else 3
@@ -5857,7 +5858,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         checks.append(Check("run", "FAIL", f"`pgw run` would refuse to start: {exc}"))
     holder, _, connected = daemon_report(home)
     if settings is None:
-        checks += [Check(name, "SKIP", "the config cannot be read") for name in NETWORK_CHECKS]
+        checks += [Check(name, "SKIP", "the settings cannot be used (see the config check)") for name in NETWORK_CHECKS]
     else:
         # A second WebSocket with the daemon's own token may look to the server
         # like the worker reconnecting, and cost the daemon its connection.

@@ -769,6 +769,7 @@ def test_a_setting_that_is_not_utf8_is_one_line(tmp_path, variable, value, comma
     status, err = done.returncode, done.stderr
     if command == ["status"]:  # says what it can, naming the setting
         assert status == 1 and "Traceback" not in err
+        assert f"paired     cannot tell: the {variable[4:].lower()} given" in done.stdout, done.stdout
         return
     assert status == 1
     assert_one_line_error(err, f"the {variable[4:].lower()} given", "is not valid UTF-8 text")
