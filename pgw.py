@@ -5418,7 +5418,7 @@ def write_crontab(text: str) -> None:
 
 
 def in_use_lock(root: Path, extraction: Path) -> Path:
-    """The file every `pgw run` of `extraction` holds a shared flock on while it runs."""
+    """The file every pgw command run from `extraction` holds a shared flock on while it runs."""
     return root / f".{extraction.name}_in_use"
 
 
@@ -5622,7 +5622,6 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
     early: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda signum, _: early.append(signum))
-    hold_extraction(shiv_root(), current_extraction())  # its fd stays open until pgw exits
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw no pgw runs from: %s", old)
     daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=True)
@@ -6250,6 +6249,12 @@ def _only_interrupts(exc: BaseException) -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
     open_missing_stdio()
+    # Every command, not `run` alone, holds its extraction while it runs: a
+    # `logs -f`, `doctor` or `selftest` of one build may import from it while
+    # another build's `run` prunes.  The fd stays open until pgw exits.
+    current = current_extraction()
+    if current is not None:
+        hold_extraction(current.parent, current)
     try:
         parser = build_parser()
         try:

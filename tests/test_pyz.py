@@ -412,6 +412,33 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
     assert sorted(entry.name for entry in shiv_root.iterdir() if not entry.name.startswith(".")) == sorted([current.name, held.name])
 
 
+def test_every_command_holds_its_extraction_while_it_runs(pyz, home, tmp_path):
+    # Only `run` held it: another build's `run` could prune the extraction a
+    # `logs -f`, `doctor` or `selftest` of this one was still importing from.
+    import fcntl
+
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    shiv_root = tmp_path / "shiv"
+    pgw_home = home / ".pgworker"
+    pgw_home.mkdir(mode=0o700)
+    (pgw_home / "run.log").write_text("a line\n")
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root)}
+    follower = subprocess.Popen([python, str(pyz), "logs", "-f"], env=env, cwd=home, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True)
+    try:
+        assert follower.stdout.readline() == "a line\n"  # it runs: unpacked, imported, reading
+        [lock] = [entry for entry in shiv_root.iterdir() if entry.name.endswith("_in_use")]
+        probe = os.open(lock, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        follower.kill()
+        follower.wait()
+
+
 ##############################################################################
 # The pyz's own start code (build.sh's start_code): before shiv and any dependency
 ##############################################################################
