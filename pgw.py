@@ -2858,6 +2858,8 @@ class StageRun:
         self.stop_error: Optional[str] = None  # why it was stopped, for its exit
         self.grace_s = daemon.timing.cancel_grace_s  # SIGTERM -> SIGKILL once stopped
         self.grace_scope: Optional[trio.CancelScope] = None
+        # The wait for the CLI's exit, once it runs: what a stop (or the timeout) ends then.
+        self.running_scope: Optional[trio.CancelScope] = None
         self.root: Optional[StageRoot] = None
         self.owns_scratch = False  # its scratch dir is its own to remove: it made it
         self.seq = 0
@@ -2870,15 +2872,22 @@ class StageRun:
     def running(self) -> bool:
         return self.root is not None
 
+    @property
+    def stopped(self) -> bool:
+        """Whether a stop or the timeout ended it, before its CLI ran or while it did."""
+        return self.scope.cancelled_caught or (self.running_scope is not None and self.running_scope.cancelled_caught)
+
     def stop(self, error: str, grace_s: float) -> None:
-        """Cancel the stage's scope; a shorter grace than before takes effect at
-        once, and its reason is the one the exit gives (the stop that ended it)."""
+        """Stop the stage; a shorter grace than before takes effect at once, and
+        its reason is the one the exit gives (the stop that ended it).  Once the
+        CLI runs this ends the wait for its exit, not the pumps: what it wrote
+        before, and while it goes, still reaches the server."""
         if self.stop_error is None or grace_s < self.grace_s:
             self.stop_error = error
         self.grace_s = min(self.grace_s, grace_s)
         if self.grace_s == 0 and self.grace_scope is not None:
             self.grace_scope.cancel()
-        self.scope.cancel()
+        (self.running_scope or self.scope).cancel()
 
     def next_seq(self) -> int:
         self.seq += 1
@@ -2926,7 +2935,7 @@ class StageRun:
                     duration_ms=int((time.monotonic() - started) * 1000),
                     returncode=self.root.returncode if self.root is not None else None,
                     started=self.root is not None and self.root.cli_pid is not None,
-                    stopped=self.scope.cancelled_caught,
+                    stopped=self.stopped,
                     stop_error=self.stop_error,
                     rejected=rejected,
                     root_lost=self.root is not None and self.root.lost,
@@ -2990,6 +2999,11 @@ class StageRun:
                 enlarge_pipe(pipe)
             self.daemon.publish_state()
             log.info("stage %r: started cli=%s pid=%d", self.id, self.request.cli, pid)
+            # From here a stop (or the timeout) ends only the wait for the CLI's
+            # exit: the ack, and what the CLI writes before and while it goes,
+            # still reach the server.
+            self.running_scope = trio.CancelScope(deadline=self.scope.deadline)
+            self.scope.deadline = math.inf
             await outbox.put(lambda: ack_message(self.id, pid))
             async with trio.open_nursery() as pumps:
                 if root.stdin is not None:
@@ -2997,7 +3011,7 @@ class StageRun:
                 self.pumps_running = 2
                 for pipe, record_type in ((root.stdout, StageStdout), (root.stderr, StageStderr)):
                     pumps.start_soon(self._pump, pipe, record_type, outbox)
-                await root.exited()
+                await self._until_the_cli_ends(root)
                 await self._drain(root)
                 pumps.cancel_scope.cancel()
         finally:
@@ -3011,6 +3025,21 @@ class StageRun:
                 self.daemon.spawner.release(root)
                 if root.lost or not root.ended:  # killed, or stopped: by the stage, or with the spawner
                     self.daemon.spawner.replace_if_stopped()
+
+    async def _until_the_cli_ends(self, root: StageRoot) -> None:
+        """Until the CLI exits or the stage is stopped (cancel, timeout,
+        shutdown); stopped: SIGTERM, its grace, then every process of the stage
+        killed.  The pumps read on throughout."""
+        with typing.cast(trio.CancelScope, self.running_scope):
+            await root.exited()
+        if root.returncode is not None:
+            return
+        if self.grace_s > 0:
+            root.terminate()
+            with trio.move_on_after(self.grace_s) as self.grace_scope:
+                await root.exited()
+        if root.returncode is None:
+            await root.kill(self.daemon.timing.kill_wait_s)
 
     async def _drain(self, root: StageRoot) -> None:
         """After the CLI's exit: what is left in the pipes gets a grace, then the

@@ -716,6 +716,43 @@ async def test_slow_server_slows_the_child_and_nothing_is_lost(tmp_path, environ
     assert result.seqs == list(range(1, len(result.frames) + 1))
 
 
+LAST_WORDS_ON_SIGTERM = """
+import signal, sys, time
+def bye(*_):
+    print("after SIGTERM", flush=True)
+    sys.exit(3)
+signal.signal(signal.SIGTERM, bye)
+print("before", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("server", ["reading", "not-reading-for-a-while"])
+async def test_a_cancelled_stage_sends_what_its_cli_wrote_before_and_during_its_grace(tmp_path, environ, stub_bin, server):
+    # A stop cancelled the pumps: a read waiting for room in the outbox (a
+    # slow server) was dropped, and what the CLI wrote once told to stop
+    # (its last words, partial results) was never read.
+    write_stub_cli(stub_bin, "claude", LAST_WORDS_ON_SIGTERM)
+    write_stub_cli(stub_bin, "codex", "import sys\nfor _ in range(300):\n    sys.stdout.write('x' * 100_000 + '\\n')")
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ) as (_, worker, connection):
+            if server != "reading":
+                connection.pause_reading()
+                await connection.send(request("big", cli="codex"))
+                while "big" not in worker.stages or worker.stages["big"].bytes_out < 2**20:
+                    await trio.sleep(0.01)
+            await connection.send(request("victim"))
+            while "victim" not in worker.stages or worker.stages["victim"].root is None:
+                await trio.sleep(0.01)
+            await trio.sleep(0.5)  # "before" is written; its ack, or a read of it, waits for room in the outbox
+            await connection.send(cancel("victim"))
+            await trio.sleep(0.5)
+            connection.resume_reading()
+            victim = await connection.stage_result("victim")
+    assert (victim.stdout, victim.returncode, victim.error) == ("before\nafter SIGTERM\n", 3, "cancelled by the server (SIGTERM)")
+    assert victim.seqs == list(range(1, len(victim.frames) + 1))
+
+
 @pytest.mark.parametrize("signals", [1, 2])
 async def test_a_shutdown_ends_in_its_time_when_the_server_stopped_reading(tmp_path, environ, stub_bin, signals):
     # The exits wait for room in the outbox, which a server that reads nothing
