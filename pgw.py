@@ -5330,15 +5330,22 @@ def cron_block(launch: Launch) -> str:
 
 
 def replace_cron_block(crontab: str, block: str) -> str:
-    """`crontab` with pgw's marked block replaced by `block` ("" removes it)."""
-    kept, inside = [], False
+    """`crontab` with pgw's marked block replaced by `block` ("" removes it).
+    A begin marker without its end (a hand edit) goes alone: the lines after
+    it are the user's, not pgw's."""
+    kept: list[str] = []
+    inside: Optional[list[str]] = None  # the lines of an open block, while one is open
     for line in crontab.splitlines():
         if line == CRON_BEGIN:
-            inside = True
-        elif line == CRON_END and inside:
-            inside = False
-        elif not inside:
+            kept += inside or []
+            inside = []
+        elif line == CRON_END and inside is not None:
+            inside = None
+        elif inside is not None:
+            inside.append(line)
+        else:
             kept.append(line)
+    kept += inside or []
     text = "\n".join(kept).strip("\n")
     return (text + "\n" if text else "") + block
 

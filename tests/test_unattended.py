@@ -263,6 +263,25 @@ def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys
     assert "nothing to remove" in capsys.readouterr().out
 
 
+def test_a_block_without_its_end_marker_costs_no_line_of_the_users(capsys, pgw_home, tmp_path, monkeypatch):
+    # A hand edit left pgw's begin marker without its end: every line after
+    # it was taken for pgw's and deleted, by install and uninstall alike.
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "crontab").write_text(FAKE_CRONTAB)
+    (tools / "crontab").chmod(0o755)
+    table = tmp_path / "crontab.txt"
+    table.write_text(f"MAILTO=me\n{pgw.CRON_BEGIN}\n0 1 * * * /usr/bin/backup\n")
+    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
+    monkeypatch.setenv("CRONTAB_FILE", str(table))
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(["install", "cron", "--apply"]) == 0
+    installed = table.read_text()
+    assert installed.startswith("MAILTO=me\n0 1 * * * /usr/bin/backup\n") and installed.count(pgw.CRON_BEGIN) == 1
+    assert pgw.main(["uninstall", "cron"]) == 0
+    assert table.read_text() == "MAILTO=me\n0 1 * * * /usr/bin/backup\n"
+
+
 def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, monkeypatch):
     tools = tmp_path / "tools"
     write_stub_cli(tools, "systemctl", f"import sys; open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')")
