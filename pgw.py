@@ -5777,7 +5777,7 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
             return 0
         write_crontab(replace_cron_block(crontab, ""))
         print("removed pgw's lines from your crontab")
-        return 0
+        return _cmd_stop(args)  # for good, as `systemctl disable --now` stops the service
     target = install_target(args.kind)
     if target is None:
         raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -461,6 +462,31 @@ def test_install_apply_on_an_unpaired_host_refuses_unless_forced(capsys, pgw_hom
     monkeypatch.setenv("PGW_TOKEN", "tok-env")
     assert pgw.main(["install", "cron", "--apply"]) == 0
     assert "@reboot" in table.read_text()
+
+
+async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin):
+    # It removed the lines and left the daemon running, where the README says
+    # uninstall stops it for good (systemd's `disable --now` does).
+    home = tmp_path / "home"
+    tools = tmp_path / "tools"
+    tools.mkdir()
+    (tools / "crontab").write_text(FAKE_CRONTAB)
+    (tools / "crontab").chmod(0o755)
+    table = tmp_path / "crontab.txt"
+    table.write_text(f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n{pgw.CRON_END}\n")
+    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "PGW_HOME": str(home),
+           "PYTHONPATH": os.pathsep.join(sys.path), "CRONTAB_FILE": str(table)}
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process(PGW, backend, home, stub_bin) as daemon:
+                await backend.next_connection()
+                done = await trio.to_thread.run_sync(functools.partial(
+                    subprocess.run, [*PGW, "uninstall", "cron"], env=env, capture_output=True, text=True, timeout=30
+                ))
+                assert (done.returncode, done.stderr) == (0, "")
+                assert done.stdout == f"removed pgw's lines from your crontab\nstopped pgw (pid {daemon.pid})\n"
+                assert daemon.returncode == 0 or await daemon.wait() == 0
+    assert table.read_text() == "MAILTO=me\n"
 
 
 async def test_stop_ends_a_real_daemon_cleanly(tmp_path, stub_bin):
