@@ -244,14 +244,7 @@ def test_install_cron_prints_absolute_paths_and_a_path_with_the_clis(capsys, pgw
 
 
 def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys, pgw_home, tmp_path, monkeypatch):
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    (tools / "crontab").write_text(FAKE_CRONTAB)
-    (tools / "crontab").chmod(0o755)
-    table = tmp_path / "crontab.txt"
-    table.write_text("MAILTO=me\n0 3 * * * backup\n")
-    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
-    monkeypatch.setenv("CRONTAB_FILE", str(table))
+    table = fake_crontab(tmp_path, monkeypatch, "MAILTO=me\n0 3 * * * backup\n")
     pgw.write_config(pgw_home / "config.json", PAIRED)
     assert pgw.main(["install", "cron", "--apply"]) == 0
     once = table.read_text()
@@ -267,14 +260,7 @@ def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys
 def test_a_block_without_its_end_marker_costs_no_line_of_the_users(capsys, pgw_home, tmp_path, monkeypatch):
     # A hand edit left pgw's begin marker without its end: every line after
     # it was taken for pgw's and deleted, by install and uninstall alike.
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    (tools / "crontab").write_text(FAKE_CRONTAB)
-    (tools / "crontab").chmod(0o755)
-    table = tmp_path / "crontab.txt"
-    table.write_text(f"MAILTO=me\n{pgw.CRON_BEGIN}\n0 1 * * * /usr/bin/backup\n")
-    monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
-    monkeypatch.setenv("CRONTAB_FILE", str(table))
+    table = fake_crontab(tmp_path, monkeypatch, f"MAILTO=me\n{pgw.CRON_BEGIN}\n0 1 * * * /usr/bin/backup\n")
     pgw.write_config(pgw_home / "config.json", PAIRED)
     assert pgw.main(["install", "cron", "--apply"]) == 0
     installed = table.read_text()
@@ -464,17 +450,12 @@ def test_install_apply_on_an_unpaired_host_refuses_unless_forced(capsys, pgw_hom
     assert "@reboot" in table.read_text()
 
 
-async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin):
+async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin, monkeypatch):
     # It removed the lines and left the daemon running, where the README says
     # uninstall stops it for good (systemd's `disable --now` does).
     home = tmp_path / "home"
-    tools = tmp_path / "tools"
-    tools.mkdir()
-    (tools / "crontab").write_text(FAKE_CRONTAB)
-    (tools / "crontab").chmod(0o755)
-    table = tmp_path / "crontab.txt"
-    table.write_text(f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n{pgw.CRON_END}\n")
-    env = {"PATH": f"{tools}:/usr/bin:/bin", "HOME": str(tmp_path), "PGW_HOME": str(home),
+    table = fake_crontab(tmp_path, monkeypatch, f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n{pgw.CRON_END}\n")
+    env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PGW_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(sys.path), "CRONTAB_FILE": str(table)}
     with trio.fail_after(30):
         async with open_backend() as backend:
