@@ -5951,11 +5951,9 @@ LOG_FOLLOW_POLL_S = 0.25
 def _cmd_logs(args: argparse.Namespace) -> int:
     path = pgw_home() / RUN_LOG_FILENAME
     try:
-        log_file = open_regular_file(path, follow=True)  # a FIFO there would hang `logs`
-    except FileNotFoundError:
-        raise PgwError(f"no log yet at {path}: pgw run writes it") from None
-    except OSError as exc:
-        raise PgwError(f"cannot read {path}: {exc.strerror}") from None
+        log_file = _open_log(path, args.follow)
+    except KeyboardInterrupt:
+        return 130  # Ctrl-C is how `logs -f` ends: no message, as with tail -f
     decoder = codecs.getincrementaldecoder("utf-8")("replace")  # -f may read half a character
 
     def show(chunk: bytes) -> None:
@@ -5977,6 +5975,20 @@ def _cmd_logs(args: argparse.Namespace) -> int:
         except (OSError, ValueError):  # no real stdout (captured)
             pass
     return 0
+
+
+def _open_log(path: Path, follow: bool) -> typing.BinaryIO:
+    """The log, opened to read; with `follow`, once it exists (`logs -f` just
+    after `install`, before `run` wrote a line), as tail -F waits."""
+    while True:
+        try:
+            return open_regular_file(path, follow=True)  # a FIFO there would hang `logs`
+        except FileNotFoundError:
+            if not follow:
+                raise PgwError(f"no log yet at {path}: pgw run writes it") from None
+            time.sleep(LOG_FOLLOW_POLL_S)
+        except OSError as exc:
+            raise PgwError(f"cannot read {path}: {exc.strerror}") from None
 
 
 def follow_log(path: Path, log_file: typing.BinaryIO, show: typing.Callable[[bytes], None]) -> None:
