@@ -81,6 +81,7 @@ import datetime
 import email.utils
 import errno
 import functools
+import hashlib
 import http
 import json
 import logging
@@ -5299,6 +5300,43 @@ SYSTEMD_UNIT = "pgw.service"
 LAUNCHD_LABEL = "dev.pgw.worker"
 INSTALL_KINDS = ("cron", "systemd", "launchd")
 
+# Several pgw homes on one host (PGW_HOME) each get a service of their own:
+# the default home keeps the names above, which installs made before share;
+# another home's unit and label carry a digest of its path.  A crontab block
+# belongs to the home its command runs, so the markers stay the same for all.
+
+
+def is_default_home(home: Path) -> bool:
+    try:
+        return os.path.abspath(home) == os.path.abspath(Path.home() / DEFAULT_HOME_DIRNAME)
+    except RuntimeError:  # no home directory to tell: no default home either
+        return False
+
+
+def home_suffix(home: Path) -> str:
+    """"" for the default home, else "-" and 12 hex digits naming it."""
+    if is_default_home(home):
+        return ""
+    return "-" + hashlib.sha256(os.fsencode(os.path.abspath(home))).hexdigest()[:12]
+
+
+def systemd_unit_name(home: Path) -> str:
+    return f"pgw{home_suffix(home)}.service"
+
+
+def launchd_label(home: Path) -> str:
+    return LAUNCHD_LABEL + home_suffix(home).replace("-", ".")
+
+
+def home_in_environment(environ: typing.Mapping[str, str]) -> str:
+    """The absolute pgw home that a service started with `environ` runs."""
+    if environ.get(ENV_HOME):
+        return os.path.abspath(os.path.expanduser(environ[ENV_HOME]))
+    try:
+        return os.path.abspath(Path.home() / DEFAULT_HOME_DIRNAME)
+    except RuntimeError:
+        return ""
+
 
 @attrs.frozen
 class Launch:
@@ -5329,17 +5367,23 @@ def cron_block(launch: Launch) -> str:
     return "\n".join([CRON_BEGIN, f"@reboot {command}", f"*/5 * * * * {command}", CRON_END]) + "\n"
 
 
-def replace_cron_block(crontab: str, block: str) -> str:
-    """`crontab` with pgw's marked block replaced by `block` ("" removes it).
-    A begin marker without its end (a hand edit) goes alone: the lines after
-    it are the user's, not pgw's."""
+def replace_cron_block(crontab: str, block: str, home: Path) -> tuple[str, bool]:
+    """`crontab` with the marked block that runs `home` replaced by `block`
+    ("" removes it), and whether there was one; the blocks of other homes
+    stay.  A begin marker without its end (a hand edit) goes alone: the lines
+    after it are the user's."""
     kept: list[str] = []
     inside: Optional[list[str]] = None  # the lines of an open block, while one is open
+    found = False
     for line in crontab.splitlines():
         if line == CRON_BEGIN:
             kept += inside or []
             inside = []
         elif line == CRON_END and inside is not None:
+            if cron_block_home(inside) == os.path.abspath(home):
+                found = True
+            else:
+                kept += [CRON_BEGIN, *inside, CRON_END]
             inside = None
         elif inside is not None:
             inside.append(line)
@@ -5347,7 +5391,27 @@ def replace_cron_block(crontab: str, block: str) -> str:
             kept.append(line)
     kept += inside or []
     text = "\n".join(kept).strip("\n")
-    return (text + "\n" if text else "") + block
+    return (text + "\n" if text else "") + block, found
+
+
+def cron_block_home(lines: list[str]) -> Optional[str]:
+    """The absolute pgw home the command of a block of pgw's runs; None if no
+    line of it reads as one of `cron_block`'s."""
+    for line in lines:
+        if not line.startswith("@reboot "):
+            continue
+        try:  # cron turns \% into %, before the shell reads the line
+            words = shlex.split(line[len("@reboot "):].replace("\\%", "%"))
+        except ValueError:
+            continue
+        environ = {}
+        for word in words:  # the assignments before the command
+            name, is_assignment, value = word.partition("=")
+            if not (is_assignment and name.isidentifier()):
+                break
+            environ[name] = value
+        return home_in_environment(environ)
+    return None
 
 
 def systemd_unit(launch: Launch) -> str:
@@ -5381,7 +5445,7 @@ def launchd_plist(launch: Launch, home: Path) -> str:
     import plistlib
 
     return plistlib.dumps({
-        "Label": LAUNCHD_LABEL,
+        "Label": launchd_label(home),
         "ProgramArguments": launch.argv,
         "EnvironmentVariables": launch.environ,
         "RunAtLoad": True,
@@ -5390,14 +5454,27 @@ def launchd_plist(launch: Launch, home: Path) -> str:
     }).decode()
 
 
-def install_target(kind: str) -> Optional[Path]:
-    """The file `install KIND` writes; None for cron, which lives in the crontab."""
+def install_target(kind: str, home: Path) -> Optional[Path]:
+    """The file `install KIND` writes for `home`; None for cron, which lives in the crontab."""
     if kind == "systemd":
-        config_home = Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config")
-        return config_home / "systemd" / "user" / SYSTEMD_UNIT
+        return systemd_user_dir() / systemd_unit_name(home)
     if kind == "launchd":
-        return Path.home() / "Library" / "LaunchAgents" / f"{LAUNCHD_LABEL}.plist"
+        return Path.home() / "Library" / "LaunchAgents" / f"{launchd_label(home)}.plist"
     return None
+
+
+def systemd_user_dir() -> Path:
+    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+
+
+def unit_home(unit: str) -> str:
+    """The absolute pgw home a unit of `systemd_unit`'s runs."""
+    environ = {}
+    for line in unit.splitlines():
+        if line.startswith('Environment="') and line.endswith('"'):
+            name, _, value = re.sub(r"\\(.)", r"\1", line[13:-1].replace("%%", "%")).partition("=")
+            environ[name] = value
+    return home_in_environment(environ)
 
 
 # The one platform on which each service manager exists.
@@ -5724,7 +5801,7 @@ def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any
 
 def _cmd_install(args: argparse.Namespace) -> int:
     launch, home, config = _install_plan(args)
-    target = install_target(args.kind)
+    target = install_target(args.kind, home)
     if args.kind == "cron":
         text = cron_block(launch)
     elif args.kind == "systemd":
@@ -5745,11 +5822,21 @@ def _cmd_install(args: argparse.Namespace) -> int:
             "not paired yet: run `pgw pair CODE --server URL` first (or pass --force to install anyway)"
         )
     if args.kind == "cron":
-        write_crontab(replace_cron_block(read_crontab(), text))
-        print("installed pgw's @reboot and */5 watchdog lines in your crontab")
+        write_crontab(replace_cron_block(read_crontab(), text, home)[0])
+        print(f"installed pgw's @reboot and */5 watchdog lines in your crontab (home {home})")
         return 0
     if target is None:
         raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")
+    other = service_of_another_home(args.kind, target, home)
+    if other is not None:
+        raise PgwError(
+            f"cannot install: {target} runs another pgw home, {other}: install that home's again first"
+            f" (`{ENV_HOME}={shlex.quote(other)} pgw install {args.kind} --apply`), which gives it a name of its own"
+        )
+    old = older_service_of_this_home(args.kind, home)
+    if old is not None:
+        _unload_service(args.kind, old, warn_only=False)
+        print(f"removed {old}, which an older pgw installed for this home")
     try:
         make_private_dirs(target.parent)
         write_private_text(target, text)
@@ -5757,7 +5844,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
         raise PgwError(f"cannot write {target}: {exc.strerror}") from None
     print(f"wrote {target}")
     tool = (
-        [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", SYSTEMD_UNIT]]
+        [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", target.name]]
         if args.kind == "systemd"
         else [["launchctl", "load", "-w", str(target)]]
     )
@@ -5769,35 +5856,93 @@ def _cmd_install(args: argparse.Namespace) -> int:
     return 0
 
 
-def _cmd_uninstall(args: argparse.Namespace) -> int:
-    if args.kind == "cron":
-        crontab = read_crontab()
-        if CRON_BEGIN not in crontab:
-            print("nothing to remove: no pgw lines in your crontab")
-            return 0
-        write_crontab(replace_cron_block(crontab, ""))
-        print("removed pgw's lines from your crontab")
-        return _cmd_stop(args)  # for good, as `systemctl disable --now` stops the service
-    target = install_target(args.kind)
-    if target is None:
-        raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")
-    if not target.exists():
-        print(f"nothing to remove: no {target}")
-        return 0
-    if wrong_platform(args.kind):  # a file left by an install on the wrong OS: no service to stop
-        target.unlink()
-        print(f"removed {target} ({args.kind} does not run on this host: nothing to stop)")
-        return 0
+def service_home(kind: str, path: Path) -> Optional[str]:
+    """The absolute pgw home the unit or agent at `path` runs; None if there is
+    none there, or it cannot be read (a file of pgw's is always readable)."""
+    try:
+        with open_regular_file(path, follow=True) as file:
+            data = file.read(1 << 20)
+    except OSError:
+        return None
+    if kind == "systemd":
+        return unit_home(data.decode("utf-8", "replace"))
+    import plistlib
+
+    try:
+        agent = plistlib.loads(data)
+        return home_in_environment(agent.get("EnvironmentVariables") or {})
+    except Exception:  # noqa: BLE001 - plistlib raises whatever its parsers do on a bad file
+        return None
+
+
+def service_of_another_home(kind: str, target: Path, home: Path) -> Optional[str]:
+    """The home that the unit or agent at `target` runs if not `home`: the
+    default home's name, taken by an older pgw for another home."""
+    installed = service_home(kind, target)
+    return installed if installed is not None and installed != os.path.abspath(home) else None
+
+
+def older_service_of_this_home(kind: str, home: Path) -> Optional[Path]:
+    """The unit or agent an older pgw installed for `home` under the default
+    home's name, if `home` is another and that is still there."""
+    if is_default_home(home):
+        return None
+    try:
+        older = install_target(kind, Path.home() / DEFAULT_HOME_DIRNAME)
+    except RuntimeError:  # no home directory: nothing was installed in it
+        return None
+    return older if older is not None and service_home(kind, older) == os.path.abspath(home) else None
+
+
+def _unload_service(kind: str, target: Path, warn_only: bool) -> bool:
+    """Stop and disable the unit or agent at `target`, then remove it; False
+    if the service manager failed (said on stderr when `warn_only`)."""
     tool = (
-        ["systemctl", "--user", "disable", "--now", SYSTEMD_UNIT] if args.kind == "systemd"
+        ["systemctl", "--user", "disable", "--now", target.name] if kind == "systemd"
         else ["launchctl", "unload", "-w", str(target)]
     )
     done = _run_tool(tool)
+    if done.returncode != 0 and not warn_only:
+        raise PgwError(service_tool_failure(tool, done))
     if done.returncode != 0:
-        print(f"pgw: warning: {service_tool_failure(tool, done)}", file=sys.stderr)
+        print(f"pgw: warning: {service_tool_failure(tool, done)}: the service may still run", file=sys.stderr)
     target.unlink()
-    print(f"removed {target}")
-    return 0
+    return done.returncode == 0
+
+
+def _cmd_uninstall(args: argparse.Namespace) -> int:
+    home = Path(os.path.abspath(pgw_home()))
+    if args.kind == "cron":
+        crontab, found = replace_cron_block(read_crontab(), "", home)
+        if not found:
+            print(f"nothing to remove: no pgw lines for the home {home} in your crontab")
+            return 0
+        write_crontab(crontab)
+        print(f"removed pgw's lines for the home {home} from your crontab")
+        return _cmd_stop(args)  # for good, as `systemctl disable --now` stops the service
+    target = install_target(args.kind, home)
+    if target is None:
+        raise UsageError(f"unknown install kind {args.kind!r}: use one of {', '.join(INSTALL_KINDS)}")
+    if wrong_platform(args.kind):  # a file left by an install on the wrong OS: no service to stop
+        if not target.exists():
+            print(f"nothing to remove: no {target}")
+            return 0
+        target.unlink()
+        print(f"removed {target} ({args.kind} does not run on this host: nothing to stop)")
+        return 0
+    targets = [path for path in (target, older_service_of_this_home(args.kind, home)) if path is not None and path.exists()]
+    if not targets:
+        print(f"nothing to remove: no {target}")
+        return 0
+    other = service_of_another_home(args.kind, target, home)
+    if other is not None:
+        print(f"nothing to remove: {target} runs another pgw home, {other}")
+        return 0
+    stopped = True
+    for path in targets:
+        stopped = _unload_service(args.kind, path, warn_only=True) and stopped
+        print(f"removed {path}")
+    return 0 if stopped else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:

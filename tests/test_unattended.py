@@ -269,6 +269,126 @@ def test_a_block_without_its_end_marker_costs_no_line_of_the_users(capsys, pgw_h
     assert table.read_text() == "MAILTO=me\n0 1 * * * /usr/bin/backup\n"
 
 
+def test_each_pgw_home_has_a_cron_block_of_its_own(capsys, tmp_path, monkeypatch):
+    # Several workers on one host (PGW_HOME, as the README suggests) shared one
+    # block: installing the second replaced the first's lines, and
+    # uninstalling either removed both.  A block belongs to the home it runs.
+    table = fake_crontab(tmp_path, monkeypatch, f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n{pgw.CRON_END}\n")
+    monkeypatch.setenv("HOME", str(tmp_path))  # the block above runs ~/.pgworker, which has none of its own here
+    homes = [tmp_path / "one", tmp_path / "two 100%"]
+    for home in homes:
+        pgw.write_config(home / "config.json", PAIRED)
+        assert pgw.main(["--home", str(home), "install", "cron", "--apply"]) == 0
+    both = table.read_text()
+    assert both.count(pgw.CRON_BEGIN) == 3 and both.startswith(f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n")
+    assert pgw.main(["--home", str(homes[0]), "install", "cron", "--apply"]) == 0
+    assert table.read_text().count("@reboot") == 3  # once more changes nothing
+    assert pgw.main(["--home", str(homes[0]), "uninstall", "cron"]) == 0
+    left = table.read_text()
+    assert left.count(pgw.CRON_BEGIN) == 2 and f"PGW_HOME='{homes[1]}'".replace("%", "\\%") in left
+    assert str(homes[0]) not in left
+    assert pgw.main(["--home", str(homes[0]), "uninstall", "cron"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out and table.read_text() == left
+    assert pgw.main(["--home", str(homes[1]), "uninstall", "cron"]) == 0
+    assert table.read_text() == f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n{pgw.CRON_END}\n"
+    assert pgw.main(["--home", str(tmp_path / ".pgworker"), "uninstall", "cron"]) == 0  # the default home's
+    assert table.read_text() == "MAILTO=me\n"
+
+
+@pytest.mark.parametrize("name", ["plain", "with space", "100%", "it's", "$HOME", "back\\slash", "-dash", "ü"])
+def test_a_cron_block_names_the_home_it_runs(name, tmp_path):
+    home = tmp_path / name
+    launch = pgw.launch_for_this_host(home, {"PGW_HOME": str(home)}, "/usr/bin")
+    block = pgw.cron_block(launch).splitlines()
+    assert pgw.cron_block_home(block) == str(home)
+    assert pgw.cron_block_home([line.replace("PGW_HOME=", "X=") for line in block]) != str(home)
+
+
+def systemctl_recorder(tmp_path, monkeypatch, fails=""):
+    """A systemctl stand-in on PATH that notes each call, failing those whose
+    words hold `fails`; the file of its calls."""
+    calls = tmp_path / "calls"
+    write_stub_cli(tmp_path / "tools", "systemctl", (
+        "import sys; words = ' '.join(sys.argv[1:])\n"
+        f"open({str(calls)!r}, 'a').write(words + '\\n')\n"
+        f"sys.exit(1 if {fails!r} and {fails!r} in words else 0)"
+    ))
+    monkeypatch.setenv("PATH", f"{tmp_path / 'tools'}:/usr/bin:/bin")
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    return calls
+
+
+def test_each_pgw_home_has_a_systemd_unit_of_its_own(capsys, tmp_path, monkeypatch):
+    calls = systemctl_recorder(tmp_path, monkeypatch)
+    units = tmp_path / "xdg" / "systemd" / "user"
+    default, other = tmp_path / ".pgworker", tmp_path / "other"
+    for home in (default, other):
+        pgw.write_config(home / "config.json", PAIRED)
+    monkeypatch.delenv("PGW_HOME", raising=False)
+    assert pgw.main(["install", "systemd", "--apply"]) == 0
+    assert pgw.main(["--home", str(other), "install", "systemd", "--apply"]) == 0
+    name = pgw.systemd_unit_name(other)
+    assert re.fullmatch(r"pgw-[0-9a-f]{12}\.service", name)
+    assert sorted(path.name for path in units.iterdir()) == sorted(["pgw.service", name])
+    assert pgw.unit_home((units / "pgw.service").read_text()) == str(default)
+    assert pgw.unit_home((units / name).read_text()) == str(other)
+    assert pgw.main(["--home", str(default), "install", "systemd", "--apply"]) == 0  # named: the same home
+    assert sorted(path.name for path in units.iterdir()) == sorted(["pgw.service", name])
+    assert pgw.main(["--home", str(other), "uninstall", "systemd"]) == 0
+    assert [path.name for path in units.iterdir()] == ["pgw.service"]
+    assert calls.read_text().splitlines()[-1] == f"--user disable --now {name}"
+
+
+def test_a_unit_an_older_pgw_installed_for_another_home_moves_to_a_name_of_its_own(capsys, tmp_path, monkeypatch):
+    # Before each home had a unit of its own, every home's was pgw.service.
+    calls = systemctl_recorder(tmp_path, monkeypatch)
+    units = tmp_path / "xdg" / "systemd" / "user"
+    other = tmp_path / "other"
+    pgw.write_config(other / "config.json", PAIRED)
+    pgw.write_config(tmp_path / ".pgworker" / "config.json", PAIRED)
+    units.mkdir(parents=True)
+    (units / "pgw.service").write_text(f'[Service]\nExecStart=/usr/bin/python3 pgw.pyz run\nEnvironment="PGW_HOME={other}"\n')
+    monkeypatch.delenv("PGW_HOME", raising=False)
+    assert pgw.main(["install", "systemd", "--apply"]) == 1  # the default home's name, taken by the other home
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"runs another pgw home, {other}" in err and f"PGW_HOME={other} pgw install systemd" in err
+    assert pgw.main(["uninstall", "systemd"]) == 0
+    assert f"runs another pgw home, {other}" in capsys.readouterr().out and (units / "pgw.service").exists()
+    assert not calls.exists()
+    assert pgw.main(["--home", str(other), "install", "systemd", "--apply"]) == 0
+    assert "--user disable --now pgw.service" in calls.read_text().splitlines()
+    assert [path.name for path in units.iterdir()] == [pgw.systemd_unit_name(other)]
+    assert pgw.main(["--home", str(tmp_path / ".pgworker"), "install", "systemd", "--apply"]) == 0
+    assert sorted(path.name for path in units.iterdir()) == sorted(["pgw.service", pgw.systemd_unit_name(other)])
+
+
+@pytest.mark.parametrize("kind", ["systemd", "launchd"])
+def test_a_service_names_the_home_it_runs(kind, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
+    other = tmp_path / 'a "quoted" 100% \\ home'
+    launch = pgw.launch_for_this_host(other, {"PGW_HOME": str(other)}, "/usr/bin")
+    older = pgw.install_target(kind, tmp_path / ".pgworker")
+    older.parent.mkdir(parents=True)
+    older.write_text(pgw.systemd_unit(launch) if kind == "systemd" else pgw.launchd_plist(launch, other))
+    assert pgw.service_home(kind, older) == str(other)
+    assert pgw.older_service_of_this_home(kind, other) == older
+    assert pgw.older_service_of_this_home(kind, tmp_path / "third") is None
+    assert pgw.install_target(kind, other) != older
+
+
+def test_uninstall_systemd_says_when_the_service_may_still_run(capsys, pgw_home, tmp_path, monkeypatch):
+    systemctl_recorder(tmp_path, monkeypatch, fails="disable")
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(["install", "systemd", "--apply"]) == 0
+    capsys.readouterr()
+    assert pgw.main(["uninstall", "systemd"]) == 1
+    out, err = capsys.readouterr()
+    assert "may still run" in err and err.count("\n") == 1 and "removed" in out
+    assert not pgw.install_target("systemd", pgw_home).exists()
+
+
 def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, monkeypatch):
     tools = tmp_path / "tools"
     write_stub_cli(tools, "systemctl", f"import sys; open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')")
@@ -276,12 +396,13 @@ def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, mo
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     pgw.write_config(pgw_home / "config.json", PAIRED)
     assert pgw.main(["install", "systemd", "--apply"]) == 0
-    unit = (tmp_path / "xdg" / "systemd" / "user" / "pgw.service").read_text()
+    name = pgw.systemd_unit_name(pgw_home)
+    unit = (tmp_path / "xdg" / "systemd" / "user" / name).read_text()
     assert "Restart=always" in unit and f"ExecStart={sys.executable} {ROOT / 'pgw.py'} run" in unit
     assert f'Environment="SHIV_ROOT={pgw_home / "shiv"}"' in unit
-    assert (tmp_path / "calls").read_text() == "--user daemon-reload\n--user enable --now pgw.service\n"
+    assert (tmp_path / "calls").read_text() == f"--user daemon-reload\n--user enable --now {name}\n"
     assert pgw.main(["uninstall", "systemd"]) == 0
-    assert not (tmp_path / "xdg" / "systemd" / "user" / "pgw.service").exists()
+    assert not (tmp_path / "xdg" / "systemd" / "user" / name).exists()
 
 
 def test_install_systemd_writes_private_files_whatever_the_umask_or_says_why_it_cannot(capsys, pgw_home, tmp_path, monkeypatch):
@@ -292,7 +413,7 @@ def test_install_systemd_writes_private_files_whatever_the_umask_or_says_why_it_
     monkeypatch.setenv("PATH", f"{tools}:/usr/bin:/bin")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "xdg"))
     pgw.write_config(pgw_home / "config.json", PAIRED)
-    unit = tmp_path / "xdg" / "systemd" / "user" / "pgw.service"
+    unit = tmp_path / "xdg" / "systemd" / "user" / pgw.systemd_unit_name(pgw_home)
     old_umask = os.umask(0)
     try:
         assert pgw.main(["install", "systemd", "--apply"]) == 0
@@ -306,7 +427,7 @@ def test_install_systemd_writes_private_files_whatever_the_umask_or_says_why_it_
     (tmp_path / "file").write_text("")
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "file"))  # a home without a usable ~/.config
     assert pgw.main(["install", "systemd", "--apply"]) == 1
-    assert capsys.readouterr().err == f"pgw: cannot write {tmp_path / 'file' / 'systemd' / 'user' / 'pgw.service'}: Not a directory\n"
+    assert capsys.readouterr().err == f"pgw: cannot write {tmp_path / 'file' / 'systemd' / 'user' / unit.name}: Not a directory\n"
 
 
 def test_install_launchd_prints_a_keepalive_agent(capsys, pgw_home):
@@ -405,14 +526,14 @@ def test_install_on_the_wrong_os_refuses_before_writing(capsys, pgw_home, tmp_pa
     assert pgw.main(["install", kind, "--apply"]) == 1
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and f"{kind} exists only on" in err and "`pgw install cron --apply`" in err
-    assert not pgw.install_target(kind).exists()
-    assert not pgw.install_target(kind).parent.exists()
+    assert not pgw.install_target(kind, pgw_home).exists()
+    assert not pgw.install_target(kind, pgw_home).parent.exists()
 
 
 def test_uninstall_on_the_wrong_os_removes_the_file_left_behind(capsys, pgw_home, tmp_path, monkeypatch):
     monkeypatch.setenv("HOME", str(tmp_path))
     monkeypatch.setattr(sys, "platform", "linux")
-    plist = pgw.install_target("launchd")
+    plist = pgw.install_target("launchd", pgw_home)
     plist.parent.mkdir(parents=True)
     plist.write_text("<plist/>")
     assert pgw.main(["uninstall", "launchd"]) == 0
@@ -454,7 +575,7 @@ async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin, m
     # It removed the lines and left the daemon running, where the README says
     # uninstall stops it for good (systemd's `disable --now` does).
     home = tmp_path / "home"
-    table = fake_crontab(tmp_path, monkeypatch, f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot pgw run\n{pgw.CRON_END}\n")
+    table = fake_crontab(tmp_path, monkeypatch, f"MAILTO=me\n{pgw.CRON_BEGIN}\n@reboot PGW_HOME={home} pgw run\n{pgw.CRON_END}\n")
     env = {"PATH": os.environ["PATH"], "HOME": str(tmp_path), "PGW_HOME": str(home),
            "PYTHONPATH": os.pathsep.join(sys.path), "CRONTAB_FILE": str(table)}
     with trio.fail_after(30):
@@ -465,7 +586,7 @@ async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin, m
                     subprocess.run, [*PGW, "uninstall", "cron"], env=env, capture_output=True, text=True, timeout=30
                 ))
                 assert (done.returncode, done.stderr) == (0, "")
-                assert done.stdout == f"removed pgw's lines from your crontab\nstopped pgw (pid {daemon.pid})\n"
+                assert done.stdout == f"removed pgw's lines for the home {home} from your crontab\nstopped pgw (pid {daemon.pid})\n"
                 assert daemon.returncode == 0 or await daemon.wait() == 0
     assert table.read_text() == "MAILTO=me\n"
 
