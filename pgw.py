@@ -4501,10 +4501,18 @@ class Daemon:
         }
 
     def _write_state(self, state: dict[str, Any]) -> None:
+        path = self.home / STATE_FILENAME
         try:
-            write_json_atomically(self.home / STATE_FILENAME, state)
+            write_json_atomically(path, state)
         except OSError as exc:
+            # A full disk: the file left would go on saying what no longer
+            # holds (connected, say).  Removing it takes no space, and `status`
+            # then says it cannot tell.
             log.debug("cannot write the state file: %s", exc)
+            try:
+                path.unlink(missing_ok=True)
+            except OSError:
+                pass
 
     async def _state_writer(self) -> None:
         """At most one state file write per interval, off the event loop:
@@ -5980,6 +5988,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"running    yes, pid {pid}, since {report['started_at'] or '?'}")
         if connected:
             print(f"connected  yes, to {report['server']} since {report['connected_since']}")
+        elif state.get("pid") != pid:
+            print(f"connected  cannot tell: no state file of this run in {home} yet (it is written within a second;"
+                  " later, a full disk stops it)")
         else:
             tries = f"; {report['tries']} failed tries, next at {report['next_try_at'] or 'once the current try ends'}"
             print(f"connected  no (server {report['server'] or '?'}{tries if report['tries'] else ''})")

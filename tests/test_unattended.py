@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
 import logging
@@ -160,6 +161,40 @@ async def test_status_exit_codes_in_all_three_states(tmp_path, stub_bin):
                 daemon.send_signal(signal.SIGTERM)
                 await daemon.wait()
     assert pgw_command(home, "status").returncode == 1
+
+
+def test_a_state_file_that_cannot_be_rewritten_goes_rather_than_tell_what_no_longer_holds(tmp_path, monkeypatch):
+    # With the home's disk full, state.json kept saying "connected" after the
+    # connection was lost, and `pgw status` believed it (exit 0).
+    home = tmp_path / "home"
+    daemon = pgw.Daemon(pgw.Settings(server="http://127.0.0.1:9", token="t"), home)
+    pgw.make_private_dirs(home)
+    daemon.link.connected = True
+    daemon._write_state(daemon.state())
+    assert pgw.read_state(home)["connected"] is True
+
+    def disk_full(path, value, durable=False):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pgw, "write_json_atomically", disk_full)
+    daemon.link.connected = False
+    daemon._write_state(daemon.state())
+    assert not (home / "state.json").exists()
+
+
+def test_status_cannot_tell_without_a_state_file_of_the_running_daemon(tmp_path):
+    home = tmp_path / "home"
+    pgw.write_config(home / "config.json", {"server": "http://127.0.0.1:9", "token": "t"})
+    fd, _ = pgw.acquire_instance_lock(home)
+    try:
+        for state in (None, {"pid": os.getpid() + 1, "connected": True}):  # none, or an earlier run's
+            if state is not None:
+                pgw.write_json_atomically(home / "state.json", state)
+            done = pgw_command(home, "status")
+            assert done.returncode == 3 and "connected  cannot tell: no state file of this run" in done.stdout
+            assert json.loads(pgw_command(home, "status", "--json").stdout)["connected"] is False
+    finally:
+        os.close(fd)
 
 
 async def test_sigkilled_daemon_takes_its_stages_with_it_and_a_restart_clears_scratch(tmp_path, stub_bin):
