@@ -4451,7 +4451,7 @@ class Daemon:
         """First SIGTERM/SIGINT: stop reading, stop stages with the shutdown grace, close 1001.
         A second one: no grace, every stage is killed now."""
         if self.shutdown.requested:
-            log.info("second signal: killing every stage now")
+            log.info("killing every stage now")
             self.shutdown.hurried = True
             self._connection_ends_within(self.timing.close_timeout_s)
         else:
@@ -4814,22 +4814,31 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
 
 
 async def run_until_signalled(daemon: Daemon, early: typing.Sequence[int] = ()) -> None:
-    """Run the daemon; SIGTERM/SIGINT stop it (twice: at once), SIGHUP is ignored.
-    `early`: those that came before this could receive them (each counts)."""
-    wanted = [signal.SIGTERM, signal.SIGINT] + ([signal.SIGHUP] if hasattr(signal, "SIGHUP") else [])
+    """Run the daemon; SIGTERM/SIGINT stop it (twice: at once), SIGQUIT (Ctrl-\\)
+    at once, SIGHUP is ignored.  `early`: those that came before this could
+    receive them (each counts)."""
+    wanted = [signal.SIGTERM, signal.SIGINT] + [getattr(signal, name) for name in ("SIGQUIT", "SIGHUP") if hasattr(signal, name)]
+
+    def obey(signum: int, when: str) -> None:
+        if signum == getattr(signal, "SIGHUP", None):
+            log.info("SIGHUP ignored: pgw stops on SIGTERM or SIGINT")
+        elif signum == getattr(signal, "SIGQUIT", None):
+            # Python's default would end pgw there and then: no log line, and no
+            # exit for the stages it ran.  Quit as a second SIGTERM does.
+            log.info("received SIGQUIT%s: quitting now", when)
+            daemon.hurry_shutdown()
+        else:
+            log.info("received %s%s", signal.Signals(signum).name, when)
+            daemon.request_shutdown()
+
     with trio.open_signal_receiver(*wanted) as signals:
         for signum in early:
-            log.info("received %s while starting", signal.Signals(signum).name)
-            daemon.request_shutdown()
+            obey(signum, " while starting")
         async with trio.open_nursery() as nursery:
 
             async def watch_signals() -> None:
                 async for signum in signals:
-                    if signum == getattr(signal, "SIGHUP", None):
-                        log.info("SIGHUP ignored: pgw stops on SIGTERM or SIGINT")
-                    else:
-                        log.info("received %s", signal.Signals(signum).name)
-                        daemon.request_shutdown()
+                    obey(signum, "")
 
             nursery.start_soon(watch_signals)
             await daemon.run()
@@ -5741,7 +5750,7 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
     # A SIGTERM from here on (a watchdog, a test that read the log) stops
     # the daemon as one once it runs would, instead of killing it mid-start.
     early: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT):
+    for signum in (signal.SIGTERM, signal.SIGINT, *([signal.SIGQUIT] if hasattr(signal, "SIGQUIT") else [])):
         signal.signal(signum, lambda signum, _: early.append(signum))
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw no pgw runs from: %s", old)

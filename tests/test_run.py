@@ -943,6 +943,27 @@ async def test_second_signal_skips_the_grace(tmp_path, stub_bin):
     assert result.returncode == -9 and result.error == "worker shutting down"
 
 
+async def test_sigquit_quits_at_once_and_still_sends_the_exits(tmp_path, stub_bin):
+    # Python's default for SIGQUIT (Ctrl-\\) ended pgw on the spot: no log line,
+    # and no exit for the stage, which the server then waited for in vain.
+    write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
+    home = tmp_path / "home"
+    with trio.fail_after(20):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, str(ROOT / "pgw.py")], backend, home, stub_bin) as daemon:
+                connection = await backend.next_connection()
+                await connection.send(request("s1"))
+                pgid = await wait_ready(connection, "s1")
+                started = trio.current_time()
+                daemon.send_signal(signal.SIGQUIT)
+                result = await connection.stage_result("s1")
+                assert await daemon.wait() == 0
+                assert trio.current_time() - started < 4, "no grace: at once"
+            await assert_group_gone(pgid)
+    assert result.returncode == -9 and result.error == "worker shutting down"
+    assert "received SIGQUIT: quitting now" in (home / "run.log").read_text()
+
+
 def test_run_when_not_paired_says_how_to_pair(capsys, pgw_home):
     assert pgw.main(["run"]) == 1
     err = capsys.readouterr().err
