@@ -5654,6 +5654,15 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     named = {"name": args.name} if args.name else {}
     write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
+    pid, _, connected = daemon_report(path.parent)
+    if connected:  # it reads the credentials again before each connection, not while one lasts
+        print(
+            f"pgw: warning: the running pgw (pid {pid}) stays connected with the previous credentials until its"
+            " connection ends: run `pgw stop` and start it again to use the new ones now",
+            file=sys.stderr,
+        )
+    elif pid is not None:
+        print(f"the running pgw (pid {pid if pid > 0 else '?'}) uses the new credentials at its next connection attempt")
     return 0
 
 

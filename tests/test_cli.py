@@ -63,6 +63,27 @@ def test_pair_writes_private_config_with_pgworker_fields(capsys, pgw_home, pair_
     assert body["capabilities"]["protocol_version"] == 2
 
 
+@pytest.mark.parametrize("connected", [True, False])
+def test_pair_while_the_daemon_runs_says_when_it_takes_the_new_credentials(capsys, pgw_home, pair_server, connected):
+    # The daemon reads the credentials again before each connection: one that
+    # stays connected went on as the old worker, and `pair` said nothing of it.
+    pgw.make_private_dirs(pgw_home)
+    fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test's process stands in for `pgw run`
+    try:
+        pgw.write_json_atomically(pgw_home / "state.json", {"pid": os.getpid(), "connected": connected})
+        status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
+    finally:
+        os.close(fd)
+    assert status == 0 and "paired worker w-1" in out
+    if connected:
+        assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) stays connected with the previous credentials")
+        assert "`pgw stop`" in err
+    else:
+        assert err == "" and f"the running pgw (pid {os.getpid()}) uses the new credentials at its next connection attempt" in out
+    status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)  # none running: nothing to say
+    assert (status, err) == (0, "") and "running pgw" not in out
+
+
 def test_pair_name_flag_beats_environment(capsys, pgw_home, pair_server, monkeypatch):
     monkeypatch.setenv("PGW_NAME", "from-env")
     assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "from-flag")[0] == 0
