@@ -1316,6 +1316,7 @@ def check_stage_arguments(request: StageRequest) -> None:
 def check_stage_files(files: dict[str, str]) -> list[tuple[tuple[str, ...], bytes]]:
     """Decode a request's files: safe relative paths, base64, 50 MiB at most."""
     paths = {name: check_file_path(name) for name in files}
+    _check_no_aliases(paths)
     # base64 is 4 characters per 3 bytes, less at most 2 of padding: a
     # request that is too large whatever its padding is refused undecoded.
     _check_files_size(sum(len(value) * 3 // 4 - 2 for value in files.values()))
@@ -1329,6 +1330,23 @@ def check_stage_files(files: dict[str, str]) -> list[tuple[tuple[str, ...], byte
         checked.append((paths[name], content))
     _check_files_size(total)
     return checked
+
+
+def _check_no_aliases(paths: dict[str, tuple[str, ...]]) -> None:
+    """Two names for one file (`a/b`, `a//b`, `./a/b`, `a\\b`) would leave the
+    last one's content without a word; a file that another's path takes for a
+    directory could not be written."""
+    named: dict[tuple[str, ...], str] = {}
+    for name, parts in paths.items():
+        if parts in named:
+            raise StageRejected(f"bad request: files {named[parts][:100]!r} and {name[:100]!r} name the same file")
+        named[parts] = name
+    for parts, name in named.items():
+        for depth in range(1, len(parts)):
+            if parts[:depth] in named:
+                raise StageRejected(
+                    f"bad request: file {named[parts[:depth]][:100]!r} is a directory in the path of {name[:100]!r}"
+                )
 
 
 def _check_files_size(decoded_bytes: int) -> None:

@@ -6,6 +6,7 @@ import base64
 import json
 import logging
 import os
+import re
 import time
 
 import pytest
@@ -128,6 +129,23 @@ def encode_b64(data: bytes) -> str:
 
 def test_files_are_decoded():
     assert pgw.check_stage_files({"a/b.txt": encode_b64(b"hi")}) == [(("a", "b.txt"), b"hi")]
+
+
+@pytest.mark.parametrize("first, second", [
+    ("a/b", "a//b"), ("a/b", "./a/b"), ("a/b", "a\\b"), ("a/b", "a/./b/"), ("x", "x/"),
+])
+def test_two_names_for_one_file_make_the_request_bad(first, second):
+    # The last one's content won without a word: the other file was lost.
+    files = {first: encode_b64(b"one"), second: encode_b64(b"two")}
+    with pytest.raises(pgw.StageRejected, match=f"bad request: files {re.escape(repr(first))} and {re.escape(repr(second))} name the same file"):
+        pgw.check_stage_files(files)
+
+
+@pytest.mark.parametrize("names", [["a", "a/b"], ["a/b/c", "a/b"], ["d/e", "d/e/f/g"]])
+def test_a_file_that_is_a_directory_of_another_makes_the_request_bad(names):
+    with pytest.raises(pgw.StageRejected, match="is a directory in the path of"):
+        pgw.check_stage_files({name: encode_b64(b"x") for name in names})
+    assert len(pgw.check_stage_files({"a/b": encode_b64(b"x"), "a/c": encode_b64(b"y"), "ab": encode_b64(b"z")})) == 3
 
 
 def test_invalid_base64_makes_the_request_bad():
