@@ -16,7 +16,8 @@ passes through one door, ``decode(text) -> record``: strict (no coercion,
 literals checked, every failure one ``ProtocolError`` saying what and where)
 but ignoring unknown extra keys, so a newer server does not break an older
 worker.  What goes out passes through one door too, ``FrameWriter``
-(``send_batch`` for messages, ``ping`` for the keepalive's WebSocket ping):
+(``send_batch`` for messages, ``ping`` for the keepalive's WebSocket ping,
+``answer_pings`` for the pongs to the server's):
 the records pgw sends are encoded by ``encode``, except the three every
 stage sends, built without a record and held equal to it by tests:
 ``ack_message``, ``exit_message``, and the stage output, nearly all pgw
@@ -27,8 +28,8 @@ handshake unless the ``compression`` setting is off.  When the server
 accepts, wsproto inflates what arrives before ``decode`` sees it (the
 128 MiB limit counts the inflated text), and ``FrameWriter`` deflates every
 message it sends with the connection's one compressor.  Beside its frames,
-only trio-websocket's own control frames go out (pongs, WebSocket pings,
-the close), which are never deflated.
+only trio-websocket's own control frames go out (the handshake, the close),
+which are never deflated.
 
 The daemon is a tree of tasks, one class for each kind of node::
 
@@ -38,9 +39,10 @@ The daemon is a tree of tasks, one class for each kind of node::
        ├─ stage spawner      a process of its own: forks the stage roots (see "Stage")
        ├─ root retirer       ends a stage root left free for root_idle_s
        └─ one connection     Daemon._connect: TCP or a proxy tunnel, TLS, WebSocket handshake (offers deflate)
-          ├─ trio-websocket  its own reader task (pongs, close; wsproto inflates there)
+          ├─ trio-websocket  its own reader task (close; pings to LatestPing; wsproto inflates there)
           └─ Connection.serve
-             ├─ sender       the only writer: Outbox -> FrameWriter
+             ├─ sender       the only writer of messages: Outbox -> FrameWriter
+             ├─ pong sender  FrameWriter.answer_pings: the latest ping, once the sender lets go
              ├─ keepalive    app ping every 30 s, ahead of queued output; WebSocket
              │  │            pings and the verdict on a silent path (keepalive_step)
              │  └─ ws ping
@@ -3585,7 +3587,7 @@ _XOR_TABLES = [bytes(byte ^ key for byte in range(256)) for key in range(256)]
 # RFC 6455 5.2: FIN and the text opcode; RFC 7692 6: RSV1 marks a deflated message.
 TEXT_FRAME, DEFLATED_TEXT_FRAME = 0x81, 0xC1
 # FIN and the ping and close opcodes (RFC 6455 5.5); control frames are never deflated.
-PING_FRAME, CLOSE_FRAME = 0x89, 0x88
+PING_FRAME, PONG_FRAME, CLOSE_FRAME = 0x89, 0x8A, 0x88
 # How long the Close of a connection pgw fails may wait for room in the socket.
 FAIL_CLOSE_SEND_S = 1.0
 
@@ -3674,6 +3676,21 @@ class FrameWriter:
         except (trio.BrokenResourceError, trio.ClosedResourceError) as exc:
             raise ConnectionLost(await self.why_closed() if self._ws.closed else "the connection broke") from exc
 
+    async def answer_pings(self, pings: "LatestPing") -> None:
+        """Answer the server's WebSocket pings, the latest one each time the
+        lock comes free (the reader only notes them: see LatestPing)."""
+        while True:
+            await pings.arrived.wait()
+            pings.arrived = trio.Event()
+            state = getattr(getattr(self._ws, TRIO_WEBSOCKET_WSPROTO, None), "state", None)
+            if self._ws.closed is not None or state is not wsproto.connection.ConnectionState.OPEN:
+                return  # closing: the close handshake is what the server waits for now
+            try:
+                async with self._lock:
+                    await self._stream.send_all(masked_frame(PONG_FRAME, pings.payload))
+            except (trio.BrokenResourceError, trio.ClosedResourceError):
+                return  # the reader and the keepalive see the loss
+
     async def ping(self) -> None:
         """A WebSocket ping, for its pong to prove the link alive.  trio-websocket's
         reader drops a pong it did not ask for, so nothing waits for this one:
@@ -3711,6 +3728,26 @@ class FrameWriter:
             return masked_text_frame(message)
         deflated = self._compressor.compress(message) + self._compressor.flush(self._flush)
         return masked_text_frame(memoryview(deflated)[: -len(DEFLATE_FLUSH_TAIL)], deflated=True)
+
+
+class LatestPing:
+    """The server's last WebSocket ping, for FrameWriter.answer_pings.
+
+    trio-websocket's reader answers each ping itself, under the lock pgw's
+    sends hold: behind a send that crawls (a server reading slowly) it waits
+    a whole send per ping, and a server pinging often left everything after
+    its pings unread, stage.cancel included, until the keepalive, seeing
+    nothing read, gave the connection up.  Installed as the reader's ping
+    handler, this notes the ping and returns at once; RFC 6455 5.5.3 lets one
+    pong answer only the latest of the pings not answered yet."""
+
+    def __init__(self) -> None:
+        self.payload = b""
+        self.arrived = trio.Event()
+
+    async def note(self, event: wsproto.events.Ping) -> None:
+        self.payload = bytes(event.payload)
+        self.arrived.set()
 
 
 class ActivityStream(trio.abc.Stream):
@@ -4039,6 +4076,8 @@ TRIO_WEBSOCKET_HANDSHAKE = ("_initial_request", "_reader_task", "_open_handshake
 # handshake: what the user is told, and how long to wait (Retry-After) or
 # where it moved (Location), when the body ends only with the connection.
 TRIO_WEBSOCKET_REJECT = ("_reject_status", "_reject_headers", "_reject_body")
+# The reader's handler of a ping, which LatestPing.note replaces.
+TRIO_WEBSOCKET_PING_HANDLER = "_handle_ping_event"
 
 
 # RFC 9110 15.2: a client reads past the interim (1xx) responses it did not ask
@@ -4097,11 +4136,13 @@ class InterimSkipper(trio.abc.Stream):
 
 
 async def open_websocket(
-    nursery: trio.Nursery, stream: trio.abc.Stream, settings: Settings, timeout_s: float, **options: Any
+    nursery: trio.Nursery, stream: trio.abc.Stream, settings: Settings, timeout_s: float,
+    pings: Optional[LatestPing] = None, **options: Any,
 ) -> tuple[trio_websocket.WebSocketConnection, Optional[Deflate]]:
     """The opening handshake over `stream`, presenting the token (PROTOCOL.md)
     and offering permessage-deflate unless the `compression` setting is off;
-    the extension comes back when the server accepted it."""
+    the extension comes back when the server accepted it.  `pings`: the
+    server's pings go there, for FrameWriter.answer_pings to answer."""
     ws = trio_websocket.WebSocketConnection(
         InterimSkipper(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
         host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.server, settings.token or ""),
@@ -4114,6 +4155,10 @@ async def open_websocket(
             f"this trio-websocket lacks one of {', '.join(TRIO_WEBSOCKET_HANDSHAKE)}: "
             "pgw needs the version in requirements.lock"
         )
+    if pings is not None:  # before the reader starts: it takes its handlers then
+        if not callable(getattr(ws, TRIO_WEBSOCKET_PING_HANDLER, None)):
+            raise PgwError(f"this trio-websocket has no {TRIO_WEBSOCKET_PING_HANDLER}: pgw needs the version in requirements.lock")
+        setattr(ws, TRIO_WEBSOCKET_PING_HANDLER, pings.note)
     deflate = Deflate() if settings.compression else None
     setattr(ws, request_name, dataclasses.replace(request, extensions=[deflate] if deflate else []))
     reader_ended: list[bool] = []
@@ -4199,10 +4244,10 @@ class Connection:
 
     def __init__(
         self, daemon: "Daemon", ws: trio_websocket.WebSocketConnection, stream: ActivityStream,
-        deflate: Optional[Deflate] = None,
+        deflate: Optional[Deflate] = None, pings: Optional[LatestPing] = None,
     ) -> None:
         self.daemon, self.timing = daemon, daemon.timing
-        self.ws, self.stream = ws, stream
+        self.ws, self.stream, self.pings = ws, stream, pings
         self.outbox = Outbox()
         self.frames = FrameWriter(ws, stream, deflate)
         self.reading = trio.CancelScope()  # cancelled by a shutdown: read no more requests
@@ -4222,6 +4267,8 @@ class Connection:
         async with trio.open_nursery() as tasks:
             tasks.start_soon(self._sender)
             tasks.start_soon(self._keepalive, tasks)
+            if self.pings is not None:
+                tasks.start_soon(self.frames.answer_pings, self.pings)
             async with trio.open_nursery() as stages:
                 self._stages = stages
                 with self.reading:
@@ -4661,11 +4708,12 @@ class Daemon:
         stream = await open_stream(settings.server, settings.cafile, timing.connect_timeout_s, proxy)
         try:
             async with trio.open_nursery() as nursery:
+                pings = LatestPing()
                 ws, deflate = await open_websocket(
-                    nursery, stream, settings, timing.connect_timeout_s,
+                    nursery, stream, settings, timing.connect_timeout_s, pings,
                     max_message_size=MESSAGE_MAX_BYTES, message_queue_size=1, receive_buffer_size=None,
                 )
-                self.connection = Connection(self, ws, stream, deflate)
+                self.connection = Connection(self, ws, stream, deflate, pings)
                 self.link.connected, self.link.since, self.link.since_unix = True, trio.current_time(), time.time()
                 self.link.tries, self.link.failing_since = 0, None
                 self.publish_state()

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import trio
+import trio.testing
 
 import pgw
 from backend import Backend, open_backend, open_proxy
@@ -1015,3 +1016,47 @@ async def test_trio_websocket_still_has_the_lock_pgw_writes_under():
         async with open_backend() as backend:
             async with trio_websocket.open_websocket_url(f"ws://127.0.0.1:{backend.port}/api/local-worker/connect?token={backend.token}") as ws:
                 assert isinstance(getattr(ws, pgw.TRIO_WEBSOCKET_STREAM_LOCK), trio.StrictFIFOLock)
+
+
+async def test_a_flood_of_pings_never_holds_up_the_reader_behind_a_slow_send():
+    # A server that pinged every few ms while pgw's sends crawled (its end
+    # read slowly, under load): each ping's pong waited for the send lock, and
+    # the reader with it, so a stage.cancel sat unread behind the pings and
+    # the keepalive, seeing nothing read for 30 s, dropped the connection and
+    # every stage.  The reader notes a ping and goes on; one pong answers the
+    # latest when the lock is free, as RFC 6455 5.5.3 allows.
+    import wsproto
+    import wsproto.events
+
+    ours, theirs = trio.testing.memory_stream_pair()
+    server = wsproto.WSConnection(wsproto.ConnectionType.SERVER)
+
+    async def receive_events():
+        while True:
+            events = list(server.events())
+            if events:
+                return events
+            server.receive_data(await theirs.receive_some())
+
+    async def accept():
+        assert isinstance((await receive_events())[0], wsproto.events.Request)
+        await theirs.send_all(server.send(wsproto.events.AcceptConnection()))
+
+    settings = pgw.Settings(server="http://h", token="t", compression=False)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(accept)
+            pings = pgw.LatestPing()
+            ws, _ = await pgw.open_websocket(nursery, ours, settings, 5, pings=pings)
+            frames = pgw.FrameWriter(ws, ours, None)
+            lock = getattr(ws, pgw.TRIO_WEBSOCKET_STREAM_LOCK)
+            await lock.acquire()  # a send that crawls
+            nursery.start_soon(frames.answer_pings, pings)
+            flood = b"".join(server.send(wsproto.events.Ping(b"%d" % number)) for number in range(1000))
+            await theirs.send_all(flood + server.send(wsproto.events.TextMessage("after the pings")))
+            with trio.fail_after(3):
+                assert await ws.get_message() == "after the pings"
+            lock.release()
+            [pong] = await receive_events()
+            assert pong == wsproto.events.Pong(b"999")
+            nursery.cancel_scope.cancel()
