@@ -3306,6 +3306,10 @@ def remove_scratch(scratch_dir: Path) -> None:
     directory; what cannot be removed is named in the log."""
     if not is_real_dir(scratch_dir.parent):
         return
+    try:  # its mode given back first: a stage may have run `chmod 0 ..`
+        private_dir(scratch_dir.parent)
+    except OSError:
+        pass  # remove_tree names what it then cannot remove
     failure = remove_tree(str(scratch_dir))
     if failure is not None:
         log.warning("cannot remove %s: %s", failure.filename or scratch_dir, failure.strerror or failure)

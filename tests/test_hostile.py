@@ -846,15 +846,21 @@ os.symlink("/etc", stage / "open" / "etc")  # never followed: /etc keeps its mod
 os.chmod(stage / "zero" / "deep", 0)
 os.chmod(stage / "zero", 0)
 os.chmod(stage / "locked", 0o500)
-pgw.remove_scratch(stage)
-print(sorted(os.listdir(scratch)))
+if sys.argv[3:] == ["parent too"]:
+    os.chmod(scratch, 0)  # `chmod 0 ..` from the stage's own directory
+if not pgw.remove_empty_scratch(stage):
+    pgw.remove_scratch(stage)
+print(sorted(os.listdir(scratch)), oct(os.stat(scratch).st_mode & 0o777))
 """
 
 
-def test_a_scratch_dir_whose_stage_took_its_own_rights_away_is_removed_all_the_same():
+@pytest.mark.parametrize("also", [[], ["parent too"]])
+def test_a_scratch_dir_whose_stage_took_its_own_rights_away_is_removed_all_the_same(also):
     """As an unprivileged user (root passes over modes): a stage left directories
     of mode 000 and 0500, which rmtree alone could neither list nor empty, and
-    kept them, the job's files in them, for good."""
+    kept them, the job's files in them, for good.  A stage that took the
+    rights of scratch/ itself (`chmod 0 ..`) left its files there until the
+    next `pgw run`."""
     if os.geteuid() != 0 or not shutil.which("setpriv"):
         pytest.skip("needs root, to run this as nobody")
     etc_mode = os.stat("/etc").st_mode
@@ -863,10 +869,10 @@ def test_a_scratch_dir_whose_stage_took_its_own_rights_away_is_removed_all_the_s
         base.chmod(0o777)
         done = subprocess.run(
             ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", STAGE_TAKES_ITS_RIGHTS,
-             str(ROOT), str(base)],
+             str(ROOT), str(base), *also],
             capture_output=True, text=True, timeout=60, cwd="/",
         )
-        assert (done.returncode, done.stdout) == (0, "[]\n"), done.stderr
+        assert (done.returncode, done.stdout) == (0, "[] 0o700\n"), done.stderr
         assert os.stat("/etc").st_mode == etc_mode
     finally:
         subprocess.run(["chmod", "-R", "u+rwx", str(base)], check=False)
