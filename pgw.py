@@ -112,6 +112,7 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; single-instance checks are skipped
     fcntl = None  # type: ignore[assignment]
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -5398,9 +5399,15 @@ INSTALL_KINDS = ("cron", "systemd", "launchd")
 # belongs to the home its command runs, so the markers stay the same for all.
 
 
+def home_identity(home: Path) -> str:
+    """The directory `home` is, whatever path names it (a symlink, `..`):
+    one home, one service."""
+    return os.path.realpath(home)
+
+
 def is_default_home(home: Path) -> bool:
     try:
-        return os.path.abspath(home) == os.path.abspath(Path.home() / DEFAULT_HOME_DIRNAME)
+        return home_identity(home) == home_identity(Path.home() / DEFAULT_HOME_DIRNAME)
     except RuntimeError:  # no home directory to tell: no default home either
         return False
 
@@ -5409,7 +5416,7 @@ def home_suffix(home: Path) -> str:
     """"" for the default home, else "-" and 12 hex digits naming it."""
     if is_default_home(home):
         return ""
-    return "-" + hashlib.sha256(os.fsencode(os.path.abspath(home))).hexdigest()[:12]
+    return "-" + hashlib.sha256(os.fsencode(home_identity(home))).hexdigest()[:12]
 
 
 def systemd_unit_name(home: Path) -> str:
@@ -5421,13 +5428,15 @@ def launchd_label(home: Path) -> str:
 
 
 def home_in_environment(environ: typing.Mapping[str, str]) -> str:
-    """The absolute pgw home that a service started with `environ` runs."""
-    if environ.get(ENV_HOME):
-        return os.path.abspath(os.path.expanduser(environ[ENV_HOME]))
+    """The pgw home (its home_identity) that a service started with `environ`
+    runs; a relative PGW_HOME is taken from the user's home directory, where
+    cron and systemd start a user's commands."""
     try:
-        return os.path.abspath(Path.home() / DEFAULT_HOME_DIRNAME)
+        user_home = Path.home()
     except RuntimeError:
-        return ""
+        user_home = Path("/")
+    value = environ.get(ENV_HOME)
+    return home_identity(user_home / os.path.expanduser(value) if value else user_home / DEFAULT_HOME_DIRNAME)
 
 
 @attrs.frozen
@@ -5440,7 +5449,7 @@ class Launch:
 
 def launch_for_this_host(home: Path, environ: typing.Mapping[str, str], search_path: str) -> Launch:
     """The interpreter and the pyz (or pgw.py) as absolute paths, and the env to give them."""
-    home = Path(os.path.abspath(home))  # a relative PGW_HOME means nothing to cron or systemd
+    home = Path(home_identity(home))  # a relative PGW_HOME means nothing to cron or systemd
     pyz = Path(sys.argv[0]).resolve() if current_extraction() is not None else Path(__file__).resolve()
     path_dirs = [str(Path(found).parent) for found in (shutil.which(cli, path=search_path) for cli in CLI_CAPABILITY_KEYS) if found]
     path_dirs += [d for d in search_path.split(os.pathsep) if d]
@@ -5461,18 +5470,19 @@ def cron_block(launch: Launch) -> str:
 
 def replace_cron_block(crontab: str, block: str, home: Path) -> tuple[str, bool]:
     """`crontab` with the marked block that runs `home` replaced by `block`
-    ("" removes it), and whether there was one; the blocks of other homes
-    stay.  A begin marker without its end (a hand edit) goes alone: the lines
+    ("" removes it), and whether there was one; every other line stays as it
+    was.  A begin marker without its end (a hand edit) goes alone: the lines
     after it are the user's."""
     kept: list[str] = []
     inside: Optional[list[str]] = None  # the lines of an open block, while one is open
     found = False
-    for line in crontab.splitlines():
-        if line == CRON_BEGIN:
+    for line in crontab.split("\n"):  # cron's lines: a form feed or U+2028 ends none
+        marker = line.rstrip()
+        if marker == CRON_BEGIN:
             kept += inside or []
             inside = []
-        elif line == CRON_END and inside is not None:
-            if cron_block_home(inside) == os.path.abspath(home):
+        elif marker == CRON_END and inside is not None:
+            if cron_block_home(inside) == home_identity(home):
                 found = True
             else:
                 kept += [CRON_BEGIN, *inside, CRON_END]
@@ -5487,22 +5497,29 @@ def replace_cron_block(crontab: str, block: str, home: Path) -> tuple[str, bool]
 
 
 def cron_block_home(lines: list[str]) -> Optional[str]:
-    """The absolute pgw home the command of a block of pgw's runs; None if no
-    line of it reads as one of `cron_block`'s."""
+    """The pgw home (home_identity) that the command of a block of pgw's runs:
+    the PGW_HOME its first job sets, before the command or through `env`; None
+    if no line of it reads as a job."""
     for line in lines:
-        if not line.startswith("@reboot "):
-            continue
         try:  # cron turns \% into %, before the shell reads the line
-            words = shlex.split(line[len("@reboot "):].replace("\\%", "%"))
+            words = shlex.split(line.replace("\\%", "%"))
         except ValueError:
             continue
-        environ = {}
-        for word in words:  # the assignments before the command
+        if not words or words[0].startswith("#"):
+            continue
+        words = words[1:] if words[0].startswith("@") else words[5:]  # the schedule
+        environ: dict[str, str] = {}
+        through_env = False
+        for word in words:  # the assignments before the command, and env's
             name, is_assignment, value = word.partition("=")
-            if not (is_assignment and name.isidentifier()):
+            if is_assignment and name.isidentifier():
+                environ[name] = value
+            elif word == "env" and not through_env:
+                through_env = True
+            else:
                 break
-            environ[name] = value
-        return home_in_environment(environ)
+        if words:
+            return home_in_environment(environ)
     return None
 
 
@@ -5556,16 +5573,22 @@ def install_target(kind: str, home: Path) -> Optional[Path]:
 
 
 def systemd_user_dir() -> Path:
-    return Path(os.environ.get("XDG_CONFIG_HOME") or Path.home() / ".config") / "systemd" / "user"
+    # The XDG spec: a relative XDG_CONFIG_HOME is invalid, and ignored.
+    config_home = os.environ.get("XDG_CONFIG_HOME", "")
+    return (Path(config_home) if os.path.isabs(config_home) else Path.home() / ".config") / "systemd" / "user"
 
 
 def unit_home(unit: str) -> str:
-    """The absolute pgw home a unit of `systemd_unit`'s runs."""
+    """The pgw home (home_identity) a systemd unit runs, from its Environment=
+    lines: each holds assignments, quoted or not, as systemd reads them."""
     environ = {}
-    for line in unit.splitlines():
-        if line.startswith('Environment="') and line.endswith('"'):
-            name, _, value = re.sub(r"\\(.)", r"\1", line[13:-1].replace("%%", "%")).partition("=")
-            environ[name] = value
+    for line in unit.split("\n"):
+        if line.startswith("Environment="):
+            try:
+                words = shlex.split(line[len("Environment="):].replace("%%", "%"))
+            except ValueError:
+                continue
+            environ.update(word.split("=", 1) for word in words if "=" in word)
     return home_in_environment(environ)
 
 
@@ -5599,8 +5622,16 @@ def service_tool_failure(argv: list[str], done: subprocess.CompletedProcess[str]
 
 
 def _run_tool(argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+    # Bytes, decoded here: text mode would turn a crontab's \r into \n, and a
+    # byte that is not UTF-8 into an error.
     try:
-        return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=30, check=False)
+        done = subprocess.run(
+            argv, input=None if stdin is None else stdin.encode("utf-8", "surrogateescape"),
+            capture_output=True, timeout=30, check=False,
+        )
+        return subprocess.CompletedProcess(
+            argv, done.returncode, done.stdout.decode("utf-8", "surrogateescape"), done.stderr.decode("utf-8", "replace")
+        )
     except FileNotFoundError:
         raise PgwError(f"`{argv[0]}` is not installed on this host") from None
     except subprocess.TimeoutExpired:
@@ -5888,15 +5919,20 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
 
 
 def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any]]:
-    home = Path(os.path.abspath(pgw_home()))
+    home = Path(home_identity(pgw_home()))
     config = read_config(home / CONFIG_FILENAME)
     search_path = cli_search_path(config.get("env") or {}, os.environ)
     launch = launch_for_this_host(home, os.environ, search_path)
     for name, value in [*(("the command", part) for part in launch.argv), *launch.environ.items()]:
         # A newline would end the crontab's or the unit's line and start one of
-        # its own: whatever followed it would run at boot.
-        if any(ord(char) < 0x20 or ord(char) == 0x7F for char in value):
+        # its own: whatever followed it would run at boot.  Python's splitlines
+        # (and some editors) also end a line at U+2028, U+2029 and U+0085.
+        if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
             raise PgwError(f"cannot install: {name} holds a control character (a newline, say): {shown(value)}")
+        if args.kind == "cron" and "\\%" in value:
+            # cron ends the command at a % its backslash does not escape, and a
+            # backslash written before pgw's own escaping one escapes that instead.
+            raise PgwError(f"cannot install cron: {name} holds a backslash before a %, which no crontab line can carry: {shown(value)}")
     return launch, home, config
 
 
@@ -5934,16 +5970,18 @@ def _cmd_install(args: argparse.Namespace) -> int:
             f"cannot install: {target} runs another pgw home, {other}: install that home's again first"
             f" (`{ENV_HOME}={shlex.quote(other)} pgw install {args.kind} --apply`), which gives it a name of its own"
         )
-    old = older_service_of_this_home(args.kind, home)
-    if old is not None:
-        _unload_service(args.kind, old, warn_only=False)
-        print(f"removed {old}, which an older pgw installed for this home")
     try:
         make_private_dirs(target.parent)
         write_private_text(target, text)
     except OSError as exc:
-        raise PgwError(f"cannot write {target}: {exc.strerror}") from None
+        why = "it is a symbolic link, which pgw does not write through" if exc.errno == errno.ELOOP else exc.strerror
+        raise PgwError(f"cannot write {target}: {why}") from None
     print(f"wrote {target}")
+    old = older_service_of_this_home(args.kind, home)  # only now: this home always has one of the two
+    if old is not None:
+        if not _unload_service(args.kind, old):
+            raise PgwError(f"cannot remove {old}, which an older pgw installed for this home: its service still runs")
+        print(f"removed {old}, which an older pgw installed for this home")
     tool = (
         [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", target.name]]
         if args.kind == "systemd"
@@ -5980,7 +6018,7 @@ def service_of_another_home(kind: str, target: Path, home: Path) -> Optional[str
     """The home that the unit or agent at `target` runs if not `home`: the
     default home's name, taken by an older pgw for another home."""
     installed = service_home(kind, target)
-    return installed if installed is not None and installed != os.path.abspath(home) else None
+    return installed if installed is not None and installed != home_identity(home) else None
 
 
 def older_service_of_this_home(kind: str, home: Path) -> Optional[Path]:
@@ -5992,27 +6030,41 @@ def older_service_of_this_home(kind: str, home: Path) -> Optional[Path]:
         older = install_target(kind, Path.home() / DEFAULT_HOME_DIRNAME)
     except RuntimeError:  # no home directory: nothing was installed in it
         return None
-    return older if older is not None and service_home(kind, older) == os.path.abspath(home) else None
+    return older if older is not None and service_home(kind, older) == home_identity(home) else None
 
 
-def _unload_service(kind: str, target: Path, warn_only: bool) -> bool:
-    """Stop and disable the unit or agent at `target`, then remove it; False
-    if the service manager failed (said on stderr when `warn_only`)."""
+def _unload_service(kind: str, target: Path) -> bool:
+    """Stop and disable the unit or agent at `target`, then remove it; False,
+    said on stderr, and the file kept for a later try, if the service manager
+    failed (the service may still run)."""
+    if target.is_dir() and not target.is_symlink():
+        raise PgwError(f"cannot remove {target}: it is a directory, not a unit or agent pgw wrote")
     tool = (
         ["systemctl", "--user", "disable", "--now", target.name] if kind == "systemd"
         else ["launchctl", "unload", "-w", str(target)]
     )
     done = _run_tool(tool)
-    if done.returncode != 0 and not warn_only:
-        raise PgwError(service_tool_failure(tool, done))
     if done.returncode != 0:
-        print(f"pgw: warning: {service_tool_failure(tool, done)}: the service may still run", file=sys.stderr)
-    target.unlink()
-    return done.returncode == 0
+        print(
+            f"pgw: warning: {service_tool_failure(tool, done)}: the service may still run;"
+            f" {target} is kept, for `pgw uninstall {kind}` to try again",
+            file=sys.stderr,
+        )
+        return False
+    try:
+        target.unlink()
+    except OSError as exc:
+        raise PgwError(f"cannot remove {target}: {exc.strerror}") from None
+    if kind == "systemd":  # else systemd keeps the removed unit loaded until its next reload
+        reload = ["systemctl", "--user", "daemon-reload"]
+        done = _run_tool(reload)
+        if done.returncode != 0:
+            print(f"pgw: warning: {service_tool_failure(reload, done)}", file=sys.stderr)
+    return True
 
 
 def _cmd_uninstall(args: argparse.Namespace) -> int:
-    home = Path(os.path.abspath(pgw_home()))
+    home = Path(home_identity(pgw_home()))
     if args.kind == "cron":
         crontab, found = replace_cron_block(read_crontab(), "", home)
         if not found:
@@ -6031,19 +6083,21 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
         target.unlink()
         print(f"removed {target} ({args.kind} does not run on this host: nothing to stop)")
         return 0
-    targets = [path for path in (target, older_service_of_this_home(args.kind, home)) if path is not None and path.exists()]
-    if not targets:
-        print(f"nothing to remove: no {target}")
-        return 0
     other = service_of_another_home(args.kind, target, home)
     if other is not None:
         print(f"nothing to remove: {target} runs another pgw home, {other}")
         return 0
-    stopped = True
+    targets = [path for path in (target, older_service_of_this_home(args.kind, home)) if path is not None and os.path.lexists(path)]
+    if not targets:
+        print(f"nothing to remove: no {target}")
+        return 0
+    removed_all = True
     for path in targets:
-        stopped = _unload_service(args.kind, path, warn_only=True) and stopped
-        print(f"removed {path}")
-    return 0 if stopped else 1
+        if _unload_service(args.kind, path):
+            print(f"removed {path}")
+        else:
+            removed_all = False
+    return 0 if removed_all else 1
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
@@ -6560,7 +6614,9 @@ def main(argv: Optional[list[str]] = None) -> int:
             sys.stdout.flush()
             raise
         if args.home:  # every command finds its home in the environment, as with PGW_HOME
-            os.environ[ENV_HOME] = os.path.abspath(os.path.expanduser(args.home))
+            # Absolute, but its `..` left for the kernel, as PGW_HOME's is: after a
+            # symlink it leads elsewhere than the text suggests.
+            os.environ[ENV_HOME] = str(Path.cwd() / os.path.expanduser(args.home))
         if args.command is None:
             print(parser.format_help(), end="")
             return 2

@@ -339,6 +339,71 @@ def test_a_cron_block_names_the_home_it_runs(name, tmp_path):
     assert pgw.cron_block_home([line.replace("PGW_HOME=", "X=") for line in block]) != str(home)
 
 
+def test_a_crontab_keeps_every_line_of_the_users_byte_for_byte(capsys, pgw_home, tmp_path, monkeypatch):
+    # Lines were split as Python splits them, at a form feed, U+2028 or U+0085
+    # too, and written back split: "# note\f* * * * * job" became a live job.
+    users = "# note\f* * * * * echo formfeed-job\n# old: \u2028*/1 * * * * echo ls-job\n\x85x\r\n0 3 * * * backup\n"
+    table = fake_crontab(tmp_path, monkeypatch)
+    table.write_bytes(users.encode("utf-8") + b"# \xff not UTF-8\n")
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(["install", "cron", "--apply"]) == 0
+    assert table.read_bytes().startswith(users.encode("utf-8") + b"# \xff not UTF-8\n" + pgw.CRON_BEGIN.encode())
+    assert pgw.main(["uninstall", "cron"]) == 0
+    assert table.read_bytes() == users.encode("utf-8") + b"# \xff not UTF-8\n"
+
+
+@pytest.mark.parametrize("character", ["\u2028", "\u2029", "\x85", "\x0c"])
+def test_install_refuses_a_home_holding_a_line_separator(capsys, tmp_path, monkeypatch, character):
+    table = fake_crontab(tmp_path, monkeypatch, "0 3 * * * backup\n")
+    home = tmp_path / f"odd{character}home"
+    pgw.write_config(home / "config.json", PAIRED)
+    assert pgw.main(["--home", str(home), "install", "cron", "--apply"]) == 1
+    assert "holds a control character" in capsys.readouterr().err
+    assert table.read_text() == "0 3 * * * backup\n"
+
+
+def test_install_cron_refuses_a_backslash_before_a_percent_sign(capsys, tmp_path, monkeypatch):
+    # cron would end the command at that %: the line is written escaped as \\%,
+    # and cron reads the first backslash as escaping the second.
+    table = fake_crontab(tmp_path, monkeypatch)
+    home = tmp_path / "a\\%b"
+    pgw.write_config(home / "config.json", PAIRED)
+    assert pgw.main(["--home", str(home), "install", "cron", "--apply"]) == 1
+    assert "a backslash before a %" in capsys.readouterr().err and not table.exists()
+
+
+@pytest.mark.parametrize("job", [
+    "@reboot env PGW_HOME={home} /usr/bin/python3 pgw.pyz run",
+    "*/5 * * * * PGW_HOME={home} /usr/bin/python3 pgw.pyz run",
+    "0 0 * * * SHIV_ROOT=/x env PATH=/bin PGW_HOME={home} pgw run",
+])
+def test_a_block_of_an_older_or_hand_edited_form_belongs_to_the_home_it_runs(capsys, tmp_path, monkeypatch, job):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    other = tmp_path / "other"
+    block = f"{pgw.CRON_BEGIN}\n{job.format(home=other)}\n{pgw.CRON_END}  \n"  # an end marker an editor left a space on
+    table = fake_crontab(tmp_path, monkeypatch, block)
+    assert pgw.main(["--home", str(tmp_path / ".pgworker"), "uninstall", "cron"]) == 0
+    assert "nothing to remove" in capsys.readouterr().out and table.read_text() == block
+    assert pgw.main(["--home", str(other), "uninstall", "cron"]) == 0
+    assert table.read_text() == ""
+
+
+def test_one_home_named_two_ways_is_one_service(capsys, tmp_path, monkeypatch):
+    # Through a symlink, or a `..` after one, the same directory got a second
+    # crontab block (or unit), and with it a second watchdog.
+    table = fake_crontab(tmp_path, monkeypatch)
+    real = tmp_path / "deep" / "sub" / "home"
+    pgw.write_config(real / "config.json", PAIRED)
+    (tmp_path / "link").symlink_to(real)
+    (tmp_path / "up").symlink_to(tmp_path / "deep" / "sub")
+    for name in (real, tmp_path / "link", tmp_path / "up" / ".." / "sub" / "home"):
+        assert pgw.main(["--home", str(name), "install", "cron", "--apply"]) == 0
+    assert table.read_text().count("@reboot") == 1 and f"PGW_HOME={real}" in table.read_text()
+    assert pgw.systemd_unit_name(tmp_path / "link") == pgw.systemd_unit_name(real)
+    assert pgw.main(["--home", str(tmp_path / "link"), "uninstall", "cron"]) == 0
+    assert "@reboot" not in table.read_text()
+
+
 def systemctl_recorder(tmp_path, monkeypatch, fails=""):
     """A systemctl stand-in on PATH that notes each call, failing those whose
     words hold `fails`; the file of its calls."""
@@ -372,7 +437,7 @@ def test_each_pgw_home_has_a_systemd_unit_of_its_own(capsys, tmp_path, monkeypat
     assert sorted(path.name for path in units.iterdir()) == sorted(["pgw.service", name])
     assert pgw.main(["--home", str(other), "uninstall", "systemd"]) == 0
     assert [path.name for path in units.iterdir()] == ["pgw.service"]
-    assert calls.read_text().splitlines()[-1] == f"--user disable --now {name}"
+    assert calls.read_text().splitlines()[-2:] == [f"--user disable --now {name}", "--user daemon-reload"]
 
 
 def test_a_unit_an_older_pgw_installed_for_another_home_moves_to_a_name_of_its_own(capsys, tmp_path, monkeypatch):
@@ -413,6 +478,48 @@ def test_a_service_names_the_home_it_runs(kind, tmp_path, monkeypatch):
     assert pgw.install_target(kind, other) != older
 
 
+def test_a_failed_install_keeps_the_unit_an_older_pgw_installed(capsys, tmp_path, monkeypatch):
+    # The older unit was stopped and removed first; the new one then failed to
+    # be written, and the home was left with no service at all.
+    calls = systemctl_recorder(tmp_path, monkeypatch)
+    units = tmp_path / "xdg" / "systemd" / "user"
+    other = tmp_path / "other"
+    pgw.write_config(other / "config.json", PAIRED)
+    units.mkdir(parents=True)
+    (units / "pgw.service").write_text(f'[Service]\nEnvironment="PGW_HOME={other}"\n')
+    (units / pgw.systemd_unit_name(other)).mkdir()  # what cannot be written
+    assert pgw.main(["--home", str(other), "install", "systemd", "--apply"]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert (units / "pgw.service").exists() and not calls.exists()
+
+
+@pytest.mark.parametrize("line", [
+    "Environment=PGW_HOME={home}",
+    'Environment="PGW_HOME={home}" "SHIV_ROOT={home}/shiv"',
+    "Environment=SHIV_ROOT=/x PGW_HOME={home}",
+    "Environment='PGW_HOME={home}'",
+])
+def test_a_unit_names_its_home_however_its_environment_is_written(line, tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    home = tmp_path / "w9"
+    assert pgw.unit_home(f"[Service]\nExecStart=/usr/bin/pgw run\n{line.format(home=home)}\n") == str(home)
+
+
+def test_a_relative_xdg_config_home_is_ignored(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("XDG_CONFIG_HOME", "relcfg")  # invalid, says the XDG spec
+    assert pgw.install_target("systemd", tmp_path / ".pgworker") == tmp_path / ".config" / "systemd" / "user" / "pgw.service"
+
+
+def test_uninstall_of_a_unit_that_is_a_directory_says_so_before_touching_systemd(capsys, pgw_home, tmp_path, monkeypatch):
+    calls = systemctl_recorder(tmp_path, monkeypatch)
+    pgw.install_target("systemd", pgw_home).mkdir(parents=True)
+    assert pgw.main(["uninstall", "systemd"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "it is a directory" in err and str(pgw.install_target("systemd", pgw_home)) in err
+    assert not calls.exists()
+
+
 def test_uninstall_systemd_says_when_the_service_may_still_run(capsys, pgw_home, tmp_path, monkeypatch):
     systemctl_recorder(tmp_path, monkeypatch, fails="disable")
     pgw.write_config(pgw_home / "config.json", PAIRED)
@@ -420,8 +527,8 @@ def test_uninstall_systemd_says_when_the_service_may_still_run(capsys, pgw_home,
     capsys.readouterr()
     assert pgw.main(["uninstall", "systemd"]) == 1
     out, err = capsys.readouterr()
-    assert "may still run" in err and err.count("\n") == 1 and "removed" in out
-    assert not pgw.install_target("systemd", pgw_home).exists()
+    assert "may still run" in err and "is kept, for `pgw uninstall systemd` to try again" in err and err.count("\n") == 1
+    assert "removed" not in out and pgw.install_target("systemd", pgw_home).exists()  # for the next try
 
 
 def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, monkeypatch):
