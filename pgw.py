@@ -271,6 +271,7 @@ CODEX_ROLLOUT_TAIL_BYTES = 4 * 1024 * 1024
 RUN_LOG_FILENAME = "run.log"
 LOCK_FILENAME = "run.lock"  # the pid of the one `pgw run` of this home (which flocks the home itself)
 STATE_FILENAME = "state.json"  # what `pgw status` shows
+STATE_MAX_BYTES = 1 << 20  # what `status` reads of it: the daemon's is under 2 KiB
 
 # Tokens shorter than this are not hidden in the log (see RedactToken).
 REDACT_MIN_CHARS = 6
@@ -341,6 +342,8 @@ class Timing:
     root_idle_s: float = 30.0
     # How stale `pgw status` may be, at most.
     state_write_interval_s: float = 0.5
+    # A state file write that failed (a full disk) is tried again this often.
+    state_retry_s: float = 10.0
 
 ##############################################################################
 # Errors
@@ -1919,8 +1922,9 @@ def _read_pid(fd: int) -> Optional[int]:
 
 
 def read_state(home: Path) -> Optional[dict[str, Any]]:
-    try:
-        state = json.loads((home / STATE_FILENAME).read_text(encoding="utf-8"))
+    try:  # a FIFO put in its place would hold the read, and `status` with it
+        with open_regular_file(home / STATE_FILENAME) as file:
+            state = json.loads(file.read(STATE_MAX_BYTES).decode("utf-8"))
     except (OSError, ValueError, RecursionError):
         return None
     return state if isinstance(state, dict) else None
@@ -4575,10 +4579,11 @@ class Daemon:
             "updated_at": iso_time(time.time()),
         }
 
-    def _write_state(self, state: dict[str, Any]) -> None:
+    def _write_state(self, state: dict[str, Any]) -> bool:
         path = self.home / STATE_FILENAME
         try:
             write_json_atomically(path, state)
+            return True
         except OSError as exc:
             # A full disk: the file left would go on saying what no longer
             # holds (connected, say).  Removing it takes no space, and `status`
@@ -4588,6 +4593,7 @@ class Daemon:
                 path.unlink(missing_ok=True)
             except OSError:
                 pass
+            return False
 
     async def _state_writer(self) -> None:
         """At most one state file write per interval, off the event loop:
@@ -4595,7 +4601,9 @@ class Daemon:
         while True:
             await self._state_changed.wait()
             self._state_changed = trio.Event()
-            await trio.to_thread.run_sync(self._write_state, self.state())
+            if not await trio.to_thread.run_sync(self._write_state, self.state()):
+                self.publish_state()  # again once there may be room: an idle daemon changes nothing
+                await trio.sleep(self.timing.state_retry_s)
             await trio.sleep(self.timing.state_write_interval_s)
 
     # Reconnect loop --------------------------------------------------------
@@ -5029,7 +5037,7 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
     if holder is None:
         checks.append(Check("daemon", "WARN", "`pgw run` is not running for this home"))
     else:
-        checks.append(Check("daemon", "PASS", f"`pgw run` is running (pid {holder}), {'connected' if connected else 'not connected'}"))
+        checks.append(Check("daemon", "PASS", f"`pgw run` is running (pid {holder}), {connection_words(connected)}"))
     return checks
 
 
@@ -5761,7 +5769,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
     pid, _, connected = daemon_report(path.parent)
-    if connected:  # it reads the credentials again before each connection, not while one lasts
+    if connected is not False:  # it reads the credentials again before each connection, not while one lasts
         print(
             f"pgw: warning: the running pgw (pid {pid}) stays connected with the previous credentials until its"
             " connection ends: run `pgw stop` and start it again to use the new ones now",
@@ -6114,14 +6122,14 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "running": pid is not None,
         "pid": pid,
         "started_at": state.get("started_at") if pid else None,
-        "connected": connected,
+        "connected": connected,  # null: the state file cannot tell, nor anything below
         "connected_since": state.get("connected_since") if connected else None,
         "server": state.get("server"),
-        "tries": state.get("tries", 0) if pid and not connected else 0,
-        "next_try_at": state.get("next_try_at") if pid and not connected else None,
-        "stages_running": state.get("stages_running", 0) if pid else 0,
-        "stages_queued": state.get("stages_queued", 0) if pid else 0,
-        "last_error": state.get("last_error"),
+        "tries": state.get("tries", 0) if pid and connected is False else 0,
+        "next_try_at": state.get("next_try_at") if pid and connected is False else None,
+        "stages_running": (state.get("stages_running", 0) if pid else 0) if connected is not None else None,
+        "stages_queued": (state.get("stages_queued", 0) if pid else 0) if connected is not None else None,
+        "last_error": state.get("last_error") if connected is not None else None,
         "paired": paired,
         "home": str(home),
         "log": str(home / RUN_LOG_FILENAME),
@@ -6135,26 +6143,40 @@ def _cmd_status(args: argparse.Namespace) -> int:
         print(f"running    yes, pid {pid}, since {report['started_at'] or '?'}")
         if connected:
             print(f"connected  yes, to {report['server']} since {report['connected_since']}")
-        elif state.get("pid") != pid:
+        elif connected is None and state.get("pid") != pid:
             print(f"connected  cannot tell: no state file of this run in {home} yet (it is written within a second;"
                   " later, a full disk stops it)")
+        elif connected is None:
+            print(f"connected  cannot tell: {home} cannot be written, so its state file may be out of date")
         else:
             tries = f"; {report['tries']} failed tries, next at {report['next_try_at'] or 'once the current try ends'}"
             print(f"connected  no (server {report['server'] or '?'}{tries if report['tries'] else ''})")
-        print(f"stages     {report['stages_running']} running, {report['stages_queued']} queued")
-    print(f"last error {report['last_error'] or '-'}")
+        if connected is not None:
+            print(f"stages     {report['stages_running']} running, {report['stages_queued']} queued")
+    if connected is not None:
+        print(f"last error {report['last_error'] or '-'}")
     print(f"paired     {'yes' if paired else 'no: run `pgw pair CODE --server URL`' if paired is False else f'cannot tell: {problem}'}")
     print(f"log        {report['log']}")
     print(f"version    pgw {__version__}")
     return 1 if pid is None else 0 if connected else 3
 
 
-def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], bool]:
-    """(pid of the running daemon or None, its state file, whether it is connected):
-    the one place that judges "connected", for `status` and `doctor`."""
+def connection_words(connected: Optional[bool]) -> str:
+    return "connected" if connected else "not connected" if connected is False else "connected or not (its state file cannot tell)"
+
+
+def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], Optional[bool]]:
+    """(pid of the running daemon or None, its state file, whether it is
+    connected, None when the state file cannot tell: missing, another run's,
+    or in a home the daemon can no longer rewrite it in): the one place that
+    judges "connected", for `status`, `doctor` and `pair`."""
     pid = instance_lock_holder(home)
     state = read_state(home) or {}
-    return pid, state, bool(pid and state.get("pid") == pid and state.get("connected"))
+    if not pid:
+        return pid, state, False
+    if state.get("pid") != pid or not os.access(home, os.W_OK):
+        return pid, state, None
+    return pid, state, bool(state.get("connected"))
 
 
 def _count(text: str) -> int:
@@ -6200,7 +6222,7 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
     else:
         # A second WebSocket with the daemon's own token may look to the server
         # like the worker reconnecting, and cost the daemon its connection.
-        beside = f"the running pgw (pid {holder}) is {'connected' if connected else 'not connected'}" if holder else None
+        beside = f"the running pgw (pid {holder}) is {connection_words(connected)}" if holder else None
         checks += trio.run(network_checks, settings, Timing(), beside)
     # Doctor's report is pasted into bug reports: a server's words (a redirect's
     # Location, a refusal's detail) may carry the token, as the log hides it.

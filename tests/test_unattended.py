@@ -8,10 +8,12 @@ import json
 import logging
 import os
 import re
+import shutil
 import signal
 import stat
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -182,6 +184,40 @@ def test_a_state_file_that_cannot_be_rewritten_goes_rather_than_tell_what_no_lon
     assert not (home / "state.json").exists()
 
 
+async def test_a_state_file_write_that_failed_is_tried_again_without_a_change(tmp_path, monkeypatch):
+    # Once the disk had room again, an idle daemon (nothing changing) left
+    # `status` without a state file for good.
+    home = tmp_path / "home"
+    pgw.make_private_dirs(home)
+    daemon = pgw.Daemon(pgw.Settings(server="http://127.0.0.1:9", token="t"), home,
+                        timing=pgw.Timing(state_write_interval_s=0.01, state_retry_s=0.05))
+    real, failures = pgw.write_json_atomically, []
+
+    def full_once(path, value, durable=False):
+        if not failures:
+            failures.append(path)
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(path, value, durable)
+
+    monkeypatch.setattr(pgw, "write_json_atomically", full_once)
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon._state_writer)
+            daemon.publish_state()  # the one change
+            while not (home / "state.json").exists():
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert failures and pgw.read_state(home)["pid"] == os.getpid()
+
+
+def test_status_reads_no_fifo_put_in_place_of_the_state_file(tmp_path):
+    home = tmp_path / "home"
+    pgw.make_private_dirs(home)
+    os.mkfifo(home / "state.json")  # a reader would wait for a writer that never comes
+    done = pgw_command(home, "status")  # which times out, and fails, if status waits
+    assert done.returncode == 1 and "not running" in done.stdout
+
+
 def test_status_cannot_tell_without_a_state_file_of_the_running_daemon(tmp_path):
     home = tmp_path / "home"
     pgw.write_config(home / "config.json", {"server": "http://127.0.0.1:9", "token": "t"})
@@ -192,9 +228,39 @@ def test_status_cannot_tell_without_a_state_file_of_the_running_daemon(tmp_path)
                 pgw.write_json_atomically(home / "state.json", state)
             done = pgw_command(home, "status")
             assert done.returncode == 3 and "connected  cannot tell: no state file of this run" in done.stdout
-            assert json.loads(pgw_command(home, "status", "--json").stdout)["connected"] is False
+            report = json.loads(pgw_command(home, "status", "--json").stdout)
+            assert (report["connected"], report["stages_running"], report["last_error"]) == (None, None, None)
     finally:
         os.close(fd)
+
+
+def test_status_cannot_tell_from_a_state_file_in_a_home_the_daemon_cannot_write(tmp_path):
+    # A read-only home: the daemon can neither rewrite its state file nor
+    # remove it, and status believed "connected" after the connection was lost.
+    if os.geteuid() != 0 or not shutil.which("setpriv"):
+        pytest.skip("needs root, to run this as nobody")
+    base = Path(tempfile.mkdtemp(prefix="pgw-readonly-"))  # pytest's tmp_path is closed to nobody
+    base.chmod(0o755)
+    home = base / "home"
+    pgw.make_private_dirs(home)
+    code = (
+        "import os, sys, json; sys.path.insert(0, sys.argv[1]); import pgw\n"
+        "from pathlib import Path\n"
+        "home = Path(sys.argv[2]); fd, _ = pgw.acquire_instance_lock(home)\n"
+        "pgw.write_json_atomically(home / 'state.json', {'pid': os.getpid(), 'connected': True})\n"
+        "os.chmod(home, 0o500)\n"
+        "sys.exit(pgw.main(['--home', str(home), 'status']))\n"
+    )
+    os.chown(home, 65534, 65534)
+    try:
+        done = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", sys.executable, "-c", code, str(ROOT), str(home)],
+            capture_output=True, text=True, timeout=60, cwd="/", env={"PATH": "/usr/bin:/bin", "HOME": str(home)},
+        )
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    assert done.returncode == 3, done.stdout + done.stderr
+    assert f"connected  cannot tell: {home} cannot be written" in done.stdout
 
 
 async def test_sigkilled_daemon_takes_its_stages_with_it_and_a_restart_clears_scratch(tmp_path, stub_bin):
