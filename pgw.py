@@ -3582,6 +3582,11 @@ class Outbox:
                 self._has_space.unpark()
         return batch
 
+    @property
+    def drained(self) -> bool:
+        """Everything queued has been handed to the WebSocket."""
+        return not (self._urgent or self._frames or self._sending)
+
     async def wait_drained(self) -> None:
         """Until everything queued so far has been handed to the WebSocket."""
         while self._urgent or self._frames or self._sending:
@@ -4642,7 +4647,10 @@ class Daemon:
                 with trio.CancelScope() as self._idle_scope:
                     await self._connect()
                 if self._idle_scope.cancelled_caught and self.connection is not None:
-                    log.warning("the server read nothing more: pgw stopped without sending every stage's exit")
+                    if self.stages or not self.connection.outbox.drained:
+                        log.warning("the server read nothing more: pgw stopped without sending every stage's exit")
+                    else:
+                        log.info("every stage's exit was sent; the server did not answer the close in time")
                 failure = None
             except Exception as exc:  # noqa: BLE001 - every failure is logged and retried
                 failure = connection_failure(self.settings.server, exc)
@@ -5822,14 +5830,27 @@ def run_preflight(args: argparse.Namespace) -> Settings:
 
 
 def _cmd_run(args: argparse.Namespace) -> int:
-    if args.token:
-        _restart_without_token_in_ps(args.token)
-    home = pgw_home()
+    # From the first line on, a SIGTERM, SIGINT or SIGQUIT (a watchdog, a test
+    # that read the log) stops the daemon as one once it runs would, instead of
+    # killing it mid-start; a SIGHUP (a closing terminal) is ignored, as later.
+    early: list[int] = []
+    caught = [signal.SIGTERM, signal.SIGINT, *(getattr(signal, name) for name in ("SIGQUIT", "SIGHUP") if hasattr(signal, name))]
+    before = {signum: signal.getsignal(signum) for signum in caught}
+    for signum in caught:
+        signal.signal(signum, signal.SIG_IGN if signum == getattr(signal, "SIGHUP", None) else lambda signum, _: early.append(signum))
     try:
-        return _start_daemon(args, home)
-    except PgwError as exc:
-        leave_reason(home, str(exc))
-        raise
+        if args.token:
+            _restart_without_token_in_ps(args.token)
+        home = pgw_home()
+        try:
+            return _start_daemon(args, home, early)
+        except PgwError as exc:
+            leave_reason(home, str(exc))
+            raise
+    finally:  # main may be called again in this process (the tests do)
+        for signum, handler in before.items():
+            if handler is not None:  # None: set outside Python, and not ours to change back
+                signal.signal(signum, handler)
 
 
 def leave_reason(home: Path, reason: str) -> None:
@@ -5848,7 +5869,7 @@ def leave_reason(home: Path, reason: str) -> None:
         pass  # stderr has it; nothing else can be written
 
 
-def _start_daemon(args: argparse.Namespace, home: Path) -> int:
+def _start_daemon(args: argparse.Namespace, home: Path, early: list[int]) -> int:
     settings = run_preflight(args)
     # Everything the daemon makes (home, lock, log, state, scratch) is private
     # whatever the umask; its stages get the caller's umask back.
@@ -5870,11 +5891,6 @@ def _start_daemon(args: argparse.Namespace, home: Path) -> int:
         "pgw %s started: server=%s name=%r max_stages=%s log=%s",
         __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
     )
-    # A SIGTERM from here on (a watchdog, a test that read the log) stops
-    # the daemon as one once it runs would, instead of killing it mid-start.
-    early: list[int] = []
-    for signum in (signal.SIGTERM, signal.SIGINT, *([signal.SIGQUIT] if hasattr(signal, "SIGQUIT") else [])):
-        signal.signal(signum, lambda signum, _: early.append(signum))
     for old in prune_old_extractions(shiv_root(), current_extraction()):
         log.info("removed an older extraction of pgw no pgw runs from: %s", old)
     daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=True)

@@ -965,6 +965,61 @@ async def test_sigquit_quits_at_once_and_still_sends_the_exits(tmp_path, stub_bi
     assert "received SIGQUIT: quitting now" in (home / "run.log").read_text()
 
 
+async def test_a_close_left_unanswered_after_every_exit_went_out_is_no_lost_exit(tmp_path, stub_bin):
+    # The log said "pgw stopped without sending every stage's exit" whenever
+    # the server did not answer the close in time, though every exit had gone.
+    write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, str(ROOT / "pgw.py")], backend, home, stub_bin) as daemon:
+                connection = await backend.next_connection()
+                await connection.send(request("s1"))
+                await wait_ready(connection, "s1")
+                connection.pause_reading()  # the exit reaches the socket; nothing answers the close
+                # The read already under way when reading paused takes this one.
+                await connection.send(request("refused", cli="rm"))
+                await connection.receive("stage.exit", "refused")
+                daemon.send_signal(signal.SIGQUIT)
+                assert await daemon.wait() == 0
+                connection.resume_reading()
+                result = await connection.stage_result("s1")
+    assert result.error == "worker shutting down"
+    log_text = (home / "run.log").read_text()
+    assert "every stage's exit was sent; the server did not answer the close in time" in log_text
+    assert "without sending every stage's exit" not in log_text
+
+
+# `pgw run` signalling itself at its first step, as a watchdog (or a closing
+# terminal) may signal it while it starts.
+SIGNALLED_WHILE_STARTING = (
+    "import os, signal, sys\n"
+    "import pgw\n"
+    "checked = pgw.run_preflight\n"
+    "pgw.run_preflight = lambda args: (os.kill(os.getpid(), getattr(signal, sys.argv[1])), checked(args))[1]\n"
+    "sys.exit(pgw.main(sys.argv[2:]))\n"
+)
+
+
+@pytest.mark.parametrize("name", ["SIGQUIT", "SIGHUP"])
+async def test_a_signal_while_starting_is_obeyed_as_once_running(tmp_path, stub_bin, name):
+    # Before the daemon's own handlers were set, SIGQUIT killed `run` with a
+    # core dump and SIGHUP (which pgw ignores) killed it too, with no log line.
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, "-c", SIGNALLED_WHILE_STARTING, name], backend, home, stub_bin) as daemon:
+                if name == "SIGQUIT":
+                    assert await daemon.wait() == 0
+                else:
+                    await backend.next_connection()
+                    daemon.send_signal(signal.SIGTERM)
+                    assert await daemon.wait() == 0
+    log_text = (home / "run.log").read_text()
+    assert ("received SIGQUIT while starting: quitting now" in log_text) == (name == "SIGQUIT")
+    assert "stopped" in log_text
+
+
 def test_run_when_not_paired_says_how_to_pair(capsys, pgw_home):
     assert pgw.main(["run"]) == 1
     err = capsys.readouterr().err
