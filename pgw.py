@@ -4579,6 +4579,8 @@ class Daemon:
             "last_error": self.link.last_error,
             "tries": self.link.tries,
             "next_try_at": iso_time(self.link.next_try_unix),
+            # Which `pair` cannot change: PGW_TOKEN (or --token) outranks config.json.
+            "token_from_environment": bool(os.environ.get(ENV_TOKEN)),
             "stages_running": running,
             "stages_queued": len(self.stages) - running,
             "updated_at": iso_time(time.time()),
@@ -5776,8 +5778,14 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     named = {"name": args.name} if args.name else {}
     write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
-    pid, _, connected = daemon_report(path.parent)
-    if connected is not False:  # it reads the credentials again before each connection, not while one lasts
+    pid, state, connected = daemon_report(path.parent)
+    if pid is not None and state.get("pid") == pid and state.get("token_from_environment"):
+        print(
+            f"pgw: warning: the running pgw (pid {pid}) takes its token from {ENV_TOKEN} (or --token), which"
+            " outranks config.json: stop it (`pgw stop`) and start it again without, to use the new one",
+            file=sys.stderr,
+        )
+    elif connected is not False:  # it reads the credentials again before each connection, not while one lasts
         print(
             f"pgw: warning: the running pgw (pid {pid}) stays connected with the previous credentials until its"
             " connection ends: run `pgw stop` and start it again to use the new ones now",

@@ -84,6 +84,28 @@ def test_pair_while_the_daemon_runs_says_when_it_takes_the_new_credentials(capsy
     assert (status, err) == (0, "") and "running pgw" not in out
 
 
+def test_pair_while_the_daemon_runs_on_a_token_from_its_environment_says_the_new_one_is_not_used(capsys, pgw_home, pair_server):
+    # PGW_TOKEN (which --token becomes) outranks config.json: the daemon
+    # reconnected with the old token for good, and `pair` said it would not.
+    pgw.make_private_dirs(pgw_home)
+    fd, _ = pgw.acquire_instance_lock(pgw_home)
+    try:
+        pgw.write_json_atomically(pgw_home / "state.json", {"pid": os.getpid(), "connected": True, "token_from_environment": True})
+        status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
+    finally:
+        os.close(fd)
+    assert status == 0
+    assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) takes its token from PGW_TOKEN (or --token)")
+
+
+async def test_the_state_file_says_whether_the_token_came_from_the_environment(tmp_path, monkeypatch):
+    daemon = pgw.Daemon(pgw.Settings(server="http://127.0.0.1:9", token="t"), tmp_path)
+    monkeypatch.delenv("PGW_TOKEN", raising=False)
+    assert daemon.state()["token_from_environment"] is False
+    monkeypatch.setenv("PGW_TOKEN", "from-env-1234567")
+    assert daemon.state()["token_from_environment"] is True
+
+
 def test_pair_name_flag_beats_environment(capsys, pgw_home, pair_server, monkeypatch):
     monkeypatch.setenv("PGW_NAME", "from-env")
     assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "from-flag")[0] == 0
