@@ -1339,11 +1339,15 @@ def check_stage_files(files: dict[str, str]) -> list[tuple[tuple[str, ...], byte
 
 
 def _check_no_aliases(paths: dict[str, tuple[str, ...]]) -> None:
-    """Two names for one file (`a/b`, `a//b`, `./a/b`, `a\\b`) would leave the
-    last one's content without a word; a file that another's path takes for a
-    directory could not be written."""
+    """Two names for one file (`a/b`, `a//b`, `./a/b`, `a\\b`; on macOS, whose
+    file system folds case and Unicode normalisation by default, `A` and `a`
+    too) would leave the last one's content without a word; a file that
+    another's path takes for a directory could not be written."""
+    folded = sys.platform == "darwin"
     named: dict[tuple[str, ...], str] = {}
     for name, parts in paths.items():
+        if folded:
+            parts = tuple(unicodedata.normalize("NFD", part).casefold() for part in parts)
         if parts in named:
             raise StageRejected(f"bad request: files {named[parts][:100]!r} and {name[:100]!r} name the same file")
         named[parts] = name

@@ -141,6 +141,20 @@ def test_two_names_for_one_file_make_the_request_bad(first, second):
         pgw.check_stage_files(files)
 
 
+@pytest.mark.parametrize("platform, aliases", [("darwin", True), ("linux", False)])
+def test_names_one_file_only_on_a_file_system_that_folds_them(monkeypatch, platform, aliases):
+    # macOS's default file system takes `Job/A.txt` and `job/a.txt`, or é as
+    # one character and as e and its accent, for one file; Linux's do not.
+    monkeypatch.setattr(pgw.sys, "platform", platform)
+    for first, second in (("Job/A.txt", "job/a.txt"), ("caf\u00e9", "cafe\u0301")):
+        files = {first: encode_b64(b"one"), second: encode_b64(b"two")}
+        if aliases:
+            with pytest.raises(pgw.StageRejected, match="name the same file"):
+                pgw.check_stage_files(files)
+        else:
+            assert len(pgw.check_stage_files(files)) == 2
+
+
 @pytest.mark.parametrize("names", [["a", "a/b"], ["a/b/c", "a/b"], ["d/e", "d/e/f/g"]])
 def test_a_file_that_is_a_directory_of_another_makes_the_request_bad(names):
     with pytest.raises(pgw.StageRejected, match="is a directory in the path of"):
