@@ -93,6 +93,7 @@ import os
 import platform
 import random
 import re
+import select
 import shlex
 import shutil
 import signal
@@ -3087,7 +3088,10 @@ class StageRun:
             before = self.bytes_out
             with trio.move_on_after(timing.pipe_drain_grace_s):
                 await self.pumps_done.wait()
-            if self.bytes_out == before and not self.pumps_waiting_on_server:
+            # Output or an end of file waiting in a pipe is a pump not run yet (a
+            # busy machine: the grace ran out before the scheduler got to it), not
+            # a process holding the pipe; stopping then would lose that output.
+            if self.bytes_out == before and not self.pumps_waiting_on_server and not readable(root.stdout, root.stderr):
                 log.warning("stage %r: a process outside the stage holds its pipes; stopped reading", self.id)
                 return
 
@@ -3184,6 +3188,15 @@ def descendants(pid: int) -> list[int]:
         found += kids
         pending += kids
     return found
+
+
+def readable(*pipes: trio.lowlevel.FdStream) -> bool:
+    """Whether a read of one of `pipes` that are open would not wait: output, or its end."""
+    poller = select.poll()
+    for pipe in pipes:
+        if pipe.fileno() >= 0:
+            poller.register(pipe.fileno(), select.POLLIN)
+    return bool(poller.poll(0))
 
 
 def write_prompt(fd: int, prompt: bytes) -> bytes:

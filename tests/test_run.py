@@ -1115,3 +1115,27 @@ async def test_a_flood_of_pings_never_holds_up_the_reader_behind_a_slow_send():
             [pong] = await receive_events()
             assert pong == wsproto.events.Pong(b"999")
             nursery.cancel_scope.cancel()
+
+
+async def test_a_pump_slow_to_run_is_not_taken_for_an_outside_process_holding_the_pipes(tmp_path, environ, stub_bin, monkeypatch, caplog):
+    # Under heavy load (a load average of 18 on 2 cores) the pumps did not get
+    # to read the pipes' end within the drain's grace after the CLI's exit:
+    # pgw logged "a process outside the stage holds its pipes" and stopped
+    # reading, which would lose what was still in them.  Nothing holds a pipe
+    # whose end is waiting to be read.
+    caplog.set_level(logging.INFO, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "import sys\nsys.stdout.write('x' * 100000)")
+    receive_now = pgw.receive_now
+
+    async def starved(pipe, max_bytes):
+        if max_bytes > 4096:  # an output pump's read, not the report pipe's
+            await trio.sleep(0.3)  # longer than the grace below, at every read
+        return await receive_now(pipe, max_bytes)
+
+    monkeypatch.setattr(pgw, "receive_now", starved)
+    with trio.fail_after(60):
+        async with connected(tmp_path, environ, timing=pgw.Timing(pipe_drain_grace_s=0.1)) as (_, _, connection):
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+    assert result.returncode == 0 and result.stdout == "x" * 100000
+    assert "holds its pipes" not in caplog.text
