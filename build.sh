@@ -288,16 +288,54 @@ def choose_root():
 ##############################################################################
 
 
+# The extraction's in-use lock (pgw.py's hold_extraction), taken here, before shiv looks
+# for the extraction: another build's `pgw run` prunes what no pgw holds, and pgw's own
+# hold comes only once its imports are done. Kept open for the process's life.
+HELD = []
+
+
+def hold(path):
+    """A shared flock on `path` (made if missing), retaken when a prune removed the file
+    between the open and the lock; an fd, or None where there is no flock."""
+    try:
+        import fcntl
+    except ImportError:
+        return None
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:  # a file system without flock
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except OSError:
+            pass  # removed: the prune that held it went first
+        os.close(fd)
+
+
 def bootstrap(callers_umask):
-    """shiv's bootstrap() with three of its module functions wrapped (shiv is pinned by
-    the dev lock; build.sh and tests/test_pyz.py check the names): an extraction failure
-    becomes one line, and whatever it hands over to (pgw's entry point, or the
-    SHIV_INTERPRETER) runs under the caller's umask again, so pgw's own children are
-    unaffected. Imports stay under 077, so the __pycache__ they write is private too."""
+    """shiv's bootstrap() with four of its module functions wrapped (shiv is pinned by
+    the dev lock; build.sh and tests/test_pyz.py check the names): the extraction is
+    held before shiv looks for it, an extraction failure becomes one line, and whatever
+    it hands over to (pgw's entry point, or the SHIV_INTERPRETER) runs under the caller's
+    umask again, so pgw's own children are unaffected. Imports stay under 077, so the
+    __pycache__ they write is private too."""
     import _bootstrap
+    cache_path = _bootstrap.cache_path
     extract = _bootstrap.extract_site_packages
     run = _bootstrap.run
     execute_interpreter = _bootstrap.execute_interpreter
+
+    def held_cache_path(archive, root_dir, build_id):
+        path = cache_path(archive, root_dir, build_id)
+        HELD.append(hold(os.path.join(str(path.parent), ".%s_in_use" % path.name)))
+        return path
 
     def extract_site_packages(archive, target_path, *args, **kwargs):
         try:
@@ -314,6 +352,7 @@ def bootstrap(callers_umask):
         os.umask(callers_umask)
         return execute_interpreter()
 
+    _bootstrap.cache_path = held_cache_path
     _bootstrap.extract_site_packages = extract_site_packages
     _bootstrap.run = run_with_callers_umask
     _bootstrap.execute_interpreter = execute_interpreter_with_callers_umask
@@ -399,9 +438,10 @@ import sys, zipfile
 shiv_pyz, main_py, out_pyz = sys.argv[1:]
 with zipfile.ZipFile(shiv_pyz) as shiv_zip:
     bootstrap_source = shiv_zip.read("_bootstrap/__init__.py").decode()
-for hook in ("def extract_site_packages(", "def run(", "from .interpreter import execute_interpreter",
-             "            extract_site_packages(", "            run(import_string(", "    execute_interpreter()"):
-    if hook not in bootstrap_source:  # the start code wraps these three: shiv changed under us
+for hook in ("def cache_path(", "def extract_site_packages(", "def run(", "from .interpreter import execute_interpreter",
+             "cache_path(archive, env.root, env.build_id)", "            extract_site_packages(",
+             "            run(import_string(", "    execute_interpreter()"):
+    if hook not in bootstrap_source:  # the start code wraps these four: shiv changed under us
         sys.exit(f"build.sh: shiv's _bootstrap no longer has {hook.strip()!r}; fix start_code's bootstrap()")
 with open(shiv_pyz, "rb") as shiv_file, open(out_pyz, "wb") as out_file:
     out_file.write(shiv_file.readline())  # the shebang

@@ -5699,16 +5699,23 @@ def hold_extraction(root: Path, current: Optional[Path]) -> Optional[int]:
     SHIV_ROOT) then leaves it alone.  The lock's fd, if one was taken."""
     if current is None or fcntl is None:
         return None
-    try:
-        fd = os.open(in_use_lock(root, current), os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_SH)
-    except OSError:
+    path = in_use_lock(root, current)
+    while True:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH)
+        except OSError:
+            os.close(fd)
+            return None
+        try:
+            if os.path.samestat(os.fstat(fd), os.stat(path)):
+                return fd
+        except OSError:
+            pass  # a prune that held it removed it meanwhile: lock the file there now
         os.close(fd)
-        return None
-    return fd
 
 
 def prune_old_extractions(root: Path, current: Optional[Path]) -> list[Path]:

@@ -439,6 +439,62 @@ def test_every_command_holds_its_extraction_while_it_runs(pyz, home, tmp_path):
         follower.wait()
 
 
+def test_the_extraction_is_held_before_pgw_is_imported(pyz, home, tmp_path):
+    # pgw took its in-use lock only once its imports were done: another build's
+    # `run` pruned the extraction in between, and the first died of
+    # "No module named 'pgw'".  The start code holds it before shiv looks.
+    import fcntl
+
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    shiv_root = tmp_path / "shiv"
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root), "SHIV_INTERPRETER": "1"}
+    waiting = "import sys; print('pgw' in sys.modules, flush=True); sys.stdin.read()"  # pgw not imported
+    interpreter = subprocess.Popen([python, str(pyz), "-c", waiting], env=env, cwd=home, stdin=subprocess.PIPE,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        assert interpreter.stdout.readline() == "False\n"
+        [lock] = [entry for entry in shiv_root.iterdir() if entry.name.endswith("_in_use")]
+        probe = os.open(lock, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):  # what a prune tries first
+                fcntl.flock(probe, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        finally:
+            os.close(probe)
+    finally:
+        interpreter.kill()
+        interpreter.wait()
+
+
+def test_a_lock_file_a_prune_removed_meanwhile_is_locked_anew(tmp_path):
+    # A prune locks the in-use file, removes the extraction and the file: a
+    # hold that opened the file before must not settle for the removed one.
+    import fcntl
+
+    import pgw
+
+    root, current = tmp_path, tmp_path / "pgw.pyz_abc"
+    path = pgw.in_use_lock(root, current)
+    path.touch()
+    pruner = os.open(path, os.O_RDONLY)
+    fcntl.flock(pruner, fcntl.LOCK_EX)
+    opened = []
+    real_open = os.open
+
+    def open_then_prune(name, *args):
+        fd = real_open(name, *args)
+        if not opened:
+            opened.append(fd)
+            os.unlink(path)  # the prune, done while the hold waited
+            os.close(pruner)
+        return fd
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(pgw.os, "open", open_then_prune)
+        fd = pgw.hold_extraction(root, current)
+    assert fd is not None and os.path.samestat(os.fstat(fd), os.stat(path))
+    os.close(fd)
+
+
 ##############################################################################
 # The pyz's own start code (build.sh's start_code): before shiv and any dependency
 ##############################################################################
@@ -714,14 +770,14 @@ def test_shiv_root_writable_by_others_and_not_ours_to_change_is_refused(pyz, hom
 
 
 def test_start_code_wraps_functions_shivs_bootstrap_still_calls(pyz):
-    """The start code replaces three module functions of shiv's (pinned) _bootstrap:
+    """The start code replaces four module functions of shiv's (pinned) _bootstrap:
     bootstrap() must still look them up by these names, or the wrapping does nothing."""
     with zipfile.ZipFile(pyz) as archive:
         tree = ast.parse(archive.read("_bootstrap/__init__.py"))
         start_code = archive.read("__main__.py").decode()
     [bootstrap] = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "bootstrap"]
     called = {node.func.id for node in ast.walk(bootstrap) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    for name in ("extract_site_packages", "run", "execute_interpreter"):
+    for name in ("cache_path", "extract_site_packages", "run", "execute_interpreter"):
         assert name in called
         assert f"_bootstrap.{name} = " in start_code
     assert "_bootstrap.bootstrap()" in start_code
