@@ -38,6 +38,8 @@ The daemon is a tree of tasks, one class for each kind of node::
        ├─ state writer       state.json for `pgw status`, at most twice a second
        ├─ stage spawner      a process of its own: forks the stage roots (see "Stage")
        ├─ root retirer       ends a stage root left free for root_idle_s
+       ├─ orphan sweep       `pgw run` on Linux, a subreaper: kills what a dead spawner
+       │                     passed to pgw, bar its roots (StageSpawner.sweep_orphans)
        └─ one connection     Daemon._connect: TCP or a proxy tunnel, TLS, WebSocket handshake (offers deflate)
           ├─ trio-websocket  its own reader task (close; pings to LatestPing; wsproto inflates there)
           └─ Connection.serve
