@@ -28,12 +28,12 @@ handshake unless the ``compression`` setting is off.  When the server
 accepts, wsproto inflates what arrives before ``decode`` sees it (the
 128 MiB limit counts the inflated text), and ``FrameWriter`` deflates every
 message it sends with the connection's one compressor.  Beside its frames,
-only trio-websocket's own control frames go out (the handshake, the close),
-which are never deflated.
+only trio-websocket's own writes go out (the handshake, the close frame),
+never deflated.
 
 The daemon is a tree of tasks, one class for each kind of node::
 
-    run_until_signalled      signals: the first stops with a grace, the second at once
+    run_until_signalled      SIGTERM/SIGINT stop with a grace (twice: at once), SIGQUIT at once; SIGHUP ignored
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
        ├─ state writer       state.json for `pgw status`, at most twice a second
        ├─ stage spawner      a process of its own: forks the stage roots (see "Stage")
@@ -3086,10 +3086,12 @@ class StageRun:
         if self.pumps_done.is_set():
             return
         await root.kill(timing.kill_wait_s)
-        while not self.pumps_done.is_set():
+        while True:
             before = self.bytes_out
             with trio.move_on_after(timing.pipe_drain_grace_s):
                 await self.pumps_done.wait()
+            if self.pumps_done.is_set():  # read to the end, if only just (an end of file adds no byte)
+                return
             # Output or an end of file waiting in a pipe is a pump not run yet (a
             # busy machine: the grace ran out before the scheduler got to it), not
             # a process holding the pipe; stopping then would lose that output.
@@ -3124,6 +3126,9 @@ class StageRun:
         except (trio.ClosedResourceError, trio.BrokenResourceError):
             return
         finally:
+            # Closed once read to its end: an open pipe whose writers are gone
+            # reads as ready for ever, which _drain would take for output coming.
+            pipe.close()
             self.pumps_running -= 1
             if self.pumps_running == 0:
                 self.pumps_done.set()
@@ -3608,7 +3613,7 @@ class Outbox:
 
     async def wait_drained(self) -> None:
         """Until everything queued so far has been handed to the WebSocket."""
-        while self._urgent or self._frames or self._sending:
+        while not self.drained:
             await self._drained.park()
 
 
@@ -3616,10 +3621,8 @@ class Outbox:
 # byte i XOR key[i % 4]; done as bytes.translate over the 4 lanes.  Each table
 # is made as one XOR of two 256-byte integers: a byte at a time cost 3 ms of
 # every start.
-_XOR_TABLES = [
-    (int.from_bytes(bytes(range(256)), "big") ^ int.from_bytes(bytes((key,)) * 256, "big")).to_bytes(256, "big")
-    for key in range(256)
-]
+_IDENTITY = int.from_bytes(bytes(range(256)), "big")
+_XOR_TABLES = [(_IDENTITY ^ int.from_bytes(bytes((key,)) * 256, "big")).to_bytes(256, "big") for key in range(256)]
 
 
 # RFC 6455 5.2: FIN and the text opcode; RFC 7692 6: RSV1 marks a deflated message.
@@ -3719,13 +3722,14 @@ class FrameWriter:
         lock comes free (the reader only notes them: see LatestPing)."""
         while True:
             await pings.arrived.wait()
-            pings.arrived = trio.Event()
-            state = getattr(getattr(self._ws, TRIO_WEBSOCKET_WSPROTO, None), "state", None)
-            if self._ws.closed is not None or state is not wsproto.connection.ConnectionState.OPEN:
-                return  # closing: the close handshake is what the server waits for now
             try:
                 async with self._lock:
-                    await self._stream.send_all(masked_frame(PONG_FRAME, pings.payload))
+                    # Only now: pings that came while the lock was busy get this one
+                    # pong, and one after pgw's own Close gets none.
+                    state = getattr(getattr(self._ws, TRIO_WEBSOCKET_WSPROTO, None), "state", None)
+                    if self._ws.closed is not None or state is not wsproto.connection.ConnectionState.OPEN:
+                        return  # closing: the close handshake is what the server waits for now
+                    await self._stream.send_all(masked_frame(PONG_FRAME, pings.take()))
             except (trio.BrokenResourceError, trio.ClosedResourceError):
                 return  # the reader and the keepalive see the loss
 
@@ -3786,6 +3790,11 @@ class LatestPing:
     async def note(self, event: wsproto.events.Ping) -> None:
         self.payload = bytes(event.payload)
         self.arrived.set()
+
+    def take(self) -> bytes:
+        """The latest ping's payload, which the pong about to go answers."""
+        self.arrived = trio.Event()
+        return self.payload
 
 
 class ActivityStream(trio.abc.Stream):
@@ -4926,11 +4935,16 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
     return path
 
 
+# What `pgw run` catches, from its first line on: SIGTERM and SIGINT stop it
+# (twice: at once), SIGQUIT at once, and SIGHUP is ignored.
+DAEMON_SIGNALS = [signal.SIGTERM, signal.SIGINT] + [getattr(signal, name) for name in ("SIGQUIT", "SIGHUP") if hasattr(signal, name)]
+
+
 async def run_until_signalled(daemon: Daemon, early: typing.Sequence[int] = ()) -> None:
     """Run the daemon; SIGTERM/SIGINT stop it (twice: at once), SIGQUIT (Ctrl-\\)
     at once, SIGHUP is ignored.  `early`: those that came before this could
     receive them (each counts)."""
-    wanted = [signal.SIGTERM, signal.SIGINT] + [getattr(signal, name) for name in ("SIGQUIT", "SIGHUP") if hasattr(signal, name)]
+    wanted = DAEMON_SIGNALS
 
     def obey(signum: int, when: str) -> None:
         if signum == getattr(signal, "SIGHUP", None):
@@ -5805,27 +5819,38 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
     pid, state, connected = daemon_report(path.parent)
-    if pid is not None and state.get("pid") == pid and state.get("token_from_environment"):
+    if pid is None:
+        return 0
+    running = f"the running pgw (pid {pid if pid > 0 else '?'})"
+    if state.get("pid") == pid and state.get("token_from_environment"):
         print(
-            f"pgw: warning: the running pgw (pid {pid}) takes its token from {ENV_TOKEN} (or --token), which"
-            " outranks config.json: stop it (`pgw stop`) and start it again without, to use the new one",
+            f"pgw: warning: {running} takes its token from {ENV_TOKEN} (or --token), which outranks"
+            " config.json: stop it (`pgw stop`) and start it again without, to use the new one",
             file=sys.stderr,
         )
-    elif connected is not False:  # it reads the credentials again before each connection, not while one lasts
+    elif connected:  # it reads the credentials again before each connection, not while one lasts
         print(
-            f"pgw: warning: the running pgw (pid {pid}) stays connected with the previous credentials until its"
-            " connection ends: run `pgw stop` and start it again to use the new ones now",
+            f"pgw: warning: {running} stays connected with the previous credentials until its connection ends:"
+            " run `pgw stop` and start it again to use the new ones now",
             file=sys.stderr,
         )
-    elif pid is not None:
-        print(f"the running pgw (pid {pid if pid > 0 else '?'}) uses the new credentials at its next connection attempt")
+    elif connected is None:
+        print(
+            f"pgw: warning: {running} may be connected with the previous credentials (its state file cannot tell);"
+            " it uses the new ones at its next connection attempt: `pgw stop` and start it again to be sure",
+            file=sys.stderr,
+        )
+    else:
+        print(f"{running} uses the new credentials at its next connection attempt")
     return 0
 
 
-def _restart_without_token_in_ps(token: str) -> None:
+def _restart_without_token_in_ps(token: str, early: typing.Sequence[int] = ()) -> None:
     """`--token` would stay in /proc/PID/cmdline, which every local user can
     read, for the daemon's whole life: start again with the token in the
-    environment instead (readable by this user only; stages never get PGW_*)."""
+    environment instead (readable by this user only; stages never get PGW_*).
+    The signals `early` noted, and any that comes now, stay pending across
+    the exec, blocked, for the new process to take once it can."""
     arguments = sys.argv[1:]
     if token not in arguments and f"--token={token}" not in arguments:
         return  # not this process's command line (main called with its own argv)
@@ -5840,6 +5865,10 @@ def _restart_without_token_in_ps(token: str) -> None:
     os.environ[ENV_TOKEN] = token
     sys.stdout.flush()
     sys.stderr.flush()
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(signal.SIG_BLOCK, DAEMON_SIGNALS)
+        for signum in dict.fromkeys(early):
+            os.kill(os.getpid(), signum)
     os.execv(sys.executable, [*interpreter, *kept])
 
 
@@ -5868,13 +5897,14 @@ def _cmd_run(args: argparse.Namespace) -> int:
     # that read the log) stops the daemon as one once it runs would, instead of
     # killing it mid-start; a SIGHUP (a closing terminal) is ignored, as later.
     early: list[int] = []
-    caught = [signal.SIGTERM, signal.SIGINT, *(getattr(signal, name) for name in ("SIGQUIT", "SIGHUP") if hasattr(signal, name))]
-    before = {signum: signal.getsignal(signum) for signum in caught}
-    for signum in caught:
+    before = {signum: signal.getsignal(signum) for signum in DAEMON_SIGNALS}
+    for signum in DAEMON_SIGNALS:
         signal.signal(signum, signal.SIG_IGN if signum == getattr(signal, "SIGHUP", None) else lambda signum, _: early.append(signum))
+    if hasattr(signal, "pthread_sigmask"):  # what came before a --token restart, blocked across it
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     try:
         if args.token:
-            _restart_without_token_in_ps(args.token)
+            _restart_without_token_in_ps(args.token, early)
         home = pgw_home()
         try:
             return _start_daemon(args, home, early)
@@ -6038,7 +6068,10 @@ def _cmd_install(args: argparse.Namespace) -> int:
     old = older_service_of_this_home(args.kind, home)  # only now: this home always has one of the two
     if old is not None:
         if not _unload_service(args.kind, old):
-            raise PgwError(f"cannot remove {old}, which an older pgw installed for this home: its service still runs")
+            raise PgwError(
+                f"cannot remove {old}, which an older pgw installed for this home: its service still runs;"
+                f" run `pgw install {args.kind} --apply` again once the service manager works"
+            )
         print(f"removed {old}, which an older pgw installed for this home")
     tool = (
         [["systemctl", "--user", "daemon-reload"], ["systemctl", "--user", "enable", "--now", target.name]]
@@ -6162,6 +6195,8 @@ def _cmd_status(args: argparse.Namespace) -> int:
     """Exit 0: running and connected; 3: running, not connected; 1: not running."""
     home = pgw_home()
     pid, state, connected = daemon_report(home)
+    if pid is not None and state.get("pid") != pid:  # an earlier run's: nothing of it is about this one
+        state = {}
     problem = None
     try:
         paired: Optional[bool] = bool(resolve_settings({}, os.environ, read_config(home / CONFIG_FILENAME), "").token)
@@ -6688,7 +6723,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.home:  # every command finds its home in the environment, as with PGW_HOME
             # Absolute, but its `..` left for the kernel, as PGW_HOME's is: after a
             # symlink it leads elsewhere than the text suggests.
-            os.environ[ENV_HOME] = str(Path.cwd() / os.path.expanduser(args.home))
+            home = os.path.expanduser(args.home)
+            os.environ[ENV_HOME] = home if os.path.isabs(home) else os.path.join(os.getcwd(), home)
         if args.command is None:
             print(parser.format_help(), end="")
             return 2

@@ -63,19 +63,22 @@ def test_pair_writes_private_config_with_pgworker_fields(capsys, pgw_home, pair_
     assert body["capabilities"]["protocol_version"] == 2
 
 
-@pytest.mark.parametrize("connected", [True, False])
+@pytest.mark.parametrize("connected", [True, False, None])  # None: no state file to tell
 def test_pair_while_the_daemon_runs_says_when_it_takes_the_new_credentials(capsys, pgw_home, pair_server, connected):
     # The daemon reads the credentials again before each connection: one that
     # stays connected went on as the old worker, and `pair` said nothing of it.
     pgw.make_private_dirs(pgw_home)
     fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test's process stands in for `pgw run`
     try:
-        pgw.write_json_atomically(pgw_home / "state.json", {"pid": os.getpid(), "connected": connected})
+        if connected is not None:
+            pgw.write_json_atomically(pgw_home / "state.json", {"pid": os.getpid(), "connected": connected})
         status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
     finally:
         os.close(fd)
     assert status == 0 and "paired worker w-1" in out
-    if connected:
+    if connected is None:
+        assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) may be connected with the previous credentials")
+    elif connected:
         assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) stays connected with the previous credentials")
         assert "`pgw stop`" in err
     else:

@@ -1020,6 +1020,31 @@ async def test_a_signal_while_starting_is_obeyed_as_once_running(tmp_path, stub_
     assert "stopped" in log_text
 
 
+RESTARTED_WITHOUT_TOKEN = (
+    "import os, signal, sys\n"
+    "import pgw\n"
+    "restart = pgw._restart_without_token_in_ps\n"
+    "def signalled_first(token, early=()):\n"
+    "    if token in sys.argv:  # the first process: signalled just before it restarts\n"
+    "        os.kill(os.getpid(), signal.SIGQUIT)\n"
+    "    restart(token, early)\n"
+    "pgw._restart_without_token_in_ps = signalled_first\n"
+    "sys.exit(pgw.main(sys.argv[1:]))\n"
+)
+
+
+async def test_a_signal_just_before_the_token_restart_is_obeyed_after_it(tmp_path, stub_bin):
+    # `run --token` starts itself again without the token in its arguments: a
+    # signal noted before that exec was lost, and the daemon ran on.
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, "-c", RESTARTED_WITHOUT_TOKEN], backend, home, stub_bin,
+                                      "--token", backend.token) as daemon:
+                assert await daemon.wait() == 0
+    assert "received SIGQUIT while starting: quitting now" in (home / "run.log").read_text()
+
+
 def test_run_when_not_paired_says_how_to_pair(capsys, pgw_home):
     assert pgw.main(["run"]) == 1
     err = capsys.readouterr().err
@@ -1139,3 +1164,23 @@ async def test_a_pump_slow_to_run_is_not_taken_for_an_outside_process_holding_th
             result = await connection.stage_result("s1")
     assert result.returncode == 0 and result.stdout == "x" * 100000
     assert "holds its pipes" not in caplog.text
+
+
+async def test_a_pipe_held_outside_the_stage_after_the_other_ended_does_not_hold_the_stage(tmp_path, environ, stub_bin, caplog):
+    # A process outside the stage (here this test, through /proc) keeps the
+    # CLI's stderr open after stdout ended: the drain must still give up on
+    # it, whatever a pipe read to its end reports when polled.
+    caplog.set_level(logging.INFO, logger="pgw")
+    write_stub_cli(stub_bin, "claude", "import sys, time\nprint('ready', flush=True)\ntime.sleep(1)")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ, timing=pgw.Timing(pipe_drain_grace_s=0.2)) as (_, _, connection):
+            await connection.send(request("s1"))
+            pid = (await connection.receive("stage.ack", "s1"))["pid"]
+            await connection.receive("stage.stdout", "s1")
+            held = os.open(f"/proc/{pid}/fd/2", os.O_WRONLY)  # the stderr pipe, opened anew
+            try:
+                result = await connection.stage_result("s1")
+            finally:
+                os.close(held)
+    assert result.returncode == 0 and result.stdout == "ready\n"
+    assert "stage 's1': a process outside the stage holds its pipes; stopped reading" in caplog.text
