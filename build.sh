@@ -141,7 +141,7 @@ def ensure_new_python():
             except OSError:
                 pass
     fail(
-        "pgw needs Python 3.10 or newer; %s is %s. Install python3.11 (RHEL 9: dnf install "
+        "pgw: needs Python 3.10 or newer; %s is %s. Install python3.11 (RHEL 9: dnf install "
         "python3.11) or run: python3.11 %s" % (here, "%d.%d.%d" % tuple(sys.version_info[:3]), pyz)
     )
 
@@ -251,7 +251,8 @@ def private_root(base):
     if info.st_uid != os.geteuid():
         return None, "%s: owned by uid %d, not by you (refused)" % (path, info.st_uid)
     if stat.S_IMODE(info.st_mode) != 0o700:
-        return None, "%s: mode %04o, not 0700 (refused)" % (path, stat.S_IMODE(info.st_mode))
+        return None, "%s: mode %04o, not 0700 (refused): chmod 700 it, if it is yours to trust" % (
+            path, stat.S_IMODE(info.st_mode))
     if not os.access(path, os.W_OK | os.X_OK):
         return None, "%s: not writable" % path
     return path, None

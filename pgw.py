@@ -1426,9 +1426,12 @@ def codex_trace(records: typing.Iterable[Any], source: str) -> str:
 
 
 def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
-    """PGW_HOME, else ~/.pgworker (PROTOCOL.md)."""
+    """PGW_HOME, else ~/.pgworker (PROTOCOL.md); absolute, so that what pgw
+    says names it wherever it is read (a relative one is taken from the
+    current directory, its `..` left for the kernel)."""
     if environ.get(ENV_HOME):
-        return Path(environ[ENV_HOME]).expanduser()
+        home = os.path.expanduser(environ[ENV_HOME])
+        return Path(home if os.path.isabs(home) else os.path.join(os.getcwd(), home))
     try:
         return Path.home() / DEFAULT_HOME_DIRNAME
     except RuntimeError:
@@ -1481,6 +1484,17 @@ def refuse_shared_home(home: Path) -> None:
     if mode & (stat.S_ISVTX | stat.S_IWOTH):
         raise ConfigError(
             f"{home} is shared with other users (mode {mode:o}): set {ENV_HOME} to a directory of pgw's own"
+        )
+    try:
+        yours = os.path.realpath(Path.home())
+    except RuntimeError:
+        yours = None
+    real = os.path.realpath(home)
+    if real in (yours, "/"):
+        what = "the root directory" if real == "/" else "your home directory itself"
+        raise ConfigError(
+            f"{home} is {what}, which pgw would make private (mode 700): set {ENV_HOME} to a directory of"
+            f" pgw's own, such as ~/{DEFAULT_HOME_DIRNAME}"
         )
 
 
@@ -5798,6 +5812,16 @@ def _print_json(value: Any) -> None:
 
 def _cmd_pair(args: argparse.Namespace) -> int:
     path, config, settings = _load(args)
+    # Before the code goes to the server, which spends it: a pairing that
+    # cannot be saved would cost the user a new code for nothing.
+    home = path.parent
+    try:
+        make_private_dirs(home)
+    except OSError as exc:
+        raise ConfigError(f"cannot write to {home}: {exc.strerror}; set {ENV_HOME} to a directory you own") from None
+    refuse_shared_home(home)
+    if not os.access(home, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise ConfigError(f"cannot write to {home}: permission denied; set {ENV_HOME} to a directory you own")
     body = {
         "pair_code": args.code,
         "machine_name": settings.name,
@@ -5920,6 +5944,11 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def leave_reason(home: Path, reason: str) -> None:
     """Why `run` refused to start, in run.log and the state file where they can
     be written: under cron nobody sees stderr, and `status` and `logs` read these."""
+    if not os.path.lexists(home):  # a first `run` before `pair`: `status` must have the reason all the same
+        try:
+            make_private_dirs(home)
+        except OSError:
+            return
     if not writable_by_us_alone(home) or instance_lock_holder(home) is not None:
         return  # another user's `run.log` could name any file of ours; a running daemon's files are its own
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
@@ -6157,6 +6186,9 @@ def _unload_service(kind: str, target: Path) -> bool:
 def _cmd_uninstall(args: argparse.Namespace) -> int:
     home = Path(home_identity(pgw_home()))
     if args.kind == "cron":
+        if shutil.which("crontab") is None:  # no cron here: nothing of pgw's in one either
+            print("nothing to remove: this host has no crontab")
+            return 0
         crontab, found = replace_cron_block(read_crontab(), "", home)
         if not found:
             print(f"nothing to remove: no pgw lines for the home {home} in your crontab")
@@ -6202,6 +6234,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
         paired: Optional[bool] = bool(resolve_settings({}, os.environ, read_config(home / CONFIG_FILENAME), "").token)
     except ConfigError as exc:  # the config, or a setting from the environment
         paired, problem = None, str(exc)
+    # A daemon started with PGW_TOKEN (or --token) runs paired whatever config.json says.
+    by_environment = not paired and bool(state.get("token_from_environment"))
+    if by_environment:
+        paired = True
     report = {
         "version": __version__,
         "running": pid is not None,
@@ -6240,7 +6276,10 @@ def _cmd_status(args: argparse.Namespace) -> int:
             print(f"stages     {report['stages_running']} running, {report['stages_queued']} queued")
     if connected is not None:
         print(f"last error {report['last_error'] or '-'}")
-    print(f"paired     {'yes' if paired else 'no: run `pgw pair CODE --server URL`' if paired is False else f'cannot tell: {problem}'}")
+    if by_environment:
+        print(f"paired     yes: the running pgw has its token from {ENV_TOKEN} (or --token), not from config.json")
+    else:
+        print(f"paired     {'yes' if paired else 'no: run `pgw pair CODE --server URL`' if paired is False else f'cannot tell: {problem}'}")
     print(f"log        {report['log']}")
     print(f"version    pgw {__version__}")
     return 1 if pid is None else 0 if connected else 3
@@ -6390,12 +6429,16 @@ def _cmd_logs(args: argparse.Namespace) -> int:
 def _open_log(path: Path, follow: bool) -> typing.BinaryIO:
     """The log, opened to read; with `follow`, once it exists (`logs -f` just
     after `install`, before `run` wrote a line), as tail -F waits."""
+    said = False
     while True:
         try:
             return open_regular_file(path, follow=True)  # a FIFO there would hang `logs`
         except FileNotFoundError:
             if not follow:
                 raise PgwError(f"no log yet at {path}: pgw run writes it") from None
+            if not said:  # as tail -F says it; otherwise a wait looks like a hang
+                print(f"pgw: no log yet at {path}: waiting for pgw run to write it", file=sys.stderr, flush=True)
+                said = True
             time.sleep(LOG_FOLLOW_POLL_S)
         except OSError as exc:
             raise PgwError(f"cannot read {path}: {exc.strerror}") from None
@@ -6735,20 +6778,33 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"pgw: {exc}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
-        # What no command could foresee: its output on a full disk or a
-        # broken pipe, mostly.  Whatever is left for stdout goes nowhere.
-        try:
-            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
-        except (OSError, ValueError):
-            pass
-        if not isinstance(exc, BrokenPipeError):  # the reader went away: nothing to tell it
-            print(f"pgw: {exc.strerror or exc}", file=sys.stderr)
-        return 1
+        return _unforeseen(exc)
     except BaseException as exc:
-        if not _only_interrupts(exc):
-            raise
-        print("pgw: interrupted", file=sys.stderr)
-        return 130
+        if _only_interrupts(exc):
+            print("pgw: interrupted", file=sys.stderr)
+            return 130
+        alone = _lone_exception(exc)  # selftest's output fails inside trio.run, in a group
+        if isinstance(alone, OSError):
+            return _unforeseen(alone)
+        raise
+
+
+def _unforeseen(exc: OSError) -> int:
+    """What no command could foresee: its output on a full disk or a broken
+    pipe, mostly.  Whatever is left for stdout goes nowhere."""
+    try:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+    except (OSError, ValueError):
+        pass
+    if not isinstance(exc, BrokenPipeError):  # the reader went away: nothing to tell it
+        print(f"pgw: {exc.strerror or exc}", file=sys.stderr)
+    return 1
+
+
+def _lone_exception(exc: BaseException) -> BaseException:
+    """The one exception inside groups of one, as a trio nursery wraps it."""
+    inner = getattr(exc, "exceptions", None)
+    return _lone_exception(inner[0]) if inner is not None and len(inner) == 1 else exc
 
 
 if __name__ == "__main__":

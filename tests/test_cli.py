@@ -6,6 +6,7 @@ import argparse
 import contextlib
 import json
 import os
+import select
 import signal
 import socket
 import stat
@@ -13,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -634,7 +636,9 @@ def read_until(stream, text, within_s=10.0):
     seen = ""
     deadline = time.monotonic() + within_s
     while text not in seen:
-        assert time.monotonic() < deadline, f"{text!r} never came: {seen!r}"
+        # Waited for with a deadline: a line that never comes must fail the test, not hang it.
+        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
+        assert ready, f"{text!r} never came: {seen!r}"
         line = stream.readline()
         assert line, f"EOF before {text!r}: {seen!r}"
         seen += line
@@ -695,7 +699,9 @@ def test_logs_follow_waits_for_a_log_not_written_yet_and_ends_quietly_on_ctrl_c(
             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)},
         )
     try:
-        time.sleep(1.0)
+        # Said once, as tail -F says it: a wait is no hang (and now it waits).
+        waiting = f"pgw: no log yet at {pgw_home / 'run.log'}: waiting for pgw run to write it\n"
+        assert read_until(follower.stderr, waiting) == waiting
         assert follower.poll() is None, follower.communicate()
         if written:
             (pgw_home / "run.log").write_text("first line\n")
@@ -974,3 +980,77 @@ def test_a_server_url_with_a_broken_ipv6_host_is_one_line_error(capsys, pgw_home
     status, _, err = run(capsys, "run", *(["--server", "http://[::1"] if where == "flag" else []))
     assert status == 1
     assert_one_line_error(err, "bad server URL 'http://[::1': Invalid IPv6 URL")
+
+
+# what a new user met in the field ---------------------------------------------
+
+
+def test_pair_into_a_home_it_cannot_write_spends_no_code(capsys, tmp_path, monkeypatch, pair_server):
+    # The code went to the server (which spends it) before pgw found it could
+    # not save the pairing: the user needed a new code for nothing.
+    if os.geteuid() == 0:
+        read_only = tmp_path / "ro"
+        read_only.mkdir()
+        monkeypatch.setattr(pgw.os, "access", lambda path, mode, **_: False)  # root passes over modes
+    else:
+        read_only = tmp_path / "ro"
+        read_only.mkdir(mode=0o500)
+    monkeypatch.setenv("PGW_HOME", str(read_only))
+    status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
+    assert status == 1 and pair_server.requests == []
+    assert_one_line_error(err, f"cannot write to {read_only}", "PGW_HOME")
+
+
+def test_a_pgw_home_that_is_your_whole_home_or_the_root_is_refused(capsys, tmp_path, monkeypatch):
+    # `--home ~` made the user's whole home directory mode 700.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    tmp_path.chmod(0o755)
+    status, _, err = run(capsys, "--home", "~", "config", "set", "name", "x")
+    assert status != 0 and "which pgw would make private (mode 700)" in err and err.count("\n") == 1
+    assert stat.S_IMODE(tmp_path.stat().st_mode) == 0o755
+    # The root directory, checked without a command: one that let it through
+    # would make / mode 700 on the machine running the tests.
+    with pytest.raises(pgw.ConfigError, match="/ is the root directory"):
+        pgw.refuse_shared_home(Path("/"))
+
+
+def test_selftest_whose_output_cannot_be_written_says_so_in_one_line():
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), "selftest"], stdout=full, stderr=subprocess.PIPE,
+                              text=True, timeout=120, env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert (done.returncode, done.stderr) == (1, "pgw: No space left on device\n")
+
+
+def test_run_refused_before_its_home_exists_still_leaves_its_reason(capsys, tmp_path, monkeypatch):
+    # Under cron nobody sees stderr: a first `run` before `pair` left nothing
+    # for `status` to show, as its home did not exist yet.
+    home = tmp_path / "fresh" / ".pgworker"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, _, err = run(capsys, "run")
+    assert status == 1 and "not paired yet" in err
+    assert "not paired yet" in (home / "run.log").read_text() and "not paired yet" in pgw.read_state(home)["last_error"]
+
+
+def test_a_relative_pgw_home_is_shown_as_the_directory_it_names(capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("PGW_HOME", "rel/home")
+    status, out, _ = run(capsys, "config", "set", "name", "x")
+    assert status == 0 and str(tmp_path / "rel" / "home" / "config.json") in out
+    assert pgw.pgw_home() == tmp_path / "rel" / "home"
+
+
+def test_status_of_a_daemon_on_a_token_from_its_environment_says_it_is_paired(capsys, pgw_home):
+    pgw.make_private_dirs(pgw_home)
+    fd, _ = pgw.acquire_instance_lock(pgw_home)
+    try:
+        pgw.write_json_atomically(pgw_home / "state.json", {"pid": os.getpid(), "connected": True, "token_from_environment": True})
+        status, out, _ = run(capsys, "status")
+    finally:
+        os.close(fd)
+    assert status == 0 and "paired     yes: the running pgw has its token from PGW_TOKEN (or --token)" in out
+
+
+def test_uninstall_cron_where_there_is_no_cron_has_nothing_to_remove(capsys, pgw_home, tmp_path, monkeypatch):
+    monkeypatch.setenv("PATH", str(tmp_path))  # no crontab on it
+    status, out, err = run(capsys, "uninstall", "cron")
+    assert (status, err) == (0, "") and "nothing to remove" in out

@@ -602,7 +602,7 @@ def test_old_python_without_a_newer_one_exits_with_one_line_naming_the_fix(old_p
 
     done = run_start([old_python, str(pyz), "--version"], {"PATH": str(bin_dir), "HOME": str(home)}, home)
 
-    assert_one_line_naming(done, "pgw needs Python 3.10 or newer;")
+    assert_one_line_naming(done, "pgw: needs Python 3.10 or newer;")
     assert f"{old_python} is {python_version(old_python)}." in done.stderr
     assert f"python3.11 {pyz}" in done.stderr
     assert not (home / ".shiv").exists()
