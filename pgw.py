@@ -5719,33 +5719,11 @@ def write_crontab(text: str) -> None:
 
 
 def in_use_lock(root: Path, extraction: Path) -> Path:
-    """The file every pgw command run from `extraction` holds a shared flock on while it runs."""
+    """The file every pgw command run from `extraction` holds a shared flock on
+    while it runs, from before it is unpacked (the pyz's start code, `hold`, in
+    build.sh): a `logs -f`, `doctor` or `selftest` of one build may import from
+    it while another build's `run` prunes."""
     return root / f".{extraction.name}_in_use"
-
-
-def hold_extraction(root: Path, current: Optional[Path]) -> Optional[int]:
-    """A shared flock on the running extraction's in-use file, held for the
-    process's life: another pgw (another build, another home, the same
-    SHIV_ROOT) then leaves it alone.  The lock's fd, if one was taken."""
-    if current is None or fcntl is None:
-        return None
-    path = in_use_lock(root, current)
-    while True:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CREAT | getattr(os, "O_CLOEXEC", 0), 0o600)
-        except OSError:
-            return None
-        try:
-            fcntl.flock(fd, fcntl.LOCK_SH)
-        except OSError:
-            os.close(fd)
-            return None
-        try:
-            if os.path.samestat(os.fstat(fd), os.stat(path)):
-                return fd
-        except OSError:
-            pass  # a prune that held it removed it meanwhile: lock the file there now
-        os.close(fd)
 
 
 def prune_old_extractions(root: Path, current: Optional[Path]) -> list[Path]:
@@ -6750,12 +6728,6 @@ def _only_interrupts(exc: BaseException) -> bool:
 def main(argv: Optional[list[str]] = None) -> int:
     """Run one pgw command; the exit status: 0 done, 1 failed, 2 usage."""
     open_missing_stdio()
-    # Every command, not `run` alone, holds its extraction while it runs: a
-    # `logs -f`, `doctor` or `selftest` of one build may import from it while
-    # another build's `run` prunes.  The fd stays open until pgw exits.
-    current = current_extraction()
-    if current is not None:
-        hold_extraction(current.parent, current)
     try:
         parser = build_parser()
         try:

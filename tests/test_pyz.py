@@ -465,15 +465,18 @@ def test_the_extraction_is_held_before_pgw_is_imported(pyz, home, tmp_path):
         interpreter.wait()
 
 
-def test_a_lock_file_a_prune_removed_meanwhile_is_locked_anew(tmp_path):
+def test_a_lock_file_a_prune_removed_meanwhile_is_locked_anew(pyz, tmp_path):
     # A prune locks the in-use file, removes the extraction and the file: a
     # hold that opened the file before must not settle for the removed one.
+    # The start code's `hold`, taken out of the pyz and run here.
     import fcntl
 
-    import pgw
-
-    root, current = tmp_path, tmp_path / "pgw.pyz_abc"
-    path = pgw.in_use_lock(root, current)
+    with zipfile.ZipFile(pyz) as archive:
+        tree = ast.parse(archive.read("__main__.py"))
+    [hold_def] = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "hold"]
+    namespace = {"os": os}
+    exec(compile(ast.Module(body=[hold_def], type_ignores=[]), "__main__.py", "exec"), namespace)
+    path = tmp_path / ".pgw.pyz_abc_in_use"
     path.touch()
     pruner = os.open(path, os.O_RDONLY)
     fcntl.flock(pruner, fcntl.LOCK_EX)
@@ -489,9 +492,9 @@ def test_a_lock_file_a_prune_removed_meanwhile_is_locked_anew(tmp_path):
         return fd
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(pgw.os, "open", open_then_prune)
-        fd = pgw.hold_extraction(root, current)
-    assert fd is not None and os.path.samestat(os.fstat(fd), os.stat(path))
+        patch.setattr(os, "open", open_then_prune)
+        fd = namespace["hold"](str(path))
+    assert opened and fd is not None and os.path.samestat(os.fstat(fd), os.stat(path))
     os.close(fd)
 
 
