@@ -1431,7 +1431,12 @@ def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
     current directory, its `..` left for the kernel)."""
     if environ.get(ENV_HOME):
         home = os.path.expanduser(environ[ENV_HOME])
-        return Path(home if os.path.isabs(home) else os.path.join(os.getcwd(), home))
+        if os.path.isabs(home):
+            return Path(home)
+        try:
+            return Path(os.getcwd(), home)
+        except FileNotFoundError:
+            raise ConfigError(f"{ENV_HOME}={home} is relative, and the current directory no longer exists") from None
     try:
         return Path.home() / DEFAULT_HOME_DIRNAME
     except RuntimeError:
@@ -1479,19 +1484,25 @@ def writable_by_us_alone(directory: Path) -> bool:
 
 def refuse_shared_home(home: Path) -> None:
     """pgw makes its home private (mode 0700): a directory shared with other
-    users (sticky, or writable by them, as /tmp is) would break for them."""
-    mode = stat.S_IMODE(home.stat().st_mode)
+    users (sticky, or writable by them, as /tmp is) would break for them, and
+    so would a directory that holds the user's whole home.  A home not made
+    yet is checked for what it would be."""
+    try:
+        mode = stat.S_IMODE(home.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0
     if mode & (stat.S_ISVTX | stat.S_IWOTH):
         raise ConfigError(
             f"{home} is shared with other users (mode {mode:o}): set {ENV_HOME} to a directory of pgw's own"
         )
     try:
-        yours = os.path.realpath(Path.home())
+        yours: Optional[str] = os.path.realpath(Path.home())
     except RuntimeError:
         yours = None
     real = os.path.realpath(home)
-    if real in (yours, "/"):
-        what = "the root directory" if real == "/" else "your home directory itself"
+    holds_yours = yours is not None and (yours == real or yours.startswith(real.rstrip("/") + "/"))
+    if real == "/" or holds_yours:
+        what = "the root directory" if real == "/" else "your home directory itself" if real == yours else "a directory that holds your home directory"
         raise ConfigError(
             f"{home} is {what}, which pgw would make private (mode 700): set {ENV_HOME} to a directory of"
             f" pgw's own, such as ~/{DEFAULT_HOME_DIRNAME}"
@@ -5793,13 +5804,12 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     # Before the code goes to the server, which spends it: a pairing that
     # cannot be saved would cost the user a new code for nothing.
     home = path.parent
-    try:
-        make_private_dirs(home)
-    except OSError as exc:
-        raise ConfigError(f"cannot write to {home}: {exc.strerror}; set {ENV_HOME} to a directory you own") from None
     refuse_shared_home(home)
-    if not os.access(home, os.W_OK | os.X_OK) or (path.exists() and not os.access(path, os.W_OK)):
-        raise ConfigError(f"cannot write to {home}: permission denied; set {ENV_HOME} to a directory you own")
+    existing = home  # what is there already must take the home, or the config in it
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"cannot write to {existing}, where pgw would keep {path}: fix its permissions or set {ENV_HOME}")
     body = {
         "pair_code": args.code,
         "machine_name": settings.name,
@@ -5922,9 +5932,13 @@ def _cmd_run(args: argparse.Namespace) -> int:
 def leave_reason(home: Path, reason: str) -> None:
     """Why `run` refused to start, in run.log and the state file where they can
     be written: under cron nobody sees stderr, and `status` and `logs` read these."""
+    try:
+        refuse_shared_home(home)  # nothing goes into a home refused as shared, or as the user's own
+    except (ConfigError, OSError):
+        return
     if not os.path.lexists(home):  # a first `run` before `pair`: `status` must have the reason all the same
         try:
-            make_private_dirs(home)
+            os.mkdir(home, 0o700)  # itself only: a mistyped PGW_HOME makes no chain of directories
         except OSError:
             return
     if not writable_by_us_alone(home) or instance_lock_holder(home) is not None:
@@ -6213,7 +6227,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     except ConfigError as exc:  # the config, or a setting from the environment
         paired, problem = None, str(exc)
     # A daemon started with PGW_TOKEN (or --token) runs paired whatever config.json says.
-    by_environment = not paired and bool(state.get("token_from_environment"))
+    by_environment = pid is not None and not paired and bool(state.get("token_from_environment"))
     if by_environment:
         paired = True
     report = {
@@ -6739,7 +6753,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             # Absolute, but its `..` left for the kernel, as PGW_HOME's is: after a
             # symlink it leads elsewhere than the text suggests.
             home = os.path.expanduser(args.home)
-            os.environ[ENV_HOME] = home if os.path.isabs(home) else os.path.join(os.getcwd(), home)
+            try:
+                os.environ[ENV_HOME] = home if os.path.isabs(home) else os.path.join(os.getcwd(), home)
+            except FileNotFoundError:
+                raise ConfigError(f"--home {home} is relative, and the current directory no longer exists") from None
         if args.command is None:
             print(parser.format_help(), end="")
             return 2
@@ -6769,7 +6786,7 @@ def _unforeseen(exc: OSError) -> int:
     except (OSError, ValueError):
         pass
     if not isinstance(exc, BrokenPipeError):  # the reader went away: nothing to tell it
-        print(f"pgw: {exc.strerror or exc}", file=sys.stderr)
+        print(f"pgw: {f'{exc.filename}: ' if exc.filename else ''}{exc.strerror or exc}", file=sys.stderr)
     return 1
 
 

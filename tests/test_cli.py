@@ -6,7 +6,6 @@ import argparse
 import contextlib
 import json
 import os
-import select
 import signal
 import socket
 import stat
@@ -636,10 +635,14 @@ def read_until(stream, text, within_s=10.0):
     seen = ""
     deadline = time.monotonic() + within_s
     while text not in seen:
-        # Waited for with a deadline: a line that never comes must fail the test, not hang it.
-        ready, _, _ = select.select([stream], [], [], max(0.0, deadline - time.monotonic()))
-        assert ready, f"{text!r} never came: {seen!r}"
-        line = stream.readline()
+        # In a thread, waited for with a deadline: a line that never comes must
+        # fail the test, not hang it (select cannot see what the stream buffered).
+        got: list[str] = []
+        reader = threading.Thread(target=lambda: got.append(stream.readline()), daemon=True)
+        reader.start()
+        reader.join(max(0.0, deadline - time.monotonic()))
+        assert got, f"{text!r} never came: {seen!r}"
+        line = got[0]
         assert line, f"EOF before {text!r}: {seen!r}"
         seen += line
     return seen
@@ -1024,7 +1027,7 @@ def test_selftest_whose_output_cannot_be_written_says_so_in_one_line():
 def test_run_refused_before_its_home_exists_still_leaves_its_reason(capsys, tmp_path, monkeypatch):
     # Under cron nobody sees stderr: a first `run` before `pair` left nothing
     # for `status` to show, as its home did not exist yet.
-    home = tmp_path / "fresh" / ".pgworker"
+    home = tmp_path / ".pgworker"  # in a home directory that exists, as ~ does
     monkeypatch.setenv("PGW_HOME", str(home))
     status, _, err = run(capsys, "run")
     assert status == 1 and "not paired yet" in err
@@ -1054,3 +1057,49 @@ def test_uninstall_cron_where_there_is_no_cron_has_nothing_to_remove(capsys, pgw
     monkeypatch.setenv("PATH", str(tmp_path))  # no crontab on it
     status, out, err = run(capsys, "uninstall", "cron")
     assert (status, err) == (0, "") and "nothing to remove" in out
+
+
+def test_a_refused_run_writes_nothing_into_the_home_it_refused(capsys, tmp_path, monkeypatch):
+    # `--home ~` was refused, but the refusal's reason went into ~/run.log
+    # and ~/state.json all the same.
+    monkeypatch.setenv("HOME", str(tmp_path))
+    status, _, err = run(capsys, "--home", "~", "run", "--token", "tok0123456789abcdef")
+    assert status == 1 and "your home directory itself" in err
+    assert sorted(path.name for path in tmp_path.iterdir()) == []
+
+
+def test_a_directory_that_holds_your_home_is_refused_as_a_pgw_home(capsys, tmp_path, monkeypatch):
+    # It was made mode 700 like any home: every other user's entry in it too.
+    monkeypatch.setenv("HOME", str(tmp_path / "users" / "ada"))
+    (tmp_path / "users" / "ada").mkdir(parents=True)
+    (tmp_path / "users").chmod(0o755)
+    status, _, err = run(capsys, "--home", str(tmp_path / "users"), "config", "set", "name", "x")
+    assert status != 0 and "a directory that holds your home directory" in err and err.count("\n") == 1
+    assert stat.S_IMODE((tmp_path / "users").stat().st_mode) == 0o755
+
+
+def test_a_failed_pair_leaves_no_directory_it_would_have_made(capsys, tmp_path, monkeypatch):
+    home = tmp_path / "q1" / "q2" / "home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, _, err = run(capsys, "pair", "CODE-1", "--server", f"http://127.0.0.1:{free_port()}")
+    assert status == 1 and "pairing failed" in err
+    assert not (tmp_path / "q1").exists()
+
+
+def test_status_of_no_running_daemon_takes_no_token_from_an_old_state_file(capsys, pgw_home):
+    pgw.make_private_dirs(pgw_home)
+    pgw.write_json_atomically(pgw_home / "state.json", {"pid": 12345678, "connected": True, "token_from_environment": True})
+    status, out, _ = run(capsys, "status")
+    assert status == 1 and "paired     no" in out
+
+
+def test_a_relative_home_after_its_current_directory_was_removed_is_one_line(tmp_path):
+    gone = tmp_path / "gone"
+    gone.mkdir()
+    code = "import os, sys; sys.path.insert(0, sys.argv[1]); import pgw; os.rmdir(os.getcwd()); sys.exit(pgw.main(sys.argv[2:]))"
+    for argv, env in ((["status"], {"PGW_HOME": "rel"}), (["--home", "rel", "status"], {})):
+        done = subprocess.run([sys.executable, "-c", code, str(ROOT), *argv], cwd=gone, capture_output=True, text=True,
+                              timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path), **env})
+        gone.mkdir(exist_ok=True)
+        assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
+        assert "is relative, and the current directory no longer exists" in done.stderr
