@@ -1425,18 +1425,24 @@ def codex_trace(records: typing.Iterable[Any], source: str) -> str:
 ##############################################################################
 
 
+def absolute_home(home: str, given_as: str) -> Path:
+    """`home` (`~` expanded) made absolute from the current directory, its `..`
+    left for the kernel: after a symlink it leads elsewhere than the text says."""
+    home = os.path.expanduser(home)
+    if os.path.isabs(home):
+        return Path(home)
+    try:
+        return Path(os.getcwd(), home)
+    except FileNotFoundError:
+        raise ConfigError(f"{given_as}{home} is relative, and the current directory no longer exists") from None
+
+
 def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
     """PGW_HOME, else ~/.pgworker (PROTOCOL.md); absolute, so that what pgw
     says names it wherever it is read (a relative one is taken from the
     current directory, its `..` left for the kernel)."""
     if environ.get(ENV_HOME):
-        home = os.path.expanduser(environ[ENV_HOME])
-        if os.path.isabs(home):
-            return Path(home)
-        try:
-            return Path(os.getcwd(), home)
-        except FileNotFoundError:
-            raise ConfigError(f"{ENV_HOME}={home} is relative, and the current directory no longer exists") from None
+        return absolute_home(environ[ENV_HOME], f"{ENV_HOME}=")
     try:
         return Path.home() / DEFAULT_HOME_DIRNAME
     except RuntimeError:
@@ -1482,7 +1488,7 @@ def writable_by_us_alone(directory: Path) -> bool:
     return stat.S_ISDIR(info.st_mode) and info.st_uid == os.geteuid() and not info.st_mode & unsafe
 
 
-def refuse_shared_home(home: Path) -> None:
+def refuse_unfit_home(home: Path) -> None:
     """pgw makes its home private (mode 0700): a directory shared with other
     users (sticky, or writable by them, as /tmp is) would break for them, and
     so would a directory that holds the user's whole home.  A home not made
@@ -1515,7 +1521,7 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
     directory = path.parent
     try:
         make_private_dirs(directory)
-        refuse_shared_home(directory)
+        refuse_unfit_home(directory)
         opened = stat.S_IMODE(directory.stat().st_mode) & 0o077
         if opened:
             os.chmod(directory, 0o700)
@@ -5804,7 +5810,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     # Before the code goes to the server, which spends it: a pairing that
     # cannot be saved would cost the user a new code for nothing.
     home = path.parent
-    refuse_shared_home(home)
+    refuse_unfit_home(home)
     existing = home  # what is there already must take the home, or the config in it
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
@@ -5898,7 +5904,7 @@ def run_preflight(args: argparse.Namespace) -> Settings:
         make_private_dirs(home)
     except OSError as exc:
         raise ConfigError(f"cannot make the pgw home {home}: {exc.strerror}; set {ENV_HOME} to a directory you own") from None
-    refuse_shared_home(home)
+    refuse_unfit_home(home)
     if not os.access(home, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to the pgw home {home}; set {ENV_HOME} to a directory you own")
     return settings
@@ -5933,7 +5939,7 @@ def leave_reason(home: Path, reason: str) -> None:
     """Why `run` refused to start, in run.log and the state file where they can
     be written: under cron nobody sees stderr, and `status` and `logs` read these."""
     try:
-        refuse_shared_home(home)  # nothing goes into a home refused as shared, or as the user's own
+        refuse_unfit_home(home)  # nothing goes into a home refused as shared, or as the user's own
     except (ConfigError, OSError):
         return
     if not os.path.lexists(home):  # a first `run` before `pair`: `status` must have the reason all the same
@@ -6750,13 +6756,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             sys.stdout.flush()
             raise
         if args.home:  # every command finds its home in the environment, as with PGW_HOME
-            # Absolute, but its `..` left for the kernel, as PGW_HOME's is: after a
-            # symlink it leads elsewhere than the text suggests.
-            home = os.path.expanduser(args.home)
-            try:
-                os.environ[ENV_HOME] = home if os.path.isabs(home) else os.path.join(os.getcwd(), home)
-            except FileNotFoundError:
-                raise ConfigError(f"--home {home} is relative, and the current directory no longer exists") from None
+            os.environ[ENV_HOME] = str(absolute_home(args.home, "--home "))
         if args.command is None:
             print(parser.format_help(), end="")
             return 2

@@ -1014,7 +1014,7 @@ def test_a_pgw_home_that_is_your_whole_home_or_the_root_is_refused(capsys, tmp_p
     # The root directory, checked without a command: one that let it through
     # would make / mode 700 on the machine running the tests.
     with pytest.raises(pgw.ConfigError, match="/ is the root directory"):
-        pgw.refuse_shared_home(Path("/"))
+        pgw.refuse_unfit_home(Path("/"))
 
 
 def test_selftest_whose_output_cannot_be_written_says_so_in_one_line():
