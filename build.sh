@@ -351,6 +351,7 @@ def bootstrap(callers_umask):
 
     def execute_interpreter_with_callers_umask():
         os.umask(callers_umask)
+        signals("SIG_UNBLOCK")
         return execute_interpreter()
 
     _bootstrap.cache_path = held_cache_path
@@ -376,9 +377,22 @@ def open_missing_stdio():
         sys.stderr = os.fdopen(2, "w")
 
 
+# `run` obeys these from pgw's first line on (SIGHUP: ignored), but pgw sets its
+# handlers only once its imports are done: blocked from here, they wait for them.
+# Any other command takes them back as it starts, and so does SHIV_INTERPRETER.
+HELD_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP")
+
+
+def signals(how):
+    import signal
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(getattr(signal, how), [getattr(signal, name) for name in HELD_SIGNALS])
+
+
 def main():
     open_missing_stdio()
-    ensure_new_python()
+    ensure_new_python()  # before the block: a Ctrl-C still ends a candidate's probe
+    signals("SIG_BLOCK")
     callers_umask = os.umask(0o077)
     choose_root()
     bootstrap(callers_umask)

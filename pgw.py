@@ -5918,7 +5918,7 @@ def _cmd_run(args: argparse.Namespace) -> int:
     before = {signum: signal.getsignal(signum) for signum in DAEMON_SIGNALS}
     for signum in DAEMON_SIGNALS:
         signal.signal(signum, signal.SIG_IGN if signum == getattr(signal, "SIGHUP", None) else lambda signum, _: early.append(signum))
-    if hasattr(signal, "pthread_sigmask"):  # what came before a --token restart, blocked across it
+    if hasattr(signal, "pthread_sigmask"):  # blocked by the pyz's start code, or across a --token restart
         signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
     try:
         if args.token:
@@ -6755,6 +6755,10 @@ def main(argv: Optional[list[str]] = None) -> int:
         except SystemExit:  # --help, --version, or a usage error argparse has printed
             sys.stdout.flush()
             raise
+        if args.command != "run" and hasattr(signal, "pthread_sigmask"):
+            # The pyz's start code blocks them until pgw can take them (run's
+            # handlers, in _cmd_run); any other command is signalled as usual.
+            signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
         if args.home:  # every command finds its home in the environment, as with PGW_HOME
             os.environ[ENV_HOME] = str(absolute_home(args.home, "--home "))
         if args.command is None:
