@@ -6759,6 +6759,8 @@ def main(argv: Optional[list[str]] = None) -> int:
             # The pyz's start code blocks them until pgw can take them (run's
             # handlers, in _cmd_run); any other command is signalled as usual.
             signal.pthread_sigmask(signal.SIG_UNBLOCK, DAEMON_SIGNALS)
+        if args.home == "":  # `--home "$DIR"` with DIR unset: not the default home, unasked
+            parser.error("argument --home: expected a directory, not an empty string")
         if args.home:  # every command finds its home in the environment, as with PGW_HOME
             os.environ[ENV_HOME] = str(absolute_home(args.home, "--home "))
         if args.command is None:

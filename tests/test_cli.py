@@ -612,6 +612,14 @@ def test_home_option_is_pgw_home(capsys, pgw_home, tmp_path, monkeypatch):
     assert not pgw_home.exists()
 
 
+def test_an_empty_home_option_is_a_usage_error_not_the_default_home(capsys, pgw_home):
+    # `--home "$DIR"` with DIR unset used the default home without a word.
+    status, out, err = run(capsys, "--home", "", "config", "set", "name", "lab")
+    assert (status, out) == (2, "")
+    assert err == "pgw: argument --home: expected a directory, not an empty string; see `pgw --help`\n"
+    assert not pgw_home.exists()
+
+
 # logs ---------------------------------------------------------------------------
 
 
