@@ -274,6 +274,8 @@ CODEX_ROLLOUT_TAIL_BYTES = 4 * 1024 * 1024
 RUN_LOG_FILENAME = "run.log"
 LOCK_FILENAME = "run.lock"  # the pid of the one `pgw run` of this home (which flocks the home itself)
 STATE_FILENAME = "state.json"  # what `pgw status` shows
+SCRATCH_DIRNAME = "scratch"  # the stages' scratch directories (pgworker's too)
+SHIV_DIRNAME = "shiv"  # where the pyz unpacks when started by a service (install)
 STATE_MAX_BYTES = 1 << 20  # what `status` reads of it: the daemon's is under 2 KiB
 
 # Tokens shorter than this are not hidden in the log (see RedactToken).
@@ -1513,6 +1515,24 @@ def refuse_unfit_home(home: Path) -> None:
             f"{home} is {what}, which pgw would make private (mode 700): set {ENV_HOME} to a directory of"
             f" pgw's own, such as ~/{DEFAULT_HOME_DIRNAME}"
         )
+    # Open to others, it is made private: only if it is pgw's (or pgworker's)
+    # home.  As root, `PGW_HOME=/home` or `/etc` locked every other user out.
+    others = sorted(name for name in (os.listdir(home) if mode & 0o077 else ()) if not kept_in_a_home(name))
+    if others:
+        raise ConfigError(
+            f"{home} holds more than pgw's files ({shown(others[0])}{', ...' if len(others) > 1 else ''}) and other"
+            f" users can enter it (mode {mode:o}), so pgw will not make it private (mode 700): set {ENV_HOME} to"
+            f" a directory of pgw's own, or make this one private yourself (chmod 700)"
+        )
+
+
+def kept_in_a_home(name: str) -> bool:
+    """Whether `name` is one pgw or pgworker keeps in its home: run.log's
+    rotations and atomic writes' temporary files too."""
+    kept = (CONFIG_FILENAME, RUN_LOG_FILENAME, LOCK_FILENAME, STATE_FILENAME, SCRATCH_DIRNAME, SHIV_DIRNAME)
+    rotated = name.startswith(f"{RUN_LOG_FILENAME}.") and name[len(RUN_LOG_FILENAME) + 1 :].isdigit()
+    temporary = name.endswith(".tmp") and any(name.startswith(f".{each}.") for each in (CONFIG_FILENAME, STATE_FILENAME))
+    return name in kept or name == ".DS_Store" or rotated or temporary
 
 
 def write_config(path: Path, config: dict[str, Any]) -> None:
@@ -1520,8 +1540,8 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
     (said on stderr when the directory was open to others before)."""
     directory = path.parent
     try:
-        make_private_dirs(directory)
         refuse_unfit_home(directory)
+        make_private_dirs(directory)
         opened = stat.S_IMODE(directory.stat().st_mode) & 0o077
         if opened:
             os.chmod(directory, 0o700)
@@ -4571,7 +4591,7 @@ class Daemon:
         self.stage_umask = stage_umask  # None: the stages get pgw's own
         self.environ = dict(os.environ if environ is None else environ)
         # Absolute: a stage root that ran a stage before has its working directory at /.
-        self.scratch_root = Path(os.path.abspath(home / "scratch"))
+        self.scratch_root = Path(os.path.abspath(home / SCRATCH_DIRNAME))
         self.stages: dict[str, StageRun] = {}
         self.spawner = StageSpawner(self.timing.root_idle_s, subreaper=self.subreaper)
         self.slots = trio.Semaphore(settings.max_stages) if settings.max_stages > 0 else None
@@ -5536,7 +5556,7 @@ def launch_for_this_host(home: Path, environ: typing.Mapping[str, str], search_p
     path_dirs = [str(Path(found).parent) for found in (shutil.which(cli, path=search_path) for cli in CLI_CAPABILITY_KEYS) if found]
     path_dirs += [d for d in search_path.split(os.pathsep) if d]
     path_dirs += ["/usr/local/bin", "/usr/bin", "/bin"]
-    launch_env = {"PATH": os.pathsep.join(dict.fromkeys(path_dirs)), "SHIV_ROOT": str(home / "shiv")}
+    launch_env = {"PATH": os.pathsep.join(dict.fromkeys(path_dirs)), "SHIV_ROOT": str(home / SHIV_DIRNAME)}
     if environ.get(ENV_HOME):
         launch_env[ENV_HOME] = str(home)
     return Launch([sys.executable, str(pyz), "run"], launch_env)
@@ -5894,6 +5914,7 @@ def run_preflight(args: argparse.Namespace) -> Settings:
     """What `pgw run` checks before it starts; `doctor` runs the same, so that
     when doctor finds nothing wrong, run starts.  PgwError says what is wrong."""
     home = pgw_home()
+    refuse_unfit_home(home)
     _, _, settings = _load(args)
     if not settings.token:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
@@ -5904,7 +5925,6 @@ def run_preflight(args: argparse.Namespace) -> Settings:
         make_private_dirs(home)
     except OSError as exc:
         raise ConfigError(f"cannot make the pgw home {home}: {exc.strerror}; set {ENV_HOME} to a directory you own") from None
-    refuse_unfit_home(home)
     if not os.access(home, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to the pgw home {home}; set {ENV_HOME} to a directory you own")
     return settings

@@ -910,6 +910,36 @@ def test_a_home_open_to_others_is_made_private_and_said_so(capsys, tmp_path, mon
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("command", [["config", "set", "name", "box"], ["run", "--token", "tok0123456789abcdef"], ["pair", "CODE-1"]])
+def test_an_open_directory_holding_more_than_pgws_files_is_refused_not_made_private(capsys, tmp_path, monkeypatch, command):
+    # As root, `PGW_HOME=/home` (or /etc) made it mode 700: every other user
+    # lost their way into it.
+    other = tmp_path / "home"
+    (other / "ada").mkdir(parents=True)
+    (other / "config.json").write_text("{}")
+    other.chmod(0o755)
+    monkeypatch.setenv("PGW_HOME", str(other))
+    # pair must not get as far as sending; run, unrefused, would end at once on a URL it cannot use
+    monkeypatch.setenv("PGW_SERVER", "http://[::1" if command[0] == "run" else f"http://127.0.0.1:{free_port()}")
+    status, _, err = run(capsys, *command)
+    assert status == 1
+    assert_one_line_error(err, f"{other} holds more than pgw's files ('ada')", "(mode 755)", "PGW_HOME", "chmod 700")
+    assert stat.S_IMODE(other.stat().st_mode) == 0o755
+    assert sorted(path.name for path in other.iterdir()) == ["ada", "config.json"]
+
+
+def test_an_open_pgworker_home_with_its_log_rotations_and_leftovers_is_made_private(capsys, tmp_path, monkeypatch):
+    home = tmp_path / ".pgworker"
+    (home / "scratch" / "s1").mkdir(parents=True)
+    for name in ("config.json", "run.log", "run.log.1", "run.log.5", "state.json", ".state.json.x1y2.tmp", "run.lock"):
+        (home / name).write_text("{}")
+    home.chmod(0o755)
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, _, err = run(capsys, "config", "set", "name", "box")
+    assert status == 0 and "private (mode 700)" in err
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
 @pytest.mark.parametrize("value", ["²", "١٢", "-1", "1.5", ""])
 def test_a_count_is_ascii_digits_only(capsys, pgw_home, value):
     # str.isdigit() takes "²" and Arabic-Indic digits; int() takes neither ("²") or reads them as 12.
