@@ -6391,6 +6391,9 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
 def _cmd_revoke(args: argparse.Namespace) -> int:
     path = pgw_home() / CONFIG_FILENAME
     config = read_config(path)
+    if os.environ.get(ENV_TOKEN):  # which outranks config.json: a `run` from here stays paired
+        print(f"pgw: warning: {ENV_TOKEN} is set here; a pgw started with it still uses that token: unset it",
+              file=sys.stderr)
     if not config.get("token"):
         print(f"not paired: no token in {path}; nothing removed")
         return 0

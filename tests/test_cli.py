@@ -561,6 +561,19 @@ def test_revoke_while_the_daemon_runs_says_it_still_holds_the_token(capsys, pgw_
     assert_one_line_error(err, f"the running pgw (pid {os.getpid()}) still holds the old token: run `pgw stop`")
 
 
+@pytest.mark.parametrize("paired", [True, False])
+def test_revoke_says_a_token_in_the_environment_still_pairs_what_starts_from_here(capsys, pgw_home, monkeypatch, paired):
+    # "removed the token" or "not paired", while PGW_TOKEN (which outranks
+    # config.json) kept any `pgw run` started from this shell paired.
+    if paired:
+        pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
+    monkeypatch.setenv("PGW_TOKEN", "tok-env0123456789")
+    status, out, err = run(capsys, "revoke")
+    assert status == 0 and ("removed" if paired else "not paired") in out
+    assert_one_line_error(err, "PGW_TOKEN is set here; a pgw started with it still uses that token: unset it")
+    assert "tok-env0123456789" not in out + err
+
+
 def test_revoke_when_not_paired(capsys, pgw_home):
     status, out, _ = run(capsys, "revoke")
     assert status == 0 and "not paired" in out
