@@ -5113,7 +5113,8 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
     else:
         mode = stat.S_IMODE(config_path.stat().st_mode)
         if mode & 0o077:
-            checks.append(Check("config", "WARN", f"{config_path} is mode {mode:o}: others may read the token; chmod 600 it"))
+            could = "read the token and change the server it goes to" if mode & 0o022 else "read the token"
+            checks.append(Check("config", "WARN", f"{config_path} is mode {mode:o}: others may {could}; chmod 600 it"))
         else:
             checks.append(Check("config", "PASS", f"{config_path}, mode 600, worker {printable(settings.worker_id or '?')}, server {settings.server}"))
     found = 0

@@ -423,12 +423,16 @@ def test_doctor_json_keeps_pgworkers_fields(capsys, pgw_home, stub_bin):
     assert {"name": "config", "status": "FAIL"}.items() <= report["checks"][2].items()
 
 
-def test_doctor_warns_about_a_config_others_can_read(capsys, pgw_home, stub_bin):
+@pytest.mark.parametrize("mode", [0o644, 0o666])
+def test_doctor_warns_about_a_config_others_can_read_or_write(capsys, pgw_home, stub_bin, mode):
+    # Writable, it is worse than a token to read: whoever writes the server
+    # into it has this machine run their stages.
     pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "server": f"http://127.0.0.1:{free_port()}"})
-    (pgw_home / "config.json").chmod(0o644)
+    (pgw_home / "config.json").chmod(mode)
     _, out, _ = run(capsys, "doctor")
     [line] = [line for line in out.splitlines() if line.split()[1] == "config"]
-    assert line.startswith("WARN") and "mode 644" in line and "chmod 600" in line
+    assert line.startswith("WARN") and f"mode {mode:o}" in line and "chmod 600" in line
+    assert ("change the server it goes to" in line) == bool(mode & 0o022), line
 
 
 def test_doctor_finds_clis_on_the_configured_path(capsys, pgw_home, tmp_path):
