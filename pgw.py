@@ -2946,6 +2946,7 @@ class StageRun:
         self.running_scope: Optional[trio.CancelScope] = None
         self.root: Optional[StageRoot] = None
         self.owns_scratch = False  # its scratch dir is its own to remove: it made it
+        self.began = time.time()  # when it left the queue: the codex session it runs starts after
         self.seq = 0
         self.bytes_out = 0
         self.pumps_running = 0
@@ -2994,7 +2995,7 @@ class StageRun:
                     if slots is not None:
                         await slots.acquire()  # cancelled here: never started
                         holds_slot = True
-                    started = time.monotonic()
+                    started, self.began = time.monotonic(), time.time()
                     self.scope.deadline = trio.current_time() + min(max(request.timeout_s, 0), TIMEOUT_MAX_S)
                     await self._execute(outbox)
                 if request.cli == "codex" and self.root is not None and self.root.cli_pid is not None:
@@ -3187,7 +3188,7 @@ class StageRun:
     async def _send_codex_trace(self, outbox: Outbox) -> None:
         trace = await trio.to_thread.run_sync(
             read_codex_trace, self.prepared.scratch_dir,
-            codex_sessions_dir(self.prepared.environ, self.prepared.scratch_dir), time.time(),
+            codex_sessions_dir(self.prepared.environ, self.prepared.scratch_dir), self.began, time.time(),
         )
         for data in escaped_output(trace) if trace else ():
             await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.next_seq(), data))
@@ -3520,11 +3521,14 @@ def is_real_dir(path: Path) -> bool:
         return False
 
 
-def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
-    """Find the codex rollout whose session ran in `scratch_dir`, and extract it."""
+def read_codex_trace(scratch_dir: Path, sessions_dir: Path, since: float, now: float) -> str:
+    """Find the rollout of the codex session that ran in `scratch_dir` from
+    `since` on, and extract it."""
     wanted = str(scratch_dir.resolve())
     candidates = []
-    for path in sessions_dir.glob("*/*/*/rollout-*.jsonl"):
+    # Only the days it can be filed under: a user's years of sessions (10^5
+    # rollouts) cost every codex stage 3 s of stat calls before its exit.
+    for path in (rollout for day in codex_days(sessions_dir, since, now) for rollout in day.glob("rollout-*.jsonl")):
         try:
             modified = path.stat().st_mtime
         except OSError:
@@ -3553,6 +3557,17 @@ def read_codex_trace(scratch_dir: Path, sessions_dir: Path, now: float) -> str:
         except (OSError, ValueError, RecursionError):  # a file any process of the user may have written
             continue
     return ""
+
+
+def codex_days(sessions_dir: Path, since: float, now: float) -> typing.Iterator[Path]:
+    """The directories (sessions/YYYY/MM/DD) where codex files a session started
+    between `since` and `now`: by the day it started, in codex's local time,
+    which may be a day off this process's."""
+    one_day = datetime.timedelta(days=1)
+    day = datetime.date.fromtimestamp(min(since, now)) - one_day
+    while day <= datetime.date.fromtimestamp(now) + one_day:
+        yield sessions_dir / f"{day:%Y}" / f"{day:%m}" / f"{day:%d}"
+        day += one_day
 
 
 def open_regular_file(path: Path, follow: bool = False) -> typing.BinaryIO:

@@ -252,7 +252,7 @@ def test_a_fifo_or_a_symlink_named_as_a_rollout_is_passed_over_not_waited_on(tmp
     # pgw's shutdown, waited for ever.
     scratch = tmp_path / "scratch" / "s1"
     scratch.mkdir(parents=True)
-    day = tmp_path / "sessions" / "2026" / "11" / "27"
+    day = tmp_path.joinpath("sessions", *time.strftime("%Y %m %d").split())
     day.mkdir(parents=True)
     meta = json.dumps({"type": "session_meta", "payload": {"cwd": str(scratch.resolve())}})
     messages = [json.dumps({"type": "response_item", "payload": {"type": "message", "role": "assistant",
@@ -266,7 +266,7 @@ def test_a_fifo_or_a_symlink_named_as_a_rollout_is_passed_over_not_waited_on(tmp
     for name in ("rollout-fifo.jsonl", "rollout-link.jsonl"):
         os.utime(day / name, (now - 1, now - 1), follow_symlinks=False)
     found: list[str] = []
-    reader = threading.Thread(target=lambda: found.append(pgw.read_codex_trace(scratch, tmp_path / "sessions", now)),
+    reader = threading.Thread(target=lambda: found.append(pgw.read_codex_trace(scratch, tmp_path / "sessions", now - 60, now)),
                               daemon=True)
     reader.start()
     reader.join(10)
@@ -281,7 +281,7 @@ def test_a_fifo_or_a_symlink_named_as_a_rollout_is_passed_over_not_waited_on(tmp
 def test_a_huge_codex_rollout_is_read_from_its_end_only(tmp_path):
     scratch = tmp_path / "scratch" / "s1"
     scratch.mkdir(parents=True)
-    day = tmp_path / "sessions" / "2026" / "11" / "27"
+    day = tmp_path.joinpath("sessions", *time.strftime("%Y %m %d").split())
     day.mkdir(parents=True)
     filler = json.dumps({"type": "response_item", "payload": {"type": "message", "role": "assistant",
                                                              "content": [{"text": "x" * 1000}]}})
@@ -292,7 +292,7 @@ def test_a_huge_codex_rollout_is_read_from_its_end_only(tmp_path):
         for text in ("near the end", "the last"):
             rollout.write(json.dumps({"type": "response_item", "payload": {
                 "type": "message", "role": "assistant", "content": [{"text": text}]}}) + "\n")
-    trace = pgw.read_codex_trace(scratch, tmp_path / "sessions", time.time())
+    trace = pgw.read_codex_trace(scratch, tmp_path / "sessions", time.time() - 60, time.time())
     assert "near the end" in trace and "the last" not in trace
     assert len(trace) <= pgw.CODEX_ROLLOUT_TAIL_BYTES
 

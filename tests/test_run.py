@@ -793,8 +793,8 @@ async def test_a_shutdown_ends_in_its_time_when_the_server_stopped_reading(tmp_p
 
 
 CODEX_WITH_ROLLOUT = """
-import json, os, pathlib
-day = pathlib.Path(os.environ["CODEX_HOME"], "sessions", "2026", "11", "21")
+import json, os, pathlib, time
+day = pathlib.Path(os.environ["CODEX_HOME"], "sessions", *time.strftime("%Y %m %d").split())  # as codex files it
 day.mkdir(parents=True, exist_ok=True)
 records = [
     {"type": "session_meta", "payload": {"cwd": str(pathlib.Path.cwd().resolve())}},

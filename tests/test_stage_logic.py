@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import datetime
 import json
 import logging
 import os
@@ -221,8 +222,13 @@ def test_codex_trace_empty_when_nothing_new():
     assert pgw.codex_trace(rollout_records("/x")[-1:], "r") == ""
 
 
-def write_rollout(sessions, name, records, age_s=0.0):
-    day = sessions / "2026" / "11" / "21"
+def today(sessions):
+    """Where codex files a session started now: by its day, in local time."""
+    return sessions.joinpath(*time.strftime("%Y %m %d").split())
+
+
+def write_rollout(sessions, name, records, age_s=0.0, day=None):
+    day = day or today(sessions)
     day.mkdir(parents=True, exist_ok=True)
     path = day / name
     path.write_text("\n".join(json.dumps(r) for r in records) + "\n")
@@ -236,7 +242,7 @@ def test_read_codex_trace_finds_the_rollout_of_this_scratch_dir(tmp_path):
     scratch.mkdir(parents=True)
     write_rollout(sessions, "rollout-other.jsonl", rollout_records("/elsewhere"))
     path = write_rollout(sessions, "rollout-mine.jsonl", rollout_records(str(scratch.resolve())))
-    trace = pgw.read_codex_trace(scratch, sessions, time.time())
+    trace = pgw.read_codex_trace(scratch, sessions, time.time() - 60, time.time())
     assert "looking at the graph" in trace and str(path) in trace
 
 
@@ -245,7 +251,7 @@ def test_a_rollout_nested_too_deep_for_the_parser_is_passed_over(tmp_path):
     # cannot take (RecursionError) must not fail every codex stage after it.
     scratch, sessions = tmp_path / "s1", tmp_path / "sessions"
     scratch.mkdir()
-    day = sessions / "2026" / "11" / "21"
+    day = today(sessions)
     day.mkdir(parents=True)
     (day / "rollout-deep.jsonl").write_text("[" * 100_000 + "\n")
     mine = rollout_records(str(scratch.resolve()))
@@ -253,14 +259,32 @@ def test_a_rollout_nested_too_deep_for_the_parser_is_passed_over(tmp_path):
         json.dumps(mine[0]) + "\n" + "[" * 100_000 + "\n" + "\n".join(json.dumps(r) for r in mine[1:]) + "\n"
     )
     os.utime(day / "rollout-deep.jsonl")  # the newest: read first
-    assert "looking at the graph" in pgw.read_codex_trace(scratch, sessions, time.time())
+    assert "looking at the graph" in pgw.read_codex_trace(scratch, sessions, time.time() - 60, time.time())
 
 
 def test_read_codex_trace_ignores_rollouts_older_than_an_hour(tmp_path):
     scratch, sessions = tmp_path / "s1", tmp_path / "sessions"
     scratch.mkdir()
     write_rollout(sessions, "rollout-old.jsonl", rollout_records(str(scratch.resolve())), age_s=3700)
-    assert pgw.read_codex_trace(scratch, sessions, time.time()) == ""
+    assert pgw.read_codex_trace(scratch, sessions, time.time() - 60, time.time()) == ""
+
+
+def test_only_the_days_a_session_of_the_stage_can_be_filed_under_are_read(tmp_path):
+    # Every rollout of the user's was looked at: years of sessions (10^5 files)
+    # cost each codex stage seconds before its exit.  Codex files a session by
+    # the local day it started: one that started before midnight is still found.
+    scratch, sessions = tmp_path / "s1", tmp_path / "sessions"
+    scratch.mkdir()
+    mine = rollout_records(str(scratch.resolve()))
+    write_rollout(sessions, "rollout-filed-long-ago.jsonl", mine, day=sessions / "2020" / "01" / "01")
+    assert pgw.read_codex_trace(scratch, sessions, time.time() - 60, time.time()) == ""
+    midnight = datetime.datetime.combine(datetime.date.today(), datetime.time()).timestamp()
+    yesterday = sessions.joinpath(*time.strftime("%Y %m %d", time.localtime(midnight - 60)).split())
+    write_rollout(sessions, "rollout-before-midnight.jsonl", mine, day=yesterday)
+    assert "looking at the graph" in pgw.read_codex_trace(scratch, sessions, midnight - 60, time.time())
+    assert [day.name for day in pgw.codex_days(sessions, midnight - 60, midnight + 60)] == [
+        f"{datetime.date.today() + datetime.timedelta(days=offset):%d}" for offset in (-2, -1, 0, 1)
+    ]
 
 
 # Outbox ----------------------------------------------------------------------
