@@ -9,6 +9,7 @@ suite with `./build.sh test`, which builds it).
 from __future__ import annotations
 
 import ast
+import contextlib
 import glob
 import json
 import os
@@ -207,6 +208,20 @@ def paired(home: Path, backend, worker_id: str = "w-1") -> Path:
     return config_dir
 
 
+@contextlib.asynccontextmanager
+async def daemon_of(command: list[str], **options):
+    """`command` running (a trio Process), killed at the end if it has not exited."""
+    import trio
+
+    daemon = await trio.lowlevel.open_process(command, **options)
+    try:
+        yield daemon
+    finally:
+        if daemon.returncode is None:
+            daemon.kill()
+            await daemon.wait()
+
+
 async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, home, tmp_path):
     """`pgw.pyz run` as a user starts it: minimal PATH with the stub CLIs, a paired HOME."""
     import signal
@@ -220,10 +235,7 @@ async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, hom
         async with open_backend() as backend:
             config_dir = paired(home, backend)
             env = {"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}
-            daemon = await trio.lowlevel.open_process(
-                [python, str(pyz), "run"], env=env, cwd=home, stdin=subprocess.DEVNULL
-            )
-            try:
+            async with daemon_of([python, str(pyz), "run"], env=env, cwd=home, stdin=subprocess.DEVNULL) as daemon:
                 connection = await backend.next_connection()
                 hello = await connection.receive("hello")
                 for cli in ("claude", "codex", "deepseek"):
@@ -235,10 +247,6 @@ async def test_run_serves_each_cli_and_stops_cleanly_on_sigterm(python, pyz, hom
                 daemon.send_signal(signal.SIGTERM)
                 assert await daemon.wait() == 0
                 await connection.closed.wait()
-            finally:
-                if daemon.returncode is None:
-                    daemon.kill()
-                    await daemon.wait()
     assert hello["capabilities"]["python"] == python_version(python)
     assert all(hello["capabilities"][key]["available"] for key in ("claude_code", "codex", "deepseek_tui"))
     for cli, result in zip(("claude", "codex", "deepseek"), results):
@@ -276,11 +284,8 @@ async def test_run_with_standard_streams_closed_serves_and_stops_cleanly(pyz, ho
     with trio.fail_after(60):
         async with open_backend() as backend:
             config_dir = paired(home, backend)
-            daemon = await trio.lowlevel.open_process(
-                ["bash", "-c", f'exec "$@" {CLOSED["all"]}', "bash", python, str(pyz), "run"],
-                env={"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, cwd=home,
-            )
-            try:
+            async with daemon_of(["bash", "-c", f'exec "$@" {CLOSED["all"]}', "bash", python, str(pyz), "run"],
+                                 env={"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, cwd=home) as daemon:
                 connection = await backend.next_connection()
                 await connection.receive("hello")
                 await connection.send({"type": "stage.request", "stage_run_id": "s1", "job_id": "j",
@@ -288,10 +293,6 @@ async def test_run_with_standard_streams_closed_serves_and_stops_cleanly(pyz, ho
                 result = await connection.stage_result("s1")
                 daemon.send_signal(signal.SIGTERM)
                 assert await daemon.wait() == 0
-            finally:
-                if daemon.returncode is None:
-                    daemon.kill()
-                    await daemon.wait()
     assert result.stdout == "claude hi False\n"
     log = (config_dir / "run.log").read_text()
     assert "stopped" in log and "Traceback" not in log, log
@@ -316,17 +317,11 @@ async def test_a_signal_while_the_pyz_starts_is_obeyed_as_once_running(pyz, home
     with trio.fail_after(RUN_TIMEOUT_S):
         async with open_backend() as backend:
             config_dir = paired(home, backend)
-            daemon = await trio.lowlevel.open_process([python, str(pyz), "run"], env=env, cwd=home,
-                                                      stdin=subprocess.DEVNULL)
-            try:
+            async with daemon_of([python, str(pyz), "run"], env=env, cwd=home, stdin=subprocess.DEVNULL) as daemon:
                 if name == "SIGHUP":  # ignored, as once running: it connects, and stops on a SIGTERM
                     await (await backend.next_connection()).receive("hello")
                     daemon.send_signal(signal.SIGTERM)
                 assert await daemon.wait() == 0
-            finally:
-                if daemon.returncode is None:
-                    daemon.kill()
-                    await daemon.wait()
     log = (config_dir / "run.log").read_text()
     assert "stopped" in log and "Traceback" not in log, log
     assert (f"received {name} while starting" in log) == (name != "SIGHUP"), log
