@@ -77,6 +77,20 @@ def fail(message):
     sys.exit(1)
 
 
+# `run` obeys these from pgw's first line on (SIGHUP: ignored), but pgw sets its
+# handlers only once its imports are done: blocked from main() on, they wait for
+# them. Any other command takes them back as it starts, and so does any other entry
+# point (SHIV_INTERPRETER, SHIV_ENTRY_POINT); an unpacking, which may wait on another
+# pgw's, lets them through.
+HELD_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP")
+
+
+def signals(how):
+    import signal
+    if hasattr(signal, "pthread_sigmask"):
+        signal.pthread_sigmask(getattr(signal, how), [getattr(signal, name) for name in HELD_SIGNALS])
+
+
 ##############################################################################
 # 1. A Python new enough
 ##############################################################################
@@ -98,7 +112,10 @@ def probe(candidate):
             try:
                 output = process.communicate(**({"timeout": PROBE_TIMEOUT_S} if sys.version_info >= (3, 3) else {}))[0]
             except BaseException:
-                os.killpg(process.pid, signal.SIGKILL)
+                try:  # a Ctrl-C may have come after communicate() reaped it
+                    os.killpg(process.pid, signal.SIGKILL)
+                except OSError:
+                    pass
                 process.wait()
                 raise
         if process.returncode != 0:
@@ -136,10 +153,11 @@ def ensure_new_python():
         newer = newer_python()
         if newer:
             os.environ[REEXEC_MARKER] = here
+            signals("SIG_BLOCK")  # across the exec: the new interpreter's start cannot take them
             try:
                 os.execv(newer, [newer, pyz] + sys.argv[1:])
             except OSError:
-                pass
+                signals("SIG_UNBLOCK")
     fail(
         "pgw: needs Python 3.10 or newer; %s is %s. Install python3.11 (RHEL 9: dnf install "
         "python3.11) or run: python3.11 %s" % (here, "%d.%d.%d" % tuple(sys.version_info[:3]), pyz)
@@ -339,14 +357,19 @@ def bootstrap(callers_umask):
         return path
 
     def extract_site_packages(archive, target_path, *args, **kwargs):
+        signals("SIG_UNBLOCK")  # it may wait for another pgw's unpacking as long as that takes
         try:
             return extract(archive, target_path, *args, **kwargs)
         except OSError as error:
             fail("pgw: cannot unpack pgw.pyz into %s (%s): set SHIV_ROOT to a directory "
                  "you can write" % (target_path, why(error)))
+        finally:
+            signals("SIG_BLOCK")
 
     def run_with_callers_umask(module):
         os.umask(callers_umask)
+        if getattr(module, "__module__", None) != "pgw":  # SHIV_ENTRY_POINT and the like
+            signals("SIG_UNBLOCK")
         return run(module)
 
     def execute_interpreter_with_callers_umask():
@@ -375,18 +398,6 @@ def open_missing_stdio():
                 os.close(null)
     if sys.stderr is None:
         sys.stderr = os.fdopen(2, "w")
-
-
-# `run` obeys these from pgw's first line on (SIGHUP: ignored), but pgw sets its
-# handlers only once its imports are done: blocked from here, they wait for them.
-# Any other command takes them back as it starts, and so does SHIV_INTERPRETER.
-HELD_SIGNALS = ("SIGTERM", "SIGINT", "SIGQUIT", "SIGHUP")
-
-
-def signals(how):
-    import signal
-    if hasattr(signal, "pthread_sigmask"):
-        signal.pthread_sigmask(getattr(signal, how), [getattr(signal, name) for name in HELD_SIGNALS])
 
 
 def main():

@@ -276,6 +276,10 @@ LOCK_FILENAME = "run.lock"  # the pid of the one `pgw run` of this home (which f
 STATE_FILENAME = "state.json"  # what `pgw status` shows
 SCRATCH_DIRNAME = "scratch"  # the stages' scratch directories (pgworker's too)
 SHIV_DIRNAME = "shiv"  # where the pyz unpacks when started by a service (install)
+LAUNCHD_LOG_FILENAME = "launchd.log"  # what launchd catches of a start that failed before the log
+# A user's own pgw.pyz, an editor's backup, a core dump: a few files.  A
+# directory as /etc or /usr/bin holds hundreds, and other directories.
+HOME_OTHER_FILES_MAX = 10
 STATE_MAX_BYTES = 1 << 20  # what `status` reads of it: the daemon's is under 2 KiB
 
 # Tokens shorter than this are not hidden in the log (see RedactToken).
@@ -1463,6 +1467,9 @@ def read_config(path: Path) -> dict[str, Any]:
         text = data.decode("utf-8")
     except FileNotFoundError:
         return {}
+    except NotADirectoryError:  # PGW_HOME names a file: nothing in the config to fix
+        refuse_unfit_home(path.parent)
+        raise
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read {path}: {reason}; fix it or delete it and pair again") from None
@@ -1496,9 +1503,14 @@ def refuse_unfit_home(home: Path) -> None:
     so would a directory that holds the user's whole home.  A home not made
     yet is checked for what it would be."""
     try:
-        mode = stat.S_IMODE(home.stat().st_mode)
+        info: Optional[os.stat_result] = home.stat()
     except FileNotFoundError:
-        mode = 0
+        info = None
+    except OSError as exc:
+        raise unreadable_home(home, exc) from None
+    if info is not None and not stat.S_ISDIR(info.st_mode):
+        raise ConfigError(f"{home} is not a directory: set {ENV_HOME} to a directory of pgw's own")
+    mode = stat.S_IMODE(info.st_mode) if info is not None else 0
     if mode & (stat.S_ISVTX | stat.S_IWOTH):
         raise ConfigError(
             f"{home} is shared with other users (mode {mode:o}): set {ENV_HOME} to a directory of pgw's own"
@@ -1517,7 +1529,7 @@ def refuse_unfit_home(home: Path) -> None:
         )
     # Open to others, it is made private: only if it is pgw's (or pgworker's)
     # home.  As root, `PGW_HOME=/home` or `/etc` locked every other user out.
-    others = sorted(name for name in (os.listdir(home) if mode & 0o077 else ()) if not kept_in_a_home(name))
+    others = not_kept_in_a_home(home) if mode & 0o077 else []
     if others:
         raise ConfigError(
             f"{home} holds more than pgw's files ({shown(others[0])}{', ...' if len(others) > 1 else ''}) and other"
@@ -1526,10 +1538,26 @@ def refuse_unfit_home(home: Path) -> None:
         )
 
 
+def unreadable_home(home: Path, exc: OSError) -> ConfigError:
+    return ConfigError(f"cannot look into the pgw home {home}: {exc.strerror}; set {ENV_HOME} to a directory you own")
+
+
+def not_kept_in_a_home(home: Path) -> list[str]:
+    """The directories in `home` that are not pgw's, or all its entries that
+    are not when there are more than a few: what says it is no pgw home."""
+    try:
+        with os.scandir(home) as entries:
+            others = sorted((entry.name, entry.is_dir(follow_symlinks=False)) for entry in entries if not kept_in_a_home(entry.name))
+    except OSError as exc:
+        raise unreadable_home(home, exc) from None
+    directories = [name for name, is_dir in others if is_dir]
+    return directories or ([name for name, _ in others] if len(others) > HOME_OTHER_FILES_MAX else [])
+
+
 def kept_in_a_home(name: str) -> bool:
     """Whether `name` is one pgw or pgworker keeps in its home: run.log's
     rotations and atomic writes' temporary files too."""
-    kept = (CONFIG_FILENAME, RUN_LOG_FILENAME, LOCK_FILENAME, STATE_FILENAME, SCRATCH_DIRNAME, SHIV_DIRNAME)
+    kept = (CONFIG_FILENAME, RUN_LOG_FILENAME, LOCK_FILENAME, STATE_FILENAME, SCRATCH_DIRNAME, SHIV_DIRNAME, LAUNCHD_LOG_FILENAME)
     rotated = name.startswith(f"{RUN_LOG_FILENAME}.") and name[len(RUN_LOG_FILENAME) + 1 :].isdigit()
     temporary = name.endswith(".tmp") and any(name.startswith(f".{each}.") for each in (CONFIG_FILENAME, STATE_FILENAME))
     return name in kept or name == ".DS_Store" or rotated or temporary
@@ -5677,7 +5705,7 @@ def launchd_plist(launch: Launch, home: Path) -> str:
         "EnvironmentVariables": launch.environ,
         "RunAtLoad": True,
         "KeepAlive": True,
-        "StandardErrorPath": str(home / "launchd.log"),
+        "StandardErrorPath": str(home / LAUNCHD_LOG_FILENAME),
     }).decode()
 
 
@@ -6104,6 +6132,9 @@ def _cmd_install(args: argparse.Namespace) -> int:
     refusal = wrong_platform(args.kind)
     if refusal:
         raise PgwError(refusal)
+    # Refused at every start, with its output gone to /dev/null, no reason
+    # would ever show: refused here instead.
+    refuse_unfit_home(home)
     if not (config.get("token") or os.environ.get(ENV_TOKEN) or args.force):
         # An unpaired `pgw run` fails at every start: at boot and every 5 minutes.
         raise NotPairedError(

@@ -927,12 +927,16 @@ def test_a_home_open_to_others_is_made_private_and_said_so(capsys, tmp_path, mon
     assert stat.S_IMODE(home.stat().st_mode) == 0o700
 
 
+@pytest.mark.parametrize("holding", ["a-directory", "many-files"])
 @pytest.mark.parametrize("command", [["config", "set", "name", "box"], ["run", "--token", "tok0123456789abcdef"], ["pair", "CODE-1"]])
-def test_an_open_directory_holding_more_than_pgws_files_is_refused_not_made_private(capsys, tmp_path, monkeypatch, command):
-    # As root, `PGW_HOME=/home` (or /etc) made it mode 700: every other user
-    # lost their way into it.
+def test_an_open_directory_holding_more_than_pgws_files_is_refused_not_made_private(capsys, tmp_path, monkeypatch, command, holding):
+    # As root, `PGW_HOME=/home` (or /etc, /usr/bin) made it mode 700: every
+    # other user lost their way into it.
     other = tmp_path / "home"
-    (other / "ada").mkdir(parents=True)
+    other.mkdir()
+    names = ["ada"] if holding == "a-directory" else [f"tool{number:02d}" for number in range(pgw.HOME_OTHER_FILES_MAX + 1)]
+    for name in names:
+        (other / name).mkdir() if holding == "a-directory" else (other / name).write_text("")
     (other / "config.json").write_text("{}")
     other.chmod(0o755)
     monkeypatch.setenv("PGW_HOME", str(other))
@@ -940,9 +944,42 @@ def test_an_open_directory_holding_more_than_pgws_files_is_refused_not_made_priv
     monkeypatch.setenv("PGW_SERVER", "http://[::1" if command[0] == "run" else f"http://127.0.0.1:{free_port()}")
     status, _, err = run(capsys, *command)
     assert status == 1
-    assert_one_line_error(err, f"{other} holds more than pgw's files ('ada')", "(mode 755)", "PGW_HOME", "chmod 700")
+    assert_one_line_error(err, f"{other} holds more than pgw's files ('{names[0]}'", "(mode 755)", "PGW_HOME", "chmod 700")
     assert stat.S_IMODE(other.stat().st_mode) == 0o755
-    assert sorted(path.name for path in other.iterdir()) == ["ada", "config.json"]
+    assert sorted(path.name for path in other.iterdir()) == sorted([*names, "config.json"])
+
+
+def test_an_open_home_with_a_few_files_of_the_users_own_is_still_made_private(capsys, tmp_path, monkeypatch):
+    # pgw.pyz downloaded into ~/.pgworker, an editor's backup, launchd's log of
+    # a failed start: a pgworker home (mode 755) holding them is pgw's still.
+    home = tmp_path / ".pgworker"
+    home.mkdir()
+    for name in ("config.json", "pgw.pyz", "config.json~", "launchd.log", "nohup.out"):
+        (home / name).write_text("{}")
+    home.chmod(0o755)
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, _, err = run(capsys, "config", "set", "name", "box")
+    assert status == 0 and "private (mode 700)" in err
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o644])
+def test_a_file_as_the_pgw_home_is_one_line_and_doctor_still_reports_every_check(capsys, tmp_path, monkeypatch, mode):
+    # PGW_HOME=~/.pgworker/config.json, by mistake: at mode 644 doctor ended
+    # on a bare "Not a directory", with none of its checks.
+    home = tmp_path / "config.json"
+    home.write_text("{}")
+    home.chmod(mode)
+    monkeypatch.setenv("PGW_HOME", str(home))
+    monkeypatch.setenv("PGW_TOKEN", "tok0123456789abcdef")
+    status, _, err = run(capsys, "config", "set", "name", "box")
+    assert status == 1
+    assert_one_line_error(err, f"{home}", "PGW_HOME")
+    status, out, _ = run(capsys, "doctor", "--json")
+    report = json.loads(out)
+    assert status == 1 and report["ok"] is False
+    [check] = [check for check in report["checks"] if check["name"] == "run"]
+    assert check["status"] == "FAIL" and f"{home} is not a directory" in check["detail"], check
 
 
 def test_an_open_pgworker_home_with_its_log_rotations_and_leftovers_is_made_private(capsys, tmp_path, monkeypatch):

@@ -298,6 +298,15 @@ async def test_run_with_standard_streams_closed_serves_and_stops_cleanly(pyz, ho
     assert "stopped" in log and "Traceback" not in log, log
 
 
+# Runs its arguments with the signals' default dispositions, as from a terminal:
+# CI may start the tests with some of them ignored, which a child keeps.
+WITH_DEFAULT_SIGNALS = (
+    "import os, signal, sys\n"
+    "for name in ('SIGHUP', 'SIGTERM', 'SIGINT'): signal.signal(getattr(signal, name), signal.SIG_DFL)\n"
+    "os.execv(sys.argv[1], sys.argv[1:])\n"
+)
+
+
 @pytest.mark.parametrize("name", ["SIGHUP", "SIGTERM", "SIGINT"])
 async def test_a_signal_while_the_pyz_starts_is_obeyed_as_once_running(pyz, home, tmp_path, name):
     # While shiv unpacked and pgw imported (about 0.2 s, longer on a cold disk)
@@ -325,16 +334,72 @@ async def test_a_signal_while_the_pyz_starts_is_obeyed_as_once_running(pyz, home
     log = (config_dir / "run.log").read_text()
     assert "stopped" in log and "Traceback" not in log, log
     assert (f"received {name} while starting" in log) == (name != "SIGHUP"), log
-    # Any other command is signalled as usual: the start code's block is taken
-    # back.  (With the dispositions a terminal gives: CI may start tests with some ignored.)
-    defaults = ("import os, signal, sys\n"
-                "for name in ('SIGHUP', 'SIGTERM', 'SIGINT'): signal.signal(getattr(signal, name), signal.SIG_DFL)\n"
-                "os.execv(sys.argv[1], sys.argv[1:])\n")
-    done = run_start([python, "-c", defaults, python, str(pyz), "status"], env, home)
+    # Any other command is signalled as usual: the start code's block is taken back.
+    done = run_start([python, "-c", WITH_DEFAULT_SIGNALS, python, str(pyz), "status"], env, home)
     if name == "SIGINT":
         assert (done.returncode, done.stderr) == (130, "pgw: interrupted\n"), done
     else:
         assert done.returncode == -getattr(signal, name), done
+
+
+def test_another_entry_point_gets_the_signals_the_start_code_held(pyz, home, tmp_path):
+    # Only pgw's main took them back: code run with SHIV_ENTRY_POINT (or
+    # SHIV_MODULE) had SIGTERM, SIGINT, SIGQUIT and SIGHUP blocked for good.
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    (tmp_path / "blocked.py").write_text("import signal\ndef main():\n    print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n")
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home), "PYTHONPATH": str(tmp_path)}
+    for variable in ("SHIV_ENTRY_POINT", "SHIV_MODULE"):
+        done = run_start([python, str(pyz)], {**env, variable: "blocked:main"}, home)
+        assert (done.returncode, done.stdout) == (0, "[]\n"), (variable, done)
+
+
+def test_ctrl_c_while_waiting_for_another_pgws_unpacking_is_obeyed(pyz, home, tmp_path):
+    # The start code holds the signals until pgw can take them, but shiv's
+    # unpacking waits, as long as it takes, for another pgw's (one stopped
+    # with Ctrl-Z, say): that wait could not be interrupted.
+    import fcntl
+    import signal
+
+    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    shiv_root = tmp_path / "shiv"
+    shiv_root.mkdir(mode=0o700)
+    with zipfile.ZipFile(pyz) as archive:
+        build_id = json.loads(archive.read("environment.json"))["build_id"]
+    other = os.open(shiv_root / f".{pyz.resolve().name}_{build_id}_lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX)  # another pgw unpacking
+        process = subprocess.Popen([python, "-c", WITH_DEFAULT_SIGNALS, python, str(pyz), "status"], cwd=home,
+                                   env={"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root)},
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        try:
+            time.sleep(1)
+            assert process.poll() is None, "it did not wait for the other unpacking"
+            process.send_signal(signal.SIGINT)
+            out, err = process.communicate(timeout=RUN_TIMEOUT_S)
+        finally:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    finally:
+        os.close(other)
+    assert (process.returncode, err) == (130, "pgw: interrupted\n"), out + err
+
+
+def test_ctrl_c_while_an_old_python_probes_a_newer_one_is_obeyed(pyz, home, tmp_path):
+    # A Ctrl-C after the candidate had exited made the probe's killpg fail,
+    # and that error, not the KeyboardInterrupt, was taken for a candidate
+    # that does not run: pgw went on, or said no Python 3.10 was there.
+    old = OLD_PYTHONS[(3, 9)]
+    if old is None:
+        pytest.skip("no Python 3.9 on this machine")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "python3.13").write_text("#!/bin/sh\nkill -INT $PPID\nexit 0\n")  # as a Ctrl-C meanwhile
+    (bin_dir / "python3.13").chmod(0o755)
+    (bin_dir / "python3.11").symlink_to(newest_python())
+    done = run_start([newest_python(), "-c", WITH_DEFAULT_SIGNALS, old, str(pyz), "status"],
+                     {"PATH": f"{bin_dir}:{MINIMAL_PATH}", "HOME": str(home)}, home)
+    assert (done.returncode, done.stderr) == (130, "pgw: interrupted\n"), done
 
 
 def test_selftest_passes_from_the_pyz(python, pyz, home):

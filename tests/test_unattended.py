@@ -358,6 +358,22 @@ def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys
     assert "nothing to remove" in capsys.readouterr().out
 
 
+def test_install_apply_refuses_a_home_run_would_refuse(capsys, tmp_path, monkeypatch):
+    # Installed, the watchdog's `run` was refused every 5 minutes with its
+    # output gone to /dev/null, and nothing written into the refused home:
+    # no reason anywhere.
+    table = fake_crontab(tmp_path, monkeypatch)
+    home = tmp_path / "home"
+    (home / "ada").mkdir(parents=True)
+    pgw.write_json_atomically(home / "config.json", PAIRED)
+    home.chmod(0o755)
+    monkeypatch.setenv("PGW_HOME", str(home))
+    assert pgw.main(["install", "cron", "--apply"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"{home} holds more than pgw's files ('ada')" in err, err
+    assert not table.exists()
+
+
 def test_a_block_without_its_end_marker_costs_no_line_of_the_users(capsys, pgw_home, tmp_path, monkeypatch):
     # A hand edit left pgw's begin marker without its end: every line after
     # it was taken for pgw's and deleted, by install and uninstall alike.
