@@ -6299,6 +6299,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
         paired: Optional[bool] = bool(resolve_settings({}, os.environ, read_config(home / CONFIG_FILENAME), "").token)
     except ConfigError as exc:  # the config, or a setting from the environment
         paired, problem = None, str(exc)
+    refused = None  # why `run` is refused here, which it cannot write into a home it refused
+    if pid is None:
+        try:
+            refuse_unfit_home(home)
+        except ConfigError as exc:
+            refused = str(exc)
     # A daemon started with PGW_TOKEN (or --token) runs paired whatever config.json says.
     by_environment = pid is not None and not paired and bool(state.get("token_from_environment"))
     if by_environment:
@@ -6315,7 +6321,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "next_try_at": state.get("next_try_at") if pid and connected is False else None,
         "stages_running": (state.get("stages_running", 0) if pid else 0) if connected is not None else None,
         "stages_queued": (state.get("stages_queued", 0) if pid else 0) if connected is not None else None,
-        "last_error": state.get("last_error") if connected is not None else None,
+        "last_error": refused or (state.get("last_error") if connected is not None else None),
         "paired": paired,
         "home": str(home),
         "log": str(home / RUN_LOG_FILENAME),

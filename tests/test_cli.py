@@ -1178,6 +1178,19 @@ def test_a_failed_pair_leaves_no_directory_it_would_have_made(capsys, tmp_path, 
     assert not (tmp_path / "q1").exists()
 
 
+def test_status_says_why_run_is_refused_in_its_home(capsys, tmp_path, monkeypatch):
+    # A refused `run` writes nothing into the home it refused, and under cron
+    # its stderr goes nowhere: status said "last error -".
+    home = tmp_path / "home"
+    (home / "ada").mkdir(parents=True)
+    home.chmod(0o755)
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, out, _ = run(capsys, "status")
+    assert status == 1 and f"last error {home} holds more than pgw's files ('ada')" in out, out
+    status, out, _ = run(capsys, "status", "--json")
+    assert status == 1 and "holds more than pgw's files" in json.loads(out)["last_error"]
+
+
 def test_status_of_no_running_daemon_takes_no_token_from_an_old_state_file(capsys, pgw_home):
     pgw.make_private_dirs(pgw_home)
     pgw.write_json_atomically(pgw_home / "state.json", {"pid": 12345678, "connected": True, "token_from_environment": True})
