@@ -1559,7 +1559,7 @@ def kept_in_a_home(name: str) -> bool:
     rotations and atomic writes' temporary files too."""
     kept = (CONFIG_FILENAME, RUN_LOG_FILENAME, LOCK_FILENAME, STATE_FILENAME, SCRATCH_DIRNAME, SHIV_DIRNAME, LAUNCHD_LOG_FILENAME)
     rotated = name.startswith(f"{RUN_LOG_FILENAME}.") and name[len(RUN_LOG_FILENAME) + 1 :].isdigit()
-    temporary = name.endswith(".tmp") and any(name.startswith(f".{each}.") for each in (CONFIG_FILENAME, STATE_FILENAME))
+    temporary = name.endswith(".tmp") and any(name.startswith(f".{each}.") for each in (CONFIG_FILENAME, STATE_FILENAME, LOCK_FILENAME))
     return name in kept or name == ".DS_Store" or rotated or temporary
 
 
@@ -1592,13 +1592,18 @@ def write_private_text(path: Path, text: str) -> None:
 
 
 def write_json_atomically(path: Path, value: Any, durable: bool = False) -> None:
-    """Replace `path` with `value` as JSON, mode 0600 whatever the umask: readers
-    see the old file or the new one; `durable` also survives a power cut."""
+    """Replace `path` with `value` as JSON, as write_atomically does."""
+    write_atomically(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n", durable)
+
+
+def write_atomically(path: Path, text: str, durable: bool = False) -> None:
+    """Replace `path` with `text`, mode 0600 whatever the umask: readers see the
+    old file or the new one; `durable` also survives a power cut.  Whatever
+    stood at `path` (a symlink, a FIFO) is replaced, never written through."""
     fd, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as temp:
-            json.dump(value, temp, ensure_ascii=False, indent=2)
-            temp.write("\n")
+            temp.write(text)
             if durable:
                 temp.flush()
                 os.fsync(temp.fileno())
@@ -1961,11 +1966,11 @@ def acquire_instance_lock(home: Path) -> tuple[Optional[int], Optional[int]]:
     except OSError:
         os.close(fd)
         return None, _read_pid_file(home / LOCK_FILENAME)
-    pid_fd = os.open(home / LOCK_FILENAME, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(pid_fd, f"{os.getpid()}\n".encode())
-    finally:
-        os.close(pid_fd)
+    try:  # a FIFO put there held the open (and the daemon) for ever; a symlink had it write elsewhere
+        write_atomically(home / LOCK_FILENAME, f"{os.getpid()}\n")
+    except OSError as exc:
+        os.close(fd)
+        raise ConfigError(f"cannot write {home / LOCK_FILENAME}: {exc.strerror}; remove it, or set {ENV_HOME} to a directory you own") from None
     return fd, None
 
 
@@ -1990,13 +1995,11 @@ def instance_lock_holder(home: Path) -> Optional[int]:
 
 def _read_pid_file(path: Path) -> Optional[int]:
     try:
-        fd = os.open(path, os.O_RDONLY)
+        pid_file = open_regular_file(path)  # a FIFO there would hold `status` and `stop`
     except OSError:
         return None
-    try:
-        return _read_pid(fd)
-    finally:
-        os.close(fd)
+    with pid_file:
+        return _read_pid(pid_file.fileno())
 
 
 def _read_pid(fd: int) -> Optional[int]:
@@ -4935,7 +4938,12 @@ class LogFile(logging.handlers.RotatingFileHandler):
         # A file, or a device such as /dev/null; anything else loses its lines,
         # said once on stderr (emit's handleError).
         flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
-        fd = os.open(self.baseFilename, flags, 0o600)
+        try:
+            fd = os.open(self.baseFilename, flags, 0o600)
+        except OSError as exc:  # ENXIO: a FIFO without a reader, or a socket ("No such device or address")
+            if exc.errno != errno.ENXIO:
+                raise
+            raise OSError(errno.EINVAL, "not a regular file", self.baseFilename) from None
         try:
             info = os.fstat(fd)
             self._regular = stat.S_ISREG(info.st_mode)  # /dev/null is never rolled over
@@ -5014,7 +5022,7 @@ def setup_logging(home: Path, token: str, verbose: bool) -> Path:
         )
     except OSError as exc:
         raise ConfigError(
-            f"cannot write the log {path}: {exc.strerror}; fix its permissions or set {ENV_HOME} to a directory you own"
+            f"cannot write the log {path}: {exc.strerror}; fix or remove it, or set {ENV_HOME} to a directory you own"
         ) from None
     handlers: list[logging.Handler] = [log_file]
     if verbose or sys.stderr.isatty():
@@ -6019,6 +6027,9 @@ def leave_reason(home: Path, reason: str) -> None:
         fd = os.open(home / RUN_LOG_FILENAME, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NONBLOCK, 0o600)
         with os.fdopen(fd, "a", encoding="utf-8", errors="backslashreplace") as log_file:
             log_file.write(f"{stamp} ERROR pgw {__version__} did not start: {reason}\n")
+    except OSError:
+        pass  # run.log may be why it was refused: the state file still tells `status`
+    try:
         write_json_atomically(home / STATE_FILENAME, {"pid": None, "last_error": reason, "updated_at": iso_time(time.time())})
     except OSError:
         pass  # stderr has it; nothing else can be written
@@ -6037,19 +6048,22 @@ def _start_daemon(args: argparse.Namespace, home: Path, early: list[int]) -> int
     if lock_fd is None:
         print(f"pgw already running (pid {holder or '?'})")
         return 0
-    if home_was_open:
-        os.chmod(home, 0o700)
-    log_path = setup_logging(home, settings.token, args.verbose)
-    if home_was_open:
-        log.info("made %s private (mode 700): other users could read the log and the scratch files", home)
-    log.info(
-        "pgw %s started: server=%s name=%r max_stages=%s log=%s",
-        __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
-    )
-    for old in prune_old_extractions(shiv_root(), current_extraction()):
-        log.info("removed an older extraction of pgw no pgw runs from: %s", old)
-    daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=True)
-    trio.run(run_until_signalled, daemon, early)
+    try:  # let go as soon as it is refused: leave_reason writes into no home a pgw runs in
+        if home_was_open:
+            os.chmod(home, 0o700)
+        log_path = setup_logging(home, settings.token, args.verbose)
+        if home_was_open:
+            log.info("made %s private (mode 700): other users could read the log and the scratch files", home)
+        log.info(
+            "pgw %s started: server=%s name=%r max_stages=%s log=%s",
+            __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
+        )
+        for old in prune_old_extractions(shiv_root(), current_extraction()):
+            log.info("removed an older extraction of pgw no pgw runs from: %s", old)
+        daemon = Daemon(settings, home, reread=lambda: _load(args)[2], stage_umask=callers_umask, subreaper=True)
+        trio.run(run_until_signalled, daemon, early)
+    finally:
+        os.close(lock_fd)
     return 0
 
 

@@ -975,6 +975,50 @@ async def test_a_close_left_unanswered_after_every_exit_went_out_is_no_lost_exit
     assert "without sending every stage's exit" not in log_text
 
 
+@pytest.mark.parametrize("planted", ["fifo", "symlink"])
+async def test_run_lock_is_replaced_not_written_through(tmp_path, stub_bin, planted):
+    # A FIFO at run.lock held `run` in its open for ever, deaf to SIGTERM (and
+    # status and stop took it for not running); a symlink had it truncate
+    # and write the file it pointed to.
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    victim = tmp_path / "victim"
+    victim.write_text("mine\n")
+    if planted == "fifo":
+        os.mkfifo(home / "run.lock")
+    else:
+        (home / "run.lock").symlink_to(victim)
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process([sys.executable, str(ROOT / "pgw.py")], backend, home, stub_bin) as daemon:
+                await (await backend.next_connection()).receive("hello")
+                pid_file = home / "run.lock"
+                assert pid_file.is_file() and not pid_file.is_symlink()
+                assert pid_file.read_text() == f"{daemon.pid}\n"
+                assert pgw.instance_lock_holder(home) == daemon.pid
+                daemon.send_signal(signal.SIGTERM)
+                assert await daemon.wait() == 0
+    assert victim.read_text() == "mine\n"
+
+
+def test_a_run_log_that_cannot_be_written_is_why_status_says_run_did_not_start(capsys, tmp_path, monkeypatch):
+    # The reason went to run.log only, which could not be written: status
+    # showed an older, unrelated error.  A FIFO there was named as "No such
+    # device or address; fix its permissions".
+    home = tmp_path / "home"
+    home.mkdir(mode=0o700)
+    pgw.write_json_atomically(home / "state.json", {"pid": None, "last_error": "an old error"})
+    os.mkfifo(home / "run.log")
+    monkeypatch.setenv("PGW_HOME", str(home))
+    assert pgw.main(["run", "--token", "tok0123456789abcdef", "--server", "http://127.0.0.1:9"]) == 1
+    assert capsys.readouterr().err == (
+        f"pgw: cannot write the log {home / 'run.log'}: not a regular file; fix or remove it, or set PGW_HOME to a"
+        " directory you own\n"
+    )
+    assert pgw.main(["status"]) == 1
+    assert f"last error cannot write the log {home / 'run.log'}: not a regular file" in capsys.readouterr().out
+
+
 # `pgw run` signalling itself at its first step, as a watchdog (or a closing
 # terminal) may signal it while it starts.
 SIGNALLED_WHILE_STARTING = (
