@@ -884,6 +884,9 @@ def decode(text: Union[str, bytes]) -> Record:
 def normalise_server_url(url: str) -> str:
     """The server URL as stored: http(s) only, host required, no trailing `/`."""
     cleaned = url.strip().rstrip("/")
+    authority = re.split(r"[/?#]", cleaned.split("://", 1)[-1], maxsplit=1)[0]
+    if "@" in authority:  # not quoted back: it may hold a password, which pgw would show everywhere
+        raise ConfigError("bad server URL: it names a user (USER@ or USER:PASSWORD@), which pgw never sends; drop it")
     try:
         parsed = urllib.parse.urlsplit(cleaned)
     except ValueError as exc:  # "Invalid IPv6 URL": a `[` without its `]`

@@ -279,6 +279,18 @@ def test_pair_bad_server_url(capsys, pgw_home, url):
     assert_one_line_error(err, "bad server URL")
 
 
+@pytest.mark.parametrize("url", ["http://ada:s3cretpw@127.0.0.1:1", "https://ada@h", "http://:s3cretpw@h/p", "http://ada:s3cretpw@[::1"])
+@pytest.mark.parametrize("command", [["pair", "C", "--server"], ["config", "set", "server"]])
+def test_a_server_url_naming_a_user_is_refused_without_showing_it(capsys, pgw_home, url, command):
+    # Taken, it was shown everywhere: run.log, status, doctor, revoke, and the
+    # state file (pair took `ada:s3cretpw@127.0.0.1` for a host name).
+    status, out, err = run(capsys, *command, url)
+    assert status == 1
+    assert_one_line_error(err, "bad server URL: it names a user", "drop it")
+    assert "s3cretpw" not in out + err and "ada" not in out + err
+    assert not (pgw_home / "config.json").exists()
+
+
 @pytest.mark.parametrize("argv", [["pair"], ["pair", "C", "--bogus"], ["launch"], ["doctor", "extra"], ["logs", "-n", "x"]])
 def test_usage_errors_exit_2_in_one_line(capsys, pgw_home, argv):
     status, _, err = run(capsys, *argv)
