@@ -1979,11 +1979,14 @@ def acquire_instance_lock(home: Path) -> tuple[Optional[int], Optional[int]]:
 
 def instance_lock_holder(home: Path) -> Optional[int]:
     """The pid of the `pgw run` holding this home's lock (-1 if it cannot be
-    read), or None if none runs."""
+    read), or None if none runs; ConfigError when this user cannot tell (a
+    home of another user's, say: "not running" would be a guess)."""
     try:
         fd = os.open(home, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
-    except OSError:
+    except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise ConfigError(f"cannot tell whether pgw runs for {home}: {exc.strerror}") from None
     if fcntl is None:
         os.close(fd)
         return None
@@ -5182,7 +5185,11 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
         checks.append(Check(binary, "PASS" if version else "WARN", f"{cli['path']} ({version or problem})"))
     if not found:
         checks.append(Check("clis", "FAIL", "none of claude, codex, deepseek is on PATH: no stage can run"))
-    holder, _, connected = daemon_report(home)
+    try:
+        holder, _, connected = daemon_report(home)
+    except PgwError as exc:
+        checks.append(Check("daemon", "WARN", str(exc)))
+        return checks
     if holder is None:
         checks.append(Check("daemon", "WARN", "`pgw run` is not running for this home"))
     else:
@@ -6022,8 +6029,11 @@ def leave_reason(home: Path, reason: str) -> None:
             os.mkdir(home, 0o700)  # itself only: a mistyped PGW_HOME makes no chain of directories
         except OSError:
             return
-    if not writable_by_us_alone(home) or instance_lock_holder(home) is not None:
-        return  # another user's `run.log` could name any file of ours; a running daemon's files are its own
+    try:
+        if not writable_by_us_alone(home) or instance_lock_holder(home) is not None:
+            return  # another user's `run.log` could name any file of ours; a running daemon's files are its own
+    except ConfigError:
+        return
     stamp = datetime.datetime.now().strftime("%Y-%m-%d %H:%M:%S")
     try:
         # O_NONBLOCK: a FIFO there would wait for a reader; a regular file is written as ever.
@@ -6428,7 +6438,10 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         checks.append(Check("run", "PASS", "`pgw run` would start: paired, CA file and home usable"))
     except PgwError as exc:
         checks.append(Check("run", "FAIL", f"`pgw run` would refuse to start: {exc}"))
-    holder, _, connected = daemon_report(home)
+    try:
+        holder, _, connected = daemon_report(home)
+    except PgwError:  # said by the daemon check
+        holder, connected = None, None
     if settings is None:
         checks += [Check(name, "SKIP", "the settings cannot be used (see the config check)") for name in NETWORK_CHECKS]
     else:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import signal
@@ -1201,6 +1202,24 @@ def test_status_says_why_run_is_refused_in_its_home(capsys, tmp_path, monkeypatc
     assert status == 1 and f"last error {home} holds more than pgw's files ('ada')" in out, out
     status, out, _ = run(capsys, "status", "--json")
     assert status == 1 and "holds more than pgw's files" in json.loads(out)["last_error"]
+
+
+@pytest.mark.parametrize("command", ["status", "stop"])
+def test_status_and_stop_in_a_home_this_user_cannot_open_cannot_tell(capsys, pgw_home, monkeypatch, command):
+    # Another user's home (root's pgw, looked at by a user): "not running",
+    # and stop said so with status 0, while a daemon ran there.
+    pgw.make_private_dirs(pgw_home)
+    opened = os.open
+
+    def refused_for_the_home(path, *args, **kwargs):
+        if os.fspath(path) == str(pgw_home):  # as for a user the home's mode keeps out (root is never kept out)
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refused_for_the_home)
+    status, out, err = run(capsys, command)
+    assert (status, out) == (1, "")
+    assert err == f"pgw: cannot tell whether pgw runs for {pgw_home}: Permission denied\n"
 
 
 def test_status_of_no_running_daemon_takes_no_token_from_an_old_state_file(capsys, pgw_home):
