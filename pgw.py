@@ -1580,8 +1580,11 @@ def write_config(path: Path, config: dict[str, Any]) -> None:
         raise ConfigError(f"cannot write to {directory}: {exc.strerror}") from None
     if opened:
         print(f"pgw: made {directory} private (mode 700): other users could read what pgw keeps there", file=sys.stderr)
+    text = json_text(config)
+    if len(text.encode("utf-8")) > CONFIG_MAX_BYTES:  # which no command could read back, `config unset` included
+        raise ConfigError(f"not saved: {path} would pass the {CONFIG_MAX_BYTES // 1024} KiB pgw reads of it")
     try:
-        write_json_atomically(path, config, durable=True)
+        write_atomically(path, text, durable=True)
     except OSError as exc:
         raise ConfigError(f"cannot write {path}: {exc.strerror}") from None
 
@@ -1596,7 +1599,12 @@ def write_private_text(path: Path, text: str) -> None:
 
 def write_json_atomically(path: Path, value: Any, durable: bool = False) -> None:
     """Replace `path` with `value` as JSON, as write_atomically does."""
-    write_atomically(path, json.dumps(value, ensure_ascii=False, indent=2) + "\n", durable)
+    write_atomically(path, json_text(value), durable)
+
+
+def json_text(value: Any) -> str:
+    """How pgw writes JSON files: indented, for the users who read them."""
+    return json.dumps(value, ensure_ascii=False, indent=2) + "\n"
 
 
 def write_atomically(path: Path, text: str, durable: bool = False) -> None:
@@ -5769,8 +5777,9 @@ def wrong_platform(kind: str) -> Optional[str]:
     return f"{kind} exists only on {INSTALL_PLATFORMS[kind][1]} and this host is {sys.platform}: use {instead}"
 
 
-def service_tool_failure(argv: list[str], done: subprocess.CompletedProcess[str]) -> str:
-    """A failed systemctl or launchctl in words, with the fix when it is a known one."""
+def tool_failure(argv: list[str], done: subprocess.CompletedProcess[str]) -> str:
+    """A failed crontab, systemctl or launchctl in words, on one line (a tool may
+    say it in several), with the fix when it is a known one."""
     detail = " ".join(done.stderr.split()) or f"exit status {done.returncode}"
     failure = f"`{' '.join(argv)}` failed: {detail}"
     if argv[:2] == ["systemctl", "--user"] and ("connect to bus" in detail or "D-Bus connection" in detail):
@@ -5807,14 +5816,14 @@ def read_crontab() -> str:
     if done.returncode != 0:
         if "no crontab" in done.stderr.lower():
             return ""
-        raise PgwError(f"`crontab -l` failed: {done.stderr.strip()}")
+        raise PgwError(tool_failure(["crontab", "-l"], done))
     return done.stdout
 
 
 def write_crontab(text: str) -> None:
     done = _run_tool(["crontab", "-"], stdin=text)
     if done.returncode != 0:
-        raise PgwError(f"`crontab -` failed: {done.stderr.strip()}")
+        raise PgwError(tool_failure(["crontab", "-"], done))
 
 
 def in_use_lock(root: Path, extraction: Path) -> Path:
@@ -6202,7 +6211,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for argv in tool:
         done = _run_tool(argv)
         if done.returncode != 0:
-            raise PgwError(service_tool_failure(argv, done))
+            raise PgwError(tool_failure(argv, done))
     print(f"enabled and started ({' then '.join(' '.join(a) for a in tool)})")
     return 0
 
@@ -6258,7 +6267,7 @@ def _unload_service(kind: str, target: Path) -> bool:
     done = _run_tool(tool)
     if done.returncode != 0:
         print(
-            f"pgw: warning: {service_tool_failure(tool, done)}: the service may still run;"
+            f"pgw: warning: {tool_failure(tool, done)}: the service may still run;"
             f" {target} is kept, for `pgw uninstall {kind}` to try again",
             file=sys.stderr,
         )
@@ -6271,7 +6280,7 @@ def _unload_service(kind: str, target: Path) -> bool:
         reload = ["systemctl", "--user", "daemon-reload"]
         done = _run_tool(reload)
         if done.returncode != 0:
-            print(f"pgw: warning: {service_tool_failure(reload, done)}", file=sys.stderr)
+            print(f"pgw: warning: {tool_failure(reload, done)}", file=sys.stderr)
     return True
 
 

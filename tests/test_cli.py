@@ -650,6 +650,19 @@ def test_an_empty_home_option_is_a_usage_error_not_the_default_home(capsys, pgw_
     assert not pgw_home.exists()
 
 
+def test_config_set_refuses_what_would_make_the_config_too_big_to_read(capsys, pgw_home):
+    # Saved, a config over the 1 MiB pgw reads broke every command, `config
+    # unset` (the way back) included.
+    value = "x" * (pgw.CONFIG_MAX_BYTES // 2)
+    assert run(capsys, "config", "set", "env.A", value)[0] == 0
+    before = (pgw_home / "config.json").read_bytes()
+    status, _, err = run(capsys, "config", "set", "env.B", value)
+    assert status == 1
+    assert_one_line_error(err, f"not saved: {pgw_home / 'config.json'} would pass the 1024 KiB pgw reads of it")
+    assert (pgw_home / "config.json").read_bytes() == before
+    assert run(capsys, "config", "unset", "env.A")[0] == 0
+
+
 # logs ---------------------------------------------------------------------------
 
 

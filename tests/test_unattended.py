@@ -358,6 +358,19 @@ def test_install_cron_apply_is_idempotent_and_uninstall_keeps_other_lines(capsys
     assert "nothing to remove" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("command", [["install", "cron", "--apply"], ["uninstall", "cron"]])
+def test_a_crontab_failing_in_several_lines_is_one_line(capsys, pgw_home, tmp_path, monkeypatch, command):
+    fake_crontab(tmp_path, monkeypatch)
+    (tmp_path / "tools" / "crontab").write_text(
+        "#!/bin/sh\necho 'crontab: your account is not allowed' >&2\necho 'see your administrator' >&2\nexit 1\n"
+    )
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(command) == 1
+    assert capsys.readouterr().err == (
+        "pgw: `crontab -l` failed: crontab: your account is not allowed see your administrator\n"
+    )
+
+
 def test_install_apply_refuses_a_home_run_would_refuse(capsys, tmp_path, monkeypatch):
     # Installed, the watchdog's `run` was refused every 5 minutes with its
     # output gone to /dev/null, and nothing written into the refused home:
