@@ -2309,10 +2309,11 @@ def run_stage(request, commands, reports, stdio, wake_r, born):
             if not command:
                 break
             if b"T" in command:
-                try:
-                    os.killpg(cli, signal.SIGTERM)
-                except OSError:
-                    pass
+                for signum in (signal.SIGTERM, signal.SIGCONT):  # a stopped process takes SIGTERM once it goes on
+                    try:
+                        os.killpg(cli, signum)
+                    except OSError:
+                        pass
     left = kill_all(cli, reap)
     os.close(commands)
     reusable = not left and inherited() == born

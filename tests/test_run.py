@@ -533,6 +533,26 @@ async def test_cancel_sigterm_lets_a_polite_child_exit(tmp_path, environ, stub_b
     assert result.returncode == -15
 
 
+async def test_cancel_sigterm_reaches_a_cli_that_stopped_itself(tmp_path, environ, stub_bin):
+    # A stopped process takes no signal but SIGKILL until it goes on: the
+    # SIGTERM waited, and the stage took the whole grace to die as -9.
+    write_stub_cli(stub_bin, "claude", (
+        "import os, signal, sys\n"
+        "signal.signal(signal.SIGTERM, lambda *_: sys.exit(7))\n"
+        "print('ready', flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGSTOP)\n"
+        "signal.pause()\n"
+    ))
+    with trio.fail_after(10):  # well under the grace
+        async with connected(tmp_path, environ, timing=pgw.Timing(cancel_grace_s=30.0)) as (_, _, connection):
+            await connection.send(request("s1"))
+            pid = await wait_ready(connection, "s1")
+            await connection.send(cancel("s1"))
+            result = await connection.stage_result("s1")
+            await assert_group_gone(pid)
+    assert result.returncode == 7 and result.error == "cancelled by the server (SIGTERM)"
+
+
 async def test_cancel_sigkill_kills_at_once(tmp_path, environ, stub_bin):
     write_stub_cli(stub_bin, "claude", IGNORES_SIGTERM)
     with trio.fail_after(5):  # well under the 10 s grace
