@@ -4647,6 +4647,7 @@ class Daemon:
         self.subreaper = subreaper and sys.platform.startswith("linux")  # `pgw run`: see sweep_orphans
         self._reread = reread  # the settings as they are now (config.json may have changed)
         self._reread_problem: Optional[str] = None
+        self._config_seen = self._config_identity()  # a change of it is read again at the next stage
         self._last_failure: Optional[str] = None  # the reconnect log's: said once per cause
         self._reminder_s, self._next_reminder = self.timing.reconnect_reminder_s, math.inf
         self.stage_umask = stage_umask  # None: the stages get pgw's own
@@ -4664,7 +4665,18 @@ class Daemon:
         self._started_unix = time.time()
 
     def prepare(self, request: StageRequest) -> PreparedStage:
+        # `config set env.PATH ...` (the fix doctor names for a CLI not found)
+        # counts from the next stage, not from the next start.  A stat a stage.
+        if self._reread is not None and self._config_identity() != self._config_seen:
+            self._read_settings_again()
         return prepare_stage(request, self.scratch_root, self.environ, self.settings.stage_env)
+
+    def _config_identity(self) -> Optional[tuple[int, int, int]]:
+        try:
+            info = os.stat(self.home / CONFIG_FILENAME)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
 
     def capabilities(self) -> dict[str, Any]:
         return probe_capabilities(cli_search_path(self.settings.stage_env, self.environ))
@@ -4848,6 +4860,7 @@ class Daemon:
         the server and token are read again before each connection attempt."""
         if self._reread is None:
             return
+        self._config_seen = self._config_identity()  # before the read: a change after it is read again
         try:
             fresh = self._reread()
         except PgwError as exc:
@@ -4862,11 +4875,16 @@ class Daemon:
             self.secrets += token_forms(fresh.token)
             log.info("the credentials changed (paired again?): now worker %s on %s", printable(fresh.worker_id or "?"), fresh.server)
             self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
-        # How to connect is changed without a restart: a proxy that refuses us
-        # fixed, compression turned off on a host short of CPU.
-        for name in ("proxy", "compression"):
+        # Changed without a restart: a proxy that refuses us fixed, compression
+        # turned off on a host short of CPU, the CLIs' PATH fixed.
+        for name, key, when in (
+            ("proxy", "proxy", "connecting with the new one"),
+            ("compression", "compression", "connecting with the new one"),
+            ("stage_env", "env", "the next stage gets the new one"),
+            ("name", "name", "the next hello says the new one"),
+        ):
             if getattr(fresh, name) != getattr(current, name):
-                log.info("the config's %s setting changed: connecting with the new one", name)
+                log.info("the config's %s setting changed: %s", key, when)
                 self.settings = attrs.evolve(self.settings, **{name: getattr(fresh, name)})
 
     async def _connect(self) -> None:

@@ -318,6 +318,27 @@ async def test_pairing_again_while_running_is_picked_up_at_the_next_attempt(tmp_
     assert backend.token not in log_text and "tok-revoked" not in log_text
 
 
+async def test_the_config_env_set_while_running_counts_from_the_next_stage(tmp_path, stub_bin, script_pgw):  # noqa: F811
+    # `config set env.PATH ...`, the fix doctor names for a CLI not found, was
+    # never used by the running pgw, not even after it reconnected.
+    write_stub_cli(stub_bin, "claude", "import os; print(os.environ.get('GREETING', 'none'))")
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            paired = {"server": backend.url, "worker_id": "w-1", "token": backend.token}
+            pgw.write_config(home / "config.json", paired)
+            async with pgw_daemon(script_pgw, home, stub_bin, server=backend.url, token=backend.token):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                await connection.send(request("s1"))
+                first = await connection.stage_result("s1")
+                pgw.write_config(home / "config.json", {**paired, "env": {"GREETING": "hi"}})
+                await connection.send(request("s2"))
+                second = await connection.stage_result("s2")
+    assert (first.stdout, second.stdout) == ("none\n", "hi\n")
+    assert "the config's env setting changed: the next stage gets the new one" in (home / "run.log").read_text()
+
+
 async def test_a_token_given_on_the_command_line_leaves_the_process_list(tmp_path, stub_bin, script_pgw):  # noqa: F811
     write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(30)")
     home = tmp_path / "home"
