@@ -1071,6 +1071,8 @@ def resolve_settings(
 
     server = normalise_server_url(pick("server", ENV_SERVER) or DEFAULT_SERVER)
     name = pick("name", ENV_NAME) or hostname or DEFAULT_MACHINE_NAME
+    if holds_control_character(name):  # the server shows it, and a newline there could forge a line
+        raise ConfigError(f"the name {shown(name)} holds a control character (a newline, say): use a plain name")
     return Settings(
         server=server,
         token=pick("token", ENV_TOKEN),
@@ -1082,6 +1084,12 @@ def resolve_settings(
         proxy=config.get("proxy"),
         compression=config.get("compression", "on") == "on",
     )
+
+
+def holds_control_character(text: str) -> bool:
+    """A newline or another control character; U+2028, U+2029 and U+0085 too,
+    where Python's splitlines (and some editors) also end a line."""
+    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
 
 
 def parse_config(text: str, path: Path) -> dict[str, Any]:
@@ -1132,6 +1140,8 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
     if key == "server":
         updated["server"] = normalise_server_url(value)
     elif key == "name":
+        if holds_control_character(value):
+            raise UsageError(f"name: {shown(value)} holds a control character (a newline, say): use a plain name")
         updated["name"] = value
     elif key == "cafile":
         cafile = Path(value).expanduser().resolve()
@@ -6157,11 +6167,11 @@ def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any
     config = read_config(home / CONFIG_FILENAME)
     search_path = cli_search_path(config.get("env") or {}, os.environ)
     launch = launch_for_this_host(home, os.environ, search_path)
-    for name, value in [*(("the command", part) for part in launch.argv), *launch.environ.items()]:
+    named = [("the pgw home", str(home)), *(("the command", part) for part in launch.argv), *launch.environ.items()]
+    for name, value in named:
         # A newline would end the crontab's or the unit's line and start one of
-        # its own: whatever followed it would run at boot.  Python's splitlines
-        # (and some editors) also end a line at U+2028, U+2029 and U+0085.
-        if any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in value):
+        # its own: whatever followed it would run at boot.
+        if holds_control_character(value):
             raise PgwError(f"cannot install: {name} holds a control character (a newline, say): {shown(value)}")
         if args.kind == "cron" and "\\%" in value:
             # cron ends the command at a % its backslash does not escape, and a

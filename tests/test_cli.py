@@ -663,6 +663,31 @@ def test_config_set_refuses_what_would_make_the_config_too_big_to_read(capsys, p
     assert run(capsys, "config", "unset", "env.A")[0] == 0
 
 
+@pytest.mark.parametrize("name", ["a\nb", "lab\x1b[2Jbox", "a\u2028b"])
+def test_a_machine_name_with_a_control_character_is_refused(capsys, pgw_home, pair_server, monkeypatch, name):
+    # It went to the server as given, where a newline can forge a line of
+    # whatever shows it.
+    for argv, env in ((["pair", "C", "--server", pair_server.url, "--name", name], {}),
+                      (["config", "set", "name", name], {}),
+                      (["pair", "C", "--server", pair_server.url], {"PGW_NAME": name})):
+        for key, value in env.items():
+            monkeypatch.setenv(key, value)
+        status, _, err = run(capsys, *argv)
+        assert status in (1, 2)
+        assert_one_line_error(err, "holds a control character", "use a plain name")
+    assert pair_server.requests == []
+    assert not (pgw_home / "config.json").exists()
+
+
+def test_install_names_the_pgw_home_when_it_holds_a_newline(capsys, tmp_path, monkeypatch):
+    # It said "SHIV_ROOT holds a control character": SHIV_ROOT is made from the home.
+    home = tmp_path / "h\nx"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    status, _, err = run(capsys, "install", "cron")
+    assert status == 1
+    assert_one_line_error(err, "cannot install: the pgw home holds a control character")
+
+
 # logs ---------------------------------------------------------------------------
 
 
