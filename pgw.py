@@ -3449,7 +3449,9 @@ def remove_scratch(scratch_dir: Path) -> None:
         pass  # remove_tree names what it then cannot remove
     failure = remove_tree(str(scratch_dir))
     if failure is not None:
-        log.warning("cannot remove %s: %s", failure.filename or scratch_dir, failure.strerror or failure)
+        # The name is relative to the directory it was in (the tree is walked by descriptors).
+        what = f"{shown(failure.filename)} in {scratch_dir}" if failure.filename else str(scratch_dir)
+        log.warning("cannot remove %s: %s", what, failure.strerror or failure)
 
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)

@@ -8,6 +8,7 @@ import json
 import logging
 import os
 import re
+import subprocess
 import time
 
 import pytest
@@ -285,6 +286,22 @@ def test_only_the_days_a_session_of_the_stage_can_be_filed_under_are_read(tmp_pa
     assert [day.name for day in pgw.codex_days(sessions, midnight - 60, midnight + 60)] == [
         f"{datetime.date.today() + datetime.timedelta(days=offset):%d}" for offset in (-2, -1, 0, 1)
     ]
+
+
+def test_what_cleanup_cannot_remove_is_named_with_its_scratch_dir(tmp_path, caplog):
+    # It said "cannot remove f": neither where f was nor which stage's it was.
+    scratch = tmp_path / "scratch" / "job-7"
+    scratch.mkdir(parents=True)
+    stuck = scratch / "f"
+    stuck.write_text("x")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no chattr +i on this file system")
+    try:
+        with caplog.at_level(logging.WARNING, logger="pgw"):
+            pgw.remove_scratch(scratch)
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert f"cannot remove 'f' in {scratch}: Operation not permitted" in caplog.text
 
 
 # Outbox ----------------------------------------------------------------------
