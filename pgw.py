@@ -1384,7 +1384,7 @@ def _check_no_aliases(paths: dict[str, tuple[str, ...]]) -> None:
 def _check_files_size(decoded_bytes: int) -> None:
     if decoded_bytes > FILES_MAX_BYTES:
         raise StageRejected(
-            f"files too large: {decoded_bytes / 2**20:.1f} MiB decoded, the limit is {FILES_MAX_BYTES // 2**20} MiB"
+            f"files too large: {decoded_bytes:,} bytes decoded, over the limit of {FILES_MAX_BYTES:,} ({FILES_MAX_BYTES // 2**20} MiB)"
         )
 
 
