@@ -4514,14 +4514,15 @@ class Connection:
                 await handler(message)
 
     def _on_bad_message(self, exc: ProtocolError) -> None:
-        self.strays.log(logging.WARNING, "skipped a bad message: %s", exc)
         raw = exc.message or {}
         stage_run_id = raw.get("stage_run_id")
         if raw.get("type") != "stage.request" or not isinstance(stage_run_id, str):
+            self.strays.log(logging.WARNING, "skipped a bad message: %s", exc)
             return
         if stage_run_id in self.daemon.stages:
-            self.strays.log(logging.WARNING, "stage %s: a bad duplicate request was ignored", shown(stage_run_id))
+            self.strays.log(logging.WARNING, "stage %s: a bad duplicate request was ignored: %s", shown(stage_run_id), exc)
             return
+        self.strays.log(logging.WARNING, "stage %s: refused a bad request (its exit says why): %s", shown(stage_run_id), exc)
         self._send_soon(StageExit(stage_run_id=stage_run_id, returncode=-1, duration_ms=0, error=f"bad request: {exc}"))
 
     def _send_soon(self, record: StageExit) -> None:
