@@ -884,7 +884,8 @@ def decode(text: Union[str, bytes]) -> Record:
 def normalise_server_url(url: str) -> str:
     """The server URL as stored: http(s) only, host required, no trailing `/`."""
     cleaned = url.strip().rstrip("/")
-    authority = re.split(r"[/?#]", cleaned.split("://", 1)[-1], maxsplit=1)[0]
+    # The part before the host's end, however many slashes (`http:/u:p@h`, `//u:p@h`).
+    authority = re.split(r"[/?#]", re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:)?/*", "", cleaned), maxsplit=1)[0]
     if "@" in authority:  # not quoted back: it may hold a password, which pgw would show everywhere
         raise ConfigError("bad server URL: it names a user (USER@ or USER:PASSWORD@), which pgw never sends; drop it")
     try:
@@ -1088,8 +1089,12 @@ def resolve_settings(
 
 def holds_control_character(text: str) -> bool:
     """A newline or another control character; U+2028, U+2029 and U+0085 too,
-    where Python's splitlines (and some editors) also end a line."""
-    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") for char in text)
+    where Python's splitlines (and some editors) also end a line; and the
+    marks that reorder text (U+202E), which make a shown line lie."""
+    return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in BIDI_CONTROLS for char in text)
+
+
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def parse_config(text: str, path: Path) -> dict[str, Any]:
@@ -1099,6 +1104,8 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         config = json.loads(text)
     except json.JSONDecodeError as exc:
         raise ConfigError(f"{path} is not valid JSON (line {exc.lineno}): {fix}") from None
+    except ValueError as exc:  # a number of more digits than Python converts (4300)
+        raise ConfigError(f"{path} is no config of pgw's ({exc}): {fix}") from None
     except RecursionError:
         raise ConfigError(f"{path} is nested too deep to be a config: {fix}") from None
     if not isinstance(config, dict):
@@ -1480,10 +1487,9 @@ def read_config(path: Path) -> dict[str, Any]:
         text = data.decode("utf-8")
     except FileNotFoundError:
         return {}
-    except NotADirectoryError:  # PGW_HOME names a file: nothing in the config to fix
-        refuse_unfit_home(path.parent)
-        raise
     except (OSError, UnicodeDecodeError) as exc:
+        if isinstance(exc, NotADirectoryError):  # PGW_HOME names a file: that, not the config, is to fix
+            refuse_unfit_home(path.parent)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read {path}: {reason}; fix it or delete it and pair again") from None
     return parse_config(text, path)
@@ -4876,7 +4882,7 @@ class Daemon:
         self._config_seen = self._config_identity()  # before the read: a change after it is read again
         try:
             fresh = self._reread()
-        except PgwError as exc:
+        except (PgwError, OSError, ValueError) as exc:  # whatever a file edited by hand holds: never fatal
             if str(exc) != self._reread_problem:
                 log.warning("cannot read the settings again; keeping the ones in use: %s", exc)
             self._reread_problem = str(exc)
@@ -6380,7 +6386,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
     report = {
         "version": __version__,
         "running": pid is not None,
-        "pid": pid,
+        "pid": pid if pid is None or pid > 0 else None,  # running, but which process is not known
         "started_at": state.get("started_at") if pid else None,
         "connected": connected,  # null: the state file cannot tell, nor anything below
         "connected_since": state.get("connected_since") if connected else None,
@@ -6400,9 +6406,12 @@ def _cmd_status(args: argparse.Namespace) -> int:
     if pid is None:
         print(f"running    no (pgw is not running for {home})")
     else:
-        print(f"running    yes, pid {pid}, since {report['started_at'] or '?'}")
+        shown_pid = pid if pid > 0 else f"unknown: {home / LOCK_FILENAME} does not name the process holding the lock"
+        print(f"running    yes, pid {shown_pid}, since {report['started_at'] or '?'}")
         if connected:
             print(f"connected  yes, to {report['server']} since {report['connected_since']}")
+        elif connected is None and pid < 0:
+            print("connected  cannot tell: which process is pgw is not known")
         elif connected is None and state.get("pid") != pid:
             print(f"connected  cannot tell: no state file of this run in {home} yet (it is written within a second;"
                   " later, a full disk stops it)")
@@ -6437,6 +6446,9 @@ def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], Optional[b
     state = read_state(home) or {}
     if not pid:
         return pid, state, False
+    if pid < 0 or _holds_open(pid, home) is False:  # run.lock replaced by hand, or by a stage: not the holder's
+        claimed = state.get("pid")
+        pid = claimed if type(claimed) is int and claimed > 0 and _holds_open(claimed, home) else -1
     if state.get("pid") != pid or not os.access(home, os.W_OK):
         return pid, state, None
     return pid, state, bool(state.get("connected"))
@@ -6521,7 +6533,8 @@ def _cmd_revoke(args: argparse.Namespace) -> int:
     if not config.get("token"):
         print(f"not paired: no token in {path}; nothing removed")
         return 0
-    who = f"worker {printable(str(config.get('worker_id', '?')))} on {config.get('server', '?')}"
+    server = re.sub(r"(//)[^/?#]*@", r"\1", str(config.get("server", "?")))  # a password an older pgw took
+    who = f"worker {printable(str(config.get('worker_id', '?')))} on {printable(server)}"
     settings = {key: value for key, value in config.items() if key not in PAIRING_KEYS}
     if settings:
         write_config(path, settings)

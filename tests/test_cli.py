@@ -280,7 +280,8 @@ def test_pair_bad_server_url(capsys, pgw_home, url):
     assert_one_line_error(err, "bad server URL")
 
 
-@pytest.mark.parametrize("url", ["http://ada:s3cretpw@127.0.0.1:1", "https://ada@h", "http://:s3cretpw@h/p", "http://ada:s3cretpw@[::1"])
+@pytest.mark.parametrize("url", ["http://ada:s3cretpw@127.0.0.1:1", "https://ada@h", "http://:s3cretpw@h/p", "http://ada:s3cretpw@[::1",
+                                 "http:/ada:s3cretpw@127.0.0.1", "//ada:s3cretpw@h", "http:///ada:s3cretpw@h", "ada:s3cretpw@h"])
 @pytest.mark.parametrize("command", [["pair", "C", "--server"], ["config", "set", "server"]])
 def test_a_server_url_naming_a_user_is_refused_without_showing_it(capsys, pgw_home, url, command):
     # Taken, it was shown everywhere: run.log, status, doctor, revoke, and the
@@ -589,6 +590,13 @@ def test_revoke_says_a_token_in_the_environment_still_pairs_what_starts_from_her
     assert status == 0 and ("removed" if paired else "not paired") in out
     assert_one_line_error(err, "PGW_TOKEN is set here; a pgw started with it still uses that token: unset it")
     assert "tok-env0123456789" not in out + err
+
+
+def test_revoke_shows_no_password_an_older_pgw_stored_in_the_server_url(capsys, pgw_home):
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "server": "https://ada:s3cretpw@pg.example.org\x1b[2J"})
+    status, out, _ = run(capsys, "revoke")
+    assert status == 0 and "https://pg.example.org" in out
+    assert "s3cretpw" not in out and "\x1b" not in out
 
 
 def test_revoke_when_not_paired(capsys, pgw_home):
@@ -1258,6 +1266,34 @@ def test_status_and_stop_in_a_home_this_user_cannot_open_cannot_tell(capsys, pgw
     status, out, err = run(capsys, command)
     assert (status, out) == (1, "")
     assert err == f"pgw: cannot tell whether pgw runs for {pgw_home}: Permission denied\n"
+
+
+@pytest.mark.parametrize("state_names_it", [True, False])
+def test_status_does_not_take_a_run_lock_replaced_by_hand_for_the_daemon(capsys, pgw_home, state_names_it):
+    # It reported whatever pid the file held as pgw (an unrelated process),
+    # and "no state file of this run yet" beside a state file of the running pgw.
+    pgw.make_private_dirs(pgw_home)
+    fd, _ = pgw.acquire_instance_lock(pgw_home)  # this test's process stands in for `pgw run`, the home open
+    try:
+        (pgw_home / "run.lock").write_text("1\n")  # init: it holds no pgw home open
+        pgw.write_json_atomically(pgw_home / "state.json", {"pid": os.getpid() if state_names_it else 1, "connected": True})
+        status, out, _ = run(capsys, "status")
+        report = json.loads(run(capsys, "status", "--json")[1])
+    finally:
+        os.close(fd)
+    if state_names_it:
+        assert status == 0 and f"running    yes, pid {os.getpid()}," in out and report["pid"] == os.getpid()
+    else:
+        assert status == 3 and "pid unknown: " in out and "connected  cannot tell: which process is pgw is not known" in out
+        assert report["running"] is True and report["pid"] is None
+    assert "pid 1," not in out
+
+
+@pytest.mark.parametrize("name", ["ada\u202eoof", "a\u2066b"])
+def test_a_machine_name_that_reorders_text_is_refused(capsys, pgw_home, name):
+    status, _, err = run(capsys, "config", "set", "name", name)
+    assert status == 2
+    assert_one_line_error(err, "holds a control character")
 
 
 def test_status_of_no_running_daemon_takes_no_token_from_an_old_state_file(capsys, pgw_home):

@@ -339,6 +339,38 @@ async def test_the_config_env_set_while_running_counts_from_the_next_stage(tmp_p
     assert "the config's env setting changed: the next stage gets the new one" in (home / "run.log").read_text()
 
 
+@pytest.mark.parametrize("broken", ["huge-number", "through-a-file"])
+async def test_a_config_broken_while_running_costs_no_stage_and_no_daemon(tmp_path, stub_bin, script_pgw, broken):  # noqa: F811
+    # What json.loads or open raise for these is no ConfigError: the next
+    # stage ended as an internal error, and the next reconnect ended pgw.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            pgw.write_config(home / "config.json", {"server": backend.url, "worker_id": "w-1", "token": backend.token})
+            async with pgw_daemon(script_pgw, home, stub_bin, server=backend.url, token=backend.token):
+                connection = await backend.next_connection()
+                await connection.receive("hello")
+                swapped = home / "config.new"
+                if broken == "huge-number":
+                    swapped.write_text('{"max_stages": 1' + "0" * 5000 + "}")
+                else:
+                    (tmp_path / "a-file").write_text("")
+                    swapped.symlink_to(tmp_path / "a-file" / "config.json")
+                os.replace(swapped, home / "config.json")
+                await connection.send(request("s1"))
+                first = await connection.stage_result("s1")
+                await connection.abort()
+                connection = await backend.next_connection()  # it reconnects, on the settings in use
+                await connection.receive("hello")
+                await connection.send(request("s2"))
+                second = await connection.stage_result("s2")
+    assert (first.returncode, first.error, second.returncode) == (0, None, 0)
+    log_text = (home / "run.log").read_text()
+    assert log_text.count("cannot read the settings again; keeping the ones in use") == 1, log_text
+    assert "internal error" not in log_text and "Traceback" not in log_text
+
+
 async def test_a_token_given_on_the_command_line_leaves_the_process_list(tmp_path, stub_bin, script_pgw):  # noqa: F811
     write_stub_cli(stub_bin, "claude", "import time; print('ready', flush=True); time.sleep(30)")
     home = tmp_path / "home"
