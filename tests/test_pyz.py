@@ -208,6 +208,19 @@ def paired(home: Path, backend, worker_id: str = "w-1") -> Path:
     return config_dir
 
 
+def interrupted(process: subprocess.Popen) -> tuple[str, str]:
+    """What `process` wrote once given a SIGINT (as a Ctrl-C); killed if it did not end."""
+    import signal
+
+    try:
+        process.send_signal(signal.SIGINT)
+        return process.communicate(timeout=RUN_TIMEOUT_S)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 @contextlib.asynccontextmanager
 async def daemon_of(command: list[str], **options):
     """`command` running (a trio Process), killed at the end if it has not exited."""
@@ -358,7 +371,6 @@ def test_ctrl_c_while_waiting_for_another_pgws_unpacking_is_obeyed(pyz, home, tm
     # unpacking waits, as long as it takes, for another pgw's (one stopped
     # with Ctrl-Z, say): that wait could not be interrupted.
     import fcntl
-    import signal
 
     python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
     shiv_root = tmp_path / "shiv"
@@ -371,17 +383,12 @@ def test_ctrl_c_while_waiting_for_another_pgws_unpacking_is_obeyed(pyz, home, tm
         process = subprocess.Popen([python, "-c", WITH_DEFAULT_SIGNALS, python, str(pyz), "status"], cwd=home,
                                    env={"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root)},
                                    stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        try:
-            time.sleep(1)
-            assert process.poll() is None, "it did not wait for the other unpacking"
-            process.send_signal(signal.SIGINT)
-            out, err = process.communicate(timeout=RUN_TIMEOUT_S)
-        finally:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
+        time.sleep(1)
+        waited = process.poll() is None
+        out, err = interrupted(process)
     finally:
         os.close(other)
+    assert waited, "it did not wait for the other unpacking"
     assert (process.returncode, err) == (130, "pgw: interrupted\n"), out + err
 
 
@@ -414,7 +421,6 @@ def test_selftest_passes_from_the_pyz(python, pyz, home):
 def test_ctrl_c_while_the_pyz_unpacks_or_runs_is_one_line_and_status_130(python, pyz, home, tmp_path, moment):
     # A KeyboardInterrupt traceback while shiv unpacked or pgw imported, and
     # an exception group's while selftest's tasks ran.
-    import signal
 
     shiv_root = tmp_path / "shiv"
     env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root)}
@@ -434,12 +440,8 @@ def test_ctrl_c_while_the_pyz_unpacks_or_runs_is_one_line_and_status_130(python,
                 time.sleep(0.002)
         else:
             assert process.stdout.readline().startswith("PASS"), "no selftest step passed"
-        process.send_signal(signal.SIGINT)
-        out, err = process.communicate(timeout=RUN_TIMEOUT_S)
     finally:
-        if process.poll() is None:
-            process.kill()
-            process.wait()
+        out, err = interrupted(process)
     assert (process.returncode, err) == (130, "pgw: interrupted\n"), out + err
 
 
