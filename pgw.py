@@ -1087,14 +1087,15 @@ def resolve_settings(
     )
 
 
+# Marks that reorder the text after them (U+202E and its kin).
+BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
+
+
 def holds_control_character(text: str) -> bool:
     """A newline or another control character; U+2028, U+2029 and U+0085 too,
     where Python's splitlines (and some editors) also end a line; and the
     marks that reorder text (U+202E), which make a shown line lie."""
     return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in BIDI_CONTROLS for char in text)
-
-
-BIDI_CONTROLS = frozenset("\u061c\u200e\u200f\u202a\u202b\u202c\u202d\u202e\u2066\u2067\u2068\u2069")
 
 
 def parse_config(text: str, path: Path) -> dict[str, Any]:
@@ -2025,16 +2026,8 @@ def instance_lock_holder(home: Path) -> Optional[int]:
 
 def _read_pid_file(path: Path) -> Optional[int]:
     try:
-        pid_file = open_regular_file(path)  # a FIFO there would hold `status` and `stop`
-    except OSError:
-        return None
-    with pid_file:
-        return _read_pid(pid_file.fileno())
-
-
-def _read_pid(fd: int) -> Optional[int]:
-    try:
-        text = os.pread(fd, 32, 0).decode("ascii", "replace").strip()
+        with open_regular_file(path) as pid_file:  # a FIFO there would hold `status` and `stop`
+            text = pid_file.read(32).decode("ascii", "replace").strip()
     except OSError:
         return None
     return whole_number(text)
