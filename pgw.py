@@ -2110,6 +2110,11 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # the stage is left.  (One socket pair per stage for both ways was tried: it
 # costs pgw more CPU than these two pipes.)
 
+# The spawner's command line, which its roots keep: the source comes on its
+# standard input, not in its argv, where `ps` would show all of it for every
+# stage root.
+STAGE_SPAWNER_LOADER = "import sys; exec(sys.stdin.buffer.read())  # pgw's stage spawner"
+
 STAGE_SPAWNER_SOURCE = r"""
 import errno, gc, json, os, resource, select, signal, socket, struct, sys, time
 
@@ -2636,13 +2641,18 @@ class StageSpawner:
             # Started once, between stages: a plain fork here costs less than trio's thread
             # hop, and close_fds keeps every pipe of a running stage out of it.
             self._process = subprocess.Popen(
-                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_SOURCE, str(theirs.fileno())],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
+                [sys.executable, "-I", "-S", "-c", STAGE_SPAWNER_LOADER, str(theirs.fileno())],
+                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, pass_fds=(theirs.fileno(),),
                 start_new_session=True,  # a terminal's Ctrl-C is pgw's to handle, not the stages'
                 # The roots it forks are the CLIs' parents: pgw's settings (the token) stay out
                 # of their environment, as out of the CLIs'.
                 env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
+        try:  # 13 KB: a pipe takes it at once
+            with typing.cast(typing.BinaryIO, self._process.stdin) as source:
+                source.write(STAGE_SPAWNER_SOURCE.encode("ascii"))
+        except OSError:  # it died at once: the stage that started it says why (failure)
+            pass
         self._started += 1
         self._sessions.add(self._process.pid)  # start_new_session: its pid names its session
         self._control = Link(ours, self._started)

@@ -1039,7 +1039,7 @@ def cpu_run_by_thread(pid: int) -> dict[str, int]:
 # The roots (the spawner's children, forked from it, so with its command
 # line) start the CLIs and wait for them, as pgworker does in its own
 # process; they are read too, and shown in a row of their own.
-SPAWNER_MARK = b"def stage_root("
+SPAWNER_MARK = b"# pgw's stage spawner"  # in its command line, pgw.STAGE_SPAWNER_LOADER
 ROOT_PREFIX = "root "  # own_threads' key for a root's thread
 
 

@@ -411,6 +411,22 @@ async def test_the_token_is_not_in_the_environment_of_the_clis_parent(tmp_path, 
     assert (result.returncode, result.stdout) == (0, "[]\n")
 
 
+async def test_the_spawner_and_the_stage_roots_show_a_short_command_line(tmp_path, environ, stub_bin):
+    # Each carried the spawner's 13 KB of source in its argv: `ps -ef` showed
+    # it all for every stage root.
+    write_stub_cli(stub_bin, "claude", "import os; print(os.getppid())")
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection):
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+            root = int(result.stdout)
+            spawner = int(Path(f"/proc/{root}/stat").read_bytes().rpartition(b")")[2].split()[1])
+            command_lines = {pid: Path(f"/proc/{pid}/cmdline").read_bytes() for pid in (root, spawner)}
+    assert result.returncode == 0
+    for command_line in command_lines.values():
+        assert b"# pgw's stage spawner" in command_line and len(command_line) < 200, command_line
+
+
 async def test_a_spawner_that_dies_on_a_request_is_named_and_started_again(tmp_path, environ, stub_bin, monkeypatch, caplog):
     # One that cannot run here (a broken interpreter, a library missing) must
     # not leave every stage with "the stage root failed" and nothing more.
