@@ -35,7 +35,7 @@ The daemon is a tree of tasks, one class for each kind of node::
 
     run_until_signalled      SIGTERM/SIGINT stop with a grace (twice: at once), SIGQUIT at once; SIGHUP ignored
     └─ Daemon.run            reconnect loop with backoff; owns the stage table
-       ├─ state writer       state.json for `pgw status`, at most twice a second
+       ├─ state writer       StateFile.writer: state.json for `pgw status`, at most twice a second
        ├─ stage spawner      a process of its own: forks the stage roots (see "Stage")
        ├─ root retirer       ends a stage root left free for root_idle_s
        ├─ orphan sweep       `pgw run` on Linux, a subreaper: kills what a dead spawner
@@ -2672,30 +2672,14 @@ class StageSpawner:
             async for _ in arrivals:
                 self.replace_if_stopped()
                 deadline = trio.current_time() + SWEEP_S
-                while (strays := self._strays()) and trio.current_time() < deadline:
+                spawner = self._process.pid if self._process is not None else None  # its Popen reaps it
+                while (strays := stray_children(spawner, self._sessions)) and trio.current_time() < deadline:
                     for pid in strays + [kid for stray in strays for kid in descendants(stray)]:
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
                     await trio.sleep(0.001)  # a hopper's next fork, reaped or killed at the next pass
-
-    def _strays(self) -> list[int]:
-        """pgw's children neither its spawner nor a working root (a stopped one
-        could kill nothing: the spawner killed those), reaping those that ended."""
-        strays = []
-        for pid in child_pids(os.getpid()):
-            if self._process is not None and pid == self._process.pid:
-                continue  # its Popen reaps it
-            try:
-                if os.waitpid(pid, os.WNOHANG)[0]:
-                    continue
-                if os.getsid(pid) in self._sessions and process_state(pid) not in ("T", "t"):
-                    continue
-            except (ChildProcessError, ProcessLookupError):
-                continue
-            strays.append(pid)
-        return strays
 
     async def spawn(self, prepared: PreparedStage, prompt: Optional[bytes], umask: Optional[int]) -> "StageRoot":
         """A stage root running `prepared`, `prompt` on its standard input (None:
@@ -3079,7 +3063,7 @@ class StageRun:
                 except Exception:  # noqa: BLE001 - the stage's exit goes out all the same
                     log.exception("stage %r: internal error removing its scratch dir", self.id)
                 del daemon.stages[self.id]
-                daemon.publish_state()
+                daemon.state_file.publish()
                 outcome = StageOutcome(
                     timeout_s=request.timeout_s,
                     duration_ms=int((time.monotonic() - started) * 1000),
@@ -3147,7 +3131,7 @@ class StageRun:
                 )
             for pipe in (root.stdout, root.stderr):
                 enlarge_pipe(pipe)
-            self.daemon.publish_state()
+            self.daemon.state_file.publish()
             log.info("stage %r: started cli=%s pid=%d", self.id, self.request.cli, pid)
             # From here a stop (or the timeout) ends only the wait for the CLI's
             # exit: the ack, and what the CLI writes before and while it goes,
@@ -3303,6 +3287,25 @@ def process_state(pid: int) -> Optional[str]:
             return stat_file.read().rpartition(b")")[2].split()[0].decode()
     except (OSError, IndexError):
         return None
+
+
+def stray_children(spawner: Optional[int], sessions: set[int]) -> list[int]:
+    """pgw's children neither its `spawner` nor a working root (one in a
+    spawner's session; a stopped one could kill nothing: the spawner killed
+    those), reaping those that ended."""
+    strays = []
+    for pid in child_pids(os.getpid()):
+        if pid == spawner:
+            continue
+        try:
+            if os.waitpid(pid, os.WNOHANG)[0]:
+                continue
+            if os.getsid(pid) in sessions and process_state(pid) not in ("T", "t"):
+                continue
+        except (ChildProcessError, ProcessLookupError):
+            continue
+        strays.append(pid)
+    return strays
 
 
 def descendants(pid: int) -> list[int]:
@@ -3466,6 +3469,24 @@ def remove_scratch(scratch_dir: Path) -> None:
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
 
 
+def files_out(fd: int, failures: list[OSError]) -> list[str]:
+    """Unlink what the directory `fd` holds but directories; their names.
+    What cannot be unlinked goes to `failures`."""
+    directories = []
+    with os.scandir(fd) as entries:
+        for entry in entries:
+            try:
+                if entry.is_dir(follow_symlinks=False):
+                    directories.append(entry.name)
+                else:
+                    os.unlink(entry.name, dir_fd=fd)
+            except FileNotFoundError:
+                continue
+            except OSError as exc:
+                failures.append(exc)
+    return directories
+
+
 def remove_tree(top: str) -> Optional[OSError]:
     """`rm -rf top`, as a stage may have left it: at any depth (no recursion,
     where shutil.rmtree before Python 3.12 recursed once a level, and no path
@@ -3474,23 +3495,6 @@ def remove_tree(top: str) -> Optional[OSError]:
     owner took away (mode 000 or 0500).  What kept something from going, if
     anything."""
     failures: list[OSError] = []
-
-    def files_out(fd: int) -> list[str]:
-        """Unlink what `fd` holds but directories; their names."""
-        directories = []
-        with os.scandir(fd) as entries:
-            for entry in entries:
-                try:
-                    if entry.is_dir(follow_symlinks=False):
-                        directories.append(entry.name)
-                    else:
-                        os.unlink(entry.name, dir_fd=fd)
-                except FileNotFoundError:
-                    continue
-                except OSError as exc:
-                    failures.append(exc)
-        return directories
-
     try:
         fd = _open_dir(top, None)
     except FileNotFoundError:
@@ -3506,7 +3510,7 @@ def remove_tree(top: str) -> Optional[OSError]:
     # Each level below `top` down to `fd`: its name, and its parent's directories left to do.
     levels: list[tuple[str, list[str]]] = []
     try:
-        pending = files_out(fd)
+        pending = files_out(fd, failures)
         while True:
             if pending:
                 name = pending.pop()
@@ -3518,7 +3522,7 @@ def remove_tree(top: str) -> Optional[OSError]:
                 os.close(fd)
                 fd = child
                 levels.append((name, pending))
-                pending = files_out(fd)
+                pending = files_out(fd, failures)
                 continue
             if not levels:
                 break
@@ -4562,7 +4566,7 @@ class Connection:
         daemon.stages[stage.id] = stage
         if len(daemon.stages) == 1:
             self._keepalive_wait.cancel()  # the first stage: the path is watched more closely from now
-        daemon.publish_state()
+        daemon.state_file.publish()
         if daemon.slots is None:
             # No queue for slots, whose order trio's shuffled start of tasks
             # could change: start_soon, without start's temporary nursery.
@@ -4649,6 +4653,103 @@ class LinkState:
 
 
 
+class StateFile:
+    """state.json, what `pgw status` reads: written by one task, off the event
+    loop, at most once an interval (50 stages starting at once cost one
+    write, not a hundred).  One that cannot be written (a full disk) is
+    removed rather than left saying what no longer holds (connected, say),
+    and written again once there may be room."""
+
+    def __init__(self, path: Path, timing: Timing, state: typing.Callable[[], dict[str, Any]]) -> None:
+        self.path, self._timing, self._state = path, timing, state
+        self._changed = trio.Event()
+
+    def publish(self) -> None:
+        """Note a change; the writer writes it soon."""
+        self._changed.set()
+
+    def write_now(self) -> bool:
+        return self._write(self._state())
+
+    def _write(self, state: dict[str, Any]) -> bool:
+        try:
+            write_json_atomically(self.path, state)
+            return True
+        except OSError as exc:  # removing it takes no space; `status` then says it cannot tell
+            log.debug("cannot write the state file: %s", exc)
+            try:
+                self.path.unlink(missing_ok=True)
+            except OSError:
+                pass
+            return False
+
+    async def writer(self) -> None:
+        while True:
+            await self._changed.wait()
+            self._changed = trio.Event()
+            if not await trio.to_thread.run_sync(self._write, self._state()):
+                self.publish()  # again once there may be room: an idle daemon changes nothing
+                await trio.sleep(self._timing.state_retry_s)
+            await trio.sleep(self._timing.state_write_interval_s)
+
+
+class ConfigWatch:
+    """config.json as a running daemon reads it again: before each connection
+    attempt (a user who pairs again must not have to restart pgw), and before
+    a stage when it changed (one stat a stage)."""
+
+    def __init__(self, path: Path, reread: Optional[typing.Callable[[], Settings]]) -> None:
+        self.path = path
+        self._reread = reread  # the settings as they are now; None: never read again
+        self._problem: Optional[str] = None  # the last read's, logged once
+        self._seen = self._identity()
+
+    def _identity(self) -> Optional[tuple[int, int, int]]:
+        try:
+            info = os.stat(self.path)
+        except OSError:
+            return None
+        return info.st_ino, info.st_mtime_ns, info.st_size
+
+    def changed(self) -> bool:
+        """Whether config.json changed since it was last read."""
+        return self._reread is not None and self._identity() != self._seen
+
+    def read_again(self, current: Settings) -> Settings:
+        """`current` with what config.json says now where a running pgw can
+        take it: new credentials (hidden in the log from now on), the proxy,
+        compression, the stages' env and the name.  Whatever a file edited
+        by hand holds, the settings in use stay on a failure, said once."""
+        if self._reread is None:
+            return current
+        self._seen = self._identity()  # before the read: a change after it is read again
+        try:
+            fresh = self._reread()
+        except (PgwError, OSError, ValueError) as exc:
+            if str(exc) != self._problem:
+                log.warning("cannot read the settings again; keeping the ones in use: %s", exc)
+            self._problem = str(exc)
+            return current
+        self._problem = None
+        settings = current
+        if fresh.token and (fresh.server, fresh.token) != (current.server, current.token):
+            redact_also(fresh.token)
+            log.info("the credentials changed (paired again?): now worker %s on %s", printable(fresh.worker_id or "?"), fresh.server)
+            settings = attrs.evolve(settings, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
+        # Changed without a restart: a proxy that refuses us fixed, compression
+        # turned off on a host short of CPU, the CLIs' PATH fixed.
+        for name, key, when in (
+            ("proxy", "proxy", "connecting with the new one"),
+            ("compression", "compression", "connecting with the new one"),
+            ("stage_env", "env", "the next stage gets the new one"),
+            ("name", "name", "the next hello says the new one"),
+        ):
+            if getattr(fresh, name) != getattr(current, name):
+                log.info("the config's %s setting changed: %s", key, when)
+                settings = attrs.evolve(settings, **{name: getattr(fresh, name)})
+        return settings
+
+
 class Daemon:
     """`pgw run`: one connection at a time, reconnecting, until shut down."""
 
@@ -4667,9 +4768,7 @@ class Daemon:
         # one, and the state file keeps them for `status`.
         self.secrets = token_forms(settings.token)
         self.subreaper = subreaper and sys.platform.startswith("linux")  # `pgw run`: see sweep_orphans
-        self._reread = reread  # the settings as they are now (config.json may have changed)
-        self._reread_problem: Optional[str] = None
-        self._config_seen = self._config_identity()  # a change of it is read again at the next stage
+        self.config = ConfigWatch(home / CONFIG_FILENAME, reread)
         self._last_failure: Optional[str] = None  # the reconnect log's: said once per cause
         self._reminder_s, self._next_reminder = self.timing.reconnect_reminder_s, math.inf
         self.stage_umask = stage_umask  # None: the stages get pgw's own
@@ -4683,22 +4782,15 @@ class Daemon:
         self.link = LinkState()
         self.connection: Optional[Connection] = None
         self._idle_scope: Optional[trio.CancelScope] = None  # connecting or backing off
-        self._state_changed = trio.Event()
+        self.state_file = StateFile(home / STATE_FILENAME, timing, self.state)
         self._started_unix = time.time()
 
     def prepare(self, request: StageRequest) -> PreparedStage:
         # `config set env.PATH ...` (the fix doctor names for a CLI not found)
         # counts from the next stage, not from the next start.  A stat a stage.
-        if self._reread is not None and self._config_identity() != self._config_seen:
+        if self.config.changed():
             self._read_settings_again()
         return prepare_stage(request, self.scratch_root, self.environ, self.settings.stage_env)
-
-    def _config_identity(self) -> Optional[tuple[int, int, int]]:
-        try:
-            info = os.stat(self.home / CONFIG_FILENAME)
-        except OSError:
-            return None
-        return info.st_ino, info.st_mtime_ns, info.st_size
 
     def capabilities(self) -> dict[str, Any]:
         return probe_capabilities(cli_search_path(self.settings.stage_env, self.environ))
@@ -4737,10 +4829,6 @@ class Daemon:
 
     # State file ------------------------------------------------------------
 
-    def publish_state(self) -> None:
-        """Note a change for the state file; the state writer publishes it soon."""
-        self._state_changed.set()
-
     def state(self) -> dict[str, Any]:
         """What `pgw status` reads (the state file)."""
         running = sum(1 for stage in self.stages.values() if stage.running)
@@ -4760,42 +4848,15 @@ class Daemon:
             "updated_at": iso_time(time.time()),
         }
 
-    def _write_state(self, state: dict[str, Any]) -> bool:
-        path = self.home / STATE_FILENAME
-        try:
-            write_json_atomically(path, state)
-            return True
-        except OSError as exc:
-            # A full disk: the file left would go on saying what no longer
-            # holds (connected, say).  Removing it takes no space, and `status`
-            # then says it cannot tell.
-            log.debug("cannot write the state file: %s", exc)
-            try:
-                path.unlink(missing_ok=True)
-            except OSError:
-                pass
-            return False
-
-    async def _state_writer(self) -> None:
-        """At most one state file write per interval, off the event loop:
-        50 stages starting at once cost one write, not a hundred."""
-        while True:
-            await self._state_changed.wait()
-            self._state_changed = trio.Event()
-            if not await trio.to_thread.run_sync(self._write_state, self.state()):
-                self.publish_state()  # again once there may be room: an idle daemon changes nothing
-                await trio.sleep(self.timing.state_retry_s)
-            await trio.sleep(self.timing.state_write_interval_s)
-
     # Reconnect loop --------------------------------------------------------
 
     async def run(self) -> None:
         """Connect, run stages, reconnect, until a shutdown is requested."""
         await trio.to_thread.run_sync(self._empty_scratch)
-        self.publish_state()
+        self.state_file.publish()
         try:
             async with trio.open_nursery() as nursery:
-                nursery.start_soon(self._state_writer)
+                nursery.start_soon(self.state_file.writer)
                 nursery.start_soon(self.spawner.free.retire_idle)
                 if self.subreaper:
                     nursery.start_soon(self.spawner.sweep_orphans)
@@ -4804,7 +4865,7 @@ class Daemon:
         finally:
             self.spawner.close()
             self.link.connected, self.link.since_unix = False, None
-            self._write_state(self.state())
+            self.state_file.write_now()
         log.info("stopped")
 
     def _empty_scratch(self) -> None:
@@ -4875,39 +4936,15 @@ class Daemon:
                 log.debug("cannot connect: %s; retrying in %.1f s", failure, delay)
             link.last_error = without_secrets(failure, self.secrets) if failure else failure
         self._last_failure = None if was_connected else failure
-        self.publish_state()
+        self.state_file.publish()
 
     def _read_settings_again(self) -> None:
         """A user who pairs again while pgw runs must not have to restart it:
         the server and token are read again before each connection attempt."""
-        if self._reread is None:
-            return
-        self._config_seen = self._config_identity()  # before the read: a change after it is read again
-        try:
-            fresh = self._reread()
-        except (PgwError, OSError, ValueError) as exc:  # whatever a file edited by hand holds: never fatal
-            if str(exc) != self._reread_problem:
-                log.warning("cannot read the settings again; keeping the ones in use: %s", exc)
-            self._reread_problem = str(exc)
-            return
-        self._reread_problem = None
-        current = self.settings
-        if fresh.token and (fresh.server, fresh.token) != (current.server, current.token):
-            redact_also(fresh.token)
-            self.secrets += token_forms(fresh.token)
-            log.info("the credentials changed (paired again?): now worker %s on %s", printable(fresh.worker_id or "?"), fresh.server)
-            self.settings = attrs.evolve(current, server=fresh.server, token=fresh.token, worker_id=fresh.worker_id)
-        # Changed without a restart: a proxy that refuses us fixed, compression
-        # turned off on a host short of CPU, the CLIs' PATH fixed.
-        for name, key, when in (
-            ("proxy", "proxy", "connecting with the new one"),
-            ("compression", "compression", "connecting with the new one"),
-            ("stage_env", "env", "the next stage gets the new one"),
-            ("name", "name", "the next hello says the new one"),
-        ):
-            if getattr(fresh, name) != getattr(current, name):
-                log.info("the config's %s setting changed: %s", key, when)
-                self.settings = attrs.evolve(self.settings, **{name: getattr(fresh, name)})
+        settings = self.config.read_again(self.settings)
+        if settings.token != self.settings.token:
+            self.secrets += token_forms(settings.token)
+        self.settings = settings
 
     async def _connect(self) -> None:
         """One connection, from TCP to its end; every stream opened here is closed here."""
@@ -4924,7 +4961,7 @@ class Daemon:
                 self.connection = Connection(self, ws, stream, deflate, pings)
                 self.link.connected, self.link.since, self.link.since_unix = True, trio.current_time(), time.time()
                 self.link.tries, self.link.failing_since = 0, None
-                self.publish_state()
+                self.state_file.publish()
                 log.info(
                     "connected to %s as %r%s%s", settings.server + CONNECT_PATH, settings.name,
                     f" through the proxy {proxy.url}" if proxy else "",

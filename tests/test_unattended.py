@@ -172,7 +172,7 @@ def test_a_state_file_that_cannot_be_rewritten_goes_rather_than_tell_what_no_lon
     daemon = pgw.Daemon(pgw.Settings(server="http://127.0.0.1:9", token="t"), home)
     pgw.make_private_dirs(home)
     daemon.link.connected = True
-    daemon._write_state(daemon.state())
+    daemon.state_file.write_now()
     assert pgw.read_state(home)["connected"] is True
 
     def disk_full(path, value, durable=False):
@@ -180,7 +180,7 @@ def test_a_state_file_that_cannot_be_rewritten_goes_rather_than_tell_what_no_lon
 
     monkeypatch.setattr(pgw, "write_json_atomically", disk_full)
     daemon.link.connected = False
-    daemon._write_state(daemon.state())
+    daemon.state_file.write_now()
     assert not (home / "state.json").exists()
 
 
@@ -202,8 +202,8 @@ async def test_a_state_file_write_that_failed_is_tried_again_without_a_change(tm
     monkeypatch.setattr(pgw, "write_json_atomically", full_once)
     with trio.fail_after(10):
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon._state_writer)
-            daemon.publish_state()  # the one change
+            nursery.start_soon(daemon.state_file.writer)
+            daemon.state_file.publish()  # the one change
             while not (home / "state.json").exists():
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()
