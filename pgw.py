@@ -3436,7 +3436,10 @@ def write_scratch(
         scratch_dir.mkdir(mode=0o700)
     except FileExistsError:  # left by an earlier stage of the same id
         remove_scratch(scratch_dir)
-        scratch_dir.mkdir(mode=0o700)
+        try:
+            scratch_dir.mkdir(mode=0o700)
+        except FileExistsError:
+            raise OSError(errno.EEXIST, f"an earlier stage's {scratch_dir} is left, and cannot be removed (see run.log)") from None
     for parts, content in files:
         if stop is not None and stop.is_set():
             raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))

@@ -304,6 +304,22 @@ def test_what_cleanup_cannot_remove_is_named_with_its_scratch_dir(tmp_path, capl
     assert f"cannot remove 'f' in {scratch}: Operation not permitted" in caplog.text
 
 
+def test_a_scratch_dir_left_for_good_refuses_its_id_saying_so(tmp_path, caplog):
+    # A later request of the same id was refused with a bare "File exists".
+    scratch = tmp_path / "scratch" / "job-7"
+    scratch.mkdir(parents=True)
+    stuck = scratch / "f"
+    stuck.write_text("x")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no chattr +i on this file system")
+    try:
+        with pytest.raises(OSError) as refused:
+            pgw.write_scratch(scratch, [])
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+    assert refused.value.strerror == f"an earlier stage's {scratch} is left, and cannot be removed (see run.log)"
+
+
 # Outbox ----------------------------------------------------------------------
 
 
