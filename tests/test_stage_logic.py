@@ -288,36 +288,33 @@ def test_only_the_days_a_session_of_the_stage_can_be_filed_under_are_read(tmp_pa
     ]
 
 
-def test_what_cleanup_cannot_remove_is_named_with_its_scratch_dir(tmp_path, caplog):
+@pytest.fixture
+def stuck_scratch(tmp_path):
+    """A scratch dir holding a file nothing can remove (`chattr +i`) for the test's length."""
+    scratch = tmp_path / "scratch" / "job-7"
+    scratch.mkdir(parents=True)
+    stuck = scratch / "f"
+    stuck.write_text("x")
+    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no chattr +i on this file system")
+    try:
+        yield scratch
+    finally:
+        subprocess.run(["chattr", "-i", str(stuck)], check=True)
+
+
+def test_what_cleanup_cannot_remove_is_named_with_its_scratch_dir(stuck_scratch, caplog):
     # It said "cannot remove f": neither where f was nor which stage's it was.
-    scratch = tmp_path / "scratch" / "job-7"
-    scratch.mkdir(parents=True)
-    stuck = scratch / "f"
-    stuck.write_text("x")
-    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
-        pytest.skip("no chattr +i on this file system")
-    try:
-        with caplog.at_level(logging.WARNING, logger="pgw"):
-            pgw.remove_scratch(scratch)
-    finally:
-        subprocess.run(["chattr", "-i", str(stuck)], check=True)
-    assert f"cannot remove 'f' in {scratch}: Operation not permitted" in caplog.text
+    with caplog.at_level(logging.WARNING, logger="pgw"):
+        pgw.remove_scratch(stuck_scratch)
+    assert f"cannot remove 'f' in {stuck_scratch}: Operation not permitted" in caplog.text
 
 
-def test_a_scratch_dir_left_for_good_refuses_its_id_saying_so(tmp_path, caplog):
+def test_a_scratch_dir_left_for_good_refuses_its_id_saying_so(stuck_scratch):
     # A later request of the same id was refused with a bare "File exists".
-    scratch = tmp_path / "scratch" / "job-7"
-    scratch.mkdir(parents=True)
-    stuck = scratch / "f"
-    stuck.write_text("x")
-    if subprocess.run(["chattr", "+i", str(stuck)], capture_output=True, check=False).returncode != 0:
-        pytest.skip("no chattr +i on this file system")
-    try:
-        with pytest.raises(OSError) as refused:
-            pgw.write_scratch(scratch, [])
-    finally:
-        subprocess.run(["chattr", "-i", str(stuck)], check=True)
-    assert refused.value.strerror == f"an earlier stage's {scratch} is left, and cannot be removed (see run.log)"
+    with pytest.raises(OSError) as refused:
+        pgw.write_scratch(stuck_scratch, [])
+    assert refused.value.strerror == f"an earlier stage's {stuck_scratch} is left, and cannot be removed (see run.log)"
 
 
 # Outbox ----------------------------------------------------------------------
