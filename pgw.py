@@ -2619,6 +2619,15 @@ class FreeRoots:
                     oldest.close()
 
 
+def feed_source(pipe: typing.BinaryIO, source: bytes) -> None:
+    """Write the spawner's source to its standard input, and close it."""
+    try:
+        with pipe:
+            pipe.write(source)
+    except OSError:  # it died before reading: the request sent to it next fails, and says so
+        pass
+
+
 class StageSpawner:
     """pgw's end of the spawner, started at the first stage (again if it died),
     and of the stage roots it forked: a stage goes straight to a free root,
@@ -2648,11 +2657,13 @@ class StageSpawner:
                 # of their environment, as out of the CLIs'.
                 env={name: value for name, value in os.environ.items() if not name.startswith("PGW_")},
             )
-        try:  # 13 KB: a pipe takes it at once
-            with typing.cast(typing.BinaryIO, self._process.stdin) as source:
-                source.write(STAGE_SPAWNER_SOURCE.encode("ascii"))
-        except OSError:  # it died at once: the stage that started it says why (failure)
-            pass
+        # From a thread: a pipe may hold less than the 13 KB (8 KiB, once a
+        # user's pipes pass pipe-user-pages-soft, which 32 stages' enlarged
+        # pipes do), and the event loop must not wait for the new Python to
+        # start and read them.
+        threading.Thread(
+            target=feed_source, args=(self._process.stdin, STAGE_SPAWNER_SOURCE.encode("ascii")), daemon=True
+        ).start()
         self._started += 1
         self._sessions.add(self._process.pid)  # start_new_session: its pid names its session
         self._control = Link(ours, self._started)
@@ -2672,14 +2683,17 @@ class StageSpawner:
             async for _ in arrivals:
                 self.replace_if_stopped()
                 deadline = trio.current_time() + SWEEP_S
-                spawner = self._process.pid if self._process is not None else None  # its Popen reaps it
-                while (strays := stray_children(spawner, self._sessions)) and trio.current_time() < deadline:
+                while (strays := self._strays()) and trio.current_time() < deadline:
                     for pid in strays + [kid for stray in strays for kid in descendants(stray)]:
                         try:
                             os.kill(pid, signal.SIGKILL)
                         except OSError:
                             pass
                     await trio.sleep(0.001)  # a hopper's next fork, reaped or killed at the next pass
+
+    def _strays(self) -> list[int]:
+        # The spawner of now: one may be started again between two passes.
+        return stray_children(self._process.pid if self._process is not None else None, self._sessions)
 
     async def spawn(self, prepared: PreparedStage, prompt: Optional[bytes], umask: Optional[int]) -> "StageRoot":
         """A stage root running `prepared`, `prompt` on its standard input (None:
@@ -3290,9 +3304,9 @@ def process_state(pid: int) -> Optional[str]:
 
 
 def stray_children(spawner: Optional[int], sessions: set[int]) -> list[int]:
-    """pgw's children neither its `spawner` nor a working root (one in a
-    spawner's session; a stopped one could kill nothing: the spawner killed
-    those), reaping those that ended."""
+    """pgw's children neither its `spawner` (its Popen reaps it) nor a working
+    root (one in a spawner's session; a stopped one could kill nothing: the
+    spawner killed those), reaping those that ended."""
     strays = []
     for pid in child_pids(os.getpid()):
         if pid == spawner:

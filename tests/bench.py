@@ -4,7 +4,7 @@ Run it with ``./build.sh bench [ARGS]`` (which builds pgw.pyz first); it is
 not part of ``./build.sh test`` and pytest does not collect it (the name is
 not ``test_*``, and importing it runs nothing).
 
-    ./build.sh bench                  the full run: 3 rounds, about 8-9 minutes on 2 cores
+    ./build.sh bench                  the full run: 3 rounds, about 9-10 minutes on 2 cores
     ./build.sh bench --quick          a sanity run in about 25 s (small sizes, 1 round)
     ./build.sh bench --only pgw       pgw alone, for quick iterations
     ./build.sh bench --pgw-source     run pgw.py with .venv's python instead of pgw.pyz
@@ -1041,7 +1041,9 @@ def cpu_run_by_thread(pid: int) -> dict[str, int]:
 # The roots (the spawner's children, forked from it, so with its command
 # line) start the CLIs and wait for them, as pgworker does in its own
 # process; they are read too, and shown in a row of their own.
-SPAWNER_MARK = b"# pgw's stage spawner"  # in its command line, pgw.STAGE_SPAWNER_LOADER
+# In its command line: pgw.STAGE_SPAWNER_LOADER's comment, or (a pgw before
+# the spawner read its source on stdin, run with --pgw-cmd) the source itself.
+SPAWNER_MARKS = (b"# pgw's stage spawner", b"def stage_root(")
 ROOT_PREFIX = "root "  # own_threads' key for a root's thread
 
 
@@ -1054,7 +1056,8 @@ def children_marked(pid: int) -> list[int]:
                 parent = int(stat.read().rpartition(b")")[2].split()[1])
             if parent == pid:
                 with open(f"/proc/{entry}/cmdline", "rb") as cmdline:
-                    if SPAWNER_MARK in cmdline.read():
+                    command_line = cmdline.read()
+                    if any(mark in command_line for mark in SPAWNER_MARKS):
                         found.append(int(entry))
         except (OSError, ValueError):  # not a pid, or gone meanwhile
             continue
@@ -1275,13 +1278,13 @@ def median_of(runs: list[dict[str, Any]]) -> dict[str, Any]:
     intact only if every run was, and every run's problems."""
     merged: dict[str, Any] = {}
     for key, value in runs[0].items():
-        values = [run[key] for run in runs]
-        if isinstance(value, bool):
+        values = [run[key] for run in runs if run[key] is not None]
+        if not values:
+            merged[key] = None
+        elif isinstance(value, bool):
             merged[key] = all(values)
         elif isinstance(value, list):
             merged[key] = [item for each in values for item in each][:10]
-        elif value is None:
-            merged[key] = None
         else:
             merged[key] = statistics.median(values)
     return merged

@@ -427,6 +427,31 @@ async def test_the_spawner_and_the_stage_roots_show_a_short_command_line(tmp_pat
         assert b"# pgw's stage spawner" in command_line and len(command_line) < 200, command_line
 
 
+async def test_a_spawner_slow_to_read_its_source_holds_up_no_other_task(tmp_path, environ, stub_bin, monkeypatch):
+    # Its source went into a pipe from the event loop: a pipe that holds less
+    # (8 KiB, once a user's pipes pass pipe-user-pages-soft) held every task
+    # until the new Python had started and read it all.
+    write_stub_cli(stub_bin, "claude", "print('ran')")
+    monkeypatch.setattr(pgw, "STAGE_SPAWNER_LOADER", "import sys, time; time.sleep(2); exec(sys.stdin.buffer.read())")
+    monkeypatch.setattr(pgw, "STAGE_SPAWNER_SOURCE", pgw.STAGE_SPAWNER_SOURCE + "#" * (1 << 20) + "\n")
+    ticks = 0
+
+    async def tick():
+        nonlocal ticks
+        while True:
+            await trio.sleep(0.05)
+            ticks += 1
+
+    with trio.fail_after(30):
+        async with connected(tmp_path, environ) as (_, _, connection), trio.open_nursery() as nursery:
+            nursery.start_soon(tick)
+            await connection.send(request("s1"))
+            result = await connection.stage_result("s1")
+            nursery.cancel_scope.cancel()
+    assert result.stdout == "ran\n"
+    assert ticks >= 10, ticks  # about 40 in the 2 s the spawner sleeps; blocked, none
+
+
 async def test_a_spawner_that_dies_on_a_request_is_named_and_started_again(tmp_path, environ, stub_bin, monkeypatch, caplog):
     # One that cannot run here (a broken interpreter, a library missing) must
     # not leave every stage with "the stage root failed" and nothing more.
