@@ -4169,6 +4169,7 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
     # 8-bit inflater can follow.
     _WINDOW_BITS = ("server_max_window_bits", "client_max_window_bits")
     _NO_CONTEXT_TAKEOVER = ("server_no_context_takeover", "client_no_context_takeover")
+    _WINDOW_SIZES = tuple(str(bits) for bits in range(8, 16))  # 7.1.2.1: 8 to 15, no leading zeros
 
     def finalize(self, offer: str) -> None:
         """The server's answer (RFC 7692 7.1): the extension once, each known
@@ -4187,7 +4188,7 @@ class Deflate(wsproto.extensions.PerMessageDeflate):
                 raise self._refused(f"{key} given twice")
             if key in self._NO_CONTEXT_TAKEOVER and not equals:
                 params[key] = None
-            elif key in self._WINDOW_BITS and whole_number(value) in range(8, 16):
+            elif key in self._WINDOW_BITS and value in self._WINDOW_SIZES:
                 params[key] = "9" if value == "8" else value
             elif key in self._NO_CONTEXT_TAKEOVER + self._WINDOW_BITS:
                 raise self._refused(f"{key}={value!r}" if equals else f"{key} without a value")
@@ -4286,18 +4287,28 @@ TRIO_WEBSOCKET_PING_HANDLER = "_handle_ping_event"
 # for an Upgrade is 101.  wsproto takes any 1xx for that answer, and the
 # handshake for refused.
 _INTERIM_STATUS_LINE = re.compile(rb"HTTP/\d\.\d 1(?!01)\d\d(?: [^\r\n]*)?")
+_SWITCHING_STATUS_LINE = re.compile(rb"HTTP/\d\.\d 101(?: [^\r\n]*)?")
+_REFUSAL_STATUS_LINE = re.compile(rb"HTTP/\d\.\d [2-9]\d\d(?: [^\r\n]*)?")
+# RFC 9112 2.2: a line may end in a bare LF, which h11 takes too.
+_LINE_END = re.compile(rb"\r?\n")
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
 # Past this, a head is no interim response worth waiting for: h11 judges it.
 INTERIM_HEAD_MAX_BYTES = 64 * 1024
 
 
-class InterimSkipper(trio.abc.Stream):
+class HandshakeAnswer(trio.abc.Stream):
     """The server's bytes without the interim responses that may come before
-    its answer to the opening handshake."""
+    its answer to the opening handshake, and with that answer's header
+    fields given once each (`merged_fields`).  A refusal ends with its head:
+    pgw tells the user its status and headers, never its body, which only
+    held the connection for as long as the server kept sending it (a 503
+    whose body never came lost its Retry-After to the connect timeout)."""
 
     def __init__(self, inner: trio.abc.Stream) -> None:
         self.inner = inner
         self._head: Optional[bytearray] = bytearray()  # None once past the interim responses
         self._unread = b""
+        self._ended = False  # a refusal's head was all: nothing more is read
 
     async def send_all(self, data: Union[bytes, bytearray, memoryview]) -> None:
         await self.inner.send_all(data)
@@ -4312,28 +4323,71 @@ class InterimSkipper(trio.abc.Stream):
             if not chunk or not self._more_may_be_interim():
                 self._unread, self._head = bytes(self._head), None
         if not self._unread:
-            return await self.inner.receive_some(max_bytes)
+            return b"" if self._ended else await self.inner.receive_some(max_bytes)
         size = len(self._unread) if max_bytes is None else max_bytes
         data, self._unread = self._unread[:size], self._unread[size:]
         return data
 
     def _more_may_be_interim(self) -> bool:
-        """Drop the whole interim responses at the front of what was read;
-        whether what follows must be read further to tell whether it is one."""
+        """Drop the whole interim responses at the front of what was read, and
+        merge the fields of a whole 101; whether what follows must be read
+        further first."""
         head = typing.cast(bytearray, self._head)
         while True:
-            line_end = head.find(b"\r\n")
-            if line_end < 0:
+            line_end = _LINE_END.search(head)
+            if line_end is None:
                 return len(head) < INTERIM_HEAD_MAX_BYTES
-            if not _INTERIM_STATUS_LINE.fullmatch(head, 0, line_end):
-                return False
-            head_end = head.find(b"\r\n\r\n")
-            if head_end < 0:
+            status_line = bytes(head[: line_end.start()])
+            interim = _INTERIM_STATUS_LINE.fullmatch(status_line)
+            refusal = _REFUSAL_STATUS_LINE.fullmatch(status_line)
+            if not (interim or refusal or _SWITCHING_STATUS_LINE.fullmatch(status_line)):
+                return False  # not HTTP: h11 judges it as it came
+            head_end = _HEAD_END.search(head)
+            if head_end is None:
                 return len(head) < INTERIM_HEAD_MAX_BYTES
-            del head[: head_end + 4]
+            if interim:
+                del head[: head_end.end()]
+                continue
+            fields = merged_fields(bytes(head[: head_end.start()]), without_body=bool(refusal))
+            if refusal:
+                head[:], self._ended = fields, True
+            else:  # what follows a 101 is the server's first frames
+                head[: head_end.end()] = fields
+            return False
 
     async def aclose(self) -> None:
         await self.inner.aclose()
+
+
+def merged_fields(head: bytes, without_body: bool = False) -> bytes:
+    """A response's head (its status line and fields, without the blank line
+    after them) with each field given on several lines given once, its values
+    joined by commas, as RFC 9110 5.3 says the lines mean, its lines ending
+    in CRLF, and the blank line.  wsproto keeps only the last line of each:
+    `Connection: Upgrade` then `Connection: keep-alive` failed the handshake,
+    an extension accepted on a line of its own went unseen, and of two
+    Sec-WebSocket-Accept lines (which RFC 6455 11.3.3 forbids) the last
+    passed alone.  `without_body`: saying it has none."""
+    status_line, *lines = _LINE_END.split(head)
+    fields: list[list[bytes]] = []
+    where: dict[bytes, int] = {}  # a field's name, lower case -> its place in `fields`
+    for line in lines:
+        if line[:1] in (b" ", b"\t") and fields:  # obsolete line folding: more of the value before
+            fields[-1][1] += b" " + line.strip(b" \t")
+            continue
+        name, colon, value = line.partition(b":")
+        if not colon:
+            return head + b"\r\n\r\n"  # not a field: h11 judges the head as it came
+        key = name.lower()
+        if key in where:
+            fields[where[key]][1] += b", " + value.strip(b" \t")
+        else:
+            where[key] = len(fields)
+            fields.append([name, value.strip(b" \t")])
+    if without_body:
+        fields = [field for field in fields if field[0].lower() not in (b"content-length", b"transfer-encoding")]
+        fields.append([b"Content-Length", b"0"])
+    return b"\r\n".join([status_line, *(name + b": " + value for name, value in fields)]) + b"\r\n\r\n"
 
 
 async def open_websocket(
@@ -4345,7 +4399,7 @@ async def open_websocket(
     the extension comes back when the server accepted it.  `pings`: the
     server's pings go there, for FrameWriter.answer_pings to answer."""
     ws = trio_websocket.WebSocketConnection(
-        InterimSkipper(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
+        HandshakeAnswer(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
         host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.server, settings.token or ""),
         **options,
     )

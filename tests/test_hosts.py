@@ -626,6 +626,15 @@ HANDSHAKE_ENDINGS = {
                           "Missing header, 'Upgrade: websocket'"),
     "status-reason-not-ascii": (lambda _: b"HTTP/1.1 403 Verboten f\xfcr dich\r\nContent-Length: 0\r\n\r\n",
                                 "rejected the token (HTTP 403)"),
+    "window-with-a-leading-zero": (switching(b"permessage-deflate; server_max_window_bits=08"), "server_max_window_bits='08'"),
+    # A field on several lines means its values joined by commas (RFC 9110 5.3):
+    # wsproto read only the last line.
+    "extension-on-two-lines": (lambda r: switching(b"permessage-deflate; client_max_window_bits=9")(r).replace(
+        b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"), "accepted twice"),
+    "an-extension-not-offered-on-a-line-of-its-own": (lambda r: switching(b"x-webkit-deflate-frame")(r).replace(
+        b"\r\n\r\n", b"\r\nSec-WebSocket-Extensions: permessage-deflate\r\n\r\n"), "x-webkit-deflate-frame"),
+    "accept-twice": (lambda r: switching_plainly(r).replace(b"Sec-WebSocket-Accept", b"Sec-WebSocket-Accept: d3Jvbmc=\r\nSec-WebSocket-Accept"),
+                     "Bad accept token"),
 }
 
 
@@ -654,6 +663,37 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
 
+# A refusal whose body does not end: pgw read it until the connect timeout
+# (a server streaming one took pgw to 200 MiB), and lost the status and
+# Retry-After with it.
+ENDLESS_REFUSALS = {
+    "body-shorter-than-its-length": (b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 120\r\nContent-Length: 1000\r\n\r\n0123456789",
+                                     b""),
+    "body-streaming": (b"HTTP/1.1 409 Conflict\r\nTransfer-Encoding: chunked\r\n\r\n", b"10000\r\n" + b"x" * 0x10000 + b"\r\n"),
+}
+
+
+@pytest.mark.parametrize("refusal", ENDLESS_REFUSALS)
+async def test_a_refusal_is_told_from_its_head_without_waiting_for_its_body(tmp_path, environ, caplog, refusal):
+    head, more = ENDLESS_REFUSALS[refusal]
+
+    async def answer(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await stream.send_all(head)
+        try:
+            while True:
+                await stream.send_all(more)
+                await trio.sleep(0.001 if more else 1)
+        except trio.BrokenResourceError:  # pgw closed it: what the test waits for
+            pass
+
+    await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(connect_timeout_s=10.0))
+    [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert f"refused the WebSocket (HTTP {head.split()[1].decode()})" in line, line
+    if b"Retry-After" in head:
+        assert "next try in 120 s" in line or "retrying in 120" in line, line
+
+
 def switching_plainly(request_text: bytes) -> bytes:
     return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\n\r\n")
@@ -661,30 +701,41 @@ def switching_plainly(request_text: bytes) -> bytes:
 
 # Interim (1xx) responses a server or a proxy may send before its 101 (RFC 9110
 # 15.2), and how: as writes of their own, or run together with what follows.
+# wsproto takes any 1xx for the answer to the handshake: pgw logged "refused
+# the WebSocket (HTTP 100)" and never connected.
 INTERIM_RESPONSES = {
     "100-continue": [b"HTTP/1.1 100 Continue\r\n\r\n"],
     "103-early-hints-a-byte-at-a-time": [bytes([byte]) for byte in
                                          b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n"],
     "two-with-the-101-in-one-write": [b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 102 Processing\r\nX-A: 1\r\n\r\n", b"101"],
     "without-a-reason-phrase": [b"HTTP/1.1 100\r\n\r\n"],
+    "in-bare-lf-lines": [b"HTTP/1.1 100 Continue\n\n"],
+}
+# 101s written as RFC 9110 5.3 and RFC 9112 allow: wsproto kept only the last
+# line of a field given on several, and waited for CRLF where a line may end
+# in a bare LF.
+SWITCHING_ANSWERS = {
+    "connection-on-two-lines": lambda answer: answer.replace(b"Connection: Upgrade\r\n", b"Connection: Upgrade\r\nConnection: keep-alive\r\n"),
+    "connection-on-two-lines-upgrade-first": lambda answer: answer.replace(b"Connection: Upgrade\r\n", b"connection: keep-alive\r\nConnection: Upgrade\r\n"),
+    "connection-folded": lambda answer: answer.replace(b"Connection: Upgrade\r\n", b"Connection: keep-alive,\r\n  Upgrade\r\n"),
+    "bare-lf-lines": lambda answer: answer.replace(b"\r\n", b"\n"),
 }
 
 
-@pytest.mark.parametrize("interim", INTERIM_RESPONSES)
-async def test_interim_responses_before_the_101_are_read_past(tmp_path, environ, caplog, interim):
-    # wsproto takes any 1xx for the answer to the handshake: pgw logged
-    # "refused the WebSocket (HTTP 100)" and never connected.
+@pytest.mark.parametrize("answered", [f"after-{name}" for name in INTERIM_RESPONSES] + list(SWITCHING_ANSWERS))
+async def test_a_101_after_interim_responses_or_written_as_http_allows_connects(tmp_path, environ, caplog, answered):
     caplog.set_level(logging.INFO, logger="pgw")
     hellos = []
 
     async def answer(stream: trio.SocketStream) -> None:
         request_text = await read_request(stream)
-        writes = INTERIM_RESPONSES[interim]
-        if writes[-1] == b"101":
+        switching = SWITCHING_ANSWERS.get(answered, lambda answer: answer)(switching_plainly(request_text))
+        writes = INTERIM_RESPONSES.get(answered.removeprefix("after-"), [])
+        if writes and writes[-1] == b"101":
             writes = writes[:-1]
-            writes[-1] += switching_plainly(request_text)
+            writes[-1] += switching
         else:
-            writes = writes + [switching_plainly(request_text)]
+            writes = writes + [switching]
         for data in writes:
             await stream.send_all(data)
             await trio.sleep(0.001)
