@@ -4274,10 +4274,6 @@ WSPROTO_INFLATE_STATE = ("_inbound_compressed", "_inbound_is_compressible", "_de
 # sends it, and the event set when the server has answered.  A test fails by
 # these names if an upgrade renames one.
 TRIO_WEBSOCKET_HANDSHAKE = ("_initial_request", "_reader_task", "_open_handshake")
-# The HTTP status (0 until one arrives), headers and body so far of a refused
-# handshake: what the user is told, and how long to wait (Retry-After) or
-# where it moved (Location), when the body ends only with the connection.
-TRIO_WEBSOCKET_REJECT = ("_reject_status", "_reject_headers", "_reject_body")
 # The reader's handler of a ping, which LatestPing.note replaces.
 TRIO_WEBSOCKET_PING_HANDLER = "_handle_ping_event"
 
@@ -4421,9 +4417,6 @@ async def open_websocket(
         nursery.start_soon(_read_then_wake, reader_task, opened, reader_ended)
         await opened.wait()
     if reader_ended and ws.closed is not None:  # the stream ended before the server's answer did
-        status, headers, body = (getattr(ws, name, None) for name in TRIO_WEBSOCKET_REJECT)
-        if status:  # an HTTP error whose body ends where the connection does (RFC 9112 6.3)
-            raise trio_websocket.ConnectionRejected(status, tuple(headers or ()), bytes(body or b"") or None)
         raise ConnectionLost("the server closed the connection during the WebSocket handshake")
     return ws, deflate if deflate is not None and deflate.enabled() else None
 
@@ -4432,8 +4425,7 @@ async def _read_then_wake(
     reader_task: typing.Callable[[], typing.Awaitable[None]], opened: trio.Event, ended: list[bool]
 ) -> None:
     """trio-websocket's reader, then a wake-up for whoever waits for the
-    handshake: where the stream ends before the server's answer (or before the
-    end of an error body that only the connection's end delimits), trio-websocket
+    handshake: where the stream ends before the server's answer, trio-websocket
     leaves that wait to its timeout.  (What it raises reaches the waiter
     through the nursery instead.)"""
     await reader_task()
