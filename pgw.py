@@ -1661,8 +1661,11 @@ def probe_capabilities(search_path: Optional[str] = None) -> dict[str, Any]:
 def probe_cli_version(path: str, timeout_s: Optional[float] = None) -> tuple[Optional[str], Optional[str]]:
     """(first line of `PATH --version`, None) or (None, why not).
 
-    The CLI runs in its own session so that on timeout its whole group dies:
-    a grandchild holding the pipe must not hang `doctor`.
+    The CLI runs in its own session, and its group dies when it exits or
+    its time is up.  What it wrote is read once it has exited, not to the
+    pipes' end of file: a process it started in a session of its own (an
+    updater) holds them open, and made `doctor` wait for as long as that
+    process ran.
     """
     timeout_s = VERSION_PROBE_TIMEOUT_S if timeout_s is None else timeout_s
     try:
@@ -1675,18 +1678,32 @@ def probe_cli_version(path: str, timeout_s: Optional[float] = None) -> tuple[Opt
         )
     except OSError as exc:
         return None, f"cannot run: {exc.strerror}"
+    answered = False
     try:
-        out, err = process.communicate(timeout=timeout_s)
+        process.wait(timeout=timeout_s)
+        answered = True
     except subprocess.TimeoutExpired:
-        kill_process_group(process.pid, signal.SIGKILL)
-        process.communicate()
-        return None, f"`--version` gave no answer within {timeout_s:g} s"
+        pass
     finally:
         kill_process_group(process.pid, signal.SIGKILL)
+        process.wait()
+        out, err = (written_so_far(typing.cast(typing.BinaryIO, pipe)) for pipe in (process.stdout, process.stderr))
+    if not answered:
+        return None, f"`--version` gave no answer within {timeout_s:g} s"
     text = (out or err).decode("utf-8", "replace").strip()
     if process.returncode != 0 or not text:
         return None, f"`--version` failed with exit status {process.returncode}"
     return text.splitlines()[0], None
+
+
+def written_so_far(pipe: typing.BinaryIO) -> bytes:
+    """What waits in `pipe` (a --version's line or two: one read), and close it."""
+    with pipe:
+        os.set_blocking(pipe.fileno(), False)
+        try:
+            return os.read(pipe.fileno(), 65536)
+        except BlockingIOError:
+            return b""
 
 
 def kill_process_group(pgid: int, signum: int) -> None:

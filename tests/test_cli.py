@@ -421,6 +421,35 @@ def test_doctor_lists_checks_with_cli_versions(capsys, pgw_home, stub_bin, monke
     assert "tok-old" not in out
 
 
+@pytest.mark.parametrize("then", ["exits", "hangs"])
+def test_a_cli_whose_version_leaves_a_process_in_a_session_of_its_own_holds_up_no_probe(tmp_path, stub_bin, then):
+    # The probe read its pipes to their end of file, which the process (an
+    # updater, say) held for as long as it ran: doctor took its whole life
+    # to answer, and said the CLI gave no answer; with a CLI that hung as
+    # well, doctor never ended.
+    if not sys.platform.startswith("linux"):
+        pytest.skip("reads /proc")
+    pid_file = tmp_path / "updater.pid"
+    updater = f"import os, sys, time; open({str(pid_file)!r}, 'w').write(str(os.getpid())); time.sleep(60)"
+    write_stub_cli(stub_bin, "deepseek", (
+        "import subprocess, sys, time\n"
+        f"subprocess.Popen([sys.executable, '-c', {updater!r}], start_new_session=True)\n"
+        "print('deepseek 1.0', flush=True)\n"
+        f"time.sleep({0 if then == 'exits' else 60})\n"
+    ))
+    try:
+        answer = pgw.probe_cli_version(str(stub_bin / "deepseek"), timeout_s=5 if then == "exits" else 1)
+        while not pid_file.read_text() if pid_file.exists() else True:
+            time.sleep(0.01)
+        updater_pid = int(pid_file.read_text())
+        # Still running: the probe did not wait for it (nor kill it: not the CLI's group).
+        assert pgw.process_state(updater_pid) not in (None, "Z")
+    finally:
+        if pid_file.exists() and pid_file.read_text():
+            os.kill(int(pid_file.read_text()), signal.SIGKILL)
+    assert answer == (("deepseek 1.0", None) if then == "exits" else (None, "`--version` gave no answer within 1 s"))
+
+
 def test_doctor_json_keeps_pgworkers_fields(capsys, pgw_home, stub_bin):
     write_stub_cli(stub_bin, "claude", "print('claude 2.0'); print('second line')")
     write_stub_cli(stub_bin, "codex", "import sys; sys.exit(3)")
