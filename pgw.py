@@ -6068,7 +6068,7 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     body = {
         "pair_code": args.code,
         "machine_name": settings.name,
-        "capabilities": probe_capabilities(),
+        "capabilities": probe_capabilities(cli_search_path(settings.stage_env, os.environ)),
     }
     server_is_default = not (args.server or os.environ.get(ENV_SERVER) or config.get("server"))
     pairing = trio.run(
@@ -6583,7 +6583,12 @@ def _count(text: str) -> int:
 
 
 def _cmd_capabilities(args: argparse.Namespace) -> int:
-    _print_json(probe_capabilities())
+    """As `run` finds the CLIs: on the config's env.PATH, else PATH."""
+    try:
+        stage_env = _load(args)[2].stage_env
+    except ConfigError:  # a broken config is for `run` and `doctor` to name
+        stage_env = {}
+    _print_json(probe_capabilities(cli_search_path(stage_env, os.environ)))
     return 0
 
 

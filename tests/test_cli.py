@@ -392,6 +392,17 @@ def test_capabilities_reports_stub_clis_on_path(capsys, stub_bin):
     assert caps["platform"] == os.uname().sysname.lower()
 
 
+def test_capabilities_and_pair_find_the_clis_on_the_configs_path_as_run_does(capsys, pgw_home, pair_server, tmp_path, stub_bin):
+    # `config set env.PATH ...` is the fix doctor names for a CLI not found:
+    # run and doctor used it, `capabilities` and the pairing request did not.
+    claude = write_stub_cli(tmp_path / "elsewhere", "claude", "print('claude 1.0')")
+    pgw.write_config(pgw_home / "config.json", {"server": pair_server.url, "env": {"PATH": str(claude.parent)}})
+    status, out, _ = run(capsys, "capabilities")
+    assert status == 0 and json.loads(out)["claude_code"] == {"available": True, "path": str(claude)}
+    assert run(capsys, "pair", "CODE-42")[0] == 0
+    assert pair_server.requests[0]["capabilities"]["claude_code"] == {"available": True, "path": str(claude)}
+
+
 HANGING_CLI = """
 import os, subprocess, sys, time
 subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])  # holds stdout
