@@ -1530,6 +1530,13 @@ def refuse_unfit_home(home: Path) -> None:
         raise unreadable_home(home, exc) from None
     if info is not None and not stat.S_ISDIR(info.st_mode):
         raise ConfigError(f"{home} is not a directory: set {ENV_HOME} to a directory of pgw's own")
+    if info is not None and hasattr(os, "geteuid") and info.st_uid != os.geteuid():
+        # As root, in a service account's home: config.json and scratch/ became
+        # root's, and that account's pgw could no longer read or use them.
+        owner = user_name(info.st_uid)
+        raise ConfigError(
+            f"{home} belongs to {owner}: run pgw as {owner}, whose files these are, or set {ENV_HOME} to a directory of your own"
+        )
     mode = stat.S_IMODE(info.st_mode) if info is not None else 0
     if mode & (stat.S_ISVTX | stat.S_IWOTH):
         raise ConfigError(
@@ -1556,6 +1563,16 @@ def refuse_unfit_home(home: Path) -> None:
             f" users can enter it (mode {mode:o}), so pgw will not make it private (mode 700): set {ENV_HOME} to"
             f" a directory of pgw's own, or make this one private yourself (chmod 700)"
         )
+
+
+def user_name(uid: int) -> str:
+    """The login name of `uid`, else `uid N`."""
+    try:
+        import pwd
+
+        return pwd.getpwuid(uid).pw_name
+    except (ImportError, KeyError):
+        return f"uid {uid}"
 
 
 def unreadable_home(home: Path, exc: OSError) -> ConfigError:

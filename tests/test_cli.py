@@ -7,6 +7,7 @@ import contextlib
 import errno
 import json
 import os
+import pwd
 import signal
 import socket
 import stat
@@ -506,6 +507,21 @@ def test_doctor_reports_corrupt_config_and_fails(capsys, pgw_home, stub_bin):
 
 
 # config set -------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("argv", [["config", "set", "name", "y"], ["run"], ["install", "cron", "--apply", "--force"]])
+def test_a_home_of_another_users_is_refused_in_one_line(capsys, pgw_home, argv):
+    # As root, in a service account's home: config.json (and scratch/) became
+    # root's, and the account's own pgw could no longer read them.
+    if os.geteuid() != 0:
+        pytest.skip("needs root, to give the home to another user")
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG})
+    for path in (pgw_home, pgw_home / "config.json"):
+        os.chown(path, 65534, 65534)
+    status, out, err = run(capsys, *argv)
+    assert status != 0
+    assert_one_line_error(err, f"{pgw_home} belongs to {pwd.getpwuid(65534).pw_name}: run pgw as")
+    assert {path.name: path.stat().st_uid for path in pgw_home.iterdir()} == {"config.json": 65534}
 
 
 def test_config_set_and_unset_host_settings(capsys, pgw_home, tmp_path):
