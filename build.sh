@@ -339,7 +339,7 @@ def hold(path):
 
 
 def bootstrap(callers_umask):
-    """shiv's bootstrap() with four of its module functions wrapped (shiv is pinned by
+    """shiv's bootstrap() with five of its module functions wrapped (shiv is pinned by
     the dev lock; build.sh and tests/test_pyz.py check the names): the extraction is
     held before shiv looks for it, an extraction failure becomes one line, and whatever
     it hands over to (pgw's entry point, or the SHIV_INTERPRETER) runs under the caller's
@@ -350,11 +350,23 @@ def bootstrap(callers_umask):
     extract = _bootstrap.extract_site_packages
     run = _bootstrap.run
     execute_interpreter = _bootstrap.execute_interpreter
+    prepend_pythonpath = _bootstrap.prepend_pythonpath
+    site_packages = []
 
     def held_cache_path(archive, root_dir, build_id):
         path = cache_path(archive, root_dir, build_id)
         HELD.append(hold(os.path.join(str(path.parent), ".%s_in_use" % path.name)))
+        site_packages.append(os.path.abspath(os.path.join(str(path), "site-packages")))
         return path
+
+    def own_packages_first(env):
+        # shiv puts the pyz's packages before the first site-packages, and so after
+        # what PYTHONPATH names: an older attrs there broke pgw with a traceback. They
+        # go right after the pyz itself; pgw's children still get PYTHONPATH.
+        prepend_pythonpath(env)
+        if os.environ.get("PYTHONPATH") and site_packages and site_packages[-1] in sys.path:
+            sys.path.remove(site_packages[-1])
+            sys.path.insert(1, site_packages[-1])
 
     def extract_site_packages(archive, target_path, *args, **kwargs):
         signals("SIG_UNBLOCK")  # it may wait for another pgw's unpacking as long as that takes
@@ -381,6 +393,7 @@ def bootstrap(callers_umask):
     _bootstrap.extract_site_packages = extract_site_packages
     _bootstrap.run = run_with_callers_umask
     _bootstrap.execute_interpreter = execute_interpreter_with_callers_umask
+    _bootstrap.prepend_pythonpath = own_packages_first
     _bootstrap.bootstrap()
 
 
@@ -465,9 +478,9 @@ shiv_pyz, main_py, out_pyz = sys.argv[1:]
 with zipfile.ZipFile(shiv_pyz) as shiv_zip:
     bootstrap_source = shiv_zip.read("_bootstrap/__init__.py").decode()
 for hook in ("def cache_path(", "def extract_site_packages(", "def run(", "from .interpreter import execute_interpreter",
-             "cache_path(archive, env.root, env.build_id)", "            extract_site_packages(",
-             "            run(import_string(", "    execute_interpreter()"):
-    if hook not in bootstrap_source:  # the start code wraps these four: shiv changed under us
+             "def prepend_pythonpath(", "cache_path(archive, env.root, env.build_id)", "            extract_site_packages(",
+             "            run(import_string(", "    execute_interpreter()", "    prepend_pythonpath(env)"):
+    if hook not in bootstrap_source:  # the start code wraps these five: shiv changed under us
         sys.exit(f"build.sh: shiv's _bootstrap no longer has {hook.strip()!r}; fix start_code's bootstrap()")
 with open(shiv_pyz, "rb") as shiv_file, open(out_pyz, "wb") as out_file:
     out_file.write(shiv_file.readline())  # the shebang

@@ -161,6 +161,17 @@ def test_version_names_pgw_its_libraries_and_the_running_python(python, pyz, hom
     assert list((home / ".shiv").glob("pgw.pyz_*/site-packages/trio"))
 
 
+def test_packages_on_pythonpath_do_not_take_the_place_of_the_pyzs_own(python, pyz, home, tmp_path):
+    # They came first: an older attrs there broke every command with a traceback.
+    for name in ("attrs", "trio"):
+        (tmp_path / "elsewhere" / name).mkdir(parents=True)
+        (tmp_path / "elsewhere" / name / "__init__.py").write_text("raise ImportError('not the one pgw carries')\n")
+    env = {"PATH": "/usr/bin:/bin", "HOME": str(home), "PYTHONPATH": str(tmp_path / "elsewhere")}
+    done = subprocess.run([python, str(pyz), "--version"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0 and done.stderr == "", done.stderr
+    assert f"attrs {locked_versions()['attrs']}" in done.stdout
+
+
 def test_capabilities_report_protocol_2_and_the_running_python(python, pyz, home):
     done = run_pyz(python, pyz, home, "capabilities")
 
@@ -880,14 +891,14 @@ def test_shiv_root_writable_by_others_and_not_ours_to_change_is_refused(pyz, hom
 
 
 def test_start_code_wraps_functions_shivs_bootstrap_still_calls(pyz):
-    """The start code replaces four module functions of shiv's (pinned) _bootstrap:
+    """The start code replaces five module functions of shiv's (pinned) _bootstrap:
     bootstrap() must still look them up by these names, or the wrapping does nothing."""
     with zipfile.ZipFile(pyz) as archive:
         tree = ast.parse(archive.read("_bootstrap/__init__.py"))
         start_code = archive.read("__main__.py").decode()
     [bootstrap] = [node for node in tree.body if isinstance(node, ast.FunctionDef) and node.name == "bootstrap"]
     called = {node.func.id for node in ast.walk(bootstrap) if isinstance(node, ast.Call) and isinstance(node.func, ast.Name)}
-    for name in ("cache_path", "extract_site_packages", "run", "execute_interpreter"):
+    for name in ("cache_path", "extract_site_packages", "run", "execute_interpreter", "prepend_pythonpath"):
         assert name in called
         assert f"_bootstrap.{name} = " in start_code
     assert "_bootstrap.bootstrap()" in start_code
