@@ -1098,8 +1098,8 @@ def holds_control_character(text: str) -> bool:
     return any(unicodedata.category(char) in ("Cc", "Zl", "Zp") or char in BIDI_CONTROLS for char in text)
 
 
-def parse_config(text: str, path: Path) -> dict[str, Any]:
-    """Check a config file's contents: an object whose pairing keys are strings."""
+def parse_config(text: str, path: Path, checked: bool = True) -> dict[str, Any]:
+    """A config file's contents: a JSON object, its settings checked (`check_config`) unless not `checked`."""
     fix = "fix it, or delete it and pair again with `pgw pair CODE --server URL`"
     try:
         config = json.loads(text)
@@ -1111,26 +1111,39 @@ def parse_config(text: str, path: Path) -> dict[str, Any]:
         raise ConfigError(f"{path} is nested too deep to be a config: {fix}") from None
     if not isinstance(config, dict):
         raise ConfigError(f"{path} must hold a JSON object: {fix}")
+    if checked:
+        check_config(config, path)
+    return config
+
+
+def check_config(config: dict[str, Any], path: Path) -> None:
+    """ConfigError naming the first setting of `config` pgw cannot use, and the way to fix it."""
     for key in PAIRING_KEYS + ("name", "cafile", "proxy"):
         if key in config and not isinstance(config[key], str):
-            raise ConfigError(f"{path}: {key!r} must be a string: {fix}")
+            raise ConfigError(f"{path}: {key!r} must be a string: {_config_fix(key)}")
     if config.get("proxy", PROXY_NONE) != PROXY_NONE:
         parse_proxy_url(config["proxy"], f"{path}: 'proxy'")
     max_stages = config.get("max_stages", 0)
     if type(max_stages) is not int or max_stages < 0:
-        raise ConfigError(f"{path}: 'max_stages' must be a whole number >= 0: {fix}")
+        raise ConfigError(f"{path}: 'max_stages' must be a whole number >= 0: {_config_fix('max_stages')}")
     env = config.get("env", {})
     if not isinstance(env, dict) or not all(isinstance(v, str) for v in env.values()):
-        raise ConfigError(f"{path}: 'env' must be an object of strings: {fix}")
+        raise ConfigError(f"{path}: 'env' must be an object of strings: {_config_fix('env')}")
     for name, value in env.items():  # what no process can be started with: every stage would fail
         if not name or "=" in name or "\0" in name + value or not (_fs_encodable(name) and _fs_encodable(value)):
             raise ConfigError(
                 f"{path}: 'env': {shown(name)} is not a variable a program can be started with "
-                f"(empty, or holding `=`, a NUL, or what this system cannot encode): {fix}"
+                f"(empty, or holding `=`, a NUL, or what this system cannot encode): {_config_fix('env.' + name)}"
             )
     if config.get("compression", "on") not in COMPRESSION_VALUES:
-        raise ConfigError(f"{path}: 'compression' must be \"on\" or \"off\": {fix}")
-    return config
+        raise ConfigError(f"{path}: 'compression' must be \"on\" or \"off\": {_config_fix('compression')}")
+
+
+def _config_fix(key: str) -> str:
+    """How to fix a config's `key`: a host setting with `pgw config`, a pairing by pairing again."""
+    if key in PAIRING_KEYS[1:]:
+        return "fix it, or delete it and pair again with `pgw pair CODE --server URL`"
+    return f"`pgw config set {key} VALUE` or `pgw config unset {key}` fixes it"
 
 
 # `pgw config set KEY VALUE`: the per-host settings and how each is checked.
@@ -1476,7 +1489,7 @@ def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
         raise ConfigError(f"cannot tell the home directory: set HOME or {ENV_HOME}") from None
 
 
-def read_config(path: Path) -> dict[str, Any]:
+def read_config(path: Path, checked: bool = True) -> dict[str, Any]:
     """The config file's contents, {} when there is none."""
     try:
         with open_regular_file(path, follow=True) as config_file:  # a FIFO would hang every command
@@ -1493,7 +1506,7 @@ def read_config(path: Path) -> dict[str, Any]:
             refuse_unfit_home(path.parent)
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read {path}: {reason}; fix it or delete it and pair again") from None
-    return parse_config(text, path)
+    return parse_config(text, path, checked)
 
 
 def make_private_dirs(directory: Path) -> None:
@@ -6266,7 +6279,9 @@ def _start_daemon(args: argparse.Namespace, home: Path, early: list[int]) -> int
 
 def _cmd_config(args: argparse.Namespace) -> int:
     path = pgw_home() / CONFIG_FILENAME
-    config = read_config(path)
+    # A setting broken by hand is what `set` and `unset` are there to fix:
+    # checked once changed, not before.
+    config = read_config(path, checked=args.action == "show")
     if args.action == "show":
         shown = {
             key: "<hidden>" if key == "token" else without_password(value) if key == "proxy" else value
@@ -6284,6 +6299,7 @@ def _cmd_config(args: argparse.Namespace) -> int:
             print(f"{args.key} is not set in {path}; nothing changed")
             return 0
         config = updated
+    check_config(config, path)
     write_config(path, config)
     print(f"{args.action} {args.key} in {path}")
     return 0

@@ -524,6 +524,23 @@ def test_a_home_of_another_users_is_refused_in_one_line(capsys, pgw_home, argv):
     assert {path.name: path.stat().st_uid for path in pgw_home.iterdir()} == {"config.json": 65534}
 
 
+@pytest.mark.parametrize("fix", [["unset", "max_stages"], ["set", "max_stages", "5"]])
+def test_a_setting_broken_by_hand_is_fixed_with_config_set_or_unset(capsys, pgw_home, fix):
+    # Both refused, naming the broken setting, and told the user to delete
+    # the config and pair again: a pair code spent over one setting.
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "max_stages": "5"})
+    status, _, err = run(capsys, "config", "show")
+    assert status == 1
+    assert_one_line_error(err, "'max_stages' must be a whole number", "`pgw config unset max_stages`")
+    assert "pair again" not in err
+    assert run(capsys, "config", *fix)[0] == 0
+    config = json.loads((pgw_home / "config.json").read_text())
+    assert config == {**OLD_CONFIG, **({"max_stages": 5} if fix[0] == "set" else {})}
+    pgw.write_config(pgw_home / "config.json", {**OLD_CONFIG, "max_stages": "5"})
+    status, _, err = run(capsys, "config", "set", "name", "box")  # what stays broken is still refused
+    assert status == 1 and "'max_stages' must be a whole number" in err
+
+
 def test_config_set_and_unset_host_settings(capsys, pgw_home, tmp_path):
     ca = tmp_path / "ca.pem"
     ca.write_text("x")
