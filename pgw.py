@@ -6367,6 +6367,12 @@ def _cmd_install(args: argparse.Namespace) -> int:
         raise NotPairedError(
             "not paired yet: run `pgw pair CODE --server URL` first (or pass --force to install anyway)"
         )
+    if not config.get("token") and not args.force:
+        # The lines pgw writes hold no token (a secret in a crontab or a unit
+        # is one more place to read it from): the service's pgw has one only
+        # if its own environment sets PGW_TOKEN too.
+        print(f"pgw: warning: this home is not paired, and the token in {ENV_TOKEN} here is not in what pgw installs:"
+              f" the service's pgw gets one only if its environment sets {ENV_TOKEN} (or run `pgw pair`)", file=sys.stderr)
     if args.kind == "cron":
         write_crontab(replace_cron_block(read_crontab(), text, home)[0])
         print(f"installed pgw's @reboot and */5 watchdog lines in your crontab (home {home})")

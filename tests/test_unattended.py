@@ -806,6 +806,10 @@ def test_install_apply_on_an_unpaired_host_refuses_unless_forced(capsys, pgw_hom
     monkeypatch.setenv("PGW_TOKEN", "tok-env")
     assert pgw.main(["install", "cron", "--apply"]) == 0
     assert "@reboot" in table.read_text()
+    # Which the lines do not carry: the service's pgw has it only from its own environment.
+    assert "tok-env" not in table.read_text()
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pgw: warning: this home is not paired, and the token in PGW_TOKEN" in err
 
 
 async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin, monkeypatch):
