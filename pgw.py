@@ -1168,6 +1168,10 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         cafile = Path(value).expanduser().resolve()
         if not cafile.is_file():
             raise UsageError(f"cafile: {value!r} is not a file")
+        try:  # saved, one that is not would stop `run` from starting, even for an http:// server
+            make_ssl_context(str(cafile))
+        except ConfigError as exc:
+            raise UsageError(f"cafile: {exc}") from None
         updated["cafile"] = str(cafile)
     elif key == "max_stages":
         max_stages = whole_number(value)

@@ -21,6 +21,7 @@ import pytest
 
 import pgw
 from conftest import ROOT, write_stub_cli
+from test_tls import self_signed_certificate
 
 
 def run(capsys, *argv):
@@ -542,8 +543,7 @@ def test_a_setting_broken_by_hand_is_fixed_with_config_set_or_unset(capsys, pgw_
 
 
 def test_config_set_and_unset_host_settings(capsys, pgw_home, tmp_path):
-    ca = tmp_path / "ca.pem"
-    ca.write_text("x")
+    ca, _ = self_signed_certificate(tmp_path)
     pgw.write_config(pgw_home / "config.json", OLD_CONFIG)
     for key, value in (("env.PATH", "/opt/bin"), ("max_stages", "2"), ("cafile", str(ca)), ("name", "lab"), ("server", "https://pg.example/")):
         assert run(capsys, "config", "set", key, value)[0] == 0
@@ -561,6 +561,8 @@ def test_config_set_and_unset_host_settings(capsys, pgw_home, tmp_path):
         (["config", "set", "max_stages", "-1"], "max_stages: expected a whole number"),
         (["config", "set", "colour", "red"], "unknown setting 'colour'"),
         (["config", "set", "cafile", "/no/such.pem"], "is not a file"),
+        # Saved, it stopped `run` from starting, even against an http:// server.
+        (["config", "set", "cafile", "/etc/passwd"], "CA file /etc/passwd is not a usable PEM bundle"),
         (["config", "set", "name"], "needs a KEY and a VALUE"),
         (["config", "frobnicate"], "invalid choice"),
     ],
