@@ -186,15 +186,29 @@ def secure(path, info):
     return True
 
 
-def drop_untrusted_extraction(root):
-    """Others could write into `root` until now: remove this build's extraction, its
-    half-done `.tmp` and its lock (a planted symlink there would be truncated)."""
+def extraction_name():
+    """The directory shiv unpacks this pyz into, in its root."""
     import json
-    import shutil
     import zipfile
     with zipfile.ZipFile(sys.argv[0]) as archive:
         build_id = json.loads(archive.read("environment.json").decode())["build_id"]
-    name = "%s_%s" % (os.path.basename(os.path.realpath(sys.argv[0])), build_id)
+    return "%s_%s" % (os.path.basename(os.path.realpath(sys.argv[0])), build_id)
+
+
+def unpacked_in(root):
+    """Whether this pyz is unpacked in `root` already: one that cannot be written
+    (a read-only file system, `chattr +i`) then still serves every command."""
+    try:
+        return os.path.isdir(os.path.join(root, extraction_name(), "site-packages"))
+    except (OSError, ValueError, KeyError):  # no zip to read it from (a test's start code alone)
+        return False
+
+
+def drop_untrusted_extraction(root):
+    """Others could write into `root` until now: remove this build's extraction, its
+    half-done `.tmp` and its lock (a planted symlink there would be truncated)."""
+    import shutil
+    name = extraction_name()
     for path in (os.path.join(root, name), os.path.join(root, name + ".tmp"), os.path.join(root, "." + name + "_lock")):
         try:
             if os.path.isdir(path) and not os.path.islink(path):
@@ -218,7 +232,7 @@ def configured_root(value):
     if loose is None:
         fail("pgw: SHIV_ROOT=%s is writable by other users and not yours to change: set "
              "SHIV_ROOT to a directory only you can write" % value)
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not os.access(path, os.W_OK | os.X_OK) and not unpacked_in(path):
         fail("pgw: cannot unpack pgw.pyz into SHIV_ROOT=%s (not writable): set SHIV_ROOT to a "
              "directory you can write" % value)
     if loose:
@@ -245,7 +259,7 @@ def home_root():
         return None, "%s: %s" % (path, why(error))
     if loose is None:
         return None, "%s: writable by other users" % path
-    if not os.access(path, os.W_OK | os.X_OK):
+    if not os.access(path, os.W_OK | os.X_OK) and not unpacked_in(path):
         return None, "%s: not writable" % path
     if loose:
         drop_untrusted_extraction(path)

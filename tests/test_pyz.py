@@ -80,6 +80,8 @@ def _patch_level(path: str) -> int:
 
 
 PYTHONS = {minor: find_python(minor) for minor in SUPPORTED_MINORS}
+# For the tests that need one supported Python, not each.
+ANY_PYTHON = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
 
 
 @pytest.fixture(params=SUPPORTED_MINORS, ids=[f"py3.{minor}" for minor in SUPPORTED_MINORS])
@@ -170,6 +172,38 @@ def test_packages_on_pythonpath_do_not_take_the_place_of_the_pyzs_own(python, py
     done = subprocess.run([python, str(pyz), "--version"], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0 and done.stderr == "", done.stderr
     assert f"attrs {locked_versions()['attrs']}" in done.stdout
+
+
+@pytest.mark.parametrize("where", ["SHIV_ROOT", "~/.shiv"])
+def test_an_extraction_that_cannot_be_written_any_more_still_serves(pyz, home, tmp_path, where):
+    # Unpacked, then read-only (a read-only mount, `chattr +i`): every command
+    # refused to start ("cannot unpack pgw.pyz ... not writable"), `status` and
+    # `stop` included, though nothing was left to unpack.
+    root = tmp_path / "shiv-root" if where == "SHIV_ROOT" else home / ".shiv"
+    env = {"PATH": MINIMAL_PATH, "HOME": str(home), "PGW_HOME": str(tmp_path / "pgw-home"),
+           **({"SHIV_ROOT": str(root)} if where == "SHIV_ROOT" else {})}
+
+    def status() -> subprocess.CompletedProcess[str]:
+        return subprocess.run([ANY_PYTHON, str(pyz), "status"], env=env, capture_output=True, text=True, timeout=60)
+
+    assert status().returncode == 1  # not running: unpacked now
+    if subprocess.run(["chattr", "+i", str(root)], capture_output=True, check=False).returncode != 0:
+        pytest.skip("no chattr +i on this file system")
+    try:
+        done = status()
+        empty_root = tmp_path / "empty-root"
+        empty_root.mkdir()
+        subprocess.run(["chattr", "+i", str(empty_root)], check=True)
+        try:
+            refused = subprocess.run([ANY_PYTHON, str(pyz), "status"], env={**env, "SHIV_ROOT": str(empty_root)},
+                                     capture_output=True, text=True, timeout=60)
+        finally:
+            subprocess.run(["chattr", "-i", str(empty_root)], check=True)
+    finally:
+        subprocess.run(["chattr", "-i", str(root)], check=True)
+    assert (done.returncode, done.stderr) == (1, ""), done.stderr
+    assert "not running" in done.stdout
+    assert refused.returncode == 1 and "cannot unpack pgw.pyz into SHIV_ROOT=" in refused.stderr  # nothing there to use
 
 
 def test_capabilities_report_protocol_2_and_the_running_python(python, pyz, home):
@@ -302,7 +336,7 @@ async def test_run_with_standard_streams_closed_serves_and_stops_cleanly(pyz, ho
     import trio
     from backend import open_backend
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     bin_dir = tmp_path / "bin"
     stub_clis(bin_dir, python)
     with trio.fail_after(60):
@@ -342,7 +376,7 @@ async def test_a_signal_while_the_pyz_starts_is_obeyed_as_once_running(pyz, home
     import trio
     from backend import open_backend
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(tmp_path / "shiv")}
     assert run_start([python, str(pyz), "--version"], env, home).returncode == 0
     [site_packages] = (tmp_path / "shiv").glob("*/site-packages")
@@ -369,7 +403,7 @@ async def test_a_signal_while_the_pyz_starts_is_obeyed_as_once_running(pyz, home
 def test_another_entry_point_gets_the_signals_the_start_code_held(pyz, home, tmp_path):
     # Only pgw's main took them back: code run with SHIV_ENTRY_POINT (or
     # SHIV_MODULE) had SIGTERM, SIGINT, SIGQUIT and SIGHUP blocked for good.
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     (tmp_path / "blocked.py").write_text("import signal\ndef main():\n    print(sorted(signal.pthread_sigmask(signal.SIG_BLOCK, [])))\n")
     env = {"PATH": MINIMAL_PATH, "HOME": str(home), "PYTHONPATH": str(tmp_path)}
     for variable in ("SHIV_ENTRY_POINT", "SHIV_MODULE"):
@@ -383,7 +417,7 @@ def test_ctrl_c_while_waiting_for_another_pgws_unpacking_is_obeyed(pyz, home, tm
     # with Ctrl-Z, say): that wait could not be interrupted.
     import fcntl
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     shiv_root = tmp_path / "shiv"
     shiv_root.mkdir(mode=0o700)
     with zipfile.ZipFile(pyz) as archive:
@@ -463,7 +497,7 @@ async def test_cron_line_from_install_finds_the_clis_under_crons_environment(pyz
     import trio
     from backend import open_backend
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     clis = tmp_path / "local-bin"  # like ~/.local/bin: not on cron's PATH
     stub_clis(clis, python)
     with trio.fail_after(60):
@@ -497,7 +531,7 @@ async def test_run_prunes_older_extractions_of_pgw(pyz, home, tmp_path):
 
     import fcntl
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     shiv_root = tmp_path / "shiv"
     old, held = shiv_root / f"pgw.pyz_{'0123456789abcdef' * 4}", shiv_root / f"pgw.pyz_{'fedcba9876543210' * 4}"
     for extraction in (old, held):
@@ -535,7 +569,7 @@ def test_every_command_holds_its_extraction_while_it_runs(pyz, home, tmp_path):
     # `logs -f`, `doctor` or `selftest` of this one was still importing from.
     import fcntl
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     shiv_root = tmp_path / "shiv"
     pgw_home = home / ".pgworker"
     pgw_home.mkdir(mode=0o700)
@@ -563,7 +597,7 @@ def test_the_extraction_is_held_before_pgw_is_imported(pyz, home, tmp_path):
     # "No module named 'pgw'".  The start code holds it before shiv looks.
     import fcntl
 
-    python = PYTHONS[11] or PYTHONS[12] or PYTHONS[13] or PYTHONS[10]
+    python = ANY_PYTHON
     shiv_root = tmp_path / "shiv"
     env = {"PATH": MINIMAL_PATH, "HOME": str(home), "SHIV_ROOT": str(shiv_root), "SHIV_INTERPRETER": "1"}
     waiting = "import sys; print('pgw' in sys.modules, flush=True); sys.stdin.read()"  # pgw not imported
