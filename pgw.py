@@ -353,6 +353,9 @@ class Timing:
     state_write_interval_s: float = 0.5
     # A state file write that failed (a full disk) is tried again this often.
     state_retry_s: float = 10.0
+    # An idle daemon writes nothing: this often it looks (a stat) whether its
+    # state file is still there, and writes it again if someone removed it.
+    state_check_s: float = 30.0
 
 ##############################################################################
 # Errors
@@ -4799,7 +4802,10 @@ class StateFile:
 
     async def writer(self) -> None:
         while True:
-            await self._changed.wait()
+            with trio.move_on_after(self._timing.state_check_s) as idle:
+                await self._changed.wait()
+            if idle.cancelled_caught and os.path.lexists(self.path):
+                continue
             self._changed = trio.Event()
             if not await trio.to_thread.run_sync(self._write, self._state()):
                 self.publish()  # again once there may be room: an idle daemon changes nothing

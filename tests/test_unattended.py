@@ -184,6 +184,26 @@ def test_a_state_file_that_cannot_be_rewritten_goes_rather_than_tell_what_no_lon
     assert not (home / "state.json").exists()
 
 
+async def test_a_state_file_removed_while_the_daemon_idles_is_written_again(tmp_path):
+    # Nothing changing, it was never written again: `status` said it could not
+    # tell whether pgw was connected until the next stage.
+    home = tmp_path / "home"
+    pgw.make_private_dirs(home)
+    daemon = pgw.Daemon(pgw.Settings(server="http://127.0.0.1:9", token="t"), home,
+                        timing=pgw.Timing(state_write_interval_s=0.01, state_check_s=0.05))
+    with trio.fail_after(10):
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.state_file.writer)
+            daemon.state_file.publish()
+            while not (home / "state.json").exists():
+                await trio.sleep(0.01)
+            (home / "state.json").unlink()
+            while not (home / "state.json").exists():
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert pgw.read_state(home)["pid"] == os.getpid()
+
+
 async def test_a_state_file_write_that_failed_is_tried_again_without_a_change(tmp_path, monkeypatch):
     # Once the disk had room again, an idle daemon (nothing changing) left
     # `status` without a state file for good.
