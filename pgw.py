@@ -4467,9 +4467,14 @@ async def open_websocket(
     deflate = Deflate() if settings.compression else None
     setattr(ws, request_name, dataclasses.replace(request, extensions=[deflate] if deflate else []))
     reader_ended: list[bool] = []
-    with trio.fail_after(timeout_s):
+    with trio.move_on_after(timeout_s) as waiting:
         nursery.start_soon(_read_then_wake, reader_task, opened, reader_ended)
         await opened.wait()
+    if waiting.cancelled_caught:  # "did not complete the connection" sent users looking for a firewall
+        raise ConnectionLost(
+            f"the server took the connection but gave no answer to the WebSocket handshake in {timeout_s:g} s:"
+            " does it speak what the URL says (http:// or https://)?"
+        )
     if reader_ended and ws.closed is not None:  # the stream ended before the server's answer did
         raise ConnectionLost("the server closed the connection during the WebSocket handshake")
     return ws, deflate if deflate is not None and deflate.enabled() else None

@@ -694,6 +694,18 @@ async def test_a_refusal_is_told_from_its_head_without_waiting_for_its_body(tmp_
         assert "next try in 120 s" in line or "retrying in 120" in line, line
 
 
+async def test_a_server_that_takes_the_connection_and_says_nothing_is_named_as_such(tmp_path, environ, caplog):
+    # It was "did not complete the connection in time", which the
+    # troubleshooting table reads as a firewall dropping packets.
+    async def answer(stream: trio.SocketStream) -> None:
+        await read_request(stream)
+        await trio.sleep_forever()
+
+    await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(connect_timeout_s=0.5))
+    [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
+    assert "took the connection but gave no answer to the WebSocket handshake in 0.5 s" in line, line
+
+
 def switching_plainly(request_text: bytes) -> bytes:
     return (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
             b"Sec-WebSocket-Accept: " + accept_key(request_text) + b"\r\n\r\n")
