@@ -5088,7 +5088,7 @@ class Daemon:
                 self.link.tries, self.link.failing_since = 0, None
                 self.state_file.publish()
                 log.info(
-                    "connected to %s as %r%s%s", settings.server + CONNECT_PATH, settings.name,
+                    "connected to %s as %s%s%s", settings.server + CONNECT_PATH, shown(settings.name),
                     f" through the proxy {proxy.url}" if proxy else "",
                     f", {deflate}" if deflate else ", uncompressed",
                 )
@@ -6130,6 +6130,9 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     named = {"name": args.name} if args.name else {}
     write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
+    if os.environ.get(ENV_TOKEN):  # as `revoke` warns: it outranks config.json
+        print(f"pgw: warning: {ENV_TOKEN} is set here; a pgw started with it uses that token, not the one just saved:"
+              " unset it", file=sys.stderr)
     pid, state, connected = daemon_report(path.parent)
     if pid is None:
         return 0
@@ -6280,8 +6283,8 @@ def _start_daemon(args: argparse.Namespace, home: Path, early: list[int]) -> int
         if home_was_open:
             log.info("made %s private (mode 700): other users could read the log and the scratch files", home)
         log.info(
-            "pgw %s started: server=%s name=%r max_stages=%s log=%s",
-            __version__, settings.server, settings.name, settings.max_stages or "unlimited", log_path,
+            "pgw %s started: server=%s name=%s max_stages=%s log=%s",
+            __version__, settings.server, shown(settings.name), settings.max_stages or "unlimited", log_path,
         )
         for old in prune_old_extractions(shiv_root(), current_extraction()):
             log.info("removed an older extraction of pgw no pgw runs from: %s", old)

@@ -113,6 +113,14 @@ async def test_the_state_file_says_whether_the_token_came_from_the_environment(t
     assert daemon.state()["token_from_environment"] is True
 
 
+def test_pair_warns_that_a_token_in_the_environment_outranks_the_one_it_saves(capsys, pgw_home, pair_server, monkeypatch):
+    # `revoke` warned of it; `pair` saved the new token and said nothing.
+    monkeypatch.setenv("PGW_TOKEN", "tok-from-env")
+    status, _, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
+    assert status == 0 and json.loads((pgw_home / "config.json").read_text())["token"] == "tok-secret"
+    assert err == "pgw: warning: PGW_TOKEN is set here; a pgw started with it uses that token, not the one just saved: unset it\n"
+
+
 def test_pair_name_flag_beats_environment(capsys, pgw_home, pair_server, monkeypatch):
     monkeypatch.setenv("PGW_NAME", "from-env")
     assert run(capsys, "pair", "C", "--server", pair_server.url, "--name", "from-flag")[0] == 0

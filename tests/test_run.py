@@ -101,6 +101,23 @@ async def connected(tmp_path, environ, **options):
             yield backend, worker, connection
 
 
+async def test_a_long_machine_name_goes_to_the_server_whole_and_to_the_log_cut(tmp_path, environ, caplog):
+    # `run --name` of 100 KB wrote all of it into run.log, twice.
+    caplog.set_level(logging.INFO, logger="pgw")
+    with trio.fail_after(10):
+        async with open_backend() as backend:
+            settings = pgw.Settings(server=backend.url, token=backend.token, name="n" * 100_000)
+            daemon = pgw.Daemon(settings, tmp_path / "home", environ=environ)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(daemon.run)
+                hello = await (await backend.next_connection()).receive("hello")
+                daemon.hurry_shutdown()
+                nursery.cancel_scope.cancel()
+    assert hello["machine_name"] == "n" * 100_000
+    [line] = [r.getMessage() for r in caplog.records if r.getMessage().startswith("connected to")]
+    assert len(line) < 1000, len(line)
+
+
 async def test_a_server_under_a_path_prefix_is_connected_to_under_it(tmp_path, environ, stub_bin):
     # A backend a reverse proxy serves under /pg: pairing posts under the
     # prefix, and the connection dropped it, so a paired worker never connected.
