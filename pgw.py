@@ -1511,9 +1511,25 @@ def read_config(path: Path, checked: bool = True) -> dict[str, Any]:
     except (OSError, UnicodeDecodeError) as exc:
         if isinstance(exc, NotADirectoryError):  # PGW_HOME names a file: that, not the config, is to fix
             refuse_unfit_home(path.parent)
+        if isinstance(exc, PermissionError):  # the file is fine: deleting it would spend a pairing for nothing
+            raise ConfigError(f"cannot read {path}: {exc.strerror}; {_whose_file(path)}") from None
         reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         raise ConfigError(f"cannot read {path}: {reason}; fix it or delete it and pair again") from None
     return parse_config(text, path, checked)
+
+
+def _whose_file(path: Path) -> str:
+    """What to do about a file of pgw's this user may not read: the file's
+    mode, or its home's (which kept the file from even a stat), or its owner."""
+    for blocked, mode in ((path, "600"), (path.parent, "700")):
+        try:
+            owner = blocked.stat().st_uid
+        except OSError:
+            continue
+        if owner == os.geteuid():
+            return f"give it back its mode: chmod {mode} {shlex.quote(str(blocked))}"
+        return f"it belongs to {user_name(owner)}: run pgw as {user_name(owner)}, or set {ENV_HOME} to a directory of your own"
+    return f"run pgw as the user who paired, or set {ENV_HOME} to a directory of your own"
 
 
 def make_private_dirs(directory: Path) -> None:
@@ -6540,9 +6556,13 @@ def _cmd_uninstall(args: argparse.Namespace) -> int:
 
 
 def _cmd_status(args: argparse.Namespace) -> int:
-    """Exit 0: running and connected; 3: running, not connected; 1: not running."""
+    """Exit 0: running and connected; 3: running, not connected; 1: not
+    running; 4: this user cannot tell (a home it cannot read)."""
     home = pgw_home()
-    pid, state, connected = daemon_report(home)
+    try:
+        pid, state, connected = daemon_report(home)
+    except ConfigError as exc:  # "not running" would be a guess, and a script would start a second pgw
+        return _status_unknown(args, home, str(exc))
     if pid is not None and state.get("pid") != pid:  # an earlier run's: nothing of it is about this one
         state = {}
     problem = None
@@ -6608,6 +6628,21 @@ def _cmd_status(args: argparse.Namespace) -> int:
     print(f"log        {report['log']}")
     print(f"version    pgw {__version__}")
     return 1 if pid is None else 0 if connected else 3
+
+
+def _status_unknown(args: argparse.Namespace, home: Path, reason: str) -> int:
+    """`status` where this user cannot tell whether pgw runs: the report with
+    every fact it depends on null, and exit 4."""
+    if args.json:
+        facts = ("running", "pid", "started_at", "connected", "connected_since", "server", "tries", "next_try_at",
+                 "stages_running", "stages_queued", "last_error", "paired")
+        _print_json({"version": __version__, **dict.fromkeys(facts), "error": reason, "home": str(home),
+                     "log": str(home / RUN_LOG_FILENAME)})
+    else:
+        print(f"running    {reason}")
+        print(f"log        {home / RUN_LOG_FILENAME}")
+        print(f"version    pgw {__version__}")
+    return 4
 
 
 def connection_words(connected: Optional[bool]) -> str:

@@ -1328,22 +1328,41 @@ def test_status_says_why_run_is_refused_in_its_home(capsys, tmp_path, monkeypatc
     assert status == 1 and "holds more than pgw's files" in json.loads(out)["last_error"]
 
 
-@pytest.mark.parametrize("command", ["status", "stop"])
-def test_status_and_stop_in_a_home_this_user_cannot_open_cannot_tell(capsys, pgw_home, monkeypatch, command):
-    # Another user's home (root's pgw, looked at by a user): "not running",
-    # and stop said so with status 0, while a daemon ran there.
+@pytest.fixture
+def home_kept_out(pgw_home, monkeypatch):
+    """Another user's home (root's pgw, looked at by a user): its mode keeps
+    this user out, as it would (root is never kept out)."""
     pgw.make_private_dirs(pgw_home)
     opened = os.open
 
     def refused_for_the_home(path, *args, **kwargs):
-        if os.fspath(path) == str(pgw_home):  # as for a user the home's mode keeps out (root is never kept out)
+        if os.fspath(path) == str(pgw_home):
             raise PermissionError(errno.EACCES, "Permission denied", str(path))
         return opened(path, *args, **kwargs)
 
     monkeypatch.setattr(os, "open", refused_for_the_home)
-    status, out, err = run(capsys, command)
+    return pgw_home
+
+
+def test_stop_in_a_home_this_user_cannot_open_cannot_tell(capsys, home_kept_out):
+    # It said "not running", with status 0, while a daemon ran there.
+    status, out, err = run(capsys, "stop")
     assert (status, out) == (1, "")
-    assert err == f"pgw: cannot tell whether pgw runs for {pgw_home}: Permission denied\n"
+    assert err == f"pgw: cannot tell whether pgw runs for {home_kept_out}: Permission denied\n"
+
+
+def test_status_in_a_home_this_user_cannot_open_says_it_cannot_tell(capsys, home_kept_out):
+    # Exit 1 said "not running" to a script, which would start a second pgw;
+    # and --json printed no JSON.
+    status, out, err = run(capsys, "status")
+    reason = f"cannot tell whether pgw runs for {home_kept_out}: Permission denied"
+    assert (status, err) == (4, "")
+    assert out.splitlines()[0] == f"running    {reason}", out
+    status, out, err = run(capsys, "status", "--json")
+    report = json.loads(out)
+    assert (status, err) == (4, "")
+    assert report["running"] is None and report["connected"] is None and report["paired"] is None, report
+    assert report["error"] == reason and report["home"] == str(home_kept_out), report
 
 
 @pytest.mark.parametrize("state_names_it", [True, False])
@@ -1391,3 +1410,30 @@ def test_a_relative_home_after_its_current_directory_was_removed_is_one_line(tmp
         gone.mkdir(exist_ok=True)
         assert done.returncode == 1 and done.stderr.count("\n") == 1, done.stderr
         assert "is relative, and the current directory no longer exists" in done.stderr
+
+
+@pytest.mark.parametrize("owner", ["self", "another user"])
+def test_a_config_this_user_may_not_read_is_not_to_be_deleted(capsys, pgw_home, monkeypatch, owner):
+    # The advice was to delete it and pair again, which spends a pair code on
+    # a file that only needs its mode back, or its own user to run pgw.
+    pgw.make_private_dirs(pgw_home)
+    config = pgw_home / "config.json"
+    config.write_text(json.dumps({"server": "http://h", "worker_id": "w", "token": "t"}))
+    opened = pgw.open_regular_file
+
+    def refused(path, *args, **kwargs):
+        if os.fspath(path) == str(config):  # as mode 000 would for a user (root is never kept out)
+            raise PermissionError(errno.EACCES, "Permission denied", str(path))
+        return opened(path, *args, **kwargs)
+
+    monkeypatch.setattr(pgw, "open_regular_file", refused)
+    if owner != "self":
+        monkeypatch.setattr(pgw.os, "geteuid", lambda: os.stat(config).st_uid + 1)
+    status, out, err = run(capsys, "config", "show")
+    assert_one_line_error(err, f"cannot read {config}: Permission denied")
+    assert "pair again" not in err and status == 1, err
+    if owner == "self":
+        assert f"chmod 600 {config}" in err, err
+    else:
+        name = pgw.user_name(os.stat(config).st_uid)
+        assert f"it belongs to {name}: run pgw as {name}, or set PGW_HOME" in err, err
