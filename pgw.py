@@ -1484,6 +1484,29 @@ def absolute_home(home: str, given_as: str) -> Path:
         raise ConfigError(f"{given_as}{home} is relative, and the current directory no longer exists") from None
 
 
+def user_home() -> Path:
+    """The user's home directory: HOME, else (unset, or empty as `env HOME=`
+    leaves it) the password database's; RuntimeError, as Path.home() raises,
+    when neither tells.  Path.home() took an empty HOME for `/`.  A relative
+    one is taken from the current directory, its `..` left for the kernel."""
+    home = os.environ.get("HOME")
+    if not home:
+        try:
+            import pwd
+
+            home = pwd.getpwuid(os.getuid()).pw_dir
+        except (ImportError, KeyError):
+            home = ""
+    if not home:
+        raise RuntimeError("no home directory")
+    if os.path.isabs(home):
+        return Path(home)
+    try:
+        return Path(os.getcwd(), home)
+    except FileNotFoundError:
+        raise RuntimeError("HOME is relative, and the current directory no longer exists") from None
+
+
 def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
     """PGW_HOME, else ~/.pgworker (PROTOCOL.md); absolute, so that what pgw
     says names it wherever it is read (a relative one is taken from the
@@ -1491,7 +1514,7 @@ def pgw_home(environ: typing.Mapping[str, str] = os.environ) -> Path:
     if environ.get(ENV_HOME):
         return absolute_home(environ[ENV_HOME], f"{ENV_HOME}=")
     try:
-        return Path.home() / DEFAULT_HOME_DIRNAME
+        return user_home() / DEFAULT_HOME_DIRNAME
     except RuntimeError:
         raise ConfigError(f"cannot tell the home directory: set HOME or {ENV_HOME}") from None
 
@@ -1579,7 +1602,7 @@ def refuse_unfit_home(home: Path) -> None:
             f"{home} is shared with other users (mode {mode:o}): set {ENV_HOME} to a directory of pgw's own"
         )
     try:
-        yours: Optional[str] = os.path.realpath(Path.home())
+        yours: Optional[str] = os.path.realpath(user_home())
     except RuntimeError:
         yours = None
     real = os.path.realpath(home)
@@ -3765,7 +3788,7 @@ def codex_sessions_dir(environ: typing.Mapping[str, str], cwd: Path) -> Path:
     codex_home = environ.get("CODEX_HOME")
     if codex_home:
         return cwd / codex_home / "sessions"  # a relative one is codex's cwd's
-    return Path(environ.get("HOME") or Path.home()) / ".codex" / "sessions"
+    return Path(environ.get("HOME") or user_home()) / ".codex" / "sessions"
 
 
 ##############################################################################
@@ -5798,7 +5821,7 @@ def home_identity(home: Path) -> str:
 
 def is_default_home(home: Path) -> bool:
     try:
-        return home_identity(home) == home_identity(Path.home() / DEFAULT_HOME_DIRNAME)
+        return home_identity(home) == home_identity(user_home() / DEFAULT_HOME_DIRNAME)
     except RuntimeError:  # no home directory to tell: no default home either
         return False
 
@@ -5823,11 +5846,11 @@ def home_in_environment(environ: typing.Mapping[str, str]) -> str:
     runs; a relative PGW_HOME is taken from the user's home directory, where
     cron and systemd start a user's commands."""
     try:
-        user_home = Path.home()
+        home = user_home()
     except RuntimeError:
-        user_home = Path("/")
+        home = Path("/")
     value = environ.get(ENV_HOME)
-    return home_identity(user_home / os.path.expanduser(value) if value else user_home / DEFAULT_HOME_DIRNAME)
+    return home_identity(home / os.path.expanduser(value) if value else home / DEFAULT_HOME_DIRNAME)
 
 
 @attrs.frozen
@@ -5959,14 +5982,14 @@ def install_target(kind: str, home: Path) -> Optional[Path]:
     if kind == "systemd":
         return systemd_user_dir() / systemd_unit_name(home)
     if kind == "launchd":
-        return Path.home() / "Library" / "LaunchAgents" / f"{launchd_label(home)}.plist"
+        return user_home() / "Library" / "LaunchAgents" / f"{launchd_label(home)}.plist"
     return None
 
 
 def systemd_user_dir() -> Path:
     # The XDG spec: a relative XDG_CONFIG_HOME is invalid, and ignored.
     config_home = os.environ.get("XDG_CONFIG_HOME", "")
-    return (Path(config_home) if os.path.isabs(config_home) else Path.home() / ".config") / "systemd" / "user"
+    return (Path(config_home) if os.path.isabs(config_home) else user_home() / ".config") / "systemd" / "user"
 
 
 def unit_home(unit: str) -> str:
@@ -6479,7 +6502,7 @@ def older_service_of_this_home(kind: str, home: Path) -> Optional[Path]:
     if is_default_home(home):
         return None
     try:
-        older = install_target(kind, Path.home() / DEFAULT_HOME_DIRNAME)
+        older = install_target(kind, user_home() / DEFAULT_HOME_DIRNAME)
     except RuntimeError:  # no home directory: nothing was installed in it
         return None
     return older if older is not None and service_home(kind, older) == home_identity(home) else None

@@ -1437,3 +1437,18 @@ def test_a_config_this_user_may_not_read_is_not_to_be_deleted(capsys, pgw_home, 
     else:
         name = pgw.user_name(os.stat(config).st_uid)
         assert f"it belongs to {name}: run pgw as {name}, or set PGW_HOME" in err, err
+
+
+@pytest.mark.parametrize("given", ["", "relative/home"])
+def test_the_default_home_is_absolute_whatever_home_says(capsys, tmp_path, monkeypatch, given):
+    # HOME= (empty, as `env HOME=` leaves it) put the pgw home at /.pgworker;
+    # a relative HOME gave a relative pgw home, named so wherever it was read.
+    import pwd
+
+    monkeypatch.delenv("PGW_HOME", raising=False)
+    monkeypatch.setenv("HOME", given)
+    monkeypatch.chdir(tmp_path)
+    expected = tmp_path / given / ".pgworker" if given else Path(pwd.getpwuid(os.getuid()).pw_dir) / ".pgworker"
+    assert pgw.pgw_home() == expected and expected.is_absolute()
+    status, out, _ = run(capsys, "status")
+    assert f"for {expected})" in out.splitlines()[0], out
