@@ -5658,9 +5658,30 @@ def _selftest_pair_server() -> tuple[Any, str]:
     return server, f"http://127.0.0.1:{server.server_address[1]}"
 
 
-async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None]) -> bool:
-    """Run every step, reporting each with say(step, passed, detail); True if all passed."""
-    return await Selftest(work_dir, say).run()
+# What stops a selftest, its temporary directory and processes removed first:
+# a SIGTERM (a `timeout`, a CI job cancelled) left them behind.
+SELFTEST_STOP_SIGNALS = tuple(getattr(signal, name) for name in ("SIGTERM", "SIGHUP") if hasattr(signal, name))
+
+
+async def selftest(work_dir: Path, say: typing.Callable[[str, bool, str], None]) -> tuple[bool, Optional[int]]:
+    """Run every step, reporting each with say(step, passed, detail): whether
+    all passed, and the signal that stopped it, if one did."""
+    test = Selftest(work_dir, say)
+    passed, stopped_by = False, None
+    with trio.open_signal_receiver(*SELFTEST_STOP_SIGNALS) as signals:
+        async with trio.open_nursery() as nursery:
+
+            async def stop_on_signal() -> None:
+                nonlocal stopped_by
+                signum: int
+                async for signum in signals:
+                    stopped_by = signum
+                    nursery.cancel_scope.cancel()
+
+            nursery.start_soon(stop_on_signal)
+            passed = await test.run()
+            nursery.cancel_scope.cancel()
+    return passed and stopped_by is None, stopped_by
 
 
 class Selftest:
@@ -6374,11 +6395,53 @@ def _cmd_selftest(args: argparse.Namespace) -> int:
         print(f"{'PASS' if passed else 'FAIL'}  {step:<12} {detail}", flush=True)
 
     started = time.monotonic()
-    with tempfile.TemporaryDirectory(prefix="pgw-selftest-") as work_dir:
-        passed = trio.run(selftest, Path(work_dir), say)
+    refused = []  # the directories tried where no program may run
+    for parent in selftest_parents():
+        try:
+            with tempfile.TemporaryDirectory(prefix="pgw-selftest-", dir=parent) as work_dir:
+                if not programs_can_run_in(Path(work_dir)):
+                    refused.append(os.path.dirname(work_dir))
+                    continue
+                if refused:
+                    print(f"selftest: programs may not run in {refused[-1]} (mounted noexec?): working in {parent}")
+                passed, stopped_by = trio.run(selftest, Path(work_dir), say)
+                break
+        except OSError:  # a directory this user cannot write in: the next, if any
+            continue
+    else:
+        where = " or ".join(refused) or "a temporary directory"
+        say("setup", False, f"the stub CLIs cannot run from {where} (mounted noexec?): set TMPDIR to a directory where programs may run")
+        passed, stopped_by = False, None
+    if stopped_by is not None:
+        print(f"selftest: stopped by {signal.Signals(stopped_by).name}; nothing of it is left")
+        return 128 + stopped_by
     verdict = "all steps passed" if passed else f"{failures or 'some'} step(s) failed"
     print(f"selftest: {verdict} in {time.monotonic() - started:.1f} s (pgw {__version__}, Python {platform.python_version()})")
     return 0 if passed else 1
+
+
+def selftest_parents() -> list[Optional[str]]:
+    """Where the selftest may work: the temporary directory (TMPDIR), else,
+    where that lets no program run (a /tmp mounted noexec, as hardened hosts
+    have it), the user's home directory, from which its stub CLIs can run."""
+    parents: list[Optional[str]] = [None]
+    try:
+        parents.append(str(user_home()))
+    except RuntimeError:
+        pass
+    return parents
+
+
+def programs_can_run_in(directory: Path) -> bool:
+    """Whether a program written in `directory` could run: a file system
+    mounted noexec lets none, though its files are marked executable."""
+    probe = directory / "probe"
+    probe.write_bytes(b"#!/bin/sh\n")
+    probe.chmod(0o700)
+    try:
+        return os.access(probe, os.X_OK)
+    finally:
+        probe.unlink()
 
 
 def _install_plan(args: argparse.Namespace) -> tuple[Launch, Path, dict[str, Any]]:

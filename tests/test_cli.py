@@ -1443,8 +1443,6 @@ def test_a_config_this_user_may_not_read_is_not_to_be_deleted(capsys, pgw_home, 
 def test_the_default_home_is_absolute_whatever_home_says(capsys, tmp_path, monkeypatch, given):
     # HOME= (empty, as `env HOME=` leaves it) put the pgw home at /.pgworker;
     # a relative HOME gave a relative pgw home, named so wherever it was read.
-    import pwd
-
     monkeypatch.delenv("PGW_HOME", raising=False)
     monkeypatch.setenv("HOME", given)
     monkeypatch.chdir(tmp_path)
@@ -1452,3 +1450,93 @@ def test_the_default_home_is_absolute_whatever_home_says(capsys, tmp_path, monke
     assert pgw.pgw_home() == expected and expected.is_absolute()
     status, out, _ = run(capsys, "status")
     assert f"for {expected})" in out.splitlines()[0], out
+
+
+@pytest.mark.parametrize("after", ["pair", "stream"])
+def test_selftest_stopped_by_sigterm_leaves_nothing_behind(tmp_path, after):
+    # Its temporary directory (a home, a config with a token, the stub CLIs)
+    # stayed in /tmp after a SIGTERM, as a `timeout` or a cancelled CI job sends.
+    process = subprocess.Popen([sys.executable, str(ROOT / "pgw.py"), "selftest"], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": os.pathsep.join(sys.path)})
+    try:
+        for line in process.stdout:
+            if line.startswith(f"PASS  {after} "):
+                break
+        process.send_signal(signal.SIGTERM)
+        rest = process.stdout.read()
+        assert process.wait(timeout=30) == 128 + signal.SIGTERM, rest
+    finally:
+        process.kill()
+        process.wait()
+    assert rest.splitlines()[-1] == "selftest: stopped by SIGTERM; nothing of it is left", rest
+    assert list(tmp_path.iterdir()) == []
+    left = [pid for pid in os.listdir("/proc") if pid.isdigit() and str(tmp_path).encode() in _cmdline(pid)]
+    assert left == []
+
+
+def _cmdline(pid: str) -> bytes:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+            return cmdline.read()
+    except OSError:
+        return b""
+
+
+def test_selftest_works_where_programs_may_run_when_tmp_is_mounted_noexec(capsys, tmp_path, monkeypatch):
+    # A /tmp mounted noexec (hardened hosts) failed the connect step with a raw
+    # dict of capabilities, though pgw itself would run there.
+    noexec, home = tmp_path / "tmp", tmp_path / "home"
+    noexec.mkdir()
+    home.mkdir()
+    monkeypatch.setenv("TMPDIR", str(noexec))
+    monkeypatch.setattr(pgw.tempfile, "tempdir", None)  # TMPDIR is read once, and kept
+    monkeypatch.setenv("HOME", str(home))
+    checked = pgw.programs_can_run_in
+    monkeypatch.setattr(pgw, "programs_can_run_in", lambda d: d.parent != noexec and checked(d))
+    status, out, _ = run(capsys, "selftest")
+    assert status == 0, out
+    assert out.splitlines()[0] == f"selftest: programs may not run in {noexec} (mounted noexec?): working in {home}"
+    assert f"config.json mode 600 in {home}/pgw-selftest-" in out, out
+    assert list(noexec.iterdir()) == list(home.iterdir()) == []
+    monkeypatch.setattr(pgw, "programs_can_run_in", lambda d: False)
+    status, out, _ = run(capsys, "selftest")
+    assert status == 1
+    assert out.splitlines()[0] == (f"FAIL  setup        the stub CLIs cannot run from {noexec} or {home} (mounted noexec?): "
+                                   "set TMPDIR to a directory where programs may run"), out
+    assert list(noexec.iterdir()) == list(home.iterdir()) == []
+
+
+@pytest.fixture
+def noexec_dir(tmp_path):
+    """A directory on a file system mounted noexec: a tmpfs mounted for the
+    test (root, where mounts are allowed), else one this host has."""
+    mount = tmp_path / "noexec"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "noexec,size=8m", "tmpfs", str(mount)],
+                          capture_output=True) if os.geteuid() == 0 else None
+    if done is not None and done.returncode == 0:
+        try:
+            yield mount
+        finally:
+            subprocess.run(["umount", str(mount)], check=True)
+        return
+    mounts = Path("/proc/self/mounts").read_text().splitlines() if Path("/proc/self/mounts").exists() else []
+    found = [fields[1] for fields in (line.split() for line in mounts)
+             if len(fields) > 3 and "noexec" in fields[3].split(",") and os.access(fields[1], os.W_OK)
+             and fields[1].startswith(("/dev/shm", "/run/user", "/tmp", "/var/tmp"))]
+    if not found:
+        pytest.skip("no noexec mount to write in here")
+    with pgw.tempfile.TemporaryDirectory(dir=found[0]) as directory:
+        yield Path(directory)
+
+
+def test_selftest_with_tmpdir_mounted_noexec_passes_from_the_home(tmp_path, noexec_dir):
+    assert pgw.programs_can_run_in(tmp_path) and not pgw.programs_can_run_in(noexec_dir)
+    home = tmp_path / "home"
+    home.mkdir()
+    done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), "selftest"], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "TMPDIR": str(noexec_dir), "HOME": str(home),
+                               "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert done.stdout.splitlines()[0].endswith(f"(mounted noexec?): working in {home}"), done.stdout
+    assert list(noexec_dir.iterdir()) == list(home.iterdir()) == []
