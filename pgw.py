@@ -1045,6 +1045,10 @@ class Settings:
     # choose_proxy).  It may carry a password: out of repr.
     proxy: Optional[str] = attrs.field(default=None, repr=False)
     compression: bool = True  # offer permessage-deflate (config `compression`: on or off)
+    # Where each setting taken from a flag, the environment or config.json
+    # came from, for the message that says it is wrong: a PGW_SERVER set in a
+    # crontab long ago is not where a user looks.
+    given_by: dict[str, str] = attrs.field(factory=dict, repr=False, eq=False)
 
 
 def cli_search_path(stage_env: typing.Mapping[str, str], environ: typing.Mapping[str, str]) -> str:
@@ -1060,10 +1064,14 @@ def resolve_settings(
 ) -> Settings:
     """flag > environment > config file > default, for each setting."""
 
+    given_by: dict[str, str] = {}
+
     def pick(key: str, env_name: Optional[str]) -> Any:
         from_env = environ.get(env_name) if env_name else None
-        for candidate in (flags.get(key), from_env, config.get(key)):
+        sources = (f"--{key.replace('_', '-')}", env_name or "", f"`{key}` in {CONFIG_FILENAME}")
+        for candidate, source in zip((flags.get(key), from_env, config.get(key)), sources):
             if candidate is not None and candidate != "":
+                given_by[key] = source
                 # Bytes that are not UTF-8 (an argument or variable in another
                 # encoding) can go neither to the server nor into the config;
                 # a CA file's path only goes to the OS, which takes them.
@@ -1073,7 +1081,10 @@ def resolve_settings(
                 return candidate
         return None
 
-    server = normalise_server_url(pick("server", ENV_SERVER) or DEFAULT_SERVER)
+    try:
+        server = normalise_server_url(pick("server", ENV_SERVER) or DEFAULT_SERVER)
+    except ConfigError as exc:
+        raise ConfigError(f"{exc} (the server URL set by {given_by['server']})") from None
     name = pick("name", ENV_NAME) or hostname or DEFAULT_MACHINE_NAME
     if holds_control_character(name):  # the server shows it, and a newline there could forge a line
         raise ConfigError(f"the name {shown(name)} holds a control character (a newline, say): use a plain name")
@@ -1087,6 +1098,7 @@ def resolve_settings(
         stage_env=dict(config.get("env") or {}),
         proxy=config.get("proxy"),
         compression=config.get("compression", "on") == "on",
+        given_by=given_by,
     )
 
 
@@ -1172,7 +1184,7 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         if not cafile.is_file():
             raise UsageError(f"cafile: {value!r} is not a file")
         try:  # saved, one that is not would stop `run` from starting, even for an http:// server
-            make_ssl_context(str(cafile))
+            make_ssl_context(str(cafile), "the file given")
         except ConfigError as exc:
             raise UsageError(f"cafile: {exc}") from None
         updated["cafile"] = str(cafile)
@@ -1229,20 +1241,21 @@ def unset_host_setting(config: dict[str, Any], key: str) -> dict[str, Any]:
     return updated
 
 
-def make_ssl_context(cafile: Optional[str]) -> ssl.SSLContext:
+def make_ssl_context(cafile: Optional[str], given_by: str = f"`cafile`, --cafile or {ENV_CAFILE}") -> ssl.SSLContext:
     """The TLS context for the server: the CA file if one is set, else the
-    system's trust store (which honours SSL_CERT_FILE and SSL_CERT_DIR)."""
+    system's trust store (which honours SSL_CERT_FILE and SSL_CERT_DIR).
+    `given_by`: where the CA file was set, which a bad one's message names."""
     try:
         if cafile is not None:
             open_regular_file(Path(cafile), follow=True).close()  # ssl would wait on a FIFO for ever
     except FileNotFoundError:
-        raise ConfigError(f"CA file {cafile} does not exist: fix `cafile` or --cafile") from None
+        raise ConfigError(f"CA file {cafile} does not exist: fix {given_by}") from None
     except OSError as exc:
-        raise ConfigError(f"CA file {cafile} cannot be read: {exc.strerror or exc}; fix `cafile` or --cafile") from None
+        raise ConfigError(f"CA file {cafile} cannot be read: {exc.strerror or exc}; fix {given_by}") from None
     try:
         return ssl.create_default_context(cafile=cafile)
     except (OSError, ssl.SSLError) as exc:
-        raise ConfigError(f"CA file {cafile} is not a usable PEM bundle: {exc}") from None
+        raise ConfigError(f"CA file {cafile} is not a usable PEM bundle: {exc}; fix {given_by}") from None
 
 
 def server_message(body: bytes) -> str:
@@ -5486,7 +5499,8 @@ async def _network_checks(settings: Settings, timing: Timing, daemon: Optional[s
     try:
         if secure:
             try:
-                stream = trio.SSLStream(stream, make_ssl_context(settings.cafile), server_hostname=host, https_compatible=True)
+                context = make_ssl_context(settings.cafile, settings.given_by.get("cafile", "`cafile`"))
+                stream = trio.SSLStream(stream, context, server_hostname=host, https_compatible=True)
                 with trio.fail_after(timeout_s):
                     await stream.do_handshake()
                 checks.append(Check("tls", "PASS", f"certificate of {host} trusted" + (f" (CA file {settings.cafile})" if settings.cafile else "")))
@@ -6256,7 +6270,7 @@ def run_preflight(args: argparse.Namespace) -> Settings:
     if not settings.token:
         raise NotPairedError("not paired yet: run `pgw pair CODE --server URL` (or pass --token)")
     if settings.cafile:
-        make_ssl_context(settings.cafile)  # a bad CA file is the user's to fix, not a retry
+        make_ssl_context(settings.cafile, settings.given_by["cafile"])  # a bad CA file is the user's to fix, not a retry
     choose_proxy(settings.server, settings.proxy, os.environ)  # so is a proxy URL pgw cannot use
     try:
         make_private_dirs(home)

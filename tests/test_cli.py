@@ -1540,3 +1540,33 @@ def test_selftest_with_tmpdir_mounted_noexec_passes_from_the_home(tmp_path, noex
     assert done.returncode == 0, done.stdout + done.stderr
     assert done.stdout.splitlines()[0].endswith(f"(mounted noexec?): working in {home}"), done.stdout
     assert list(noexec_dir.iterdir()) == list(home.iterdir()) == []
+
+
+@pytest.mark.parametrize("source", ["flag", "environment", "config"])
+def test_a_bad_server_url_or_ca_file_names_where_it_was_set(capsys, pgw_home, monkeypatch, source):
+    # "fix `cafile` or --cafile" for a PGW_CAFILE set in a crontab long ago,
+    # and a bad URL with no word of PGW_SERVER, sent users to the wrong place.
+    flags, config = [], {"worker_id": "w", "token": "t"}
+    if source == "flag":
+        flags, where = ["--cafile", "/nonexistent/ca.pem"], "--cafile"
+    elif source == "environment":
+        monkeypatch.setenv("PGW_CAFILE", "/nonexistent/ca.pem")
+        where = "PGW_CAFILE"
+    else:
+        config["cafile"], where = "/nonexistent/ca.pem", "`cafile` in config.json"
+    pgw.write_config(pgw_home / "config.json", {"server": "https://127.0.0.1:9", **config})
+    status, _, err = run(capsys, "run", *flags)
+    assert status == 1
+    assert_one_line_error(err, f"CA file /nonexistent/ca.pem does not exist: fix {where}")
+    if source == "flag":
+        status, _, err = run(capsys, "run", "--server", "ftp://h")
+        where = "--server"
+    elif source == "environment":
+        monkeypatch.setenv("PGW_SERVER", "ftp://h")
+        status, _, err = run(capsys, "run")
+        where = "PGW_SERVER"
+    else:
+        pgw.write_config(pgw_home / "config.json", {"server": "ftp://h", **config})
+        status, _, err = run(capsys, "run")
+        where = "`server` in config.json"
+    assert_one_line_error(err, "bad server URL 'ftp://h'", f"(the server URL set by {where})")
