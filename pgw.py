@@ -6184,12 +6184,14 @@ def _cmd_pair(args: argparse.Namespace) -> int:
         existing = existing.parent
     if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
         raise ConfigError(f"cannot write to {existing}, where pgw would keep {path}: fix its permissions or set {ENV_HOME}")
+    if settings.cafile and settings.server.startswith("https:"):
+        make_ssl_context(settings.cafile, settings.given_by["cafile"])  # a bad one named with where it was set
     body = {
         "pair_code": args.code,
         "machine_name": settings.name,
         "capabilities": probe_capabilities(cli_search_path(settings.stage_env, os.environ)),
     }
-    server_is_default = not (args.server or os.environ.get(ENV_SERVER) or config.get("server"))
+    server_is_default = "server" not in settings.given_by
     pairing = trio.run(
         functools.partial(
             trio.to_thread.run_sync,
@@ -6370,6 +6372,10 @@ def _start_daemon(args: argparse.Namespace, home: Path, early: list[int]) -> int
 
 
 def _cmd_config(args: argparse.Namespace) -> int:
+    wanted = {"show": (False, False), "set": (True, True), "unset": (True, False)}[args.action]
+    if (bool(args.key), args.value is not None) != wanted:
+        needs = {"show": "takes no KEY or VALUE", "set": "needs a KEY and a VALUE", "unset": "needs a KEY and no VALUE"}
+        raise UsageError(f"config {args.action} {needs[args.action]}; see `pgw config --help`")
     path = pgw_home() / CONFIG_FILENAME
     # A setting broken by hand is what `set` and `unset` are there to fix:
     # checked once changed, not before.
@@ -6382,8 +6388,6 @@ def _cmd_config(args: argparse.Namespace) -> int:
         _print_json(shown)
         return 0
     if args.action == "set":
-        if args.value is None:
-            raise UsageError("config set needs a KEY and a VALUE; see `pgw config --help`")
         config = set_host_setting(config, args.key, args.value)
     else:
         updated = unset_host_setting(config, args.key)
@@ -7228,10 +7232,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         parser = build_parser()
         try:
-            args = parser.parse_args(argv)
+            args, extras = parser.parse_known_args(argv)
         except SystemExit:  # --help, --version, or a usage error argparse has printed
             sys.stdout.flush()
             raise
+        if extras:  # argparse's own message sends to `pgw --help`, which lists no command's flags
+            where = f"pgw {args.command}" if args.command else "pgw"
+            raise UsageError(f"unrecognized arguments: {' '.join(printable(extra) for extra in extras)}; see `{where} --help`")
         if args.command != "run" and hasattr(signal, "pthread_sigmask"):
             # The pyz's start code blocks them until pgw can take them (run's
             # handlers, in _cmd_run); any other command is signalled as usual.

@@ -1570,3 +1570,22 @@ def test_a_bad_server_url_or_ca_file_names_where_it_was_set(capsys, pgw_home, mo
         status, _, err = run(capsys, "run")
         where = "`server` in config.json"
     assert_one_line_error(err, "bad server URL 'ftp://h'", f"(the server URL set by {where})")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["config", "show", "server"], "config show takes no KEY or VALUE; see `pgw config --help`"),
+    (["config", "show", "a", "b"], "config show takes no KEY or VALUE; see `pgw config --help`"),
+    (["config", "set", "server"], "config set needs a KEY and a VALUE; see `pgw config --help`"),
+    (["config", "unset"], "config unset needs a KEY and no VALUE; see `pgw config --help`"),
+    (["config", "unset", "name", "x"], "config unset needs a KEY and no VALUE; see `pgw config --help`"),
+    (["status", "--bogus"], "unrecognized arguments: --bogus; see `pgw status --help`"),
+    (["stop", "now"], "unrecognized arguments: now; see `pgw stop --help`"),
+    (["logs", "a\nb"], "unrecognized arguments: 'a\\nb'; see `pgw logs --help`"),
+])
+def test_arguments_a_command_does_not_take_are_refused_naming_its_help(capsys, pgw_home, argv, message):
+    # `config show a b` showed the config and `config unset` said "unknown
+    # setting ''"; a stray flag sent to `pgw --help`, which lists no command's flags.
+    status, out, err = run(capsys, *argv)
+    assert (status, out) == (2, "")
+    assert err == f"pgw: {message}\n"
+    assert not pgw_home.exists()

@@ -85,7 +85,7 @@ def test_a_ca_file_that_is_no_regular_file_is_named_not_a_hang(tmp_path, kind):
     done = subprocess.run([*PGW, "pair", "CODE", "--server", "https://127.0.0.1:9"], env=env, capture_output=True,
                           text=True, timeout=30, check=False)
     assert (done.returncode, done.stdout) == (1, "")
-    assert done.stderr == f"pgw: CA file {cafile} cannot be read: not a regular file; fix `cafile` or --cafile\n"
+    assert done.stderr == f"pgw: CA file {cafile} cannot be read: not a regular file; fix PGW_CAFILE\n"
 
 
 async def wait_for_status(home: Path, code: int, within_s: float = 5.0) -> subprocess.CompletedProcess[str]:
