@@ -1747,6 +1747,16 @@ def probe_capabilities(search_path: Optional[str] = None) -> dict[str, Any]:
     return capabilities
 
 
+def unrunnable_on_path(binary: str, search_path: str) -> Optional[str]:
+    """The first file named `binary` on `search_path` that this user may not
+    run, which `which` passes over in silence: a CLI "not found" that is there."""
+    for directory in search_path.split(os.pathsep):
+        candidate = os.path.join(directory or os.curdir, binary)
+        if os.path.isfile(candidate) and not os.access(candidate, os.X_OK):
+            return candidate
+    return None
+
+
 def probe_cli_version(path: str, timeout_s: Optional[float] = None) -> tuple[Optional[str], Optional[str]]:
     """(first line of `PATH --version`, None) or (None, why not).
 
@@ -5413,10 +5423,11 @@ def directory_bytes(path: Path) -> int:
 
 
 def local_checks(home: Path, config_path: Path, settings: Optional[Settings], config_error: Optional[str],
-                 capabilities: dict[str, Any], versions: dict[str, tuple[Optional[str], Optional[str]]]) -> list[Check]:
+                 capabilities: dict[str, Any], versions: dict[str, tuple[Optional[str], Optional[str]]],
+                 search_path: str) -> list[Check]:
     checks = [Check("python", "PASS", f"Python {platform.python_version()} ({sys.executable})")]
     current = current_extraction()
-    checks.append(Check("pgw", "PASS", f"pgw {__version__} from {sys.argv[0] if current else __file__}"))
+    checks.append(Check("pgw", "PASS", f"pgw {__version__} from {os.path.abspath(sys.argv[0] if current else __file__)}"))
     root = shiv_root()
     if current is not None:
         writable = os.access(root, os.W_OK)
@@ -5441,7 +5452,10 @@ def local_checks(home: Path, config_path: Path, settings: Optional[Settings], co
     for binary, key in CLI_CAPABILITY_KEYS.items():
         cli = capabilities[key]
         if not cli["available"]:
-            checks.append(Check(binary, "WARN", "not found on PATH (set `pgw config set env.PATH ...` if it is installed)"))
+            blocked = unrunnable_on_path(binary, search_path)
+            checks.append(Check(binary, "WARN", f"{blocked} is on PATH, but this user may not run it (not executable, or on "
+                                "a file system mounted noexec): `chmod +x` it" if blocked else
+                                "not found on PATH (set `pgw config set env.PATH ...` if it is installed)"))
             continue
         found += 1
         version, problem = versions.get(binary, (None, None))
@@ -6799,14 +6813,15 @@ def _cmd_doctor(args: argparse.Namespace) -> int:
         )
     except ConfigError as exc:
         config, settings, config_problem = {}, None, str(exc)
-    capabilities = probe_capabilities(cli_search_path(settings.stage_env if settings else {}, os.environ))
+    search_path = cli_search_path(settings.stage_env if settings else {}, os.environ)
+    capabilities = probe_capabilities(search_path)
     versions = probe_cli_versions(capabilities)
     for binary, key in CLI_CAPABILITY_KEYS.items():
         version, problem = versions.get(binary, (None, None))
         capabilities[key]["version"] = version
         if problem:
             capabilities[key]["problem"] = problem
-    checks = local_checks(home, path, settings, config_problem, capabilities, versions)
+    checks = local_checks(home, path, settings, config_problem, capabilities, versions, search_path)
     try:
         run_preflight(args)
         checks.append(Check("run", "PASS", "`pgw run` would start: paired, CA file and home usable"))

@@ -507,6 +507,28 @@ def test_doctor_finds_clis_on_the_configured_path(capsys, pgw_home, tmp_path):
     assert "PASS  claude     " + str(elsewhere / "claude") in out
 
 
+def test_doctor_names_a_cli_on_the_path_this_user_may_not_run(capsys, pgw_home, tmp_path):
+    # "not found on PATH" for a CLI that is there, missing its x bit: a user
+    # went looking for an install that was not missing.
+    elsewhere = tmp_path / "elsewhere"
+    write_stub_cli(elsewhere, "claude", "print('claude 9')")
+    (elsewhere / "claude").chmod(0o644)
+    (elsewhere / "codex").mkdir()  # a directory is no CLI: still "not found"
+    pgw.write_config(pgw_home / "config.json", {"server": f"http://127.0.0.1:{free_port()}", "env": {"PATH": str(elsewhere)}})
+    _, out, _ = run(capsys, "doctor")
+    assert (f"WARN  claude     {elsewhere / 'claude'} is on PATH, but this user may not run it (not executable, or on a "
+            "file system mounted noexec): `chmod +x` it") in out, out
+    assert "WARN  codex      not found on PATH" in out, out
+
+
+def test_doctor_names_the_pgw_it_runs_by_its_absolute_path(capsys, pgw_home, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(pgw.sys, "argv", ["./pgw.py", "doctor"])
+    monkeypatch.setattr(pgw, "__file__", "./pgw.py")
+    _, out, _ = run(capsys, "doctor")
+    assert f"PASS  pgw        pgw {pgw.__version__} from {ROOT / 'pgw.py'}\n" in out, out
+
+
 def test_doctor_reports_corrupt_config_and_fails(capsys, pgw_home, stub_bin):
     pgw_home.mkdir()
     (pgw_home / "config.json").write_text("{")
