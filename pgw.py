@@ -6712,6 +6712,7 @@ def _cmd_status(args: argparse.Namespace) -> int:
         "stages_queued": (state.get("stages_queued", 0) if pid else 0) if connected is not None else None,
         "last_error": refused or (state.get("last_error") if connected is not None else None),
         "paired": paired,
+        "stopped": pid is not None and pid > 0 and is_stopped(pid),
         "home": str(home),
         "log": str(home / RUN_LOG_FILENAME),
     }
@@ -6723,7 +6724,9 @@ def _cmd_status(args: argparse.Namespace) -> int:
     else:
         shown_pid = pid if pid > 0 else f"unknown: {home / LOCK_FILENAME} does not name the process holding the lock"
         print(f"running    yes, pid {shown_pid}, since {report['started_at'] or '?'}")
-        if connected:
+        if report["stopped"]:
+            print(f"connected  no: pgw is stopped (SIGSTOP, Ctrl-Z or a debugger); `kill -CONT {pid}` lets it go on")
+        elif connected:
             print(f"connected  yes, to {report['server']} since {report['connected_since']}")
         elif connected is None and pid < 0:
             print("connected  cannot tell: which process is pgw is not known")
@@ -6753,7 +6756,7 @@ def _status_unknown(args: argparse.Namespace, home: Path, reason: str) -> int:
     every fact it depends on null, and exit 4."""
     if args.json:
         facts = ("running", "pid", "started_at", "connected", "connected_since", "server", "tries", "next_try_at",
-                 "stages_running", "stages_queued", "last_error", "paired")
+                 "stages_running", "stages_queued", "last_error", "paired", "stopped")
         _print_json({"version": __version__, **dict.fromkeys(facts), "error": reason, "home": str(home),
                      "log": str(home / RUN_LOG_FILENAME)})
     else:
@@ -6779,9 +6782,16 @@ def daemon_report(home: Path) -> tuple[Optional[int], dict[str, Any], Optional[b
     if pid < 0 or _holds_open(pid, home) is False:  # run.lock replaced by hand, or by a stage: not the holder's
         claimed = state.get("pid")
         pid = claimed if type(claimed) is int and claimed > 0 and _holds_open(claimed, home) else -1
+    if pid > 0 and is_stopped(pid):  # it answers no ping: the server has let go of it, whatever the file says
+        return pid, state, False
     if state.get("pid") != pid or not os.access(home, os.W_OK):
         return pid, state, None
     return pid, state, bool(state.get("connected"))
+
+
+def is_stopped(pid: int) -> bool:
+    """Whether the process is stopped (SIGSTOP, Ctrl-Z, a debugger); False where /proc cannot tell."""
+    return process_state(pid) in ("T", "t")
 
 
 def _count(text: str) -> int:

@@ -165,6 +165,31 @@ async def test_status_exit_codes_in_all_three_states(tmp_path, stub_bin):
     assert pgw_command(home, "status").returncode == 1
 
 
+async def test_status_of_a_stopped_daemon_says_it_is_not_connected(tmp_path, stub_bin):
+    # SIGSTOPped (Ctrl-Z, a debugger), pgw answers nothing and the server lets
+    # it go, but its state file still said connected, and status exit 0.
+    home = tmp_path / "home"
+    with trio.fail_after(30):
+        async with open_backend() as backend:
+            async with daemon_process(PGW, backend, home, stub_bin) as daemon:
+                await backend.next_connection()
+                await wait_for_status(home, 0)
+                daemon.send_signal(signal.SIGSTOP)
+                try:
+                    stopped = pgw_command(home, "status", "--json")
+                    lines = pgw_command(home, "status")
+                finally:
+                    daemon.send_signal(signal.SIGCONT)
+                report = json.loads(stopped.stdout)
+                assert stopped.returncode == lines.returncode == 3
+                assert report["running"] and report["stopped"] and report["connected"] is False, report
+                assert f"connected  no: pgw is stopped (SIGSTOP, Ctrl-Z or a debugger); `kill -CONT {daemon.pid}`" in lines.stdout
+                going_on = json.loads((await wait_for_status(home, 0)).stdout)
+                assert going_on["connected"] and not going_on["stopped"]
+                daemon.send_signal(signal.SIGTERM)
+                await daemon.wait()
+
+
 def test_a_state_file_that_cannot_be_rewritten_goes_rather_than_tell_what_no_longer_holds(tmp_path, monkeypatch):
     # With the home's disk full, state.json kept saying "connected" after the
     # connection was lost, and `pgw status` believed it (exit 0).
