@@ -1996,7 +1996,7 @@ def connection_failure(server: str, reason: BaseException) -> str:
         if isinstance(current, trio_websocket.ConnectionRejected):
             if current.status_code in (401, 403):
                 return (
-                    f"the server rejected the token (HTTP {current.status_code}): "
+                    f"the server rejected the token (HTTP {current.status_code}{refusal_reason(current)}): "
                     "run `pgw pair CODE --server URL` again"
                 )
             location = next((value for name, value in current.headers or () if name.lower() == b"location"), None)
@@ -2011,7 +2011,7 @@ def connection_failure(server: str, reason: BaseException) -> str:
                     f"the server redirects the WebSocket (HTTP {current.status_code}) to {shown(target)}: "
                     "if that is where it moved, `pgw config set server URL`"
                 )
-            return f"the server refused the WebSocket (HTTP {current.status_code})"
+            return f"the server refused the WebSocket (HTTP {current.status_code}{refusal_reason(current)})"
         if isinstance(current, (ConnectionLost, ProxyError, ConfigError)):
             return str(current)
         if isinstance(current, wsproto.utilities.RemoteProtocolError):
@@ -2042,6 +2042,12 @@ def connection_failure(server: str, reason: BaseException) -> str:
     # A group names only how many it holds: the first of them says more.
     leaf = next((current for current in chain if not hasattr(current, "exceptions")), reason)
     return f"cannot reach {host}: {type(leaf).__name__}: {leaf}"
+
+
+def refusal_reason(rejected: trio_websocket.ConnectionRejected) -> str:
+    """What a refusal's body says, as `: reason` (a Starlette 409's `detail`), or ""."""
+    reason = server_message(rejected.body or b"")
+    return f": {reason}" if reason else ""
 
 
 # What a mistake in pgw's own code raises, never the network: the log then
@@ -4406,6 +4412,8 @@ _LINE_END = re.compile(rb"\r?\n")
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 # Past this, a head is no interim response worth waiting for: h11 judges it.
 INTERIM_HEAD_MAX_BYTES = 64 * 1024
+# How much of a refusal's body pgw keeps for its reason (a JSON `detail`, say).
+REFUSAL_BODY_MAX_BYTES = 4096
 
 
 class HandshakeAnswer(trio.abc.Stream):
@@ -4414,10 +4422,12 @@ class HandshakeAnswer(trio.abc.Stream):
     fields given once each (`merged_fields`).  A refusal ends with its head:
     pgw tells the user its status and headers, never its body, which only
     held the connection for as long as the server kept sending it (a 503
-    whose body never came lost its Retry-After to the connect timeout)."""
+    whose body never came lost its Retry-After to the connect timeout), only
+    as much of the body as came with the head, for the reason it may give."""
 
-    def __init__(self, inner: trio.abc.Stream) -> None:
+    def __init__(self, inner: trio.abc.Stream, token: Optional[str] = None) -> None:
         self.inner = inner
+        self._secrets = token_forms(token)  # which a refusal's body may echo, and pgw must not show
         self._head: Optional[bytearray] = bytearray()  # None once past the interim responses
         self._unread = b""
         self._ended = False  # a refusal's head was all: nothing more is read
@@ -4460,18 +4470,19 @@ class HandshakeAnswer(trio.abc.Stream):
             if interim:
                 del head[: head_end.end()]
                 continue
-            fields = merged_fields(bytes(head[: head_end.start()]), without_body=bool(refusal))
             if refusal:
-                head[:], self._ended = fields, True
-            else:  # what follows a 101 is the server's first frames
-                head[: head_end.end()] = fields
+                head[:] = merged_fields(bytes(head[: head_end.start()]), bytes(head[head_end.end():]), self._secrets)
+                self._ended = True
+                return False
+            # What follows a 101 is the server's first frames.
+            head[: head_end.end()] = merged_fields(bytes(head[: head_end.start()]))
             return False
 
     async def aclose(self) -> None:
         await self.inner.aclose()
 
 
-def merged_fields(head: bytes, without_body: bool = False) -> bytes:
+def merged_fields(head: bytes, arrived: Optional[bytes] = None, secrets: typing.Sequence[str] = ()) -> bytes:
     """A response's head (its status line and fields, without the blank line
     after them) with each field given on several lines given once, its values
     joined by commas, as RFC 9110 5.3 says the lines mean, its lines ending
@@ -4479,7 +4490,13 @@ def merged_fields(head: bytes, without_body: bool = False) -> bytes:
     `Connection: Upgrade` then `Connection: keep-alive` failed the handshake,
     an extension accepted on a line of its own went unseen, and of two
     Sec-WebSocket-Accept lines (which RFC 6455 11.3.3 forbids) the last
-    passed alone.  `without_body`: saying it has none."""
+    passed alone.
+
+    `arrived`: a refusal's, what came after its head; the head then says its
+    body is what of that its Content-Length covers (at most
+    REFUSAL_BODY_MAX_BYTES), which follows it, each of `secrets` in it
+    replaced (a body echoing the request would show the token): nothing
+    more is waited for."""
     status_line, *lines = _LINE_END.split(head)
     fields: list[list[bytes]] = []
     where: dict[bytes, int] = {}  # a field's name, lower case -> its place in `fields`
@@ -4496,10 +4513,17 @@ def merged_fields(head: bytes, without_body: bool = False) -> bytes:
         else:
             where[key] = len(fields)
             fields.append([name, value.strip(b" \t")])
-    if without_body:
+    body = b""
+    if arrived is not None:
+        length = whole_number(fields[where[b"content-length"]][1].decode("latin-1")) if b"content-length" in where else None
+        kept = min(length, REFUSAL_BODY_MAX_BYTES) if length is not None else 0
+        if b"transfer-encoding" not in where and len(arrived) >= kept:  # chunked, it would need unframing
+            body = arrived[:kept]
+            for secret in secrets:
+                body = body.replace(secret.encode("utf-8", "surrogateescape"), b"<token>")
         fields = [field for field in fields if field[0].lower() not in (b"content-length", b"transfer-encoding")]
-        fields.append([b"Content-Length", b"0"])
-    return b"\r\n".join([status_line, *(name + b": " + value for name, value in fields)]) + b"\r\n\r\n"
+        fields.append([b"Content-Length", str(len(body)).encode("ascii")])
+    return b"\r\n".join([status_line, *(name + b": " + value for name, value in fields)]) + b"\r\n\r\n" + body
 
 
 async def open_websocket(
@@ -4511,7 +4535,7 @@ async def open_websocket(
     the extension comes back when the server accepted it.  `pings`: the
     server's pings go there, for FrameWriter.answer_pings to answer."""
     ws = trio_websocket.WebSocketConnection(
-        HandshakeAnswer(stream), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
+        HandshakeAnswer(stream, settings.token), wsproto.WSConnection(wsproto.ConnectionType.CLIENT),
         host=urllib.parse.urlsplit(settings.server).netloc, path=websocket_resource(settings.server, settings.token or ""),
         **options,
     )

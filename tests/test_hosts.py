@@ -584,6 +584,10 @@ def accept_key(request_text: bytes) -> bytes:
     return base64.b64encode(hashlib.sha1(key + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest())
 
 
+def echoing(body: bytes) -> bytes:
+    return b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body)
+
+
 def switching(extensions: bytes) -> Callable[[bytes], bytes]:
     return lambda request_text: (
         b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
@@ -600,6 +604,14 @@ HANDSHAKE_ENDINGS = {
                          "refused the WebSocket (HTTP 503)"),
     "401-until-closed": (lambda _: b"HTTP/1.1 401 Unauthorized\r\nConnection: close\r\n\r\nwho are you",
                          "rejected the token (HTTP 401)"),
+    "409-with-a-reason": (lambda _: b'HTTP/1.1 409 Conflict\r\nContent-Type: application/json\r\nContent-Length: 44\r\n\r\n'
+                                    b'{"detail":"worker w-1 is already connected"}',
+                          "refused the WebSocket (HTTP 409: worker w-1 is already connected)"),
+    "403-with-a-reason": (lambda _: b"HTTP/1.1 403 Forbidden\r\nContent-Length: 13\r\n\r\ntoken revoked",
+                          "rejected the token (HTTP 403: token revoked): run `pgw pair"),
+    # The token echoed back is not logged; an escape sequence reaches no terminal.
+    "400-echoing-the-token": (lambda r: echoing(b"bad token \x1b[2J" + r.split(b"\r\n")[0]),
+                              "refused the WebSocket (HTTP 400: bad token \\x1b[2JGET /api/local-worker/connect?token=<token> HTTP/1.1)"),
     "moved": (lambda _: b"HTTP/1.1 301 Moved Permanently\r\nLocation: https://new.example/api/x?token=tok-hand\r\nContent-Length: 0\r\n\r\n",
               "redirects the WebSocket (HTTP 301) to 'https://new.example/api/x': if that is where it moved, "
               "`pgw config set server URL`"),
@@ -658,7 +670,7 @@ async def test_a_handshake_cut_short_or_answered_wrongly_is_named_at_once(tmp_pa
     await daemon_against(answer, tmp_path, environ, caplog, "cannot connect", pgw.Timing(connect_timeout_s=10.0))
     [line] = [r.getMessage() for r in caplog.records if "cannot connect" in r.getMessage()]
     assert expected in line, line
-    assert "tok-hand" not in caplog.text
+    assert "tok-hand" not in caplog.text and "\x1b" not in caplog.text
     assert "internal error" not in line and "cannot reach" not in line and "in time" not in line, line
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
 
