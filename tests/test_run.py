@@ -765,6 +765,16 @@ time.sleep(60)
 """
 
 
+def catches(pid, signum) -> bool:
+    """Whether process `pid` has a handler for `signum` (Linux /proc)."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            caught = next(line for line in status if line.startswith("SigCgt:"))
+    except (OSError, StopIteration):
+        return False
+    return bool(int(caught.split()[1], 16) & (1 << (signum - 1)))
+
+
 @pytest.mark.parametrize("server", ["reading", "not-reading-for-a-while"])
 async def test_a_cancelled_stage_sends_what_its_cli_wrote_before_and_during_its_grace(tmp_path, environ, stub_bin, server):
     # A stop cancelled the pumps: a read waiting for room in the outbox (a
@@ -782,7 +792,12 @@ async def test_a_cancelled_stage_sends_what_its_cli_wrote_before_and_during_its_
             await connection.send(request("victim"))
             while "victim" not in worker.stages or worker.stages["victim"].root is None:
                 await trio.sleep(0.01)
-            await trio.sleep(0.5)  # "before" is written; its ack, or a read of it, waits for room in the outbox
+            # Its SIGTERM handler is set, and "before" on its way (its ack, or
+            # a read of it, may wait for room in the outbox): a fixed sleep was
+            # outrun by a loaded machine.
+            while not catches(worker.stages["victim"].root.cli_pid, signal.SIGTERM):
+                await trio.sleep(0.01)
+            await trio.sleep(0.2)
             await connection.send(cancel("victim"))
             await trio.sleep(0.5)
             connection.resume_reading()
