@@ -6389,6 +6389,11 @@ def _start_daemon(args: argparse.Namespace, home: Path, early: list[int]) -> int
         raise ConfigError(f"cannot lock {home}: {exc.strerror}") from None
     if lock_fd is None:
         print(f"pgw already running (pid {holder or '?'})")
+        given = [f"--{key.replace('_', '-')}" for key in ("server", "token", "name", "max_stages", "cafile", "verbose")
+                 if getattr(args, key, None) not in (None, False)]
+        if given:  # exit 0 all the same: the watchdog's cron line runs this every 5 minutes
+            print(f"pgw: {', '.join(given)} not taken: the running pgw keeps its own settings;"
+                  " `pgw stop`, then start it with them", file=sys.stderr)
         return 0
     try:  # let go as soon as it is refused: leave_reason writes into no home a pgw runs in
         if home_was_open:

@@ -130,6 +130,11 @@ def test_second_run_says_who_holds_the_home(tmp_path):
         done = pgw_command(home, "run")
         assert (done.returncode, done.stdout, done.stderr) == (0, f"pgw already running (pid {os.getpid()})\n", "")
         assert pgw.instance_lock_holder(home) == os.getpid()
+        # Flags given were dropped without a word: the user believed them in force.
+        done = pgw_command(home, "run", "--max-stages", "3", "--name", "box", "-v")
+        assert (done.returncode, done.stdout) == (0, f"pgw already running (pid {os.getpid()})\n")
+        assert done.stderr == ("pgw: --name, --max-stages, --verbose not taken: the running pgw keeps its own settings;"
+                               " `pgw stop`, then start it with them\n")
     finally:
         os.close(fd)
     assert pgw.instance_lock_holder(home) is None
