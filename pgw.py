@@ -2824,32 +2824,7 @@ class StageSpawner:
             {"argv": prepared.argv, "env": prepared.environ, "cwd": str(prepared.scratch_dir), "umask": umask}
         ).encode("utf-8", "surrogateescape")
         message = struct.pack("!I", len(body)) + body
-        commands_r, commands_w = os.pipe()
-        reports_r, reports_w = os.pipe()
-        theirs, ours = [commands_r, reports_w], [commands_w, reports_r]
-        stdin_w: Optional[int] = None
-        unwritten = b""
-        try:
-            if prompt is None:
-                theirs.append(os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC))
-            else:
-                stdin_r, stdin_w = os.pipe()
-                theirs.append(stdin_r)
-                unwritten = write_prompt(stdin_w, prompt)
-                if not unwritten:  # the whole prompt waits in the pipe: the CLI reads it, then end of file
-                    os.close(stdin_w)
-                    stdin_w = None
-            stdout_r, stdout_w = os.pipe()
-            ours.append(stdout_r)
-            theirs.append(stdout_w)
-            stderr_r, stderr_w = os.pipe()
-            ours.append(stderr_r)
-            theirs.append(stderr_w)
-        except BaseException:
-            for fd in [*theirs, *ours, *([stdin_w] if stdin_w is not None else [])]:
-                os.close(fd)
-            raise
-        root = StageRoot(commands_w, reports_r, stdin_w, unwritten, stdout_r, stderr_r)
+        theirs, root = stage_pipes(prompt)
         try:
             root.link = await self._hand_over(message, theirs)
         except BaseException:
@@ -3008,6 +2983,43 @@ class StageSpawner:
             self._process = None
 
 
+def stage_pipes(prompt: Optional[bytes]) -> tuple[list[int], "StageRoot"]:
+    """A new stage's pipes: the ends its root takes (commands, reports, and the
+    CLI's stdin, stdout and stderr), and pgw's StageRoot over the others;
+    `prompt` is written into the stdin pipe as far as it fits (None: /dev/null).
+    Nothing stays open when one cannot be made (too many open files)."""
+    opened: list[int] = []
+
+    def pipe() -> tuple[int, int]:
+        ends = os.pipe()
+        opened.extend(ends)
+        return ends
+
+    try:
+        commands_r, commands_w = pipe()
+        reports_r, reports_w = pipe()
+        stdin_w: Optional[int] = None
+        unwritten = b""
+        if prompt is None:
+            stdin_r = os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)
+            opened.append(stdin_r)
+        else:
+            stdin_r, stdin_w = pipe()
+            unwritten = write_prompt(stdin_w, prompt)
+            if not unwritten:  # the whole prompt waits in the pipe: the CLI reads it, then end of file
+                opened.remove(stdin_w)
+                os.close(stdin_w)
+                stdin_w = None
+        stdout_r, stdout_w = pipe()
+        stderr_r, stderr_w = pipe()
+    except BaseException:
+        for fd in opened:
+            os.close(fd)
+        raise
+    root = StageRoot(commands_w, reports_r, stdin_w, unwritten, stdout_r, stderr_r)
+    return [commands_r, reports_w, stdin_r, stdout_w, stderr_w], root
+
+
 class StageRoot:
     """pgw's end of a stage root: its command and report pipes, the CLI's stdio pipes."""
 
@@ -3132,11 +3144,7 @@ class StageRun:
         self.root: Optional[StageRoot] = None
         self.owns_scratch = False  # its scratch dir is its own to remove: it made it
         self.began = time.time()  # when it left the queue: the codex session it runs starts after
-        self.seq = 0
-        self.bytes_out = 0
-        self.pumps_running = 0
-        self.pumps_done = trio.Event()
-        self.pumps_waiting_on_server = 0  # parked in Outbox.put: backpressure, not idleness
+        self.output = StageOutput(self.id)
 
     @property
     def running(self) -> bool:
@@ -3158,10 +3166,6 @@ class StageRun:
         if self.grace_s == 0 and self.grace_scope is not None:
             self.grace_scope.cancel()
         (self.running_scope or self.scope).cancel()
-
-    def next_seq(self) -> int:
-        self.seq += 1
-        return self.seq
 
     async def run(self, outbox: Outbox, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """Wait for a slot, run, send the exit; the slot is freed only after that,
@@ -3215,7 +3219,8 @@ class StageRun:
                     ending = f"error={exit_record.error!r}"
                 log.info(
                     "stage %r: ended cli=%s returncode=%d duration=%.1fs bytes_out=%d %s",
-                    self.id, request.cli, exit_record.returncode, exit_record.duration_ms / 1000, self.bytes_out, ending,
+                    self.id, request.cli, exit_record.returncode, exit_record.duration_ms / 1000, self.output.bytes_out,
+                    ending,
                 )
             await outbox.put(lambda: exit_message_within_limit(exit_record))
         finally:
@@ -3278,11 +3283,9 @@ class StageRun:
             async with trio.open_nursery() as pumps:
                 if root.stdin is not None:
                     pumps.start_soon(feed_stdin, root.stdin, root.unwritten)
-                self.pumps_running = 2
-                for pipe, record_type in ((root.stdout, StageStdout), (root.stderr, StageStderr)):
-                    pumps.start_soon(self._pump, pipe, record_type, outbox)
+                self.output.pump_both(pumps, root, outbox)
                 await self._until_the_cli_ends(root)
-                await self._drain(root)
+                await self.output.drain(root, timing)
                 pumps.cancel_scope.cancel()
         finally:
             with trio.CancelScope(shield=True):
@@ -3311,13 +3314,42 @@ class StageRun:
         if root.returncode is None:
             await root.kill(self.daemon.timing.kill_wait_s)
 
-    async def _drain(self, root: StageRoot) -> None:
+    async def _send_codex_trace(self, outbox: Outbox) -> None:
+        trace = await trio.to_thread.run_sync(
+            read_codex_trace, self.prepared.scratch_dir,
+            codex_sessions_dir(self.prepared.environ, self.prepared.scratch_dir), self.began, time.time(),
+        )
+        for data in escaped_output(trace) if trace else ():
+            await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.output.next_seq(), data))
+
+
+class StageOutput:
+    """A stage's output on its way to the server: a pump for each of the CLI's
+    stdout and stderr, each read escaped into the stage's numbered messages."""
+
+    def __init__(self, stage_run_id: str) -> None:
+        self.id = stage_run_id
+        self.seq = 0
+        self.bytes_out = 0
+        self.pumps_running = 0
+        self.pumps_done = trio.Event()
+        self.pumps_waiting_on_server = 0  # parked in Outbox.put: backpressure, not idleness
+
+    def next_seq(self) -> int:
+        self.seq += 1
+        return self.seq
+
+    def pump_both(self, nursery: trio.Nursery, root: StageRoot, outbox: Outbox) -> None:
+        self.pumps_running = 2
+        for pipe, record_type in ((root.stdout, StageStdout), (root.stderr, StageStderr)):
+            nursery.start_soon(self.pump, pipe, record_type, outbox)
+
+    async def drain(self, root: StageRoot, timing: Timing) -> None:
         """After the CLI's exit: what is left in the pipes gets a grace, then the
         stage's other processes die (one holding a pipe cannot hold the stage
         open), and what they left in the pipes is read while it keeps coming."""
         if self.pumps_done.is_set():  # the usual case: no grace to wait out
             return
-        timing = self.daemon.timing
         with trio.move_on_after(timing.pipe_drain_grace_s):
             await self.pumps_done.wait()
         if self.pumps_done.is_set():
@@ -3336,7 +3368,7 @@ class StageRun:
                 log.warning("stage %r: a process outside the stage holds its pipes; stopped reading", self.id)
                 return
 
-    async def _pump(self, pipe: trio.lowlevel.FdStream, record_type: type, outbox: Outbox) -> None:
+    async def pump(self, pipe: trio.lowlevel.FdStream, record_type: type, outbox: Outbox) -> None:
         """Child output -> output messages, never splitting a character.
 
         Each read is escaped as bytes (`escaped_utf8`), without decoding it; a
@@ -3364,19 +3396,11 @@ class StageRun:
             return
         finally:
             # Closed once read to its end: an open pipe whose writers are gone
-            # reads as ready for ever, which _drain would take for output coming.
+            # reads as ready for ever, which drain would take for output coming.
             pipe.close()
             self.pumps_running -= 1
             if self.pumps_running == 0:
                 self.pumps_done.set()
-
-    async def _send_codex_trace(self, outbox: Outbox) -> None:
-        trace = await trio.to_thread.run_sync(
-            read_codex_trace, self.prepared.scratch_dir,
-            codex_sessions_dir(self.prepared.environ, self.prepared.scratch_dir), self.began, time.time(),
-        )
-        for data in escaped_output(trace) if trace else ():
-            await outbox.put(lambda data=data: output_message(StageStdout, self.id, self.next_seq(), data))
 
 
 # How long one sweep of pgw's orphans may go on killing (a hopper forks anew).

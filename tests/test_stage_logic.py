@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import datetime
+import errno
 import json
 import logging
 import os
@@ -471,3 +472,27 @@ def test_an_idle_connection_whose_server_answers_heartbeats_is_woken_once_per_he
     # Unanswered: a WebSocket ping once its answer is overdue, and no sooner.
     assert pgw.keepalive_step(timing, 0.1, -1.0, 0.0, -float("inf"), busy=False) == ("wait", timing.heartbeat_answer_s)
     assert pgw.keepalive_step(timing, timing.heartbeat_answer_s, -1.0, 0.0, -float("inf"), busy=False)[0] == "ping"
+
+
+@pytest.mark.parametrize("prompt, failing", [(None, n) for n in (1, 2, 3)] + [(b"x" * 10, n) for n in (1, 2, 3, 4)]
+                         + [(b"x" * (1 << 20), 4)])
+def test_a_stage_whose_pipes_cannot_all_be_made_leaves_none_open(monkeypatch, tmp_path, prompt, failing):
+    # Out of file descriptors at the second pipe, the first one's two ends
+    # stayed open for the daemon's life, one more each time.
+    made = []
+    real_pipe = pgw.os.pipe
+
+    def pipe():
+        if len(made) + 1 == failing:
+            raise OSError(errno.EMFILE, "Too many open files")
+        made.append(real_pipe())
+        return made[-1]
+
+    request = pgw.StageRequest(stage_run_id="s", job_id="j", cli="claude", cli_args=[], stdin="")
+    prepared = pgw.PreparedStage(request, tmp_path / "s", ["/bin/true"], {}, [])
+    spawner = pgw.StageSpawner(root_idle_s=1.0)
+    before = set(os.listdir("/proc/self/fd"))
+    monkeypatch.setattr(pgw.os, "pipe", pipe)
+    with pytest.raises(OSError, match="Too many open files"):
+        trio.run(spawner.spawn, prepared, prompt, None)
+    assert set(os.listdir("/proc/self/fd")) == before
