@@ -2551,6 +2551,11 @@ def main():
         signal.signal(signum, signal.SIG_IGN)  # only pgw, by closing the socket, ends the spawner
     if LINUX:
         PRCTL(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+        # PR_SET_DUMPABLE 0, kept by the roots it forks: a stage's process, of
+        # the same user, can then open none of their descriptors through
+        # /proc (their signal pipes, say).  What pgw reads of /proc, the
+        # children and stat files, stays readable.
+        PRCTL(4, 0, 0, 0, 0)
     wake_r, wake_w = os.pipe()
     os.set_blocking(wake_w, False)
     signal.set_wakeup_fd(wake_w, warn_on_full_buffer=False)  # full: a wake is pending already
@@ -2987,7 +2992,13 @@ def stage_pipes(prompt: Optional[bytes]) -> tuple[list[int], "StageRoot"]:
     """A new stage's pipes: the ends its root takes (commands, reports, and the
     CLI's stdin, stdout and stderr), and pgw's StageRoot over the others;
     `prompt` is written into the stdin pipe as far as it fits (None: /dev/null).
-    Nothing stays open when one cannot be made (too many open files)."""
+    Nothing stays open when one cannot be made (too many open files).
+
+    Commands and reports go over socket pairs, not pipes: a process of the
+    stage could open /proc/ROOT/fd/N of a pipe for writing, and, holding a
+    second write end, keep its root from ever seeing the end of file that
+    tells it to kill the stage (or fill the reports with bytes that never
+    end a line).  A socket cannot be opened through /proc."""
     opened: list[int] = []
 
     def pipe() -> tuple[int, int]:
@@ -2995,9 +3006,15 @@ def stage_pipes(prompt: Optional[bytes]) -> tuple[list[int], "StageRoot"]:
         opened.extend(ends)
         return ends
 
+    def socket_pair() -> tuple[int, int]:
+        one, other = socket.socketpair()
+        ends = one.detach(), other.detach()
+        opened.extend(ends)
+        return ends
+
     try:
-        commands_r, commands_w = pipe()
-        reports_r, reports_w = pipe()
+        commands_r, commands_w = socket_pair()
+        reports_r, reports_w = socket_pair()
         stdin_w: Optional[int] = None
         unwritten = b""
         if prompt is None:
@@ -3018,6 +3035,12 @@ def stage_pipes(prompt: Optional[bytes]) -> tuple[list[int], "StageRoot"]:
         raise
     root = StageRoot(commands_w, reports_r, stdin_w, unwritten, stdout_r, stderr_r)
     return [commands_r, reports_w, stdin_r, stdout_w, stderr_w], root
+
+
+# What a stage root reports, a line each: the CLI's pid, why it could not
+# start it (an errno), its exit status, and that it can take another stage.
+_REPORT_LINE = re.compile(rb"(pid [0-9]{1,10}|error [0-9]{1,5}|exit -?[0-9]{1,5}|free)")
+REPORT_LINE_MAX_BYTES = 64
 
 
 class StageRoot:
@@ -3043,13 +3066,20 @@ class StageRoot:
         self.link: Optional[Link] = None  # its socket, which the spawner takes back at the end
 
     async def _report(self) -> Optional[bytes]:
+        """The root's next line; None once it has gone, or once what it says
+        is no report of its (`pid N`, `error N`, `exit N`, `free`): a root that
+        says that is out of pgw's hands, and is taken for killed."""
         while b"\n" not in self._pending:
             chunk = await receive_now(self._reports, 4096) if not self._ended else b""
-            if not chunk:
+            if not chunk or len(self._pending) > REPORT_LINE_MAX_BYTES:
                 self._ended = True
                 return None
             self._pending += chunk
+            await trio.lowlevel.checkpoint()  # a root writing without end holds up no other task
         line, self._pending = self._pending.split(b"\n", 1)
+        if not _REPORT_LINE.fullmatch(line):
+            self._pending, self._ended = b"", True
+            return None
         self.free = self.free or line == b"free"  # its last line, which whoever reads on may meet
         return line
 
@@ -3060,9 +3090,9 @@ class StageRoot:
         line = await self._report()
         if line is None:  # the root never said a word: the spawner may have died before forking it
             raise StageRejected(f"cannot start {cli}: {await spawner_failure(self.link) or 'the stage root failed'}")
-        kind, value = line.split(b" ", 1)
-        if kind == b"error":
-            reason = os.strerror(int(value)) if int(value) else "the stage root failed"
+        kind, _, value = line.partition(b" ")
+        if kind != b"pid":
+            reason = os.strerror(int(value)) if kind == b"error" and int(value) else "the stage root failed"
             raise StageRejected(f"cannot start {cli}: {reason}")
         self.cli_pid = int(value)
         return self.cli_pid

@@ -474,25 +474,68 @@ def test_an_idle_connection_whose_server_answers_heartbeats_is_woken_once_per_he
     assert pgw.keepalive_step(timing, timing.heartbeat_answer_s, -1.0, 0.0, -float("inf"), busy=False)[0] == "ping"
 
 
-@pytest.mark.parametrize("prompt, failing", [(None, n) for n in (1, 2, 3)] + [(b"x" * 10, n) for n in (1, 2, 3, 4)]
-                         + [(b"x" * (1 << 20), 4)])
+@pytest.mark.parametrize("prompt, failing", [(None, n) for n in (1, 2, 3, 4)] + [(b"x" * 10, n) for n in (1, 2, 3, 4, 5)]
+                         + [(b"x" * (1 << 20), 5)])
 def test_a_stage_whose_pipes_cannot_all_be_made_leaves_none_open(monkeypatch, tmp_path, prompt, failing):
     # Out of file descriptors at the second pipe, the first one's two ends
     # stayed open for the daemon's life, one more each time.
     made = []
-    real_pipe = pgw.os.pipe
+    real_pipe, real_socketpair = pgw.os.pipe, pgw.socket.socketpair
 
-    def pipe():
-        if len(made) + 1 == failing:
-            raise OSError(errno.EMFILE, "Too many open files")
-        made.append(real_pipe())
-        return made[-1]
+    def made_unless_failing(make):
+        def make_or_fail(*args):
+            if len(made) + 1 == failing:
+                raise OSError(errno.EMFILE, "Too many open files")
+            made.append(make(*args))
+            return made[-1]
+        return make_or_fail
 
     request = pgw.StageRequest(stage_run_id="s", job_id="j", cli="claude", cli_args=[], stdin="")
     prepared = pgw.PreparedStage(request, tmp_path / "s", ["/bin/true"], {}, [])
     spawner = pgw.StageSpawner(root_idle_s=1.0)
+
+    async def spawn_short_of_descriptors():
+        # Only now: trio's own start makes a socket pair too.
+        monkeypatch.setattr(pgw.os, "pipe", made_unless_failing(real_pipe))
+        monkeypatch.setattr(pgw.socket, "socketpair", made_unless_failing(real_socketpair))
+        try:
+            await spawner.spawn(prepared, prompt, None)
+        finally:
+            monkeypatch.undo()
+
     before = set(os.listdir("/proc/self/fd"))
-    monkeypatch.setattr(pgw.os, "pipe", pipe)
     with pytest.raises(OSError, match="Too many open files"):
-        trio.run(spawner.spawn, prepared, prompt, None)
+        trio.run(spawn_short_of_descriptors)
     assert set(os.listdir("/proc/self/fd")) == before
+
+
+@pytest.mark.parametrize("garbage", [b"\0" * (1 << 20), b"exit abc\n", b"pid 12\nexit 1e9\n", b"free\n"])
+def test_a_root_that_says_what_no_root_says_is_taken_for_lost(garbage):
+    # Bytes without a newline were gathered for as long as they came, the
+    # event loop never yielding (heartbeats, timeouts, SIGTERM all stopped),
+    # and `exit abc` was an internal error.
+    import socket
+
+    ours, theirs = socket.socketpair()
+
+    async def no_failure(link):
+        return None
+
+    async def main():
+        root = pgw.StageRoot(os.open(os.devnull, os.O_WRONLY), ours.detach(), None, b"", *os.pipe())
+        with trio.fail_after(5):
+            theirs.setblocking(False)
+            theirs.send(garbage)  # what the socket takes: far more than a line
+            theirs.shutdown(socket.SHUT_WR)  # and then the root goes
+            if garbage.startswith(b"pid"):
+                assert await root.started("claude", no_failure) == 12
+            else:
+                with pytest.raises(pgw.StageRejected, match="cannot start claude: the stage root failed"):
+                    await root.started("claude", no_failure)
+            assert await root.exited() == -1 and root.lost
+        root.discard()
+
+    try:
+        trio.run(main)
+    finally:
+        theirs.close()
