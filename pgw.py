@@ -856,16 +856,30 @@ def _leniently(text: Union[str, bytes]) -> Optional[dict[str, Any]]:
 
 def decode(text: Union[str, bytes]) -> Record:
     """A wire message as its record, or ProtocolError."""
+    repeated: list[str] = []  # keys given twice in one object, which json.loads lets the last of win
+
+    def object_noting_repeats(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj = dict(pairs)
+        if len(obj) != len(pairs):
+            seen: set[str] = set()
+            repeated.extend(key for key, _ in pairs if key in seen or seen.add(key))  # type: ignore[func-returns-value]
+        return obj
+
     try:
-        message = json.loads(text, parse_constant=_reject_constant)
+        message = json.loads(text, parse_constant=_reject_constant, object_pairs_hook=object_noting_repeats)
     except json.JSONDecodeError as exc:
         raise ProtocolError(f"not JSON: {exc.msg} at line {exc.lineno} column {exc.colno}", _leniently(text)) from None
-    except (ValueError, UnicodeDecodeError) as exc:
+    except UnicodeDecodeError as exc:
         raise ProtocolError(f"not JSON: {exc}", _leniently(text)) from None
+    except ValueError as exc:  # NaN, or a number of more digits than Python converts
+        reason = "a number of more digits than 4300" if "digits" in str(exc) else str(exc)
+        raise ProtocolError(f"not JSON: {reason}", _leniently(text)) from None
     except RecursionError:
         raise ProtocolError("not JSON that pgw can read: nested too deep") from None
     if not isinstance(message, dict):
         raise ProtocolError(f"expected a JSON object, got {_json_kind(message)}")
+    if repeated:  # `type` twice made a request a cancel; which of two values the server meant is not pgw's guess
+        raise ProtocolError(f"{shown(repeated[0])} given twice in one object", message)
     if "type" not in message:
         raise ProtocolError("type: required field missing", message)
     tag = message["type"]

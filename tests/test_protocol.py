@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 import wsproto.connection
@@ -163,11 +164,27 @@ def test_maps_must_be_objects_of_strings():
         ('"pong"', "expected a JSON object, got a string 'pong'"),
         ("{nope", "not JSON: "),
         ('{"type":"ping","ts":NaN}', "not JSON: NaN is not a JSON number"),
+        ('{"type":"ping","ts":1' + "0" * 5000 + "}", "not JSON: a number of more digits than 4300"),
         (b"\xff\xfe{", "not JSON"),
     ],
 )
 def test_malformed_messages_are_protocol_errors(wire, message):
     assert message in decode_error(wire)
+
+
+@pytest.mark.parametrize("wire, key", [
+    ('{"type":"stage.request","type":"stage.cancel","stage_run_id":"x","signal":"SIGTERM"}', "type"),
+    ('{"type":"stage.request","stage_run_id":"a","stage_run_id":"b","job_id":"j","cli":"claude","cli_args":[],'
+     '"stdin":""}', "stage_run_id"),
+    ('{"type":"stage.request","stage_run_id":"a","job_id":"j","cli":"claude","cli_args":[],"stdin":"",'
+     '"files":{"a.txt":"aGk=","a.txt":"eW8="}}', "a.txt"),
+])
+def test_a_key_given_twice_is_a_protocol_error(wire, key):
+    # json.loads let the last one win: a `type` given twice turned a request
+    # into a cancel, and of two stage_run_ids the first got no exit.
+    with pytest.raises(pgw.ProtocolError, match=f"'{re.escape(key)}' given twice in one object") as refused:
+        pgw.decode(wire)
+    assert refused.value.message["type"] in ("stage.request", "stage.cancel")
 
 
 def test_unknown_extra_keys_are_ignored():
