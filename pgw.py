@@ -6276,7 +6276,10 @@ def _load(args: argparse.Namespace) -> tuple[Path, dict[str, Any], Settings]:
 
 
 def _print_json(value: Any) -> None:
-    print(json.dumps(value, ensure_ascii=False, indent=2))
+    # JSON's own escapes where stdout's encoding cannot hold every character:
+    # the backslashreplace of other output would make it no JSON.
+    utf8 = codecs.lookup(getattr(sys.stdout, "encoding", None) or "ascii").name == "utf-8"
+    print(json.dumps(value, ensure_ascii=not utf8, indent=2))
 
 
 def _cmd_pair(args: argparse.Namespace) -> int:
@@ -7339,6 +7342,13 @@ def open_missing_stdio() -> None:
             setattr(sys, name, open(fd, mode, closefd=False))
         else:  # a file opened since (the pyz's start code puts /dev/null there first)
             setattr(sys, name, open(os.devnull, mode))
+    for stream in (sys.stdout, sys.stderr):
+        # Under PYTHONIOENCODING=ascii, or a Latin-1 locale, a home or a name
+        # the encoding lacks raised UnicodeEncodeError: a traceback, and after
+        # `pair` had saved the pairing, an exit saying it failed.
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(errors="backslashreplace")
 
 
 def _only_interrupts(exc: BaseException) -> bool:

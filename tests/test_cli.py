@@ -1611,3 +1611,16 @@ def test_arguments_a_command_does_not_take_are_refused_naming_its_help(capsys, p
     assert (status, out) == (2, "")
     assert err == f"pgw: {message}\n"
     assert not pgw_home.exists()
+
+
+@pytest.mark.parametrize("encoding", ["ascii", "latin-1"])
+def test_output_in_an_encoding_without_the_homes_characters_is_escaped_not_a_traceback(tmp_path, encoding):
+    home = tmp_path / "hé-🚀"
+    env = {**os.environ, "PYTHONIOENCODING": encoding, "PGW_HOME": str(home), "PYTHONPATH": os.pathsep.join(sys.path)}
+    for command in (["status"], ["status", "--json"], ["logs"]):
+        done = subprocess.run([sys.executable, str(ROOT / "pgw.py"), *command], capture_output=True, env=env, timeout=60)
+        assert b"Traceback" not in done.stderr and done.returncode == 1, (command, done)
+        if "--json" in command:
+            assert json.loads(done.stdout)["home"] == str(home)
+        else:
+            assert b"\\U0001f680" in done.stdout + done.stderr, (command, done)
