@@ -7102,6 +7102,10 @@ def _cmd_stop(args: argparse.Namespace) -> int:
         )
     try:
         os.kill(pid, signal.SIGTERM)
+        # A stopped pgw (Ctrl-Z, SIGSTOP) takes its SIGTERM only once it goes
+        # on: `stop` waited out its 15 s and advised SIGKILL, which skips the
+        # stages' exits.  To a running one SIGCONT is nothing.
+        os.kill(pid, signal.SIGCONT)
     except ProcessLookupError:
         pass  # it ended between the look and the signal: the wait below sees the lock free
     except PermissionError:
@@ -7285,7 +7289,7 @@ def _add_daemon_commands(commands: _Commands) -> None:
     run.set_defaults(func=_cmd_run)
 
     status = commands.add_parser(
-        "status", help="is `pgw run` running and connected? (exit 0 yes, 3 not connected, 1 not running)"
+        "status", help="is `pgw run` running and connected? (exit 0 yes, 3 not connected, 1 not running, 4 cannot tell)"
     )
     status.add_argument("--json", action="store_true", help="print JSON instead of lines")
     status.set_defaults(func=_cmd_status)

@@ -882,12 +882,17 @@ async def test_uninstall_cron_stops_the_running_daemon_too(tmp_path, stub_bin, m
     assert table.read_text() == "MAILTO=me\n"
 
 
-async def test_stop_ends_a_real_daemon_cleanly(tmp_path, stub_bin):
+@pytest.mark.parametrize("paused", [False, True])
+async def test_stop_ends_a_real_daemon_cleanly(tmp_path, stub_bin, paused):
+    # A daemon stopped by Ctrl-Z or SIGSTOP took its SIGTERM only once it went
+    # on: `stop` waited 15 s, then advised SIGKILL.
     home = tmp_path / "home"
     with trio.fail_after(30):
         async with open_backend() as backend:
             async with daemon_process(PGW, backend, home, stub_bin) as daemon:
                 await backend.next_connection()
+                if paused:
+                    daemon.send_signal(signal.SIGSTOP)
                 stopped = await trio.to_thread.run_sync(pgw_command, home, "stop")
                 assert (stopped.returncode, stopped.stdout, stopped.stderr) == (0, f"stopped pgw (pid {daemon.pid})\n", "")
                 assert daemon.returncode == 0 or await daemon.wait() == 0
