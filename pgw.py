@@ -901,6 +901,8 @@ def decode(text: Union[str, bytes]) -> Record:
 def normalise_server_url(url: str) -> str:
     """The server URL as stored: http(s) only, host required, no trailing `/`."""
     cleaned = url.strip().rstrip("/")
+    if any(char.isspace() or not char.isprintable() for char in cleaned):  # urllib would send it, or cut it
+        raise ConfigError(f"bad server URL {shown(url)}: it holds a space or a control character")
     # The part before the host's end, however many slashes (`http:/u:p@h`, `//u:p@h`).
     authority = re.split(r"[/?#]", re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*:)?/*", "", cleaned), maxsplit=1)[0]
     if "@" in authority:  # not quoted back: it may hold a password, which pgw would show everywhere
@@ -1188,7 +1190,10 @@ def set_host_setting(config: dict[str, Any], key: str, value: str) -> dict[str, 
         raise UsageError(f"{shown(key)} = {shown(value)}: not valid UTF-8 text, which the config cannot hold")
     updated = dict(config)
     if key == "server":
-        updated["server"] = normalise_server_url(value)
+        try:
+            updated["server"] = normalise_server_url(value)
+        except ConfigError as exc:  # a value given wrong is a usage error, as for every other key
+            raise UsageError(f"server: {exc}") from None
     elif key == "name":
         if holds_control_character(value):
             raise UsageError(f"name: {shown(value)} holds a control character (a newline, say): use a plain name")
@@ -7225,6 +7230,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_setup_commands(commands)
     _add_daemon_commands(commands)
     _add_check_commands(commands)
+    parser.commands = commands.parsers  # type: ignore[attr-defined]  # for misplaced_arguments
     return parser
 
 
@@ -7233,10 +7239,12 @@ class _Commands:
 
     def __init__(self, subparsers: Any) -> None:
         self._subparsers = subparsers
+        self.parsers: dict[str, argparse.ArgumentParser] = {}
 
     def add_parser(self, name: str, help: str, **kwargs: Any) -> argparse.ArgumentParser:
         kwargs.setdefault("description", help[0].upper() + help[1:] + ".")
-        return self._subparsers.add_parser(name, help=help, **kwargs)
+        self.parsers[name] = self._subparsers.add_parser(name, help=help, **kwargs)
+        return self.parsers[name]
 
 
 def _add_setup_commands(commands: _Commands) -> None:
@@ -7373,8 +7381,15 @@ def main(argv: Optional[list[str]] = None) -> int:
             sys.stdout.flush()
             raise
         if extras:  # argparse's own message sends to `pgw --help`, which lists no command's flags
-            where = f"pgw {args.command}" if args.command else "pgw"
-            raise UsageError(f"unrecognized arguments: {' '.join(printable(extra) for extra in extras)}; see `{where} --help`")
+            raise UsageError(misplaced_arguments(parser, args.command, extras))
+        help_hint = f"see `pgw {args.command} --help`"
+        for flag in ("server", "token", "name", "cafile"):
+            if getattr(args, flag, None) == "":  # `--name "$NAME"` with NAME unset: not the default, unasked
+                raise UsageError(f"--{flag} is empty (an unset shell variable?): give a value, or leave it out; {help_hint}")
+        if getattr(args, "code", None) is not None:
+            args.code = args.code.strip()  # a code pasted with the spaces around it
+            if not args.code:
+                raise UsageError(f"the pairing code is empty: give the one the server shows; {help_hint}")
         if args.command != "run" and hasattr(signal, "pthread_sigmask"):
             # The pyz's start code blocks them until pgw can take them (run's
             # handlers, in _cmd_run); any other command is signalled as usual.
@@ -7402,6 +7417,20 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(alone, OSError):
             return _unforeseen(alone)
         raise
+
+
+def misplaced_arguments(parser: argparse.ArgumentParser, command: Optional[str], extras: list[str]) -> str:
+    """What is wrong with the arguments argparse could not place, and where a
+    flag in the wrong place goes: `pgw -v run` is `pgw run -v`, and `pgw
+    status --home DIR` is `pgw --home DIR status`."""
+    first = extras[0].split("=", 1)[0]
+    commands = getattr(parser, "commands", {})
+    if command and first in commands[command]._option_string_actions:
+        return f"{printable(first)} goes after the command: `pgw {command} {printable(first)} ...`"
+    if command and first in parser._option_string_actions:
+        return f"{printable(first)} goes before the command: `pgw {printable(first)} ... {command}`"
+    where = f"pgw {command}" if command else "pgw"
+    return f"unrecognized arguments: {' '.join(printable(extra) for extra in extras)}; see `{where} --help`"
 
 
 def _unforeseen(exc: OSError) -> int:

@@ -297,7 +297,7 @@ def test_a_server_url_naming_a_user_is_refused_without_showing_it(capsys, pgw_ho
     # Taken, it was shown everywhere: run.log, status, doctor, revoke, and the
     # state file (pair took `ada:s3cretpw@127.0.0.1` for a host name).
     status, out, err = run(capsys, *command, url)
-    assert status == 1
+    assert status == (1 if command[0] == "pair" else 2)  # a value given to `config set` wrong is a usage error
     assert_one_line_error(err, "bad server URL: it names a user", "drop it")
     assert "s3cretpw" not in out + err and "ada" not in out + err
     assert not (pgw_home / "config.json").exists()
@@ -1603,6 +1603,16 @@ def test_a_bad_server_url_or_ca_file_names_where_it_was_set(capsys, pgw_home, mo
     (["status", "--bogus"], "unrecognized arguments: --bogus; see `pgw status --help`"),
     (["stop", "now"], "unrecognized arguments: now; see `pgw stop --help`"),
     (["logs", "a\nb"], "unrecognized arguments: 'a\\nb'; see `pgw logs --help`"),
+    # A flag in the wrong place is told where it goes.
+    (["-v", "run"], "-v goes after the command: `pgw run -v ...`"),
+    (["status", "--home", "/tmp"], "--home goes before the command: `pgw --home ... status`"),
+    # An empty value is an unset shell variable, not the default: `--name ""`
+    # sent the name saved before, `pair ""` an empty code.
+    (["run", "--name", ""], "--name is empty (an unset shell variable?): give a value, or leave it out; see `pgw run --help`"),
+    (["run", "--token", ""], "--token is empty (an unset shell variable?): give a value, or leave it out; see `pgw run --help`"),
+    (["pair", "1", "--server", ""], "--server is empty (an unset shell variable?): give a value, or leave it out; see `pgw pair --help`"),
+    (["pair", " \t", "--server", "http://h"], "the pairing code is empty: give the one the server shows; see `pgw pair --help`"),
+    (["config", "set", "server", "ftp://h"], "server: bad server URL 'ftp://h': expected http://HOST[:PORT] or https://HOST[:PORT]"),
 ])
 def test_arguments_a_command_does_not_take_are_refused_naming_its_help(capsys, pgw_home, argv, message):
     # `config show a b` showed the config and `config unset` said "unknown
@@ -1624,3 +1634,17 @@ def test_output_in_an_encoding_without_the_homes_characters_is_escaped_not_a_tra
             assert json.loads(done.stdout)["home"] == str(home)
         else:
             assert b"\\U0001f680" in done.stdout + done.stderr, (command, done)
+
+
+def test_a_pairing_code_is_sent_without_the_spaces_pasted_around_it(capsys, pgw_home, pair_server):
+    status, _, err = run(capsys, "pair", "  123-456 \n", "--server", pair_server.url)
+    assert status == 0, err
+    assert pair_server.requests[-1]["pair_code"] == "123-456"
+
+
+@pytest.mark.parametrize("url", ["http://h/ path", "http://h\t/x", " http://a b"])
+def test_a_server_url_holding_a_space_is_refused_as_such(capsys, pgw_home, url):
+    # It reached the network and came back as "did not answer in HTTP".
+    status, _, err = run(capsys, "pair", "1", "--server", url)
+    assert status == 1
+    assert_one_line_error(err, "it holds a space or a control character")
