@@ -6316,8 +6316,12 @@ def _cmd_pair(args: argparse.Namespace) -> int:
             abandon_on_cancel=True,
         )
     )
-    # The name given here is the one the server shows: `run` says hello with it too.
+    # The name given here is the one the server shows: `run` says hello with it
+    # too; and the CA file that let pair reach the server lets `run` reach it
+    # (unsaved, `run` met an untrusted certificate at every try).
     named = {"name": args.name} if args.name else {}
+    if args.cafile:
+        named["cafile"] = str(Path(args.cafile).expanduser().resolve())
     write_config(path, {**config, "server": settings.server, **pairing, **named})
     print(f"paired worker {printable(pairing['worker_id'])} with {settings.server}; config saved to {path}")
     if os.environ.get(ENV_TOKEN):  # as `revoke` warns: it outranks config.json

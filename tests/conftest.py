@@ -5,6 +5,7 @@ from __future__ import annotations
 import http.server
 import json
 import os
+import ssl
 import stat
 import sys
 import threading
@@ -35,7 +36,7 @@ class PairServer:
 
     DEFAULT = (200, json.dumps({"worker_id": "w-1", "token": "tok-secret"}).encode())
 
-    def __init__(self) -> None:
+    def __init__(self, certificate: Optional[tuple[Path, Path]] = None) -> None:
         self.requests: list[object] = []
         self.paths: list[str] = []
         self._replies: list[tuple[int, bytes, dict[str, str]]] = []
@@ -63,7 +64,13 @@ class PairServer:
                 pass
 
         self._httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.url = f"http://127.0.0.1:{self._httpd.server_address[1]}"
+        scheme = "http"
+        if certificate is not None:  # https, with this (cert.pem, key.pem)
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+            context.load_cert_chain(*certificate)
+            self._httpd.socket = context.wrap_socket(self._httpd.socket, server_side=True)
+            scheme = "https"
+        self.url = f"{scheme}://127.0.0.1:{self._httpd.server_address[1]}"
         self._thread = threading.Thread(target=self._httpd.serve_forever, daemon=True)
         self._thread.start()
 

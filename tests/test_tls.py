@@ -15,6 +15,7 @@ import trio
 import trio_websocket
 
 import pgw
+from conftest import PairServer
 
 
 def self_signed_certificate(directory, name="127.0.0.1", subject_alt_name="IP:127.0.0.1"):
@@ -178,3 +179,18 @@ async def test_ssl_cert_file_is_honoured_when_no_cafile_is_set(certificate, monk
         async with tls_backend(certificate) as (url, _):
             checks = by_name(await pgw.network_checks(pgw.Settings(url, "tok-tls", "w", "n")))
     assert checks["tls"].status == "PASS" and checks["websocket"].status == "PASS"
+
+
+def test_pair_saves_the_ca_file_it_reached_the_server_with(certificate, tmp_path, monkeypatch, capsys):
+    # Unsaved, pair succeeded and every `run` after it met an untrusted
+    # certificate, for ever; --name was saved, --cafile not.
+    server = PairServer(certificate)
+    home = tmp_path / "home"
+    monkeypatch.setenv("PGW_HOME", str(home))
+    monkeypatch.chdir(certificate[0].parent)
+    try:
+        assert pgw.main(["pair", "1", "--server", server.url, "--cafile", certificate[0].name]) == 0, capsys.readouterr()
+    finally:
+        server.close()
+    config = json.loads((home / "config.json").read_text())
+    assert config["cafile"] == str(certificate[0].resolve())
