@@ -6287,6 +6287,24 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, ensure_ascii=not utf8, indent=2))
 
 
+# What a pairing needs free where it is saved: its config (a few hundred
+# bytes), and the temporary file it is written through, with room to spare.
+PAIRING_ROOM_BYTES = 16 * 1024
+
+
+def probe_room(directory: Path, size: int) -> None:
+    """OSError unless a file of `size` bytes can be written in `directory`
+    now: the permissions, a read-only mount, a full disk or a quota."""
+    fd, name = tempfile.mkstemp(prefix=".pgw-room-", dir=directory)
+    try:
+        unwritten = memoryview(bytes(size))
+        while unwritten:  # a disk nearly full takes part of a write, then refuses the rest
+            unwritten = unwritten[os.write(fd, unwritten) :]
+    finally:
+        os.close(fd)
+        os.unlink(name)
+
+
 def _cmd_pair(args: argparse.Namespace) -> int:
     path, config, settings = _load(args)
     # Before the code goes to the server, which spends it: a pairing that
@@ -6296,8 +6314,15 @@ def _cmd_pair(args: argparse.Namespace) -> int:
     existing = home  # what is there already must take the home, or the config in it
     while not os.path.lexists(existing) and existing != existing.parent:
         existing = existing.parent
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK | os.X_OK):
-        raise ConfigError(f"cannot write to {existing}, where pgw would keep {path}: fix its permissions or set {ENV_HOME}")
+    if not os.path.isdir(existing):
+        raise ConfigError(f"cannot write to {existing}, where pgw would keep {path}: it is no directory; set {ENV_HOME}")
+    try:
+        probe_room(existing, PAIRING_ROOM_BYTES)
+    except OSError as exc:  # permissions, a read-only mount, a full disk or quota: the code would be spent for nothing
+        raise ConfigError(
+            f"cannot write to {existing}, where pgw would keep {path}: {exc.strerror or exc}; the pairing code was not"
+            f" sent: fix that, or set {ENV_HOME}"
+        ) from None
     if settings.cafile and settings.server.startswith("https:"):
         make_ssl_context(settings.cafile, settings.given_by["cafile"])  # a bad one named with where it was set
     body = {

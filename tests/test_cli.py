@@ -1242,17 +1242,20 @@ def test_a_server_url_with_a_broken_ipv6_host_is_one_line_error(capsys, pgw_home
 def test_pair_into_a_home_it_cannot_write_spends_no_code(capsys, tmp_path, monkeypatch, pair_server):
     # The code went to the server (which spends it) before pgw found it could
     # not save the pairing: the user needed a new code for nothing.
-    if os.geteuid() == 0:
-        read_only = tmp_path / "ro"
-        read_only.mkdir()
-        monkeypatch.setattr(pgw.os, "access", lambda path, mode, **_: False)  # root passes over modes
-    else:
-        read_only = tmp_path / "ro"
-        read_only.mkdir(mode=0o500)
+    read_only = tmp_path / "ro"
+    read_only.mkdir(mode=0o500)
+    # Root passes over modes, not over the immutable attribute.
+    immutable = os.geteuid() == 0 and subprocess.run(["chattr", "+i", str(read_only)], capture_output=True).returncode == 0
+    if os.geteuid() == 0 and not immutable:
+        pytest.skip("root, and no chattr +i here")
     monkeypatch.setenv("PGW_HOME", str(read_only))
-    status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
+    try:
+        status, out, err = run(capsys, "pair", "CODE-42", "--server", pair_server.url)
+    finally:
+        if immutable:
+            subprocess.run(["chattr", "-i", str(read_only)], check=True)
     assert status == 1 and pair_server.requests == []
-    assert_one_line_error(err, f"cannot write to {read_only}", "PGW_HOME")
+    assert_one_line_error(err, f"cannot write to {read_only}", "the pairing code was not sent", "PGW_HOME")
 
 
 def test_a_pgw_home_that_is_your_whole_home_or_the_root_is_refused(capsys, tmp_path, monkeypatch):
@@ -1648,3 +1651,34 @@ def test_a_server_url_holding_a_space_is_refused_as_such(capsys, pgw_home, url):
     status, _, err = run(capsys, "pair", "1", "--server", url)
     assert status == 1
     assert_one_line_error(err, "it holds a space or a control character")
+
+
+@pytest.fixture
+def full_dir(tmp_path):
+    """A directory on a small tmpfs filled to the last byte (root, where mounts are allowed)."""
+    mount = tmp_path / "full"
+    mount.mkdir()
+    if os.geteuid() != 0 or subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(mount)],
+                                           capture_output=True).returncode != 0:
+        pytest.skip("no tmpfs can be mounted here")
+    try:
+        filler = os.open(mount / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(filler, b"x" * 4096)
+        os.close(filler)
+        yield mount
+    finally:
+        subprocess.run(["umount", str(mount)], check=True)
+
+
+def test_pair_on_a_full_disk_does_not_spend_the_code(capsys, full_dir, pair_server, monkeypatch):
+    # The code went to the server, which spent it, and the pairing it sent
+    # back could not be saved: the user needed a new code, and the server
+    # kept a worker no machine would ever connect as.
+    monkeypatch.setenv("PGW_HOME", str(full_dir / "home"))
+    status, _, err = run(capsys, "pair", "1", "--server", pair_server.url)
+    assert status == 1
+    assert_one_line_error(err, f"cannot write to {full_dir}", "No space left on device", "the pairing code was not sent")
+    assert pair_server.requests == []
+    assert sorted(os.listdir(full_dir)) == ["filler"]
