@@ -6182,21 +6182,28 @@ def tool_failure(argv: list[str], done: subprocess.CompletedProcess[str]) -> str
     return failure
 
 
-def _run_tool(argv: list[str], stdin: Optional[str] = None) -> subprocess.CompletedProcess[str]:
+# How long crontab, systemctl or launchctl may take.
+TOOL_TIMEOUT_S = 30.0
+
+
+def _run_tool(argv: list[str], stdin: Optional[str] = None, timeout_s: float = TOOL_TIMEOUT_S) -> subprocess.CompletedProcess[str]:
     # Bytes, decoded here: text mode would turn a crontab's \r into \n, and a
-    # byte that is not UTF-8 into an error.
+    # byte that is not UTF-8 into an error.  In a session of its own, so that
+    # a tool that hangs goes with whatever it started (a crontab wrapper's
+    # child outlived it).
     try:
-        done = subprocess.run(
-            argv, input=None if stdin is None else stdin.encode("utf-8", "surrogateescape"),
-            capture_output=True, timeout=30, check=False,
-        )
-        return subprocess.CompletedProcess(
-            argv, done.returncode, done.stdout.decode("utf-8", "surrogateescape"), done.stderr.decode("utf-8", "replace")
+        process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True
         )
     except FileNotFoundError:
         raise PgwError(f"`{argv[0]}` is not installed on this host") from None
+    try:
+        out, err = process.communicate(None if stdin is None else stdin.encode("utf-8", "surrogateescape"), timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        raise PgwError(f"`{' '.join(argv)}` gave no answer within 30 s") from None
+        kill_process_group(process.pid, signal.SIGKILL)
+        process.communicate()
+        raise PgwError(f"`{' '.join(argv)}` gave no answer within {timeout_s:g} s") from None
+    return subprocess.CompletedProcess(argv, process.returncode, out.decode("utf-8", "surrogateescape"), err.decode("utf-8", "replace"))
 
 
 def read_crontab() -> str:

@@ -1048,3 +1048,30 @@ async def test_doctor_beside_a_running_daemon_does_not_open_a_second_connection(
                 assert len(backend.connections) == 1 and len(backend.handshakes) == 1
     out = doctor.stdout.decode()
     assert "SKIP  websocket  the running pgw (pid" in out and "is connected" in out, out
+
+
+def test_a_tool_that_hangs_is_given_up_on_with_all_it_started(tmp_path):
+    # A crontab that hung was given up on after 30 s, and the child it had
+    # started ran on under init.
+    marker = f"pgw-tool-child-{os.getpid()}-{time.monotonic_ns()}"
+    tool = tmp_path / "crontab"
+    tool.write_text(f"#!/bin/sh\n{sys.executable} -c 'import time; time.sleep(300)' {marker} &\nsleep 300\n")
+    tool.chmod(0o755)
+    with pytest.raises(pgw.PgwError, match="gave no answer within 2 s"):
+        pgw._run_tool([str(tool), "-l"], timeout_s=2)
+    deadline = time.monotonic() + 5
+    while any(marker.encode() in cmdline for cmdline in _cmdlines()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not any(marker.encode() in cmdline for cmdline in _cmdlines())
+
+
+def _cmdlines() -> list[bytes]:
+    found = []
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                    found.append(cmdline.read())
+            except OSError:
+                continue
+    return found
