@@ -6678,6 +6678,7 @@ def _cmd_install(args: argparse.Namespace) -> int:
             f"cannot install: {target} runs another pgw home, {other}: install that home's again first"
             f" (`{ENV_HOME}={shlex.quote(other)} pgw install {args.kind} --apply`), which gives it a name of its own"
         )
+    existed = os.path.lexists(target)
     try:
         make_private_dirs(target.parent)
         write_private_text(target, text)
@@ -6701,6 +6702,12 @@ def _cmd_install(args: argparse.Namespace) -> int:
     for argv in tool:
         done = _run_tool(argv)
         if done.returncode != 0:
+            if not existed:  # nothing was enabled: a unit left behind would only stand in `uninstall`'s way
+                try:
+                    target.unlink()
+                    print(f"pgw: removed {target} again", file=sys.stderr)
+                except OSError:
+                    pass
             raise PgwError(tool_failure(argv, done))
     print(f"enabled and started ({' then '.join(' '.join(a) for a in tool)})")
     return 0

@@ -676,6 +676,24 @@ def test_uninstall_systemd_says_when_the_service_may_still_run(capsys, pgw_home,
     assert "removed" not in out and pgw.install_target("systemd", pgw_home).exists()  # for the next try
 
 
+@pytest.mark.parametrize("failing", ["daemon-reload", "enable"])
+def test_an_install_the_service_manager_refuses_leaves_no_unit_behind(capsys, pgw_home, tmp_path, monkeypatch, failing):
+    # With no user bus (root over ssh, say) the unit stayed, enabled nowhere,
+    # and `uninstall` then failed on it too.
+    systemctl_recorder(tmp_path, monkeypatch, fails=failing)
+    pgw.write_config(pgw_home / "config.json", PAIRED)
+    assert pgw.main(["install", "systemd", "--apply"]) == 1
+    out, err = capsys.readouterr()
+    target = pgw.install_target("systemd", pgw_home)
+    assert f"pgw: removed {target} again\n" in err and not target.exists()
+    # One that was there before (installed and enabled earlier) stays.
+    systemctl_recorder(tmp_path, monkeypatch)
+    assert pgw.main(["install", "systemd", "--apply"]) == 0
+    systemctl_recorder(tmp_path, monkeypatch, fails=failing)
+    assert pgw.main(["install", "systemd", "--apply"]) == 1
+    assert target.exists()
+
+
 def test_install_systemd_writes_a_restarting_unit(capsys, pgw_home, tmp_path, monkeypatch):
     tools = tmp_path / "tools"
     write_stub_cli(tools, "systemctl", f"import sys; open({str(tmp_path / 'calls')!r}, 'a').write(' '.join(sys.argv[1:]) + '\\n')")
