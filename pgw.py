@@ -3649,17 +3649,46 @@ def write_scratch(
             scratch_dir.mkdir(mode=0o700)
         except FileExistsError:
             raise OSError(errno.EEXIST, f"an earlier stage's {scratch_dir} is left, and cannot be removed (see run.log)") from None
-    for parts, content in files:
-        if stop is not None and stop.is_set():
-            raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
-        directory = scratch_dir
-        for part in parts[:-1]:  # not mkdir(parents=True), which recurses once a level
-            directory = directory / part
+    root = os.open(scratch_dir, _DIRECTORY_FLAGS | os.O_NOFOLLOW)
+    written: set[tuple[str, ...]] = set()
+    try:
+        for parts, content in files:
+            if stop is not None and stop.is_set():
+                raise OSError(errno.ECANCELED, os.strerror(errno.ECANCELED))
+            path = os.path.join(scratch_dir, *parts)
+            if len(os.fsencode(path)) >= PATH_MAX_BYTES:  # written a directory at a time, it would be; no CLI could open it
+                raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path[:100] + "...")
+            write_under(root, parts, content, again=parts in written)
+            written.add(parts)
+    finally:
+        os.close(root)
+
+
+def write_under(root: int, parts: tuple[str, ...], content: bytes, again: bool = False) -> None:
+    """`content` as the new file `parts` under the directory `root`: each
+    directory on the way made or opened without following a symlink, and the
+    file made anew (`again`: it replaces the one this request wrote there
+    before, as `./a` and `a` name one file).  A link or a file that a process
+    of another stage put on the way (its scratch dir is a sibling) makes this
+    fail, where a path would have led the write out of the scratch dir."""
+    opened: list[int] = []
+    directory = root
+    try:
+        for part in parts[:-1]:
             try:
-                directory.mkdir()
+                os.mkdir(part, dir_fd=directory)
             except FileExistsError:
                 pass
-        (directory / parts[-1]).write_bytes(content)
+            directory = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
+            opened.append(directory)
+        if again:
+            os.unlink(parts[-1], dir_fd=directory)
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
+        with open(os.open(parts[-1], flags, 0o666, dir_fd=directory), "wb") as file:
+            file.write(content)
+    finally:
+        for fd in opened:
+            os.close(fd)
 
 
 def remove_scratch(scratch_dir: Path) -> None:
@@ -3679,6 +3708,9 @@ def remove_scratch(scratch_dir: Path) -> None:
 
 
 _DIRECTORY_FLAGS = os.O_RDONLY | os.O_DIRECTORY | getattr(os, "O_CLOEXEC", 0)
+# The longest path, with its NUL, that Linux (and macOS's 1024, shorter) lets a
+# program open.
+PATH_MAX_BYTES = 1024 if sys.platform == "darwin" else 4096
 
 
 def files_out(fd: int, failures: list[OSError]) -> list[str]:

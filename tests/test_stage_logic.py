@@ -539,3 +539,58 @@ def test_a_root_that_says_what_no_root_says_is_taken_for_lost(garbage):
         trio.run(main)
     finally:
         theirs.close()
+
+
+@pytest.mark.parametrize("planted", ["symlink-to-a-directory", "symlink-to-a-file", "hard-link"])
+def test_a_stages_files_are_never_written_through_what_another_stage_planted(tmp_path, planted):
+    # A process of another stage (its scratch dir is a sibling) that put a
+    # link on the way while the files were written sent them out of the
+    # scratch dir: `mkdir` took the link for the directory it meant to make.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "victim").write_bytes(b"untouched")
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
+    if planted == "symlink-to-a-directory":
+        (scratch / "sub").symlink_to(outside)
+        parts = ("sub", "victim")
+    elif planted == "symlink-to-a-file":
+        (scratch / "victim").symlink_to(outside / "victim")
+        parts = ("victim",)
+    else:
+        os.link(outside / "victim", scratch / "victim")
+        parts = ("victim",)
+    root = os.open(scratch, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        with pytest.raises(OSError):
+            pgw.write_under(root, parts, b"written through")
+    finally:
+        os.close(root)
+    assert (outside / "victim").read_bytes() == b"untouched"
+    assert sorted(os.listdir(outside)) == ["victim"]
+
+
+def test_two_names_of_one_file_in_a_request_write_it_once_the_last_way(tmp_path):
+    scratch = tmp_path / "s"
+    pgw.write_scratch(scratch, [(("a", "b"), b"first"), (("a", "b"), b"second"), (("c",), b"c")])
+    assert (scratch / "a" / "b").read_bytes() == b"second" and (scratch / "c").read_bytes() == b"c"
+
+
+def test_a_link_planted_while_the_files_are_written_sends_none_out_of_the_scratch_dir(tmp_path, monkeypatch):
+    # The race won: another stage's process puts the link in just before the
+    # directory is made.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    scratch = tmp_path / "scratch" / "s"
+    real_mkdir = os.mkdir
+
+    def planting_mkdir(path, *args, **kwargs):
+        if os.fspath(path) in ("sub", str(scratch / "sub")):
+            (scratch / "sub").symlink_to(outside)
+            raise FileExistsError(errno.EEXIST, "File exists")
+        return real_mkdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "mkdir", planting_mkdir)
+    with pytest.raises(OSError):
+        pgw.write_scratch(scratch, [(("sub", "pwn"), b"written through")])
+    assert os.listdir(outside) == []
