@@ -1682,3 +1682,10 @@ def test_pair_on_a_full_disk_does_not_spend_the_code(capsys, full_dir, pair_serv
     assert_one_line_error(err, f"cannot write to {full_dir}", "No space left on device", "the pairing code was not sent")
     assert pair_server.requests == []
     assert sorted(os.listdir(full_dir)) == ["filler"]
+
+
+def test_pair_with_a_bad_ca_file_for_an_http_server_spends_no_code(capsys, pgw_home, pair_server):
+    # Saved with the pairing, it stopped every `run` from starting.
+    status, _, err = run(capsys, "pair", "1", "--server", pair_server.url, "--cafile", "/nonexistent/ca.pem")
+    assert status == 1 and pair_server.requests == []
+    assert_one_line_error(err, "CA file /nonexistent/ca.pem does not exist: fix --cafile")

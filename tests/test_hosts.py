@@ -1075,3 +1075,28 @@ def _cmdlines() -> list[bytes]:
             except OSError:
                 continue
     return found
+
+
+def test_a_tool_whose_escaped_child_holds_its_pipes_is_still_given_up_on_in_time(tmp_path):
+    # After the kill, its pipes were read to their end, which a child in a
+    # session of its own held: install waited as long as that child lived.
+    tool = tmp_path / "systemctl"
+    tool.write_text(f"#!/bin/sh\nsetsid {sys.executable} -c 'import time; time.sleep(20)' &\nsleep 300\n")
+    tool.chmod(0o755)
+    started = time.monotonic()
+    with pytest.raises(pgw.PgwError, match="gave no answer within 1 s"):
+        pgw._run_tool([str(tool)], timeout_s=1)
+    assert time.monotonic() - started < 10
+
+
+def test_a_refusals_content_length_of_thousands_of_digits_is_no_length():
+    head = b"HTTP/1.1 403 Forbidden\r\nContent-Length: " + b"1" * 5000
+    assert pgw.merged_fields(head, b"body").endswith(b"Content-Length: 0\r\n\r\n")
+
+
+def test_a_token_across_the_cut_of_a_refusals_body_is_hidden_whole():
+    token = "tok-" + "s" * 40
+    body = b"x" * (pgw.REFUSAL_BODY_MAX_BYTES - 10) + token.encode()
+    head = b"HTTP/1.1 400 Bad Request\r\nContent-Length: %d" % len(body)
+    kept = pgw.merged_fields(head, body, pgw.token_forms(token))
+    assert b"tok-" not in kept and kept.endswith(b"x<token>")

@@ -685,7 +685,7 @@ def test_an_install_the_service_manager_refuses_leaves_no_unit_behind(capsys, pg
     assert pgw.main(["install", "systemd", "--apply"]) == 1
     out, err = capsys.readouterr()
     target = pgw.install_target("systemd", pgw_home)
-    assert f"pgw: removed {target} again\n" in err and not target.exists()
+    assert err.count("\n") == 1 and err.endswith(f"; {target} is removed again\n") and not target.exists()
     # One that was there before (installed and enabled earlier) stays.
     systemctl_recorder(tmp_path, monkeypatch)
     assert pgw.main(["install", "systemd", "--apply"]) == 0
