@@ -50,12 +50,12 @@ The daemon is a tree of tasks, one class for each kind of node::
              │  └─ ws ping
              ├─ reader       the only reader: decode -> handler table
              └─ stages       StageRun.run, one cancel scope each
-                └─ pumps     feed stdin; stdout and stderr -> output messages
+                └─ pumps     feed stdin; StageOutput.pump: stdout and stderr -> output messages
 
 A stage is stopped one way only: its scope is cancelled (stage.cancel, its
 timeout, the connection's loss, shutdown).  Its shielded cleanup tells its
 stage root to SIGTERM the CLI, waits the grace, then closes the root's
-command pipe: the root kills every process the stage started (see "Stage").
+command socket: the root kills every process the stage started (see "Stage").
 
 Settings resolve flag > environment (``PGW_SERVER``, ``PGW_TOKEN``,
 ``PGW_NAME``) > config file > default.  The config lives in ``PGW_HOME``
@@ -2212,7 +2212,7 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # The root starts the CLI in a session of its own (posix_spawn, which copies
 # nothing of the root: a fork and exec where the C library cannot start a
 # session that way), reports its pid and its exit on a pipe, reaps every
-# orphan, and relays pgw's SIGTERM to the CLI's group.  When its command pipe closes -- pgw ending the stage, or pgw dying,
+# orphan, and relays pgw's SIGTERM to the CLI's group.  When its command socket closes -- pgw ending the stage, or pgw dying,
 # however it dies -- it kills its descendants until a pass finds none, then
 # closes the stage's pipes: their end of file tells pgw that nothing of the
 # stage is left.  Elsewhere (macOS) there is no subreaper: the root kills the
@@ -2231,7 +2231,7 @@ def iso_time(stamp: Optional[float]) -> Optional[str]:
 # pgw ends a root left free for Timing.root_idle_s by closing its socket, and
 # takes no root again whose spawner died.  A root holds only the pipes of
 # the stage it runs, and a stage's processes are all dead before its root
-# takes another, so the end of a command pipe still means exactly "pgw is
+# takes another, so the end of a command socket still means exactly "pgw is
 # done with this stage", and no stage sees another's processes.  A root that
 # could not kill everything (a process stuck in the kernel) exits instead of
 # taking another stage.  The spawner is a subreaper too: a root killed early
