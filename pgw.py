@@ -7503,7 +7503,9 @@ def main(argv: Optional[list[str]] = None) -> int:
         sys.stdout.flush()  # here, where a full disk under stdout is still one line, not a traceback at exit
         return status
     except PgwError as exc:
-        print(f"pgw: {exc}", file=sys.stderr)
+        # A usage error quotes what it could not place, which may be the value
+        # of a --token put where it does not go (`pgw --token T run`).
+        print(f"pgw: {without_secrets(str(exc), command_line_tokens(sys.argv[1:] if argv is None else argv))}", file=sys.stderr)
         return exc.exit_code
     except OSError as exc:
         return _unforeseen(exc)
@@ -7515,6 +7517,13 @@ def main(argv: Optional[list[str]] = None) -> int:
         if isinstance(alone, OSError):
             return _unforeseen(alone)
         raise
+
+
+def command_line_tokens(argv: list[str]) -> list[str]:
+    """The forms (token_forms) of each value given to --token in `argv`."""
+    values = [value for flag, value in zip(argv, argv[1:]) if flag == "--token"]
+    values += [arg.split("=", 1)[1] for arg in argv if arg.startswith("--token=")]
+    return [form for value in values for form in token_forms(value)]
 
 
 def misplaced_arguments(parser: argparse.ArgumentParser, command: Optional[str], extras: list[str]) -> str:

@@ -1689,3 +1689,13 @@ def test_pair_with_a_bad_ca_file_for_an_http_server_spends_no_code(capsys, pgw_h
     status, _, err = run(capsys, "pair", "1", "--server", pair_server.url, "--cafile", "/nonexistent/ca.pem")
     assert status == 1 and pair_server.requests == []
     assert_one_line_error(err, "CA file /nonexistent/ca.pem does not exist: fix --cafile")
+
+
+@pytest.mark.parametrize("argv", [["status", "--token", "tok-S3CRET-1"], ["--token", "tok-S3CRET-1", "run"],
+                                  ["status", "--token=tok-S3CRET-1"], ["pair", "--token", "tok-S3CRET-1", "C"]])
+def test_a_token_given_where_it_does_not_go_is_not_quoted_back(capsys, pgw_home, argv):
+    # The usage error quoted what it could not place: the token, on a screen
+    # or in a script's captured output.
+    status, out, err = run(capsys, *argv)
+    assert status == 2 and "tok-S3CRET-1" not in out + err
+    assert_one_line_error(err, "unrecognized arguments" if argv[0] == "pair" else "<token>")
