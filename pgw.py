@@ -3094,7 +3094,6 @@ class StageRoot:
                 self._ended = True
                 return None
             self._pending += chunk
-            await trio.lowlevel.checkpoint()  # a root writing without end holds up no other task
         line, self._pending = self._pending.split(b"\n", 1)
         if not _REPORT_LINE.fullmatch(line):
             self._pending, self._ended = b"", True
@@ -3650,7 +3649,6 @@ def write_scratch(
         except FileExistsError:
             raise OSError(errno.EEXIST, f"an earlier stage's {scratch_dir} is left, and cannot be removed (see run.log)") from None
     root = os.open(scratch_dir, _DIRECTORY_FLAGS | os.O_NOFOLLOW)
-    written: set[tuple[str, ...]] = set()
     try:
         for parts, content in files:
             if stop is not None and stop.is_set():
@@ -3658,19 +3656,18 @@ def write_scratch(
             path = os.path.join(scratch_dir, *parts)
             if len(os.fsencode(path)) >= PATH_MAX_BYTES:  # written a directory at a time, it would be; no CLI could open it
                 raise OSError(errno.ENAMETOOLONG, os.strerror(errno.ENAMETOOLONG), path[:100] + "...")
-            write_under(root, parts, content, again=parts in written)
-            written.add(parts)
+            write_under(root, parts, content)
     finally:
         os.close(root)
 
 
-def write_under(root: int, parts: tuple[str, ...], content: bytes, again: bool = False) -> None:
+def write_under(root: int, parts: tuple[str, ...], content: bytes) -> None:
     """`content` as the new file `parts` under the directory `root`: each
     directory on the way made or opened without following a symlink, and the
-    file made anew (`again`: it replaces the one this request wrote there
-    before, as `./a` and `a` name one file).  A link or a file that a process
-    of another stage put on the way (its scratch dir is a sibling) makes this
-    fail, where a path would have led the write out of the scratch dir."""
+    file made anew (check_stage_files refuses two names for one file).  A
+    link or a file that a process of another stage put on the way (its
+    scratch dir is a sibling) makes this fail, where a path would have led
+    the write out of the scratch dir."""
     opened: list[int] = []
     directory = root
     try:
@@ -3681,8 +3678,6 @@ def write_under(root: int, parts: tuple[str, ...], content: bytes, again: bool =
                 pass
             directory = os.open(part, _DIRECTORY_FLAGS | os.O_NOFOLLOW, dir_fd=directory)
             opened.append(directory)
-        if again:
-            os.unlink(parts[-1], dir_fd=directory)
         flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | getattr(os, "O_CLOEXEC", 0)
         with open(os.open(parts[-1], flags, 0o666, dir_fd=directory), "wb") as file:
             file.write(content)

@@ -570,11 +570,6 @@ def test_a_stages_files_are_never_written_through_what_another_stage_planted(tmp
     assert sorted(os.listdir(outside)) == ["victim"]
 
 
-def test_two_names_of_one_file_in_a_request_write_it_once_the_last_way(tmp_path):
-    scratch = tmp_path / "s"
-    pgw.write_scratch(scratch, [(("a", "b"), b"first"), (("a", "b"), b"second"), (("c",), b"c")])
-    assert (scratch / "a" / "b").read_bytes() == b"second" and (scratch / "c").read_bytes() == b"c"
-
 
 def test_a_link_planted_while_the_files_are_written_sends_none_out_of_the_scratch_dir(tmp_path, monkeypatch):
     # The race won: another stage's process puts the link in just before the
